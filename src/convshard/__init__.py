@@ -1,0 +1,1 @@
+"""convshard: train CNNs on every device at once by sharding conv kernels."""
