@@ -1,0 +1,165 @@
+"""Collectives for kernel sharding, and the autograd Functions built on them.
+
+Three layers, read top to bottom:
+
+1. raw helpers on tensors: an uneven all-gather along one dimension, an
+   in-place sum all-reduce, a coalesced broadcast. They stage CUDA tensors
+   through host memory when the group's backend is gloo, and do nothing
+   when the group has one rank.
+2. one ``torch.autograd.Function`` per communication pattern, named for its
+   forward; the backward is the dual of the forward.
+3. the public wrappers ``copy_to_shards`` and ``gather_from_shards``.
+
+Shapes for a conv layer with C kernels split as ``counts = (c_0, ..., c_{p-1})``
+over p ranks: rank r holds the feature maps ``Y_r`` of shape (B, c_r, H, W);
+the gathered ``Y = [Y_0, ..., Y_{p-1}]`` along channels has shape (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+
+def world_size(group: Group = None) -> int:
+    """Ranks in ``group``; 1 when torch.distributed is not initialised."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def rank(group: Group = None) -> int:
+    """This process's rank in ``group``; 0 when torch.distributed is not initialised."""
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def _needs_host_staging(tensor: torch.Tensor, group: Group) -> bool:
+    # gloo implements few collectives on CUDA tensors: stage them through host memory.
+    return tensor.is_cuda and dist.get_backend(group) == dist.Backend.GLOO
+
+
+# --- 1. raw helpers -------------------------------------------------------
+
+
+def all_gather_uneven(
+    tensor: torch.Tensor, counts: Sequence[int], *, dim: int, group: Group = None
+) -> torch.Tensor:
+    """All-gather slices of uneven size along ``dim``, concatenated in rank order.
+
+    Rank r passes a tensor whose size along ``dim`` is ``counts[r]`` (possibly
+    0); every rank receives the concatenation, of size ``sum(counts)``.
+    Collectives want equal sizes, so each slice is zero-padded to
+    ``max(counts)`` for the transfer and the padding dropped afterwards.
+    """
+    if len(counts) == 1:
+        return tensor
+    device = tensor.device
+    if _needs_host_staging(tensor, group):
+        tensor = tensor.cpu()
+    width = max(counts)
+    own = tensor.size(dim)
+    if own == width:
+        send = tensor.contiguous()
+    else:
+        shape = list(tensor.shape)
+        shape[dim] = width
+        send = tensor.new_zeros(shape)
+        send.narrow(dim, 0, own).copy_(tensor)
+    received = [torch.empty_like(send) for _ in counts]
+    dist.all_gather(received, send, group=group)
+    out = torch.cat([r.narrow(dim, 0, c) for r, c in zip(received, counts)], dim=dim)
+    return out.to(device, non_blocking=True)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group``, in place; returns it."""
+    if world_size(group) == 1:
+        return tensor
+    if _needs_host_staging(tensor, group):
+        host = tensor.cpu()
+        dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)
+        return tensor.copy_(host)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
+    """Overwrite ``tensors`` on every rank with group rank 0's values, in place.
+
+    Tensors of one dtype and device travel flattened in a single broadcast.
+    """
+    if world_size(group) == 1 or not tensors:
+        return
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for bucket in buckets.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+        staged = flat.cpu() if _needs_host_staging(flat, group) else flat
+        dist.broadcast(staged, group=group, group_src=0)
+        if staged is not flat:
+            flat.copy_(staged)
+        offset = 0
+        for t in bucket:
+            n = t.numel()
+            t.detach().copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
+# --- 2. one autograd Function per pattern --------------------------------
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Forward: identity (every rank holds the whole input X).
+
+    Backward: all-reduce (sum). Rank r's kernels give a partial input gradient
+    dX_r = conv_transpose(dY_r, W_r); the full dX is sum_r dX_r.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_reduce_sum_(grad.contiguous(), group=ctx.group), None
+
+
+class _GatherFromShards(torch.autograd.Function):
+    """Forward: all-gather along channels, (B, c_r, H, W) -> (B, C, H, W).
+
+    Backward: split. dY is identical on every rank (the layers after the
+    gather are replicated), so rank r keeps channels [o_r, o_r + c_r) of it.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group):
+        ctx.start = sum(counts[:rank_])
+        ctx.count = counts[rank_]
+        return all_gather_uneven(y, counts, dim=1, group=group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.narrow(1, ctx.start, ctx.count).contiguous(), None, None, None
+
+
+# --- 3. public wrappers ---------------------------------------------------
+
+
+def copy_to_shards(x: torch.Tensor, *, group: Group = None) -> torch.Tensor:
+    """Enter a sharded layer. Forward: identity; backward: sum all-reduce."""
+    if world_size(group) == 1:
+        return x
+    return _CopyToShards.apply(x, group)
+
+
+def gather_from_shards(
+    y: torch.Tensor, counts: tuple[int, ...], *, group: Group = None
+) -> torch.Tensor:
+    """Leave a sharded layer. Forward: all-gather along channels; backward: split."""
+    if len(counts) == 1:
+        return y
+    return _GatherFromShards.apply(y, counts, rank(group), group)

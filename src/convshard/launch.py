@@ -1,0 +1,192 @@
+"""Start one worker process per device: locally by spawning, or under torchrun.
+
+Workers always find their place in the job the way torchrun tells them:
+the environment variables RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT, read by ``init_from_env``. Under torchrun they
+are set by torchrun; locally ``launch_local`` sets them. So one training
+function serves both.
+
+``launch_local`` hosts the rendezvous store itself on 127.0.0.1, on a port the
+kernel picks (no race for a "free" port), as torchrun's agent does. It then
+watches the workers: the first one to fail (an exception, a signal, a lost
+process) stops the job. The others are terminated at once, and
+``WorkerFailed`` names the failed rank, its device and its error. Each worker
+also dies with the launcher (``PR_SET_PDEATHSIG``), so none is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process failed; the message names its rank and device."""
+
+    def __init__(self, rank: int, label: str, reason: str, details: str = "") -> None:
+        super().__init__(f"worker rank {rank} ({label}) failed: {reason}")
+        self.rank, self.label, self.reason, self.details = rank, label, reason, details
+
+
+def in_torchrun() -> bool:
+    """True inside a process started by torchrun or ``launch_local``."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
+    """Join the job described by the environment; returns (rank, world size, local rank).
+
+    Outside torchrun and ``launch_local`` there is no job: (0, 1, 0), and no
+    process group is created. ``timeout`` (seconds) bounds every collective.
+    """
+    if not in_torchrun():
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the launcher's own clean-up still applies
+        pass
+
+
+def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: str) -> None:
+    """Body of a spawned worker: set torchrun's environment, run, report."""
+    _die_with_parent()
+    os.environ.update(env)
+    out = Path(outdir)
+    try:
+        result = fn(*args)
+        (out / f"{rank}.result").write_bytes(pickle.dumps(result))
+    except BaseException as exc:  # reported to the launcher, which decides the job's fate
+        report = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "config_error": isinstance(exc, ConfigError),
+            "traceback": traceback.format_exc(),
+        }
+        (out / f"{rank}.error").write_text(json.dumps(report))
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    args: tuple = (),
+    labels: Sequence[str] | None = None,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` in ``world_size`` spawned processes; return each rank's result.
+
+    ``fn`` must be importable by name (spawn pickles it). It calls
+    ``init_from_env`` to join the job. ``labels`` name the ranks in errors
+    (device specs). ``timeout`` bounds the whole run, in seconds. A worker
+    that raises ``ConfigError`` re-raises it here; any other failure raises
+    ``WorkerFailed``.
+    """
+    labels = list(labels) if labels is not None else [f"rank {r}" for r in range(world_size)]
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    base_env = {
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        # The launcher hosts the store; every rank connects as a client.
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        **({"GLOO_SOCKET_IFNAME": "lo"} if "GLOO_SOCKET_IFNAME" not in os.environ else {}),
+        **(env or {}),
+    }
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="convshard-") as outdir:
+        procs = []
+        try:
+            for r in range(world_size):
+                worker_env = {**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}
+                p = ctx.Process(
+                    target=_entry, args=(r, worker_env, fn, args, outdir),
+                    name=f"convshard-rank{r}", daemon=True,
+                )
+                p.start()
+                log.debug("worker rank %d (%s) pid %d", r, labels[r], p.pid)
+                procs.append(p)
+            _watch(procs, labels, Path(outdir), timeout)
+            return [pickle.loads((Path(outdir) / f"{r}.result").read_bytes()) for r in range(world_size)]
+        finally:
+            _stop(procs)
+            del store
+
+
+def _watch(procs: list, labels: list[str], outdir: Path, timeout: float | None) -> None:
+    """Wait for every worker; raise on the first failure or at the deadline."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running = {p.sentinel: r for r, p in enumerate(procs)}
+    while running:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = mp.connection.wait(list(running), timeout=left)
+        if not ready:
+            r = min(running.values())
+            raise WorkerFailed(r, labels[r], f"still running after the {timeout:g} s limit")
+        for sentinel in ready:
+            r = running.pop(sentinel)
+            procs[r].join()
+            if procs[r].exitcode != 0:
+                _raise_failure(r, labels[r], procs[r].exitcode, outdir)
+
+
+def _raise_failure(rank: int, label: str, exitcode: int, outdir: Path) -> None:
+    report_path = outdir / f"{rank}.error"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        if report["config_error"]:
+            raise ConfigError(report["message"])
+        reason = f"{report['type']}: {report['message']}".splitlines()[0]
+        raise WorkerFailed(rank, label, reason, report["traceback"])
+    if exitcode < 0:
+        reason = f"killed by {signal.Signals(-exitcode).name}"
+    else:
+        reason = f"exited with code {exitcode}"
+    raise WorkerFailed(rank, label, reason)
+
+
+def _stop(procs: list, grace: float = 3.0) -> None:
+    """Terminate the workers still alive: SIGTERM, then SIGKILL after ``grace`` s."""
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()

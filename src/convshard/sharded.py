@@ -1,0 +1,260 @@
+"""Kernel-sharded convolution: ``ShardedConv2d``, ``shard_model``, ``full_state_dict``.
+
+A conv layer Y = conv(X, W) + b with C kernels, W of shape (C, C_in, kh, kw),
+is split along its output channels: W = [W_0; ...; W_{p-1}] with W_r of shape
+(c_r, C_in, kh, kw) and sum_r c_r = C. Every rank holds the whole input X
+(B, C_in, H, W); rank r computes Y_r = conv(X, W_r) + b_r of shape
+(B, c_r, H', W'); the Y_r are all-gathered into Y. In backward rank r computes
+dW_r and db_r locally and a partial dX_r; dX = sum_r dX_r. No arithmetic
+changes, so the sharded model trains exactly like the unsharded one, up to
+float rounding in the sum over ranks.
+
+Everything else in the model stays replicated: it sees the same gathered
+activations on every rank. ``sync_replicas`` keeps those replicas identical
+(bitwise) even when ranks round differently, as CPUs and GPUs do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import comm
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def split_counts(total: int, shares: Sequence[float]) -> tuple[int, ...]:
+    """Integer kernel counts proportional to ``shares`` that sum to ``total``.
+
+    Largest-remainder apportionment: c_r = floor(total * w_r / sum(w)), then
+    the kernels left over go one each to the largest fractional parts (ties
+    to the lower rank). A share of 0 gives 0 kernels.
+    """
+    weights = [float(w) for w in shares]
+    if not weights:
+        raise ConfigError("shares must name at least one rank")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"shares {list(shares)} must be finite, non-negative and not all zero")
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda r: (counts[r] - exact[r], r))
+    for r in by_remainder[: total - sum(counts)]:
+        counts[r] += 1
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """How one layer's kernels are split: rank r holds [offsets[r], offsets[r] + counts[r])."""
+
+    counts: tuple[int, ...]  # kernels per rank of the group, in rank order
+    rank: int  # this process's rank in the group
+    group: comm.Group = field(default=None, compare=False)  # None = the default group
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def start(self) -> int:
+        return sum(self.counts[: self.rank])
+
+    @property
+    def local(self) -> int:
+        return self.counts[self.rank]
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a tensor whose dim 0 runs over all kernels."""
+        return full.narrow(0, self.start, self.local)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every rank's dim-0 slice (a collective)."""
+        return comm.all_gather_uneven(local, self.counts, dim=0, group=self.group)
+
+
+class ShardedConv2d(nn.Module):
+    """``nn.Conv2d`` whose kernels are split across the ranks of a group.
+
+    Holds ``weight`` (c_r, C_in, kh, kw) and ``bias`` (c_r,) for this rank's
+    kernels; forward maps (B, C_in, H, W) -> (B, C, H', W') on every rank.
+    Communication per call: one all-gather of the outputs in forward, one
+    all-reduce of the input gradient in backward (skipped when the input
+    needs no gradient, as for the first layer).
+    """
+
+    def __init__(self, conv: nn.Conv2d, split: ShardSplit) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ConfigError(f"cannot shard a conv with groups={conv.groups}; only groups=1")
+        if split.total != conv.out_channels:
+            raise ConfigError(
+                f"split {split.counts} covers {split.total} kernels, layer has {conv.out_channels}"
+            )
+        self.split = split
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.weight = nn.Parameter(split.take(conv.weight.detach()).clone())
+        self.bias = (
+            nn.Parameter(split.take(conv.bias.detach()).clone()) if conv.bias is not None else None
+        )
+
+    def _local_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Y_r = conv(X, W_r) + b_r, (B, C_in, H, W) -> (B, c_r, H', W')."""
+        weight, bias = self.weight, self.bias
+        if self.split.local == 0:
+            # conv2d refuses an empty kernel bank: pad it with one zero kernel
+            # and drop that output, which keeps X (and W_r) in the graph so
+            # this rank still joins the backward all-reduce.
+            weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        y = F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
+        return y[:, : self.split.local] if self.split.local == 0 else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = comm.copy_to_shards(x, group=self.split.group)  # (B, C_in, H, W)
+        y = self._local_conv(x)  # (B, c_r, H', W')
+        return comm.gather_from_shards(y, self.split.counts, group=self.split.group)  # (B, C, H', W')
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"kernels={self.split.counts}, rank={self.split.rank}"
+        )
+
+
+def _check_same_model(model: nn.Module, group: comm.Group) -> None:
+    """Refuse to shard when ranks hold models of different structure."""
+    signature = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
+    everyone: list = [None] * comm.world_size(group)
+    dist.all_gather_object(everyone, signature, group=group)
+    for r, other in enumerate(everyone):
+        if other != signature:
+            mismatch = next(
+                (a, b) for a, b in zip(signature + [None], other + [None]) if a != b
+            )
+            raise ValueError(
+                f"model differs between ranks {comm.rank(group)} and {r}: {mismatch[0]} vs {mismatch[1]}"
+            )
+
+
+def shard_model(
+    model: nn.Module,
+    shares: Sequence[float] | None = None,
+    group: comm.Group = None,
+    *,
+    layer_shares: Mapping[str, Sequence[float]] | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Conv2d`` in ``model`` by a ``ShardedConv2d``; returns the model.
+
+    Call inside an initialised process group (or without one: world size 1).
+    ``shares`` weights the ranks of ``group`` (None = equal); each layer's
+    kernels are split by ``split_counts``. ``layer_shares`` overrides the
+    shares of named layers. Parameters and buffers are first broadcast from
+    group rank 0, so all ranks start from its weights. Convs with
+    ``groups > 1`` or parametrizations are left replicated, with a warning.
+    """
+    world, me = comm.world_size(group), comm.rank(group)
+    shares = [1.0] * world if shares is None else list(shares)
+    for name, weights in [("shares", shares), *(layer_shares or {}).items()]:
+        if len(weights) != world:
+            raise ConfigError(f"{name} {list(weights)} has {len(weights)} entries for {world} ranks")
+    if world > 1:
+        _check_same_model(model, group)
+        comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
+
+    def shard(name: str, conv: nn.Conv2d) -> nn.Module:
+        if conv.groups != 1 or parametrize.is_parametrized(conv):
+            log.warning("left replicated (groups=%d or parametrized): %s", conv.groups, name or "model")
+            return conv
+        weights = (layer_shares or {}).get(name, shares)
+        return ShardedConv2d(conv, ShardSplit(split_counts(conv.out_channels, weights), me, group))
+
+    if isinstance(model, nn.Conv2d):
+        return shard("", model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d) and not isinstance(child, ShardedConv2d):
+                full_name = f"{name}.{child_name}" if name else child_name
+                setattr(module, child_name, shard(full_name, child))
+    log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(model).items()})
+    return model
+
+
+def layer_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Kernels per rank for each sharded layer, by module name."""
+    return {n: m.split.counts for n, m in model.named_modules() if isinstance(m, ShardedConv2d)}
+
+
+def sharded_parameters(model: nn.Module) -> dict[str, ShardSplit]:
+    """The split along dim 0 of every sharded parameter, by parameter name."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ShardedConv2d):
+            for pname, _ in module.named_parameters(recurse=False):
+                out[f"{name}.{pname}" if name else pname] = module.split
+    return out
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict, on CPU: same keys and shapes as the original
+    model's, identical on every rank. A collective: every rank must call it."""
+    splits = sharded_parameters(model)
+    return {
+        key: (splits[key].gather(t) if key in splits else t).detach().to("cpu", copy=True)
+        for key, t in model.state_dict().items()
+    }
+
+
+def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load an unsharded state dict into a sharded model: each rank takes its slice."""
+    splits = sharded_parameters(model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(state)
+        if tuple(state[k].shape[1:] if k in splits else state[k].shape)
+        != tuple(expected[k].shape[1:] if k in splits else expected[k].shape)
+        or (k in splits and state[k].shape[0] != splits[k].total)
+    )
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"state dict does not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    model.load_state_dict({k: splits[k].take(v) if k in splits else v for k, v in state.items()})
+
+
+def sync_replicas(model: nn.Module, group: comm.Group = None) -> None:
+    """Make the replicated part identical on every rank: broadcast the
+    gradients of replicated parameters and the floating-point buffers of
+    replicated modules (e.g. BatchNorm running statistics) from group rank 0.
+
+    Call after ``backward()`` and before ``optimizer.step()``. Ranks that
+    round alike (same hardware, same thread count) already agree; ranks that
+    do not (a CPU beside a GPU) would otherwise drift apart.
+    """
+    if comm.world_size(group) == 1:
+        return
+    sharded = set(sharded_parameters(model))
+    grads = [p.grad for n, p in model.named_parameters() if n not in sharded and p.grad is not None]
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    comm.broadcast_(grads + buffers, group=group)
