@@ -1,1 +1,32 @@
-"""convshard: train CNNs on every device at once by sharding conv kernels."""
+"""convshard: train CNNs on every device at once by sharding conv kernels.
+
+Inside an initialised torch.distributed process group::
+
+    model = convshard.shard_model(model, shares=[0.5, 0.25, 0.25])
+    ...                                  # train as usual, calling
+    convshard.sync_replicas(model)       # between backward() and step()
+    state = convshard.full_state_dict(model)   # unsharded, identical on every rank
+"""
+
+from .errors import ConfigError
+from .sharded import (
+    ShardedConv2d,
+    ShardSplit,
+    full_state_dict,
+    load_full_state_dict,
+    shard_model,
+    split_counts,
+    sync_replicas,
+)
+
+__all__ = [
+    "ConfigError",
+    "ShardSplit",
+    "ShardedConv2d",
+    "full_state_dict",
+    "load_full_state_dict",
+    "shard_model",
+    "split_counts",
+    "sync_replicas",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""Checkpoints of the unsharded model, written atomically.
+
+A checkpoint is one file, ``<dir>/checkpoint.pt``, holding plain tensors and
+Python literals only, so ``torch.load(path, weights_only=True)`` reads it and
+nothing is unpickled beyond that:
+
+    {"model": full state dict (same keys and shapes as the unsharded model),
+     "optimizer": the unsharded optimizer's state dict,
+     "progress": {"epoch": epochs done, "step": optimizer steps done, "history": [...]},
+     "config": the run's settings}
+
+The model and optimizer state are gathered from the shards, so a run can
+resume on any device list: ``load_full_state_dict`` and
+``load_full_optimizer_state_dict`` cut them again for the new split.
+Writing goes to a temporary file in the same directory, is fsynced and then
+renamed over the old checkpoint: a crash mid-save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .sharded import sharded_parameters
+
+FILENAME = "checkpoint.pt"
+
+
+def _shards_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, Any]:
+    """Optimizer parameter index -> the split of that parameter, for sharded ones."""
+    splits = sharded_parameters(model)
+    by_param = {id(p): splits[n] for n, p in model.named_parameters() if n in splits}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: by_param[id(p)] for i, p in enumerate(params) if id(p) in by_param}
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state of the unsharded model: per-kernel tensors (momentum,
+    Adam's moments) are gathered along dim 0. A collective on every rank."""
+    state = optimizer.state_dict()  # its per-parameter dicts are the live ones: build new
+    shards = _shards_of(model, optimizer)
+    full = {}
+    for index, per_param in state["state"].items():
+        split = shards.get(index)
+        full[index] = {
+            k: _cpu(split.gather(v) if split and _per_kernel(v, split.local) else v)
+            for k, v in per_param.items()
+        }
+    return {"state": full, "param_groups": state["param_groups"]}
+
+
+def _per_kernel(value: Any, kernels: int) -> bool:
+    """Whether an optimizer state entry holds one slice per kernel (dim 0)."""
+    return torch.is_tensor(value) and value.dim() > 0 and value.size(0) == kernels
+
+
+def load_full_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Load an unsharded optimizer state into the optimizer of a sharded model."""
+    shards = _shards_of(model, optimizer)
+    local = {
+        i: {
+            k: shards[i].take(v) if i in shards and _per_kernel(v, shards[i].total) else v
+            for k, v in s.items()
+        }
+        for i, s in state["state"].items()
+    }
+    optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+
+
+def save_checkpoint(directory: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` to ``directory/checkpoint.pt`` atomically; returns the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FILENAME
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(directory: str | os.PathLike) -> dict | None:
+    """The checkpoint in ``directory``, or None when there is none.
+
+    Loads with ``weights_only=True``; a truncated or foreign file is a
+    ``ConfigError`` naming it.
+    """
+    path = Path(directory) / FILENAME
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it or choose another --checkpoint-dir") from None
+    if not isinstance(payload, dict) or not {"model", "optimizer", "progress"} <= payload.keys():
+        raise ConfigError(f"checkpoint {path} is not a convshard checkpoint")
+    return payload

