@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(VENV)/bin/convshard train
 
+# pytest exits 5 when it collects no test: that is a failure too.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests collected" >&2; exit 1; fi; exit $$status
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
