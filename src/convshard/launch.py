@@ -24,6 +24,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -82,6 +83,7 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
     try:
         result = fn(*args)
         (out / f"{rank}.result").write_bytes(pickle.dumps(result))
+        shutdown()
     except BaseException as exc:  # reported to the launcher, which decides the job's fate
         report = {
             "type": type(exc).__name__,
@@ -90,10 +92,27 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
             "traceback": traceback.format_exc(),
         }
         (out / f"{rank}.error").write_text(json.dumps(report))
-        os._exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _exit(1)
+    _exit(0)
+
+
+def shutdown() -> None:
+    """Leave the job cleanly: wait until every rank is done, then destroy the group.
+
+    Destroying it while a peer still talks, or leaving it to interpreter
+    teardown, can abort the process inside gloo's threads.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _exit(code: int) -> None:
+    # Skip interpreter finalization: the result is on disk, and C++ threads
+    # of a failed process group must not run destructors under a dying interpreter.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def launch_local(

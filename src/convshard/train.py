@@ -214,6 +214,7 @@ def train_worker(config: TrainConfig) -> dict | None:
             _save(model, optimizer, progress, config, rank)
 
     metrics = _metrics(config, progress, step_times, all_devices, model, world, time.perf_counter() - started)
+    launch.shutdown()
     if rank != 0:
         return None
     log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",

@@ -1,0 +1,278 @@
+"""Exactness of kernel sharding against an unsharded reference from the same seed.
+
+Every distributed check runs in real processes on gloo (``launch_local``),
+one per rank, with world sizes passed explicitly: it never depends on a GPU
+count. Each worker builds the reference and the sharded model from one seed,
+feeds both the same batches and returns its measured errors; the assertions
+run here, in the test process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import convshard
+from convshard import comm
+from convshard.launch import init_from_env, launch_local
+from convshard.models import build_model
+from convshard.sharded import ShardedConv2d, ShardSplit, sharded_parameters, split_counts
+
+# Uneven shares per world size; world 4 also puts a rank at 10%.
+SHARES = {1: [1.0], 2: [0.7, 0.3], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
+MODELS = {"paper": ((3, 32, 32), (10, 14)), "vgg": ((3, 16, 16), (8, 12, 10))}
+STEPS = 3
+GRAD_RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the relative error of a against reference b."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _join() -> tuple[int, int]:
+    torch.set_num_threads(1)
+    rank, world, _ = init_from_env("gloo", timeout=120)
+    return rank, world
+
+
+def _exactness_worker(shares: list[float]) -> dict:
+    """Train reference and sharded copies side by side; report the worst errors."""
+    rank, world = _join()
+    report: dict = {}
+    for model_name, (shape, kernels) in MODELS.items():
+        for opt_name in ("sgd", "adam"):
+            torch.manual_seed(0)
+            reference = build_model(model_name, shape, 10, kernels)
+            model = convshard.shard_model(copy.deepcopy(reference), shares)
+            make = (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)) if opt_name == "sgd" else (
+                lambda p: torch.optim.Adam(p, lr=1e-3))
+            opt_ref, opt = make(reference.parameters()), make(model.parameters())
+            splits = sharded_parameters(model)
+            errors = {"forward": 0.0, "grad": 0.0, "weights": 0.0}
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(STEPS):
+                x, y = torch.randn(6, *shape, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+                for net, o in ((reference, opt_ref), (model, opt)):
+                    o.zero_grad()
+                    out = net(x)
+                    nn.functional.cross_entropy(out, y).backward()
+                    if net is model:
+                        convshard.sync_replicas(model)
+                        errors["forward"] = max(errors["forward"], _rel(out, ref_out))
+                    ref_out = out.detach()
+                ref_grads = dict(reference.named_parameters())
+                for name, p in model.named_parameters():
+                    g = splits[name].gather(p.grad) if name in splits else p.grad
+                    errors["grad"] = max(errors["grad"], _rel(g, ref_grads[name].grad))
+                opt_ref.step()
+                opt.step()
+            full = convshard.full_state_dict(model)
+            for key, value in reference.state_dict().items():
+                assert full[key].shape == value.shape, key
+                if value.is_floating_point():
+                    errors["weights"] = max(errors["weights"], (full[key] - value).abs().max().item())
+            report[f"{model_name}/{opt_name}"] = errors
+            report[f"{model_name}/{opt_name}/replicas"] = _replicas_identical(model, splits, world)
+            report[f"{model_name}/counts"] = {n: list(c) for n, c in convshard.sharded.layer_counts(model).items()}
+    return report
+
+
+def _replicas_identical(model: nn.Module, splits: dict, world: int) -> bool:
+    """Whether every replicated tensor is bitwise the same on all ranks."""
+    mine = torch.cat([v.reshape(-1).float() for k, v in model.state_dict().items() if k not in splits])
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine) if world > 1 else everyone.__setitem__(0, mine)
+    return all(torch.equal(mine, other) for other in everyone)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_training_matches_one_device(world):
+    """Forward, every gradient, and weights after SGD/Adam steps equal the unsharded model's."""
+    reports = launch_local(_exactness_worker, world, args=(SHARES[world],), timeout=240)
+    for rank, report in enumerate(reports):
+        for key, errors in report.items():
+            if key.endswith("/replicas"):
+                assert errors, f"rank {rank}: replicated parameters differ across ranks ({key})"
+            elif key.endswith("/counts"):
+                for layer, counts in errors.items():
+                    assert len(counts) == world and sum(counts) > 0, (layer, counts)
+            else:
+                assert errors["forward"] < 1e-5, (rank, key, errors)
+                assert errors["grad"] < GRAD_RTOL, (rank, key, errors)
+                assert errors["weights"] < 1e-5, (rank, key, errors)
+    # Uneven shares give uneven kernel counts: 10 kernels at 0.4/0.3/0.2/0.1.
+    if world == 4:
+        assert reports[0]["paper/counts"]["features.0"] == [4, 3, 2, 1]
+
+
+def _gradcheck_worker() -> bool:
+    """float64 gradcheck of ShardedConv2d with respect to its input, uneven split."""
+    rank, world = _join()
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1).double()
+    layer = ShardedConv2d(conv, ShardSplit(split_counts(5, [0.6, 0.4][:world] if world == 2 else [1.0]), rank))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    # Every rank perturbs the same input element at the same time, so the
+    # collectives line up; weights differ per rank and are checked at world 1.
+    return torch.autograd.gradcheck(lambda inp: layer(inp), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_world_1_input_and_weights():
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=2,
+                                                          bias=False, padding=2, padding_mode="circular")):
+        layer = ShardedConv2d(conv.double(), ShardSplit((conv.out_channels,), 0))
+        x = torch.randn(2, conv.in_channels, 7, 7, dtype=torch.float64, requires_grad=True)
+        params = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}
+
+        def f(inp, *ps):
+            return torch.func.functional_call(layer, dict(zip(params, ps)), (inp,))
+
+        assert torch.autograd.gradcheck(f, (x, *params.values()), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_world_2_input():
+    assert launch_local(_gradcheck_worker, 2, timeout=120) == [True, True]
+
+
+def _count_collectives_worker() -> dict:
+    """Count torch.distributed calls in one training step of the paper's CNN."""
+    rank, world = _join()
+    counts = {"all_gather": 0, "all_reduce": 0, "broadcast": 0}
+    for name in counts:
+        original = getattr(dist, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    torch.manual_seed(0)
+    model = convshard.shard_model(build_model("paper", (1, 28, 28), 10, (6, 8)), [2, 1])
+    setup = dict(counts)
+    x = torch.randn(4, 1, 28, 28)
+    out = model(x)
+    forward = dict(counts)
+    out.square().sum().backward()
+    backward = dict(counts)
+    convshard.sync_replicas(model)
+    return {"setup": setup, "forward": forward, "backward": backward, "sync": dict(counts)}
+
+
+def test_collectives_per_step():
+    """Forward: one all-gather per conv layer. Backward: one all-reduce, for the
+    second layer's input (the first layer's input, the data, needs no gradient).
+    sync_replicas: one broadcast. Nothing else."""
+    seen = launch_local(_count_collectives_worker, 2, timeout=120)[0]
+    assert seen["setup"] == {"all_gather": 0, "all_reduce": 0, "broadcast": 1}
+    assert seen["forward"] == {"all_gather": 2, "all_reduce": 0, "broadcast": 1}
+    assert seen["backward"] == {"all_gather": 2, "all_reduce": 1, "broadcast": 1}
+    assert seen["sync"] == {"all_gather": 2, "all_reduce": 1, "broadcast": 2}
+
+
+def _state_roundtrip_worker(shares: list[float]) -> dict:
+    """full_state_dict is identical on every rank and load_full_state_dict inverts it."""
+    rank, world = _join()
+    torch.manual_seed(rank)  # different local inits: shard_model must take rank 0's
+    model = build_model("vgg", (3, 16, 16), 10, (8, 12, 10))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    sharded = convshard.shard_model(model, shares)
+    full = convshard.full_state_dict(sharded)
+    flat = torch.cat([v.reshape(-1).float() for v in full.values()])
+    everyone = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    perturbed = {k: v + 1 if v.is_floating_point() else v for k, v in full.items()}
+    convshard.load_full_state_dict(sharded, perturbed)
+    again = convshard.full_state_dict(sharded)
+    return {
+        "same_keys": list(full) == list(original),
+        "same_shapes": all(full[k].shape == original[k].shape for k in full),
+        "identical_on_ranks": all(torch.equal(flat, e) for e in everyone),
+        "roundtrip": all(torch.equal(again[k], perturbed[k]) for k in full),
+    }
+
+
+def test_full_state_dict_roundtrip():
+    for report in launch_local(_state_roundtrip_worker, 3, args=([0.5, 0.3, 0.2],), timeout=120):
+        assert all(report.values()), report
+
+
+def test_split_counts():
+    assert split_counts(10, [0.4, 0.3, 0.2, 0.1]) == (4, 3, 2, 1)
+    assert split_counts(7, [1, 1, 1]) == (3, 2, 2)  # remainder to the lower rank on ties
+    assert split_counts(5, [1, 0, 1]) == (3, 0, 2)
+    assert split_counts(500, [0.5, 0.3, 0.2]) == (250, 150, 100)
+    for total in range(1, 40):
+        for shares in ([1, 2, 3], [0.9, 0.05, 0.05], [3, 1]):
+            counts = split_counts(total, shares)
+            assert sum(counts) == total
+            exact = [total * s / sum(shares) for s in shares]
+            assert all(abs(c - e) < 1 for c, e in zip(counts, exact))
+    for bad in ([], [0, 0], [1, -1], [float("nan")], [float("inf"), 1]):
+        with pytest.raises(convshard.ConfigError):
+            split_counts(4, bad)
+
+
+def test_world_1_needs_no_process_group():
+    """Without torch.distributed, shard_model holds every kernel and communicates nothing."""
+    torch.manual_seed(0)
+    reference = build_model("paper", (1, 28, 28), 10, (4, 6))
+    model = convshard.shard_model(copy.deepcopy(reference))
+    assert not dist.is_initialized()
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x), reference(x))
+    assert all(isinstance(model.features[i], ShardedConv2d) for i in (0, 3))
+
+
+def test_unshardable_convs_left_replicated(caplog):
+    """groups > 1 and parametrized convs stay plain nn.Conv2d, with a warning naming them."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 1))
+    nn.utils.parametrizations.weight_norm(model[1])
+    with caplog.at_level("WARNING"):
+        convshard.shard_model(model)
+    assert type(model[0]) is nn.Conv2d and not isinstance(model[1], ShardedConv2d)
+    assert "0" in caplog.text and "1" in caplog.text and "replicated" in caplog.text
+    with pytest.raises(convshard.ConfigError, match="groups=2"):
+        ShardedConv2d(nn.Conv2d(4, 8, 3, groups=2), ShardSplit((8,), 0))
+
+
+def test_shard_a_bare_conv_and_wrong_share_count():
+    conv = nn.Conv2d(2, 3, 3)
+    assert isinstance(convshard.shard_model(conv), ShardedConv2d)
+    with pytest.raises(convshard.ConfigError, match="2 entries for 1 ranks"):
+        convshard.shard_model(nn.Conv2d(2, 3, 3), [1, 1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_layer_matches_cpu():
+    """CUDA twin of the world-1 check: the sharded layer on a GPU equals the CPU reference."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    layer = ShardedConv2d(copy.deepcopy(conv).cuda(), ShardSplit((6,), 0))
+    assert _rel(layer(x.cuda()).cpu(), conv(x)) < 1e-5
+
+
+def _mixed_worker() -> float:
+    """Rank 0 on the GPU, rank 1 on the CPU, gloo staging CUDA tensors through host memory."""
+    rank, world = _join()
+    device = torch.device("cuda" if rank == 0 else "cpu")
+    torch.manual_seed(0)
+    reference = build_model("paper", (1, 28, 28), 10, (6, 8))
+    model = convshard.shard_model(copy.deepcopy(reference).to(device), [2, 1])
+    x = torch.randn(4, 1, 28, 28)
+    out = model(x.to(device))
+    out.square().sum().backward()
+    reference(x).square().sum().backward()
+    assert comm.world_size() == 2
+    return _rel(out.cpu(), reference(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_ranks_in_one_job():
+    assert max(launch_local(_mixed_worker, 2, timeout=120)) < 1e-4
