@@ -19,7 +19,7 @@ from torch import nn
 from . import data, devices, launch
 from .errors import ConfigError
 from .models import MODELS
-from .train import OPTIMIZERS, STRATEGIES, TrainConfig, load_data, make_model, train_worker
+from .train import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, train_worker
 
 log = logging.getLogger("convshard")
 
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
     g.add_argument("--lr", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate schedule; cosine decays it to 0 over the run (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     g = t.add_argument_group("output")
     g.add_argument("--metrics-out", help="write metrics JSON here")
@@ -161,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=args.model, kernels=args.kernels, dataset=args.dataset, data_dir=args.data_dir,
         synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, seed=args.seed,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, schedule=args.schedule, seed=args.seed,
         timeout=args.timeout, quiet=args.quiet, metrics_out=args.metrics_out,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume,
     )

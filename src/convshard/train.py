@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd (with momentum) | adam
     lr: float = 0.05
     momentum: float = 0.9  # SGD only
+    schedule: str = "cosine"  # cosine: lr decays to 0 over the run | constant
     seed: int = 0
     warmup_steps: int = 3  # steps left out of mean_step_seconds
     timeout: float = 300.0  # seconds any collective may wait before the job fails
@@ -107,6 +109,17 @@ def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
 
 
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
+
+    cosine: lr * (1 + cos(pi * step / total_steps)) / 2. A pure function of
+    the step, so a resumed run follows the same schedule.
+    """
+    if config.schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
 def _setup_logging(rank: int, quiet: bool) -> None:
     level = logging.INFO if rank == 0 and not quiet else logging.WARNING
     fmt = "%(message)s" if rank == 0 else f"rank {rank}: %(message)s"
@@ -147,6 +160,7 @@ def train_worker(config: TrainConfig) -> dict | None:
     backend = devices.backend_for(config.device_list)
     rank, world, local_rank = launch.init_from_env(backend, timeout=config.timeout)
     _setup_logging(rank, config.quiet)
+    tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
     device_spec = config.device_list[local_rank]
     threads = config.threads or devices.default_threads(device_spec, config.device_list[: config.world_size])
     devices.pin(device_spec, threads)
@@ -175,6 +189,7 @@ def train_worker(config: TrainConfig) -> dict | None:
     step_times: list[float] = []
     n_train = len(dataset.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
     started = time.perf_counter()
 
     def finished() -> bool:
@@ -193,6 +208,8 @@ def train_worker(config: TrainConfig) -> dict | None:
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
             if config.strategy == "ddp":
                 batch = batch[_rank_slice(len(batch), rank, world)]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, progress["step"], total_steps)
             t0 = time.perf_counter()
             loss = _step(model, optimizer, dataset, batch, config, device, world)
             _sync(device)
