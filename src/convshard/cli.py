@@ -198,8 +198,11 @@ def validate(config: TrainConfig) -> None:
 def run(config: TrainConfig) -> dict | None:
     """Train locally (spawning one worker per device) or as this torchrun rank."""
     validate(config)
-    if launch.in_torchrun() or config.world_size == 1:
+    if launch.in_torchrun():
         return train_worker(config)
+    if config.world_size == 1:
+        with devices.pinning_restored():
+            return train_worker(config)
     labels = [str(dev) for dev in config.device_list]
     return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -260,6 +261,20 @@ def pin(device: Device, threads: int) -> None:
     torch.set_num_threads(threads)
     if device.kind == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)
+
+
+@contextmanager
+def pinning_restored() -> Iterator[None]:
+    """Give back this process's CPU affinity and thread count on exit, for
+    callers that run a worker in their own process (a one-device job)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
 
 
 def backend_for(devices: Sequence[Device]) -> str:

@@ -189,7 +189,7 @@ def train_worker(config: TrainConfig) -> dict | None:
     step_times: list[float] = []
     n_train = len(dataset.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+    total_steps = config.epochs * steps_per_epoch  # --max-steps stops a run early, it does not shorten the schedule
     started = time.perf_counter()
 
     def finished() -> bool:
