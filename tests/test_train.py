@@ -113,3 +113,18 @@ def test_same_job_under_torchrun(tmp_path):
     assert remote["world_size"] == 2 and remote["devices"] == ["cpu@0", "cpu@1"]
     assert remote["shares"] == local["shares"] == {"features.0": [2, 2], "features.3": [4, 4]}
     assert remote["train_loss"] == local["train_loss"]
+
+
+def test_strategies_train_the_same_model(tmp_path):
+    """single, kernel and ddp end an epoch with the same weights, also when the
+    global batch splits unevenly over 3 ddp workers and the last batch is short
+    (71 images in batches of 16: 16 = 5+5+6, and 7 = 2+2+3 at the end)."""
+    runs = {}
+    for strategy in ("single", "kernel", "ddp"):
+        directory = tmp_path / strategy
+        _train(tmp_path, strategy, "--strategy", strategy, "--devices", "cpu@0,cpu@1,cpu@1",
+               "--synthetic-size", "71", "--epochs", "1", "--checkpoint-dir", str(directory))
+        runs[strategy] = _weights(directory)
+    for strategy in ("kernel", "ddp"):
+        for key, value in runs["single"].items():
+            torch.testing.assert_close(runs[strategy][key], value, rtol=1e-4, atol=1e-5, msg=f"{strategy} {key}")

@@ -6,7 +6,8 @@ nothing is unpickled beyond that:
 
     {"model": full state dict (same keys and shapes as the unsharded model),
      "optimizer": the unsharded optimizer's state dict,
-     "progress": {"epoch": epochs done, "step": optimizer steps done, "history": [...]},
+     "progress": {"epoch": epochs done, "batch": batches done in the current epoch,
+                  "step": optimizer steps done, "history": [...]},
      "config": the run's settings}
 
 The model and optimizer state are gathered from the shards, so a run can

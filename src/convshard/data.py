@@ -115,7 +115,7 @@ def load_dataset(
         dataset = _make_synthetic(synthetic_shape, synthetic_sizes, classes, seed)
     else:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    log.info(
+    log.debug(
         "dataset %s: %d train, %d test, shape %s, %d classes",
         name, len(dataset.train_y), len(dataset.test_y), dataset.input_shape, dataset.classes,
     )

@@ -184,7 +184,9 @@ def train_worker(config: TrainConfig) -> dict | None:
     progress = saved["progress"] if saved is not None else {"epoch": 0, "batch": 0, "step": 0, "history": []}
 
     all_devices = _job_devices(device_spec, world)
-    log.info("%s on %d worker(s): %s, %d thread(s) each on rank 0", config.strategy, world,
+    log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
+             len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
+    log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
              ", ".join(all_devices), threads)
     step_times: list[float] = []
     n_train = len(dataset.train_y)
@@ -205,13 +207,14 @@ def train_worker(config: TrainConfig) -> dict | None:
                    unit="step", disable=rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
         while progress["batch"] < steps_per_epoch and not finished():
             b = progress["batch"]
-            batch = order[b * config.batch_size : (b + 1) * config.batch_size]
+            batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch
+            global_size = len(batch)
             if config.strategy == "ddp":
-                batch = batch[_rank_slice(len(batch), rank, world)]
+                batch = batch[_rank_slice(global_size, rank, world)]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, progress["step"], total_steps)
             t0 = time.perf_counter()
-            loss = _step(model, optimizer, dataset, batch, config, device, world)
+            loss = _step(model, optimizer, dataset, batch, global_size, config, device, world)
             _sync(device)
             step_times.append(time.perf_counter() - t0)
             loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
@@ -245,8 +248,9 @@ def train_worker(config: TrainConfig) -> dict | None:
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Dataset, batch: torch.Tensor,
-          config: TrainConfig, device: torch.device, world: int) -> float:
-    """One optimizer step on the global batch; returns this rank's mean loss."""
+          global_size: int, config: TrainConfig, device: torch.device, world: int) -> float:
+    """One optimizer step; ``batch`` holds this rank's indices of a global batch
+    of ``global_size`` images. Returns this rank's mean loss."""
     x, y = dataset.train_x[batch].to(device), dataset.train_y[batch].to(device)  # (B, C, H, W), (B,)
     optimizer.zero_grad(set_to_none=True)
     out = model(x)  # (B, classes)
@@ -256,7 +260,7 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Data
         raise FloatingPointError(f"training loss became {mean_loss}; try a lower --lr")
     # Divide by the global batch: DDP then averages over ranks, so scale by
     # world to get the mean over the global batch even when parts differ in size.
-    scale = world / config.batch_size if config.strategy == "ddp" else 1 / len(batch)
+    scale = world / global_size if config.strategy == "ddp" else 1 / len(batch)
     (loss_sum * scale).backward()
     if config.strategy == "kernel":
         sync_replicas(model)
