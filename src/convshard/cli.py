@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -207,8 +208,24 @@ def run(config: TrainConfig) -> dict | None:
     return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
 
 
+LIST_OPTIONS = ("--shares", "--kernels", "--synthetic-shape")
+
+
+def _keep_negative_lists(argv: Sequence[str]) -> list[str]:
+    """argparse reads a value such as '-1,1' as an option; bind it to its flag
+    (``--shares=-1,1``) so that the value's own check names it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in LIST_OPTIONS and re.fullmatch(r"-[\d.,-]+", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(_keep_negative_lists(argv))
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")

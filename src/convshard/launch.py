@@ -86,6 +86,8 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
         shutdown()
     except BaseException as exc:  # reported to the launcher, which decides the job's fate
         report = {
+            "time": time.time(),
+            "secondary": _lost_peer(exc),
             "type": type(exc).__name__,
             "message": str(exc),
             "config_error": isinstance(exc, ConfigError),
@@ -94,6 +96,14 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
         (out / f"{rank}.error").write_text(json.dumps(report))
         _exit(1)
     _exit(0)
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` only reports that another rank went away (a consequence, not a cause)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistBackendError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 def shutdown() -> None:
@@ -176,17 +186,26 @@ def _watch(procs: list, labels: list[str], outdir: Path, timeout: float | None) 
         if not ready:
             r = min(running.values())
             raise WorkerFailed(r, labels[r], f"still running after the {timeout:g} s limit")
+        failed = []
         for sentinel in ready:
             r = running.pop(sentinel)
             procs[r].join()
             if procs[r].exitcode != 0:
-                _raise_failure(r, labels[r], procs[r].exitcode, outdir)
+                failed.append(r)
+        if failed:
+            _raise_failure(failed, labels, [p.exitcode for p in procs], outdir)
 
 
-def _raise_failure(rank: int, label: str, exitcode: int, outdir: Path) -> None:
-    report_path = outdir / f"{rank}.error"
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
+def _raise_failure(failed: list[int], labels: list[str], exitcodes: list, outdir: Path) -> None:
+    """Raise for the root cause among workers seen failing together: a worker
+    that lost a peer failed because of another one, so it is named last;
+    otherwise the earliest failure wins."""
+    reports = {r: json.loads(p.read_text()) for r in failed if (p := outdir / f"{r}.error").exists()}
+    rank = min(failed, key=lambda r: (reports[r]["secondary"], reports[r]["time"]) if r in reports
+               else (False, 0.0))  # no report: killed by a signal, a cause
+    label, exitcode = labels[rank], exitcodes[rank]
+    if rank in reports:
+        report = reports[rank]
         if report["config_error"]:
             raise ConfigError(report["message"])
         reason = f"{report['type']}: {report['message']}".splitlines()[0]

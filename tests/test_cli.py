@@ -1,0 +1,237 @@
+"""The ``convshard`` command: bad input, ``--help``, and one tiny run per strategy.
+
+Bad input must exit with code 2 and print exactly one stderr line that names
+the bad value, never a traceback. Those checks run in-process through
+``convshard.cli.main(argv)`` (argparse errors surface as ``SystemExit(2)``),
+with training stubbed out so that a value that wrongly passes validation
+fails the test instead of training inside pytest. A few cases run the real
+command in a subprocess, end to end. Every multi-worker run names its world
+size through ``--devices`` and runs with ``OMP_NUM_THREADS=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from convshard import cli, launch
+from convshard.cli import main
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
+        "--kernels", "4,8", "--batch-size", "16", "--max-steps", "2", "--quiet"]
+TWO_CPUS = ["--devices", "cpu@0,cpu@1"]
+SUBPROCESS_TIMEOUT = 120  # seconds; a tiny run takes under 10
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+GARBAGE = bytes(range(256)) * 8
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _convshard_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "convshard", *args]
+
+
+def _run_convshard(*args: str) -> subprocess.CompletedProcess:
+    """The real command in a subprocess, bounded by SUBPROCESS_TIMEOUT."""
+    return subprocess.run(_convshard_cmd(*args), capture_output=True, text=True, env=_env(),
+                          timeout=SUBPROCESS_TIMEOUT)
+
+
+def _main_exit_code(argv: list[str]) -> int:
+    """``main(argv)``'s exit code, whether returned or raised by argparse."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def _assert_one_line_error(stderr: str, *needles: str) -> None:
+    """stderr is one non-empty line, no traceback, containing every needle."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"expected one stderr line, got {stderr!r}"
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+def _corrupt_cifar(data_dir: Path) -> None:
+    folder = data_dir / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(GARBAGE)
+
+
+def _nonpositive(option: str, value: str):
+    return pytest.param([option, value], (option, f"'{value}'"), None, id=f"{option}={value}")
+
+
+# (extra argv after TINY, needles the error line must contain, prepare(tmp_path) or None).
+# "{tmp}" in argv and needles stands for the test's tmp_path.
+BAD_INPUT = [
+    pytest.param(["--devices", "cpu@x"], ("'cpu@x'",), None, id="devices-cpu@x"),
+    pytest.param(["--devices", "gpu"], ("'gpu'",), None, id="devices-gpu"),
+    pytest.param(["--devices", "cpu@3-1"], ("'cpu@3-1'",), None, id="devices-backwards-range"),
+    pytest.param(["--devices", ","], ("--devices ','",), None, id="devices-empty-element"),
+    pytest.param(["--devices", "cuda:x"], ("'cuda:x'",), None, id="devices-cuda:x"),
+    pytest.param(["--devices", "cpu@999"], ("cpu@999", "core 999"), None, id="devices-core-outside-mask"),
+    pytest.param(["--devices", "cuda"], ("cuda requested",), None, marks=NO_CUDA, id="devices-cuda-missing"),
+    pytest.param(["--devices", "cuda:1"], ("cuda:1",), None, marks=NO_CUDA, id="devices-cuda:1-missing"),
+    pytest.param(["--kernels", "1,8", *TWO_CPUS], ("1 kernels for 2 workers",), None,
+                 id="more-devices-than-kernels"),
+    pytest.param(["--model", "resnet"], ("'resnet'",), None, id="unknown-model"),
+    pytest.param(["--dataset", "imagenet"], ("'imagenet'",), None, id="unknown-dataset"),
+    pytest.param(["--kernels", "4,8,16"], ("--kernels 4,8,16",), None, id="kernels-count"),
+    pytest.param(["--synthetic-shape", "1,8,8"], ("8x8",), None, id="input-too-small"),
+    _nonpositive("--batch-size", "0"),
+    _nonpositive("--epochs", "-1"),
+    _nonpositive("--lr", "0"),
+    _nonpositive("--threads", "0"),
+    _nonpositive("--max-steps", "0"),
+    _nonpositive("--synthetic-size", "0"),
+    _nonpositive("--kernels", "0,4"),
+    pytest.param(["--shares", "1,1,1", *TWO_CPUS], ("--shares 1,1,1", "2 workers"), None, id="shares-count"),
+    pytest.param(["--shares", "a,b"], ("--shares", "'a,b'"), None, id="shares-not-numbers"),
+    pytest.param(["--shares=-1,1"], ("--shares", "'-1,1'"), None, id="shares-negative-attached"),
+    pytest.param(["--shares", "-1,1"], ("--shares", "-1,1"), None, id="shares-negative-separate"),
+    pytest.param(["--dataset", "cifar10", "--data-dir", "{tmp}"], ("{tmp}",), None, id="cifar-missing"),
+    pytest.param(["--dataset", "cifar10", "--data-dir", "{tmp}"],
+                 ("{tmp}/cifar-10-batches-py/data_batch_1",), _corrupt_cifar, id="cifar-corrupt"),
+    pytest.param(["--resume"], ("--resume", "--checkpoint-dir"), None, id="resume-without-dir"),
+]
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a config gets past validation: training must not start."""
+    def refuse(*args, **kwargs):
+        pytest.fail("the bad input passed validation and training started")
+    monkeypatch.setattr(cli, "train_worker", refuse)
+    monkeypatch.setattr(launch, "launch_local", refuse)
+
+
+@pytest.fixture
+def restore_process_state():
+    """Undo what an in-process ``train_worker`` changes: root logging and torch threads."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("args", "needles", "prepare"), BAD_INPUT)
+def test_bad_input_exits_2_with_one_line(
+    args: list[str], needles: tuple[str, ...], prepare: Callable[[Path], None] | None,
+    tmp_path: Path, capsys: pytest.CaptureFixture, no_training: None,
+) -> None:
+    """Each bad value is refused before any worker starts: code 2, one line naming it."""
+    if prepare is not None:
+        prepare(tmp_path)
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    code = _main_exit_code(["train", *TINY, *map(fill, args)])
+    assert code == 2
+    _assert_one_line_error(capsys.readouterr().err, *map(fill, needles))
+
+
+def test_corrupt_checkpoint_exits_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, restore_process_state: None,
+) -> None:
+    """A garbage checkpoint.pt with --resume is read by the worker: code 2, one line naming it.
+
+    One unpinned worker (``--devices cpu``) runs in this process, so the real
+    loading path is exercised without spawning or pinning pytest to a core.
+    """
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(GARBAGE)
+    code = _main_exit_code(["train", *TINY, "--devices", "cpu", "--checkpoint-dir", str(tmp_path), "--resume"])
+    assert code == 2
+    _assert_one_line_error(capsys.readouterr().err, str(path))
+
+
+def test_bad_devices_end_to_end() -> None:
+    """The real command: a bad --devices exits 2 with one stderr line and no traceback."""
+    result = _run_convshard("train", *TINY, "--devices", "cpu@x")
+    assert result.returncode == 2
+    _assert_one_line_error(result.stderr, "'cpu@x'")
+
+
+def test_validation_error_end_to_end_is_one_line_without_quiet() -> None:
+    """The real command without --quiet: an error found after validate() loaded the
+    dataset is still one line (loading logs nothing at INFO level)."""
+    loud = [arg for arg in TINY if arg != "--quiet"]
+    result = _run_convshard("train", *loud, "--kernels", "1,8", *TWO_CPUS)
+    assert result.returncode == 2
+    _assert_one_line_error(result.stderr, "1 kernels for 2 workers")
+
+
+def test_help_mentions_torchrun_and_device_grammar() -> None:
+    """``convshard train --help`` exits 0 and documents torchrun and the --devices grammar."""
+    result = _run_convshard("train", "--help")
+    assert result.returncode == 0, result.stderr
+    for needle in ("torchrun", "--devices", "cpu@N", "cpu@N-M", "cuda:N"):
+        assert needle in result.stdout
+
+
+# strategy -> (world size, devices in the metrics); all run TINY on TWO_CPUS with one thread each.
+STRATEGY_EXPECTATIONS = {
+    "kernel": (2, ["cpu@0", "cpu@1"]),
+    "ddp": (2, ["cpu@0", "cpu@1"]),
+    "single": (1, ["cpu@0"]),
+}
+TINY_KERNELS = (4, 8)
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, dict | None]]:
+    """Run the tiny job once per strategy; strategy -> (exit code, stderr, metrics or None)."""
+    out = tmp_path_factory.mktemp("metrics")
+    runs = {}
+    for strategy in STRATEGY_EXPECTATIONS:
+        path = out / f"{strategy}.json"
+        result = _run_convshard("train", *TINY, *TWO_CPUS, "--threads", "1", "--strategy", strategy,
+                                "--metrics-out", str(path))
+        runs[strategy] = (result.returncode, result.stderr, json.loads(path.read_text()) if path.exists() else None)
+    return runs
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_EXPECTATIONS)
+def test_strategy_trains_and_writes_metrics(strategy: str, strategy_runs: dict) -> None:
+    """Each strategy exits 0 and writes a complete --metrics-out JSON."""
+    code, stderr, metrics = strategy_runs[strategy]
+    assert code == 0, stderr
+    assert metrics is not None, "no metrics JSON written"
+    world, devices = STRATEGY_EXPECTATIONS[strategy]
+    assert 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["train_loss"] > 0
+    assert metrics["epochs"] >= 0
+    assert metrics["steps"] == 2
+    assert metrics["mean_step_seconds"] > 0 and metrics["images_per_second"] > 0
+    assert metrics["world_size"] == world
+    assert metrics["devices"] == devices
+    assert metrics["strategy"] == strategy
+    if strategy == "kernel":
+        counts = list(metrics["shares"].values())
+        assert [len(c) for c in counts] == [world] * len(TINY_KERNELS)
+        assert [sum(c) for c in counts] == list(TINY_KERNELS)
+    else:
+        assert metrics["shares"] == {}
+
+
+def test_strategies_agree_on_train_loss(strategy_runs: dict) -> None:
+    """kernel, ddp and single train the same model from one seed: losses agree to float rounding."""
+    losses = {s: metrics["train_loss"] for s, (code, _, metrics) in strategy_runs.items() if code == 0 and metrics}
+    assert set(losses) == set(STRATEGY_EXPECTATIONS), "a strategy run failed"
+    reference = losses["single"]
+    for strategy, loss in losses.items():
+        assert abs(loss - reference) / abs(reference) < 1e-4, losses
