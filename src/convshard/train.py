@@ -166,6 +166,8 @@ def train_worker(config: TrainConfig) -> dict | None:
     devices.pin(device_spec, threads)
     device = device_spec.torch_device
     dataset = load_data(config)
+    log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
+             len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
     model = make_model(config, dataset)
 
     saved = checkpoint.load_checkpoint(config.checkpoint_dir) if config.resume else None
@@ -184,8 +186,6 @@ def train_worker(config: TrainConfig) -> dict | None:
     progress = saved["progress"] if saved is not None else {"epoch": 0, "batch": 0, "step": 0, "history": []}
 
     all_devices = _job_devices(device_spec, world)
-    log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
-             len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
              ", ".join(all_devices), threads)
     step_times: list[float] = []
