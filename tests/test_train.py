@@ -128,3 +128,16 @@ def test_strategies_train_the_same_model(tmp_path):
     for strategy in ("kernel", "ddp"):
         for key, value in runs["single"].items():
             torch.testing.assert_close(runs[strategy][key], value, rtol=1e-4, atol=1e-5, msg=f"{strategy} {key}")
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    """--resume on a run that already reached --epochs takes no step and writes
+    strict JSON (no NaN): the timings are null."""
+    directory = tmp_path / "ckpt"
+    _train(tmp_path, "a", "--devices", "cpu@0", "--epochs", "1", "--checkpoint-dir", str(directory))
+    before = _weights(directory)
+    again = _train(tmp_path, "b", "--devices", "cpu@0", "--epochs", "1", "--resume",
+                   "--checkpoint-dir", str(directory))
+    assert again["steps"] == 4 and again["mean_step_seconds"] is None and again["images_per_second"] is None
+    json.loads((tmp_path / "b.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert all(torch.equal(_weights(directory)[k], v) for k, v in before.items())

@@ -157,8 +157,7 @@ def evaluate(model: nn.Module, dataset: data.Dataset, config: TrainConfig, devic
 
 def train_worker(config: TrainConfig) -> dict | None:
     """Train as one rank of the job; rank 0 returns the metrics, others None."""
-    backend = devices.backend_for(config.device_list)
-    rank, world, local_rank = launch.init_from_env(backend, timeout=config.timeout)
+    rank, world, local_rank = launch.init_from_env(devices.backend_for(config.device_list), timeout=config.timeout)
     _setup_logging(rank, config.quiet)
     tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
     device_spec = config.device_list[local_rank]
@@ -168,8 +167,44 @@ def train_worker(config: TrainConfig) -> dict | None:
     dataset = load_data(config)
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
-    model = make_model(config, dataset)
+    model, optimizer, progress = _setup(config, dataset, device, world)
+    all_devices = _job_devices(device_spec, world)
+    log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
+             ", ".join(all_devices), threads)
 
+    step_times: list[float] = []
+    started = time.perf_counter()
+    while not _finished(config, progress):
+        epoch_start = time.perf_counter()
+        train_loss = _train_epoch(model, optimizer, dataset, progress, step_times, config, device, rank, world)
+        accuracy = evaluate(model, dataset, config, device, rank=rank, world=world)
+        seconds = time.perf_counter() - epoch_start
+        epoch = progress["epoch"] if progress["batch"] else progress["epoch"] - 1
+        progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
+                                    "test_accuracy": accuracy, "seconds": seconds})
+        log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss, accuracy, seconds)
+        if config.checkpoint_dir is not None:
+            _save(model, optimizer, progress, config, rank)
+
+    metrics = _metrics(config, progress, step_times, all_devices, model, world, time.perf_counter() - started)
+    launch.shutdown()
+    if rank != 0:
+        return None
+    if metrics["mean_step_seconds"] is not None:
+        log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",
+                 metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
+                 metrics["images_per_second"])
+    if config.metrics_out:
+        Path(config.metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics written to %s", config.metrics_out)
+    return metrics
+
+
+def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, world: int):
+    """The model for the strategy, its optimizer and the progress so far
+    (from the checkpoint with ``--resume``)."""
+    model = make_model(config, dataset)
     saved = checkpoint.load_checkpoint(config.checkpoint_dir) if config.resume else None
     if config.resume and saved is None:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
@@ -181,70 +216,50 @@ def train_worker(config: TrainConfig) -> dict | None:
     elif config.strategy == "ddp" and world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = _make_optimizer(config, model.parameters())
-    if saved is not None:
-        checkpoint.load_full_optimizer_state_dict(_unwrap(model), optimizer, saved["optimizer"])
-    progress = saved["progress"] if saved is not None else {"epoch": 0, "batch": 0, "step": 0, "history": []}
+    if saved is None:
+        return model, optimizer, {"epoch": 0, "batch": 0, "step": 0, "history": []}
+    checkpoint.load_full_optimizer_state_dict(_unwrap(model), optimizer, saved["optimizer"])
+    return model, optimizer, saved["progress"]
 
-    all_devices = _job_devices(device_spec, world)
-    log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
-             ", ".join(all_devices), threads)
-    step_times: list[float] = []
+
+def _finished(config: TrainConfig, progress: dict) -> bool:
+    out_of_steps = config.max_steps is not None and progress["step"] >= config.max_steps
+    return out_of_steps or progress["epoch"] >= config.epochs
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Dataset, progress: dict,
+                 step_times: list[float], config: TrainConfig, device: torch.device, rank: int,
+                 world: int) -> float:
+    """Train from ``progress`` to the end of its epoch (or to --max-steps),
+    advancing ``progress`` and timing each step; returns the mean training loss."""
     n_train = len(dataset.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = config.epochs * steps_per_epoch  # --max-steps stops a run early, it does not shorten the schedule
-    started = time.perf_counter()
-
-    def finished() -> bool:
-        out_of_steps = config.max_steps is not None and progress["step"] >= config.max_steps
-        return out_of_steps or progress["epoch"] >= config.epochs
-
-    while not finished():
-        epoch = progress["epoch"]
-        order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
-        loss_sum, seen = 0.0, 0
-        epoch_start = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="step", disable=rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
-        while progress["batch"] < steps_per_epoch and not finished():
-            b = progress["batch"]
-            batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch
-            global_size = len(batch)
-            if config.strategy == "ddp":
-                batch = batch[_rank_slice(global_size, rank, world)]
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, progress["step"], total_steps)
-            t0 = time.perf_counter()
-            loss = _step(model, optimizer, dataset, batch, global_size, config, device, world)
-            _sync(device)
-            step_times.append(time.perf_counter() - t0)
-            loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
-            progress["batch"], progress["step"] = b + 1, progress["step"] + 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * step_times[-1]:.0f}")
-        bar.close()
-        if progress["batch"] == steps_per_epoch:
-            progress["epoch"], progress["batch"] = epoch + 1, 0
-        train_loss = _mean_over_ranks(loss_sum, seen, config, world)
-        accuracy = evaluate(model, dataset, config, device, rank=rank, world=world)
-        progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
-                                    "test_accuracy": accuracy, "seconds": time.perf_counter() - epoch_start})
-        log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss,
-                 accuracy, time.perf_counter() - epoch_start)
-        if config.checkpoint_dir is not None:
-            _save(model, optimizer, progress, config, rank)
-
-    metrics = _metrics(config, progress, step_times, all_devices, model, world, time.perf_counter() - started)
-    launch.shutdown()
-    if rank != 0:
-        return None
-    log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",
-             metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
-             metrics["images_per_second"])
-    if config.metrics_out:
-        Path(config.metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info("metrics written to %s", config.metrics_out)
-    return metrics
+    epoch = progress["epoch"]
+    order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
+               unit="step", disable=rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
+    while progress["batch"] < steps_per_epoch and not _finished(config, progress):
+        b = progress["batch"]
+        batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch
+        global_size = len(batch)
+        if config.strategy == "ddp":
+            batch = batch[_rank_slice(global_size, rank, world)]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, progress["step"], total_steps)
+        t0 = time.perf_counter()
+        loss = _step(model, optimizer, dataset, batch, global_size, config, device, world)
+        _sync(device)
+        step_times.append(time.perf_counter() - t0)
+        loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
+        progress["batch"], progress["step"] = b + 1, progress["step"] + 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * step_times[-1]:.0f}")
+    bar.close()
+    if progress["batch"] == steps_per_epoch:
+        progress["epoch"], progress["batch"] = epoch + 1, 0
+    return _mean_over_ranks(loss_sum, seen, config, world)
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Dataset, batch: torch.Tensor,
@@ -307,16 +322,17 @@ def _save(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict, co
 
 def _metrics(config: TrainConfig, progress: dict, step_times: list[float], all_devices: list[str],
              model: nn.Module, world: int, seconds: float) -> dict:
+    """The run's metrics JSON; timings are None when this run took no step."""
     timed = step_times[config.warmup_steps :] if len(step_times) > config.warmup_steps else step_times
-    mean_step = sum(timed) / len(timed) if timed else float("nan")
+    mean_step = sum(timed) / len(timed) if timed else None
     last = progress["history"][-1] if progress["history"] else {}
     return {
-        "test_accuracy": last.get("test_accuracy", float("nan")),
-        "train_loss": last.get("train_loss", float("nan")),
+        "test_accuracy": last.get("test_accuracy"),
+        "train_loss": last.get("train_loss"),
         "epochs": progress["epoch"],
         "steps": progress["step"],
         "mean_step_seconds": mean_step,
-        "images_per_second": config.batch_size / mean_step if timed else float("nan"),
+        "images_per_second": config.batch_size / mean_step if mean_step else None,
         "world_size": world,
         "devices": all_devices,
         "strategy": config.strategy,
