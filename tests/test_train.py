@@ -141,3 +141,42 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert again["steps"] == 4 and again["mean_step_seconds"] is None and again["images_per_second"] is None
     json.loads((tmp_path / "b.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert all(torch.equal(_weights(directory)[k], v) for k, v in before.items())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """A diverging run stops with one line (exit 1) and leaves the checkpoint
+    of its last finite step, which still loads."""
+    directory = tmp_path / "ckpt"
+    code = main(["train", *TINY, "--devices", "cpu@0,cpu@1", "--epochs", "3", "--lr", "1e12",
+                 "--schedule", "constant", "--checkpoint-every", "1", "--checkpoint-dir", str(directory)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "training loss became" in err[0] and "--lr" in err[0], err
+    saved = checkpoint.load_checkpoint(directory)
+    failed_at = int(err[0].split(" at step ")[1].split(";")[0])
+    assert saved["progress"]["step"] == failed_at - 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_every_n_steps(tmp_path):
+    """--checkpoint-every 3 saves mid-epoch; resuming from it matches a straight run."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(tmp_path, "a", "--devices", "cpu@0,cpu@1", "--epochs", "2", "--checkpoint-dir", str(straight))
+    _train(tmp_path, "b1", "--devices", "cpu@0,cpu@1", "--epochs", "2", "--max-steps", "7",
+           "--checkpoint-every", "3", "--checkpoint-dir", str(split))
+    # the last save before the stop at step 7 is the end-of-run save; the one before was step 6 (3 x 2)
+    assert torch.load(split / checkpoint.FILENAME, weights_only=True)["progress"]["step"] == 7
+    _train(tmp_path, "b2", "--devices", "cpu@0,cpu@1", "--epochs", "2", "--resume", "--checkpoint-dir", str(split))
+    for key, value in _weights(straight).items():
+        assert torch.equal(_weights(split)[key], value), key
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    """Resuming with other --kernels names the mismatched keys, exit 2."""
+    directory = tmp_path / "ckpt"
+    _train(tmp_path, "a", "--devices", "cpu@0", "--epochs", "1", "--checkpoint-dir", str(directory))
+    capsys.readouterr()
+    code = main(["train", *TINY, "--devices", "cpu@0", "--kernels", "4,6", "--epochs", "2", "--resume",
+                 "--checkpoint-dir", str(directory)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "features.3.weight" in err[0], err

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from . import data, devices, launch
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .models import MODELS
 from .train import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, train_worker
 
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("output")
     g.add_argument("--metrics-out", metavar="PATH", help="write metrics JSON here")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
+    g.add_argument("--checkpoint-every", metavar="N", type=_positive(int, "--checkpoint-every"),
+                   help="also save a checkpoint every N optimizer steps")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
@@ -166,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, schedule=args.schedule, seed=args.seed,
         timeout=args.timeout, quiet=args.quiet, metrics_out=args.metrics_out,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
 
 
@@ -174,8 +176,9 @@ def validate(config: TrainConfig) -> None:
     """Everything that can be checked before a worker starts; raises ConfigError."""
     job = config.device_list[: config.world_size]
     devices.check_available(job)
-    if config.resume and config.checkpoint_dir is None:
-        raise ConfigError("--resume needs --checkpoint-dir")
+    for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every)):
+        if value and config.checkpoint_dir is None:
+            raise ConfigError(f"{flag} needs --checkpoint-dir")
     if launch.in_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if config.strategy == "single" and int(os.environ["WORLD_SIZE"]) != 1:
@@ -243,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc.details.rstrip(), file=sys.stderr)
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 1
-    except FloatingPointError as exc:
+    except TrainingError as exc:
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
             "type": type(exc).__name__,
             "message": str(exc),
             "config_error": isinstance(exc, ConfigError),
+            "training_error": isinstance(exc, TrainingError),
             "traceback": traceback.format_exc(),
         }
         (out / f"{rank}.error").write_text(json.dumps(report))
@@ -138,9 +139,9 @@ def launch_local(
 
     ``fn`` must be importable by name (spawn pickles it). It calls
     ``init_from_env`` to join the job. ``labels`` name the ranks in errors
-    (device specs). ``timeout`` bounds the whole run, in seconds. A worker
-    that raises ``ConfigError`` re-raises it here; any other failure raises
-    ``WorkerFailed``.
+    (device specs). ``timeout`` bounds the whole run, in seconds. A
+    ``ConfigError`` or ``TrainingError`` raised in a worker is raised again
+    here, as it is; any other failure raises ``WorkerFailed``.
     """
     labels = list(labels) if labels is not None else [f"rank {r}" for r in range(world_size)]
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
@@ -208,6 +209,8 @@ def _raise_failure(failed: list[int], labels: list[str], exitcodes: list, outdir
         report = reports[rank]
         if report["config_error"]:
             raise ConfigError(report["message"])
+        if report["training_error"]:
+            raise TrainingError(report["message"])
         reason = f"{report['type']}: {report['message']}".splitlines()[0]
         raise WorkerFailed(rank, label, reason, report["traceback"])
     if exitcode < 0:

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, devices, launch
+from .errors import TrainingError
 from .models import build_model
 from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_model, sync_replicas
 
@@ -71,6 +72,7 @@ class TrainConfig:
     quiet: bool = False  # no progress bar, warnings only
     metrics_out: str | None = None  # write the metrics JSON here
     checkpoint_dir: str | None = None  # save <dir>/checkpoint.pt after every epoch
+    checkpoint_every: int | None = None  # ... and also every this many optimizer steps
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     device_list: tuple[devices.Device, ...] = field(init=False, repr=False)
 
@@ -136,22 +138,41 @@ def _rank_slice(n: int, rank: int, world: int) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
-def evaluate(model: nn.Module, dataset: data.Dataset, config: TrainConfig, device: torch.device,
-             *, rank: int, world: int) -> float:
+@dataclass
+class _Run:
+    """One rank's view of a training run."""
+
+    config: TrainConfig
+    dataset: data.Dataset
+    model: nn.Module  # sharded (kernel), DDP-wrapped (ddp) or plain (single)
+    optimizer: torch.optim.Optimizer
+    progress: dict  # epoch, batch (within the epoch), step, history: what a checkpoint restores
+    device: torch.device
+    rank: int
+    world: int
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def net(self) -> nn.Module:
+        """The model without its DDP wrapper."""
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+
+def evaluate(run: _Run) -> float:
     """Test accuracy in [0, 1]. With ``ddp`` each rank scores its part of the test set."""
-    model.eval()
+    dataset, config = run.dataset, run.config
+    run.model.eval()
     n = len(dataset.test_y)
-    part = _rank_slice(n, rank, world) if config.strategy == "ddp" else slice(0, n)
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    part = _rank_slice(n, run.rank, run.world) if config.strategy == "ddp" else slice(0, n)
+    correct = torch.zeros((), dtype=torch.long, device=run.device)
     with torch.no_grad():
         for i in range(part.start, part.stop, config.batch_size):
             j = min(i + config.batch_size, part.stop)
-            x, y = dataset.test_x[i:j].to(device), dataset.test_y[i:j].to(device)
-            correct += (net(x).argmax(1) == y).sum()
-    if config.strategy == "ddp" and world > 1:
+            x, y = dataset.test_x[i:j].to(run.device), dataset.test_y[i:j].to(run.device)
+            correct += (run.net(x).argmax(1) == y).sum()
+    if config.strategy == "ddp" and run.world > 1:
         dist.all_reduce(correct)
-    model.train()
+    run.model.train()
     return correct.item() / n
 
 
@@ -163,30 +184,28 @@ def train_worker(config: TrainConfig) -> dict | None:
     device_spec = config.device_list[local_rank]
     threads = config.threads or devices.default_threads(device_spec, config.device_list[: config.world_size])
     devices.pin(device_spec, threads)
-    device = device_spec.torch_device
     dataset = load_data(config)
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
-    model, optimizer, progress = _setup(config, dataset, device, world)
+    run = _setup(config, dataset, device_spec.torch_device, rank, world)
     all_devices = _job_devices(device_spec, world)
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
              ", ".join(all_devices), threads)
 
-    step_times: list[float] = []
     started = time.perf_counter()
-    while not _finished(config, progress):
+    while not _finished(run):
         epoch_start = time.perf_counter()
-        train_loss = _train_epoch(model, optimizer, dataset, progress, step_times, config, device, rank, world)
-        accuracy = evaluate(model, dataset, config, device, rank=rank, world=world)
+        train_loss = _train_epoch(run)
+        accuracy = evaluate(run)
         seconds = time.perf_counter() - epoch_start
+        progress = run.progress
         epoch = progress["epoch"] if progress["batch"] else progress["epoch"] - 1
         progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
                                     "test_accuracy": accuracy, "seconds": seconds})
         log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss, accuracy, seconds)
-        if config.checkpoint_dir is not None:
-            _save(model, optimizer, progress, config, rank)
+        _save(run)
 
-    metrics = _metrics(config, progress, step_times, all_devices, model, world, time.perf_counter() - started)
+    metrics = _metrics(run, all_devices, time.perf_counter() - started)
     launch.shutdown()
     if rank != 0:
         return None
@@ -201,7 +220,7 @@ def train_worker(config: TrainConfig) -> dict | None:
     return metrics
 
 
-def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, world: int):
+def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, world: int) -> _Run:
     """The model for the strategy, its optimizer and the progress so far
     (from the checkpoint with ``--resume``)."""
     model = make_model(config, dataset)
@@ -210,86 +229,89 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, wor
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
     if saved is not None:
         load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
+        log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
     model.to(device)
     if config.strategy == "kernel":
         model = shard_model(model, config.shares)
     elif config.strategy == "ddp" and world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = _make_optimizer(config, model.parameters())
-    if saved is None:
-        return model, optimizer, {"epoch": 0, "batch": 0, "step": 0, "history": []}
-    checkpoint.load_full_optimizer_state_dict(_unwrap(model), optimizer, saved["optimizer"])
-    return model, optimizer, saved["progress"]
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": []}
+    run = _Run(config, dataset, model, optimizer, progress, device, rank, world)
+    if saved is not None:
+        checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"])
+        run.progress = saved["progress"]
+    return run
 
 
-def _finished(config: TrainConfig, progress: dict) -> bool:
+def _finished(run: _Run) -> bool:
+    config, progress = run.config, run.progress
     out_of_steps = config.max_steps is not None and progress["step"] >= config.max_steps
     return out_of_steps or progress["epoch"] >= config.epochs
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Dataset, progress: dict,
-                 step_times: list[float], config: TrainConfig, device: torch.device, rank: int,
-                 world: int) -> float:
-    """Train from ``progress`` to the end of its epoch (or to --max-steps),
-    advancing ``progress`` and timing each step; returns the mean training loss."""
-    n_train = len(dataset.train_y)
+def _train_epoch(run: _Run) -> float:
+    """Train from ``run.progress`` to the end of its epoch (or to --max-steps),
+    advancing the progress and timing each step; returns the mean training loss."""
+    config, progress = run.config, run.progress
+    n_train = len(run.dataset.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = config.epochs * steps_per_epoch  # --max-steps stops a run early, it does not shorten the schedule
     epoch = progress["epoch"]
     order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
     loss_sum, seen = 0.0, 0
     bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="step", disable=rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
-    while progress["batch"] < steps_per_epoch and not _finished(config, progress):
+               unit="step", disable=run.rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
+    while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
         batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch
         global_size = len(batch)
         if config.strategy == "ddp":
-            batch = batch[_rank_slice(global_size, rank, world)]
-        for group in optimizer.param_groups:
+            batch = batch[_rank_slice(global_size, run.rank, run.world)]
+        for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(config, progress["step"], total_steps)
         t0 = time.perf_counter()
-        loss = _step(model, optimizer, dataset, batch, global_size, config, device, world)
-        _sync(device)
-        step_times.append(time.perf_counter() - t0)
+        loss = _step(run, batch, global_size)
+        _sync(run.device)
+        run.step_times.append(time.perf_counter() - t0)
         loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * step_times[-1]:.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.step_times[-1]:.0f}")
+        if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+            _save(run)  # the end of an epoch saves anyway
     bar.close()
     if progress["batch"] == steps_per_epoch:
         progress["epoch"], progress["batch"] = epoch + 1, 0
-    return _mean_over_ranks(loss_sum, seen, config, world)
+    return _mean_over_ranks(run, loss_sum, seen)
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: data.Dataset, batch: torch.Tensor,
-          global_size: int, config: TrainConfig, device: torch.device, world: int) -> float:
+def _step(run: _Run, batch: torch.Tensor, global_size: int) -> float:
     """One optimizer step; ``batch`` holds this rank's indices of a global batch
     of ``global_size`` images. Returns this rank's mean loss."""
-    x, y = dataset.train_x[batch].to(device), dataset.train_y[batch].to(device)  # (B, C, H, W), (B,)
-    optimizer.zero_grad(set_to_none=True)
-    out = model(x)  # (B, classes)
+    config = run.config
+    x, y = run.dataset.train_x[batch].to(run.device), run.dataset.train_y[batch].to(run.device)  # (B, C, H, W), (B,)
+    run.optimizer.zero_grad(set_to_none=True)
+    out = run.model(x)  # (B, classes)
     loss_sum = F.cross_entropy(out, y, reduction="sum")
     mean_loss = loss_sum.item() / max(1, len(batch))
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"training loss became {mean_loss}; try a lower --lr")
+        kept = f"; the last good checkpoint is in {config.checkpoint_dir}" if config.checkpoint_dir else ""
+        raise TrainingError(f"training loss became {mean_loss} at step {run.progress['step'] + 1}{kept}; "
+                            f"try a lower --lr than {config.lr:g}")
     # Divide by the global batch: DDP then averages over ranks, so scale by
     # world to get the mean over the global batch even when parts differ in size.
-    scale = world / global_size if config.strategy == "ddp" else 1 / len(batch)
+    scale = run.world / global_size if config.strategy == "ddp" else 1 / len(batch)
     (loss_sum * scale).backward()
     if config.strategy == "kernel":
-        sync_replicas(model)
-    optimizer.step()
+        sync_replicas(run.model)
+    run.optimizer.step()
     return mean_loss
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _mean_over_ranks(loss_sum: float, seen: int, config: TrainConfig, world: int) -> float:
+def _mean_over_ranks(run: _Run, loss_sum: float, seen: int) -> float:
     """Mean training loss of the epoch over the images every rank saw."""
-    if config.strategy != "ddp" or world == 1:
+    if run.config.strategy != "ddp" or run.world == 1:
         return loss_sum / max(1, seen)
     totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
     dist.all_reduce(totals)
@@ -305,25 +327,25 @@ def _job_devices(device_spec: devices.Device, world: int) -> list[str]:
     return everyone
 
 
-def _save(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict, config: TrainConfig,
-          rank: int) -> None:
+def _save(run: _Run) -> None:
     """Gather the unsharded state (a collective) and let rank 0 write it."""
-    net = _unwrap(model)
+    if run.config.checkpoint_dir is None:
+        return
     payload = {
-        "model": full_state_dict(net),
-        "optimizer": checkpoint.full_optimizer_state_dict(net, optimizer),
-        "progress": progress,
-        "config": config.to_json(),
+        "model": full_state_dict(run.net),
+        "optimizer": checkpoint.full_optimizer_state_dict(run.net, run.optimizer),
+        "progress": run.progress,
+        "config": run.config.to_json(),
     }
-    if rank == 0:
-        path = checkpoint.save_checkpoint(config.checkpoint_dir, payload)
-        log.info("checkpoint saved to %s", path)
+    if run.rank == 0:
+        path = checkpoint.save_checkpoint(run.config.checkpoint_dir, payload)
+        log.info("checkpoint saved to %s at step %d", path, run.progress["step"])
 
 
-def _metrics(config: TrainConfig, progress: dict, step_times: list[float], all_devices: list[str],
-             model: nn.Module, world: int, seconds: float) -> dict:
+def _metrics(run: _Run, all_devices: list[str], seconds: float) -> dict:
     """The run's metrics JSON; timings are None when this run took no step."""
-    timed = step_times[config.warmup_steps :] if len(step_times) > config.warmup_steps else step_times
+    config, progress = run.config, run.progress
+    timed = run.step_times[config.warmup_steps :] if len(run.step_times) > config.warmup_steps else run.step_times
     mean_step = sum(timed) / len(timed) if timed else None
     last = progress["history"][-1] if progress["history"] else {}
     return {
@@ -333,10 +355,10 @@ def _metrics(config: TrainConfig, progress: dict, step_times: list[float], all_d
         "steps": progress["step"],
         "mean_step_seconds": mean_step,
         "images_per_second": config.batch_size / mean_step if mean_step else None,
-        "world_size": world,
+        "world_size": run.world,
         "devices": all_devices,
         "strategy": config.strategy,
-        "shares": {k: list(v) for k, v in layer_counts(_unwrap(model)).items()},
+        "shares": {k: list(v) for k, v in layer_counts(run.net).items()},
         "wall_seconds": seconds,
         "history": progress["history"],
         "config": config.to_json(),
