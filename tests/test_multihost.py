@@ -16,15 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
+import torchrun_procs
 from convshard import checkpoint
 from convshard.cli import main
 
@@ -75,31 +73,13 @@ def hosts():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
-def _torchrun(ns: str, node_rank: int, device: str, extra: list[str]) -> subprocess.Popen:
+def _torchrun(ns: str, node_rank: int, device: str, extra: list[str]):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
            "--nnodes", "3", "--nproc-per-node", "1", "--node-rank", str(node_rank),
            "--master-addr", f"{SUBNET}.1", "--master-port", str(PORT),
            "-m", "convshard", "train", *TINY, "--devices", device, *extra]
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Wait for every torchrun; on failure or timeout stop the rest (their whole sessions)."""
-    deadline = time.monotonic() + timeout
-    try:
-        outputs = []
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out)
-            assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{out[-3000:]}"
-        return outputs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+    return torchrun_procs.start(cmd, env)
 
 
 def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
@@ -110,7 +90,17 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
     devices = ["cpu@0", "cpu@1", "cpu@1"]
     procs = [_torchrun(ns, i, devices[i], ["--checkpoint-dir", str(sharded_dir), "--metrics-out", str(metrics)])
              for i, (ns, _) in enumerate(hosts)]
-    _wait_all(procs, timeout=240)
+    try:
+        for p in procs:
+            out = torchrun_procs.finish(p, timeout=240)
+            assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{out[-3000:]}"
+    finally:
+        for p in procs:  # a failed host leaves the others waiting: stop them too
+            if p.poll() is None:
+                try:
+                    torchrun_procs.finish(p, timeout=1)
+                except AssertionError:
+                    pass
 
     shaped = subprocess.run(["ip", "netns", "exec", hosts[2][0], "tc", "-s", "qdisc", "show", "dev", "eth0"],
                             check=True, capture_output=True, text=True, timeout=20).stdout

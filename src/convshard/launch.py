@@ -55,6 +55,11 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def restart_count() -> int:
+    """How often torchrun has restarted this job (``--max-restarts``); 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     """Join the job described by the environment; returns (rank, world size, local rank).
 
@@ -63,8 +68,14 @@ def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     """
     if not in_torchrun():
         return 0, 1, 0
+    _die_with_parent()  # a worker never outlives its launcher or torchrun agent
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if restarts and dist.get_rank() == 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        log.warning("torchrun --max-restarts %d shares its rendezvous store with the workers, which can hand "
+                    "a restarted job stale addresses (PyTorch issue 135712): start torchrun with "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", restarts)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 

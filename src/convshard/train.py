@@ -222,10 +222,12 @@ def train_worker(config: TrainConfig) -> dict | None:
 
 def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, world: int) -> _Run:
     """The model for the strategy, its optimizer and the progress so far
-    (from the checkpoint with ``--resume``)."""
+    (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     model = make_model(config, dataset)
-    saved = checkpoint.load_checkpoint(config.checkpoint_dir) if config.resume else None
-    if config.resume and saved is None:
+    # A job that torchrun restarted resumes by itself from its checkpoint.
+    resume = (config.resume or launch.restart_count() > 0) and config.checkpoint_dir is not None
+    saved = checkpoint.load_checkpoint(config.checkpoint_dir) if resume else None
+    if resume and saved is None:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
     if saved is not None:
         load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
