@@ -11,6 +11,10 @@ TORCH  := torch==2.13.0
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# the multi-host tests build network namespaces with iproute2 (ip, tc); they skip without it
+	@command -v ip >/dev/null && command -v tc >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; } || \
+	  echo "iproute2 not installed: the multi-host tests will skip"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)

@@ -85,6 +85,8 @@ def save_checkpoint(directory: str | os.PathLike, payload: dict) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILENAME
+    for stale in directory.glob(f".{FILENAME}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
