@@ -4,9 +4,10 @@ Three "hosts" are network namespaces, each with its own address on a
 private subnet, joined by veth pairs to a bridge inside a fourth namespace
 (the switch). Nothing is attached to the machine's own network: traffic can
 only flow between these namespaces. One host's link is shaped with ``tc`` to
-a low bandwidth. One torchrun per host (static rendezvous on host 0) trains a
-few steps with every conv layer's kernels split across the three hosts, and
-the result must equal a one-device run from the same seed.
+a low bandwidth. One torchrun per host trains a
+few steps with every conv layer's kernels split across the three hosts (c10d
+rendezvous, the recipe in the README), and the result must equal a one-device
+run from the same seed.
 
 Needs root and iproute2 (``ip``, ``tc``); skips with the reason otherwise.
 """
@@ -73,11 +74,14 @@ def hosts():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
-def _torchrun(ns: str, node_rank: int, device: str, extra: list[str]):
+def _torchrun(ns: str, addr: str, device: str, is_host: bool, extra: list[str]):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
-           "--nnodes", "3", "--nproc-per-node", "1", "--node-rank", str(node_rank),
-           "--master-addr", f"{SUBNET}.1", "--master-port", str(PORT),
+           "--nnodes", "3", "--nproc-per-node", "1", "--rdzv-id", "convshard-test",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{SUBNET}.1:{PORT}",
+           # the namespaces share the machine's hostname: name each host's address and
+           # which host serves the store, which torchrun would otherwise derive from the hostname
+           "--local-addr", addr, "--rdzv-conf", f"is_host={int(is_host)}",
            "-m", "convshard", "train", *TINY, "--devices", device, *extra]
     return torchrun_procs.start(cmd, env)
 
@@ -88,11 +92,11 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
                  "--checkpoint-dir", str(reference_dir), "--metrics-out", str(tmp_path / "ref.json")]) == 0
     metrics = tmp_path / "hosts.json"
     devices = ["cpu@0", "cpu@1", "cpu@1"]
-    procs = [_torchrun(ns, i, devices[i], ["--checkpoint-dir", str(sharded_dir), "--metrics-out", str(metrics)])
-             for i, (ns, _) in enumerate(hosts)]
+    procs = [_torchrun(ns, addr, devices[i], i == 0, ["--checkpoint-dir", str(sharded_dir), "--metrics-out", str(metrics)])
+             for i, (ns, addr) in enumerate(hosts)]
     try:
         for p in procs:
-            out = torchrun_procs.finish(p, timeout=240)
+            out = torchrun_procs.finish(p, timeout=90)
             assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{out[-3000:]}"
     finally:
         for p in procs:  # a failed host leaves the others waiting: stop them too
@@ -108,8 +112,9 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
     assert sent > 100_000, f"the shaped link carried only {sent} bytes"  # the gathers did cross it
 
     got = json.loads(metrics.read_text())
-    assert got["world_size"] == 3 and got["devices"] == devices
-    assert got["shares"] == {"features.0": [2, 1, 1], "features.3": [3, 3, 2]}
+    # c10d rendezvous numbers the hosts in the order they join
+    assert got["world_size"] == 3 and sorted(got["devices"]) == devices
+    assert {k: sorted(v) for k, v in got["shares"].items()} == {"features.0": [1, 1, 2], "features.3": [2, 3, 3]}
     reference = json.loads((tmp_path / "ref.json").read_text())
     assert got["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
     expected = torch.load(reference_dir / checkpoint.FILENAME, weights_only=True)["model"]
