@@ -131,3 +131,20 @@ def test_torchrun_process_count_must_match_devices(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert "torchrun started 2 processes on this host but --devices 'cpu@0' lists 1" in proc.stderr
+
+
+def test_port_in_use_fails_fast(tmp_path):
+    """A rendezvous port that is taken makes the job fail within seconds, naming the port."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "convshard", "train", *TINY, "--devices", "cpu@0,cpu@1"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert str(port) in proc.stderr and "EADDRINUSE" in proc.stderr

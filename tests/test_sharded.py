@@ -18,7 +18,7 @@ from torch import nn
 
 import convshard
 from convshard import comm
-from convshard.launch import init_from_env, launch_local
+from convshard.launch import WorkerFailed, init_from_env, launch_local
 from convshard.models import build_model
 from convshard.sharded import ShardedConv2d, ShardSplit, sharded_parameters, split_counts
 
@@ -276,3 +276,15 @@ def _mixed_worker() -> float:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_ranks_in_one_job():
     assert max(launch_local(_mixed_worker, 2, timeout=120)) < 1e-4
+
+
+def _different_models_worker() -> None:
+    _join()
+    kernels = (4, 6) if comm.rank() == 0 else (4, 8)
+    convshard.shard_model(build_model("paper", (1, 28, 28), 10, kernels))
+
+
+def test_ranks_with_different_models_are_refused():
+    """shard_model compares the model's structure across ranks before it shards."""
+    with pytest.raises(WorkerFailed, match="model differs between ranks .*features.3"):
+        launch_local(_different_models_worker, 2, timeout=120)
