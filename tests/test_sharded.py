@@ -144,11 +144,14 @@ def _count_collectives_worker() -> dict:
     """Count torch.distributed calls in one training step of the paper's CNN."""
     rank, world = _join()
     counts = {"all_gather": 0, "all_reduce": 0, "broadcast": 0}
+    gathered: list[tuple[int, ...]] = []
     for name in counts:
         original = getattr(dist, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):
             counts[_name] += 1
+            if _name == "all_gather":
+                gathered.append(tuple(args[1].shape))
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
@@ -161,7 +164,7 @@ def _count_collectives_worker() -> dict:
     out.square().sum().backward()
     backward = dict(counts)
     convshard.sync_replicas(model)
-    return {"setup": setup, "forward": forward, "backward": backward, "sync": dict(counts)}
+    return {"setup": setup, "forward": forward, "backward": backward, "sync": dict(counts), "gathered": gathered}
 
 
 def test_collectives_per_step():
@@ -173,6 +176,31 @@ def test_collectives_per_step():
     assert seen["forward"] == {"all_gather": 2, "all_reduce": 0, "broadcast": 1}
     assert seen["backward"] == {"all_gather": 2, "all_reduce": 1, "broadcast": 1}
     assert seen["sync"] == {"all_gather": 2, "all_reduce": 1, "broadcast": 2}
+    # ReLU and the 2x2 pool run on the shard: each rank sends pooled maps,
+    # padded to the larger shard (6 kernels at 2:1 are 4+2; 8 are 5+3).
+    assert seen["gathered"] == [(4, 4, 12, 12), (4, 5, 4, 4)]
+
+
+def _zero_kernel_worker() -> tuple[float, float]:
+    """A rank whose share is 0 holds no kernels and still trains the same model."""
+    rank, world = _join()
+    torch.manual_seed(0)
+    reference = build_model("paper", (1, 28, 28), 10, (6, 8))
+    model = convshard.shard_model(copy.deepcopy(reference), [0.6, 0.4, 0.0])
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    out, ref_out = model(x), reference(x)
+    nn.functional.cross_entropy(out, y).backward()
+    nn.functional.cross_entropy(ref_out, y).backward()
+    splits = sharded_parameters(model)
+    grads = dict(reference.named_parameters())
+    worst = max(_rel(splits[n].gather(p.grad) if n in splits else p.grad, grads[n].grad)
+                for n, p in model.named_parameters())
+    return _rel(out, ref_out), worst
+
+
+def test_rank_with_zero_kernels():
+    for forward, grad in launch_local(_zero_kernel_worker, 3, timeout=120):
+        assert forward < 1e-6 and grad < GRAD_RTOL, (forward, grad)
 
 
 def _state_roundtrip_worker(shares: list[float]) -> dict:
@@ -288,3 +316,16 @@ def test_ranks_with_different_models_are_refused():
     """shard_model compares the model's structure across ranks before it shards."""
     with pytest.raises(WorkerFailed, match="model differs between ranks .*features.3"):
         launch_local(_different_models_worker, 2, timeout=120)
+
+
+def test_channelwise_fusion_is_exact_and_optional():
+    """Fused (ReLU and pool on the shard) and unfused models compute the same function."""
+    torch.manual_seed(0)
+    reference = build_model("paper", (1, 28, 28), 10, (6, 8))
+    fused = convshard.shard_model(copy.deepcopy(reference))
+    plain = convshard.shard_model(copy.deepcopy(reference), fuse_channelwise=False)
+    assert len(fused.features[0].local_ops) == 2 and isinstance(fused.features[1], nn.Identity)
+    assert len(plain.features[0].local_ops) == 0 and isinstance(plain.features[1], nn.ReLU)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(fused(x), reference(x)) and torch.equal(plain(x), reference(x))
+    assert list(convshard.full_state_dict(fused)) == list(reference.state_dict())

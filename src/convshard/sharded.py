@@ -9,8 +9,11 @@ dW_r and db_r locally and a partial dX_r; dX = sum_r dX_r. No arithmetic
 changes, so the sharded model trains exactly like the unsharded one, up to
 float rounding in the sum over ranks.
 
-Everything else in the model stays replicated: it sees the same gathered
-activations on every rank. ``sync_replicas`` keeps those replicas identical
+Channel-wise layers right after a conv (ReLU, pooling: any g that acts on
+each channel alone, so g([Y_0, ..., Y_p]) = [g(Y_0), ..., g(Y_p)]) run on the
+shard before the gather: a 2x2 pool cuts the gathered bytes 4x and no rank
+repeats another's work. Everything else in the model stays replicated: it
+sees the same gathered activations on every rank. ``sync_replicas`` keeps those replicas identical
 (bitwise) even when ranks round differently, as CPUs and GPUs do.
 """
 
@@ -82,18 +85,35 @@ class ShardSplit:
         return comm.all_gather_uneven(local, self.counts, dim=0, group=self.group)
 
 
+CHANNELWISE: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d,
+)
+
+
+def is_channelwise(module: nn.Module) -> bool:
+    """Whether ``module`` maps each channel on its own and holds no state,
+    so it can run on a shard of the channels."""
+    stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
+    return isinstance(module, CHANNELWISE) and stateless and not getattr(module, "return_indices", False)
+
+
 class ShardedConv2d(nn.Module):
     """``nn.Conv2d`` whose kernels are split across the ranks of a group.
 
     Holds ``weight`` (c_r, C_in, kh, kw) and ``bias`` (c_r,) for this rank's
-    kernels; forward maps (B, C_in, H, W) -> (B, C, H', W') on every rank.
+    kernels, and ``local_ops``: channel-wise layers applied to the shard
+    before the gather. Forward maps (B, C_in, H, W) -> (B, C, H'', W'') on
+    every rank, where H'', W'' are the sizes after ``local_ops``.
     Communication per call: one all-gather of the outputs in forward, one
     all-reduce of the input gradient in backward (skipped when the input
     needs no gradient, as for the first layer).
     """
 
-    def __init__(self, conv: nn.Conv2d, split: ShardSplit) -> None:
+    def __init__(self, conv: nn.Conv2d, split: ShardSplit, *, local_ops: Sequence[nn.Module] = ()) -> None:
         super().__init__()
+        if not all(is_channelwise(op) for op in local_ops):
+            raise ConfigError(f"local_ops must be stateless channel-wise layers, got {list(local_ops)}")
         if conv.groups != 1:
             raise ConfigError(f"cannot shard a conv with groups={conv.groups}; only groups=1")
         if split.total != conv.out_channels:
@@ -110,27 +130,29 @@ class ShardedConv2d(nn.Module):
         self.bias = (
             nn.Parameter(split.take(conv.bias.detach()).clone()) if conv.bias is not None else None
         )
+        self.local_ops = nn.Sequential(*local_ops)
 
     def _local_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Y_r = conv(X, W_r) + b_r, (B, C_in, H, W) -> (B, c_r, H', W')."""
+        """Y_r = conv(X, W_r) + b_r, (B, C_in, H, W) -> (B, max(c_r, 1), H', W')."""
         weight, bias = self.weight, self.bias
         if self.split.local == 0:
             # conv2d refuses an empty kernel bank: pad it with one zero kernel
-            # and drop that output, which keeps X (and W_r) in the graph so
-            # this rank still joins the backward all-reduce.
+            # whose output forward() drops, which keeps X (and W_r) in the
+            # graph so this rank still joins the backward all-reduce.
             weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
             bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        y = F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
-        return y[:, : self.split.local] if self.split.local == 0 else y
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = comm.copy_to_shards(x, group=self.split.group)  # (B, C_in, H, W)
-        y = self._local_conv(x)  # (B, c_r, H', W')
-        return comm.gather_from_shards(y, self.split.counts, group=self.split.group)  # (B, C, H', W')
+        y = self.local_ops(self._local_conv(x))  # (B, c_r, H'', W''), or (B, 1, ...) for c_r = 0
+        if self.split.local == 0:
+            y = y[:, :0]
+        return comm.gather_from_shards(y, self.split.counts, group=self.split.group)  # (B, C, H'', W'')
 
     def extra_repr(self) -> str:
         return (
@@ -161,6 +183,7 @@ def shard_model(
     group: comm.Group = None,
     *,
     layer_shares: Mapping[str, Sequence[float]] | None = None,
+    fuse_channelwise: bool = True,
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` in ``model`` by a ``ShardedConv2d``; returns the model.
 
@@ -170,6 +193,12 @@ def shard_model(
     shares of named layers. Parameters and buffers are first broadcast from
     group rank 0, so all ranks start from its weights. Convs with
     ``groups > 1`` or parametrizations are left replicated, with a warning.
+
+    With ``fuse_channelwise`` (the default), stateless channel-wise layers
+    that follow a sharded conv in an ``nn.Sequential`` (ReLU, pooling; see
+    ``CHANNELWISE``) move into its ``local_ops`` and their places hold
+    ``nn.Identity``: the same function, a smaller gather, the same state
+    dict keys.
     """
     world, me = comm.world_size(group), comm.rank(group)
     shares = [1.0] * world if shares is None else list(shares)
@@ -180,20 +209,35 @@ def shard_model(
         _check_same_model(model, group)
         comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
 
-    def shard(name: str, conv: nn.Conv2d) -> nn.Module:
+    def shardable(name: str, conv: nn.Conv2d) -> bool:
         if conv.groups != 1 or parametrize.is_parametrized(conv):
             log.warning("left replicated (groups=%d or parametrized): %s", conv.groups, name or "model")
-            return conv
+            return False
+        return True
+
+    def shard(name: str, conv: nn.Conv2d, local_ops: Sequence[nn.Module] = ()) -> ShardedConv2d:
         weights = (layer_shares or {}).get(name, shares)
-        return ShardedConv2d(conv, ShardSplit(split_counts(conv.out_channels, weights), me, group))
+        split = ShardSplit(split_counts(conv.out_channels, weights), me, group)
+        return ShardedConv2d(conv, split, local_ops=local_ops)
 
     if isinstance(model, nn.Conv2d):
-        return shard("", model)
+        return shard("", model) if shardable("", model) else model
     for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Conv2d) and not isinstance(child, ShardedConv2d):
-                full_name = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, shard(full_name, child))
+        children = list(module.named_children())
+        for i, (child_name, child) in enumerate(children):
+            full_name = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, nn.Conv2d) or isinstance(child, ShardedConv2d):
+                continue
+            if not shardable(full_name, child):
+                continue
+            local_ops = []
+            if fuse_channelwise and isinstance(module, nn.Sequential):
+                for later_name, later in children[i + 1 :]:
+                    if not is_channelwise(later):
+                        break
+                    local_ops.append(later)
+                    setattr(module, later_name, nn.Identity())
+            setattr(module, child_name, shard(full_name, child, local_ops))
     log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(model).items()})
     return model
 
