@@ -59,7 +59,7 @@ def _positive(kind: type, name: str):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0 or value != value or value == float("inf"):
+        if value is None or not 0 < value < float("inf"):  # also refuses NaN
             raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {text!r}")
         return value
     return parse
@@ -85,7 +85,7 @@ def _shares(text: str) -> tuple[float, ...] | None:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or any(not (v >= 0 and v != float("inf")) for v in values) or sum(values) <= 0:
+    if not values or any(not 0 <= v < float("inf") for v in values) or sum(values) <= 0:
         raise argparse.ArgumentTypeError(f"--shares takes 'equal' or non-negative weights w1,w2,..., got {text!r}")
     return values
 
