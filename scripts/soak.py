@@ -37,7 +37,8 @@ def _rss_mib(pid: int) -> float | None:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+    match = re.search(r"VmRSS:\s+(\d+) kB", text)  # absent while the process is a zombie
+    return int(match.group(1)) / 1024 if match else None
 
 
 def _segment(args: list[str], kill_after: float | None, samples: list) -> dict:
