@@ -64,7 +64,7 @@ def _segment(args: list[str], kill_after: float | None, samples: list) -> dict:
     reader.join(timeout=10)
     buffer = "".join(lines)
     exit_seconds = time.monotonic() - killed_at if killed_at else None
-    last_error = [line for line in buffer.splitlines() if line.startswith("convshard: error")]
+    last_error = [line[line.index("convshard: error"):] for line in buffer.splitlines() if "convshard: error" in line]
     return {"returncode": proc.returncode, "seconds": time.monotonic() - started,
             "kill_to_exit_seconds": exit_seconds, "error": last_error[-1] if last_error else None}
 
