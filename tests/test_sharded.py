@@ -181,12 +181,13 @@ def test_collectives_per_step():
     assert seen["gathered"] == [(4, 4, 12, 12), (4, 5, 4, 4)]
 
 
-def _zero_kernel_worker() -> tuple[float, float]:
-    """A rank whose share is 0 holds no kernels and still trains the same model."""
+def _zero_kernel_worker() -> tuple[float, float, dict]:
+    """A rank whose share is 0 holds no kernels and still trains the same model;
+    ``layer_shares`` gives the second layer a split of its own."""
     rank, world = _join()
     torch.manual_seed(0)
     reference = build_model("paper", (1, 28, 28), 10, (6, 8))
-    model = convshard.shard_model(copy.deepcopy(reference), [0.6, 0.4, 0.0])
+    model = convshard.shard_model(copy.deepcopy(reference), [0.6, 0.4, 0.0], layer_shares={"features.3": [1, 1, 1]})
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     out, ref_out = model(x), reference(x)
     nn.functional.cross_entropy(out, y).backward()
@@ -195,12 +196,13 @@ def _zero_kernel_worker() -> tuple[float, float]:
     grads = dict(reference.named_parameters())
     worst = max(_rel(splits[n].gather(p.grad) if n in splits else p.grad, grads[n].grad)
                 for n, p in model.named_parameters())
-    return _rel(out, ref_out), worst
+    return _rel(out, ref_out), worst, convshard.sharded.layer_counts(model)
 
 
 def test_rank_with_zero_kernels():
-    for forward, grad in launch_local(_zero_kernel_worker, 3, timeout=120):
+    for forward, grad, counts in launch_local(_zero_kernel_worker, 3, timeout=120):
         assert forward < 1e-6 and grad < GRAD_RTOL, (forward, grad)
+        assert counts == {"features.0": (4, 2, 0), "features.3": (3, 3, 2)}
 
 
 def _state_roundtrip_worker(shares: list[float]) -> dict:
