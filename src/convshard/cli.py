@@ -172,8 +172,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def validate(config: TrainConfig) -> None:
-    """Everything that can be checked before a worker starts; raises ConfigError."""
+def validate(config: TrainConfig) -> data.Dataset:
+    """Everything that can be checked before a worker starts; raises ConfigError.
+    Returns the dataset, which it loads to check the data and the model."""
     job = config.device_list[: config.world_size]
     devices.check_available(job)
     for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every)):
@@ -197,16 +198,17 @@ def validate(config: TrainConfig) -> None:
             if isinstance(module, nn.Conv2d) and module.out_channels < world:
                 raise ConfigError(f"layer {name} has {module.out_channels} kernels for {world} workers; "
                                   f"use more --kernels or fewer --devices")
+    return dataset
 
 
 def run(config: TrainConfig) -> dict | None:
     """Train locally (spawning one worker per device) or as this torchrun rank."""
-    validate(config)
+    dataset = validate(config)
     if launch.in_torchrun():
-        return train_worker(config)
+        return train_worker(config, dataset)
     if config.world_size == 1:
         with devices.pinning_restored():
-            return train_worker(config)
+            return train_worker(config, dataset)
     labels = [str(dev) for dev in config.device_list]
     return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
 

@@ -270,15 +270,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load an unsharded state dict into a sharded model: each rank takes its slice."""
     splits = sharded_parameters(model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        k for k in set(expected) & set(state)
-        if tuple(state[k].shape[1:] if k in splits else state[k].shape)
-        != tuple(expected[k].shape[1:] if k in splits else expected[k].shape)
-        or (k in splits and state[k].shape[0] != splits[k].total)
-    )
+    # the unsharded shape of every entry: sharded ones span all kernels along dim 0
+    full_shapes = {k: (splits[k].total, *v.shape[1:]) if k in splits else tuple(v.shape)
+                   for k, v in model.state_dict().items()}
+    missing = sorted(set(full_shapes) - set(state))
+    unexpected = sorted(set(state) - set(full_shapes))
+    wrong = sorted(k for k in set(full_shapes) & set(state) if tuple(state[k].shape) != full_shapes[k])
     if missing or unexpected or wrong:
         raise ConfigError(
             f"state dict does not fit the model: missing {missing[:5]}, "

@@ -158,7 +158,7 @@ class _Run:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
 
-def evaluate(run: _Run) -> float:
+def _evaluate(run: _Run) -> float:
     """Test accuracy in [0, 1]. With ``ddp`` each rank scores its part of the test set."""
     dataset, config = run.dataset, run.config
     run.model.eval()
@@ -176,15 +176,16 @@ def evaluate(run: _Run) -> float:
     return correct.item() / n
 
 
-def train_worker(config: TrainConfig) -> dict | None:
-    """Train as one rank of the job; rank 0 returns the metrics, others None."""
+def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
+    """Train as one rank of the job; rank 0 returns the metrics, others None.
+    ``dataset`` is the run's data when the caller has loaded it already."""
     rank, world, local_rank = launch.init_from_env(devices.backend_for(config.device_list), timeout=config.timeout)
     _setup_logging(rank, config.quiet)
     tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
     device_spec = config.device_list[local_rank]
     threads = config.threads or devices.default_threads(device_spec, config.device_list[: config.world_size])
     devices.pin(device_spec, threads)
-    dataset = load_data(config)
+    dataset = dataset if dataset is not None else load_data(config)
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
     run = _setup(config, dataset, device_spec.torch_device, rank, world)
@@ -196,7 +197,7 @@ def train_worker(config: TrainConfig) -> dict | None:
     while not _finished(run):
         epoch_start = time.perf_counter()
         train_loss = _train_epoch(run)
-        accuracy = evaluate(run)
+        accuracy = _evaluate(run)
         seconds = time.perf_counter() - epoch_start
         progress = run.progress
         epoch = progress["epoch"] if progress["batch"] else progress["epoch"] - 1
