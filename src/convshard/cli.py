@@ -255,3 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("convshard: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def entry() -> None:
+    """The ``convshard`` command. A torchrun worker leaves through
+    ``launch.hard_exit``, like a worker of the local launcher."""
+    code = main()
+    if launch.in_torchrun():
+        launch.hard_exit(code)
+    sys.exit(code)

@@ -106,8 +106,8 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
             "traceback": traceback.format_exc(),
         }
         (out / f"{rank}.error").write_text(json.dumps(report))
-        _exit(1)
-    _exit(0)
+        hard_exit(1)
+    hard_exit(0)
 
 
 def _lost_peer(exc: BaseException) -> bool:
@@ -129,9 +129,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _exit(code: int) -> None:
-    # Skip interpreter finalization: the result is on disk, and C++ threads
-    # of a failed process group must not run destructors under a dying interpreter.
+def hard_exit(code: int) -> None:
+    """Flush and end the process now, skipping interpreter finalization.
+
+    A worker's result is on disk by then; gloo's C++ threads must not run
+    destructors under a dying interpreter (they can abort with "terminate
+    called without an active exception", even after destroy_process_group).
+    """
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
