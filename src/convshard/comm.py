@@ -17,12 +17,33 @@ the gathered ``Y = [Y_0, ..., Y_{p-1}]`` along channels has shape (B, C, H, W).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 Group = dist.ProcessGroup | None
+
+_seconds_in_collectives = 0.0
+
+
+def seconds_in_collectives() -> float:
+    """Wall seconds this process has spent inside the collectives below,
+    waiting for slower peers included. A step's time minus this is the time
+    its rank was busy computing, which is what rebalancing compares."""
+    return _seconds_in_collectives
+
+
+@contextmanager
+def _clocked() -> Iterator[None]:
+    global _seconds_in_collectives
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _seconds_in_collectives += time.perf_counter() - t0
 
 
 def world_size(group: Group = None) -> int:
@@ -68,7 +89,8 @@ def all_gather_uneven(
         send = tensor.new_zeros(shape)
         send.narrow(dim, 0, own).copy_(tensor)
     received = [torch.empty_like(send) for _ in counts]
-    dist.all_gather(received, send, group=group)
+    with _clocked():
+        dist.all_gather(received, send, group=group)
     out = torch.cat([r.narrow(dim, 0, c) for r, c in zip(received, counts)], dim=dim)
     return out.to(device, non_blocking=True)
 
@@ -79,9 +101,11 @@ def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tenso
         return tensor
     if _needs_host_staging(tensor, group):
         host = tensor.cpu()
-        dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)
+        with _clocked():
+            dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)
         return tensor.copy_(host)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    with _clocked():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
@@ -98,7 +122,8 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
     for bucket in buckets.values():
         flat = torch.cat([t.detach().reshape(-1) for t in bucket])
         staged = flat.cpu() if _needs_host_staging(flat, group) else flat
-        dist.broadcast(staged, group=group, group_src=0)
+        with _clocked():
+            dist.broadcast(staged, group=group, group_src=0)
         if staged is not flat:
             flat.copy_(staged)
         offset = 0

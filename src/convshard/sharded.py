@@ -162,6 +162,47 @@ class ShardedConv2d(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class ConvSite:
+    """Where a conv layer sits in a model, and what ``shard_model`` fuses into it."""
+
+    name: str  # the conv's module name ("" for a bare conv)
+    parent: nn.Module | None  # the module holding it as ``attr`` (None for a bare conv)
+    attr: str
+    conv: nn.Conv2d
+    fused: tuple[tuple[str, nn.Module], ...]  # channel-wise layers right after it: (attr in parent, layer)
+    shardable: bool  # False for groups > 1 or a parametrized conv, which stay replicated
+
+
+def conv_sites(model: nn.Module, *, fuse_channelwise: bool = True) -> list[ConvSite]:
+    """Every ``nn.Conv2d`` of ``model`` (not yet sharded) in definition order.
+
+    ``fused`` lists the stateless channel-wise layers (see ``CHANNELWISE``)
+    that follow a shardable conv in an ``nn.Sequential``: they can run on the
+    conv's shard before the gather.
+    """
+    def shardable(conv: nn.Conv2d) -> bool:
+        return conv.groups == 1 and not parametrize.is_parametrized(conv)
+
+    if isinstance(model, nn.Conv2d):
+        return [ConvSite("", None, "", model, (), shardable(model))]
+    sites = []
+    for name, module in model.named_modules():
+        children = list(module.named_children())
+        for i, (child_name, child) in enumerate(children):
+            if not isinstance(child, nn.Conv2d):
+                continue
+            fused = []
+            if fuse_channelwise and shardable(child) and isinstance(module, nn.Sequential):
+                for later in children[i + 1 :]:
+                    if not is_channelwise(later[1]):
+                        break
+                    fused.append(later)
+            full_name = f"{name}.{child_name}" if name else child_name
+            sites.append(ConvSite(full_name, module, child_name, child, tuple(fused), shardable(child)))
+    return sites
+
+
 def _check_same_model(model: nn.Module, group: comm.Group) -> None:
     """Refuse to shard when ranks hold models of different structure."""
     signature = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
@@ -209,35 +250,20 @@ def shard_model(
         _check_same_model(model, group)
         comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
 
-    def shardable(name: str, conv: nn.Conv2d) -> bool:
-        if conv.groups != 1 or parametrize.is_parametrized(conv):
-            log.warning("left replicated (groups=%d or parametrized): %s", conv.groups, name or "model")
-            return False
-        return True
+    def shard(site: ConvSite) -> ShardedConv2d:
+        weights = (layer_shares or {}).get(site.name, shares)
+        split = ShardSplit(split_counts(site.conv.out_channels, weights), me, group)
+        return ShardedConv2d(site.conv, split, local_ops=[op for _, op in site.fused])
 
-    def shard(name: str, conv: nn.Conv2d, local_ops: Sequence[nn.Module] = ()) -> ShardedConv2d:
-        weights = (layer_shares or {}).get(name, shares)
-        split = ShardSplit(split_counts(conv.out_channels, weights), me, group)
-        return ShardedConv2d(conv, split, local_ops=local_ops)
-
-    if isinstance(model, nn.Conv2d):
-        return shard("", model) if shardable("", model) else model
-    for name, module in list(model.named_modules()):
-        children = list(module.named_children())
-        for i, (child_name, child) in enumerate(children):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Conv2d) or isinstance(child, ShardedConv2d):
-                continue
-            if not shardable(full_name, child):
-                continue
-            local_ops = []
-            if fuse_channelwise and isinstance(module, nn.Sequential):
-                for later_name, later in children[i + 1 :]:
-                    if not is_channelwise(later):
-                        break
-                    local_ops.append(later)
-                    setattr(module, later_name, nn.Identity())
-            setattr(module, child_name, shard(full_name, child, local_ops))
+    for site in conv_sites(model, fuse_channelwise=fuse_channelwise):
+        if not site.shardable:
+            log.warning("left replicated (groups=%d or parametrized): %s", site.conv.groups, site.name or "model")
+            continue
+        if site.parent is None:
+            return shard(site)
+        for later_name, _ in site.fused:
+            setattr(site.parent, later_name, nn.Identity())
+        setattr(site.parent, site.attr, shard(site))
     log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(model).items()})
     return model
 

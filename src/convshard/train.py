@@ -10,7 +10,12 @@ the model from the seed and trains it with one of three strategies:
 - ``kernel``: the paper's method, every conv layer's kernels sharded across
   the ranks (``shard_model``), the rest replicated;
 - ``single``: one process on the first device, the baseline;
-- ``ddp``: PyTorch DistributedDataParallel, the global batch split evenly.
+- ``ddp``: PyTorch DistributedDataParallel, the global batch split evenly;
+- ``auto``: the one ``plan.make_plan`` predicts fastest from a profile.
+
+``--shares auto`` and ``--strategy auto`` are turned into a concrete job
+(strategy, devices, kernels per layer per rank) before training: by the
+local launcher (``tune.prepare``), or here, on every rank, under torchrun.
 
 All three see the same global batches, so they train the same model up to
 float rounding. Rank 0 shows a progress bar, logs, writes checkpoints and
@@ -24,7 +29,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,14 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, data, devices, launch
+from . import checkpoint, comm, data, devices, launch, plan, profile
 from .errors import TrainingError
 from .models import build_model
+from .rebalance import Rebalancer, parse_mode
 from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_model, sync_replicas
 
 log = logging.getLogger(__name__)
 
-STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp")
+STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "auto")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -51,8 +57,12 @@ class TrainConfig:
 
     devices: str = "cpu@0,cpu@1"  # one worker per device; see convshard.devices for the grammar
     threads: int | None = None  # intra-op threads per worker; None: the cores its device names
-    strategy: str = "kernel"  # kernel | single | ddp
-    shares: tuple[float, ...] | None = None  # relative kernel share per rank; None: equal
+    strategy: str = "kernel"  # kernel | single | ddp | auto
+    shares: tuple[float, ...] | str | None = None  # relative kernel share per rank, "auto", or None: equal
+    profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
+    rebalance: str = "off"  # off | auto | N: re-split the kernels online (kernel strategy)
+    layer_counts: dict[str, tuple[int, ...]] | None = None  # kernels per rank per layer, from a plan
+    plan: dict | None = None  # the plan that chose strategy, devices and layer_counts
     model: str = "paper"  # paper | vgg
     kernels: tuple[int, ...] | None = None  # kernels per conv layer; None: the model's default
     dataset: str = "mnist"  # mnist | cifar10 | synthetic
@@ -80,6 +90,15 @@ class TrainConfig:
         self.device_list = devices.parse_devices(self.devices)
 
     @property
+    def needs_plan(self) -> bool:
+        """Whether strategy or shares are still to be chosen from a profile."""
+        return self.plan is None and (self.strategy == "auto" or self.shares == "auto")
+
+    def threads_for(self, device: devices.Device) -> int:
+        """Intra-op threads of ``device``'s worker."""
+        return self.threads or devices.default_threads(device, self.device_list[: self.world_size])
+
+    @property
     def world_size(self) -> int:
         """Processes this config starts on one host: 1 for ``single``."""
         return 1 if self.strategy == "single" else len(self.device_list)
@@ -87,6 +106,7 @@ class TrainConfig:
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("device_list")
+        out.pop("plan")  # the metrics JSON carries it on its own
         return out
 
 
@@ -151,6 +171,8 @@ class _Run:
     rank: int
     world: int
     step_times: list[float] = field(default_factory=list)
+    step_ends: list[float] = field(default_factory=list)  # unix time at the end of each step
+    rebalancer: Rebalancer | None = None
 
     @property
     def net(self) -> nn.Module:
@@ -179,15 +201,12 @@ def _evaluate(run: _Run) -> float:
 def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
     """Train as one rank of the job; rank 0 returns the metrics, others None.
     ``dataset`` is the run's data when the caller has loaded it already."""
-    rank, world, local_rank = launch.init_from_env(devices.backend_for(config.device_list), timeout=config.timeout)
-    _setup_logging(rank, config.quiet)
-    tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
-    device_spec = config.device_list[local_rank]
-    threads = config.threads or devices.default_threads(device_spec, config.device_list[: config.world_size])
-    devices.pin(device_spec, threads)
-    dataset = dataset if dataset is not None else load_data(config)
+    rank, world, device_spec, dataset = _join(config, dataset)
+    threads = config.threads_for(device_spec)
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
+    if config.needs_plan:  # under torchrun: every rank plans from the same profile
+        config = _plan_in_worker(config, dataset, device_spec, world)
     run = _setup(config, dataset, device_spec.torch_device, rank, world)
     all_devices = _job_devices(device_spec, world)
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
@@ -221,6 +240,80 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
     return metrics
 
 
+def _join(config: TrainConfig, dataset: data.Dataset | None) -> tuple[int, int, devices.Device, data.Dataset]:
+    """Join the job, pin to this rank's device, load the data:
+    (rank, world size, device, dataset)."""
+    rank, world, local_rank = launch.init_from_env(devices.backend_for(config.device_list), timeout=config.timeout)
+    _setup_logging(rank, config.quiet)
+    tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
+    device_spec = config.device_list[local_rank]
+    devices.pin(device_spec, config.threads_for(device_spec))
+    return rank, world, device_spec, dataset if dataset is not None else load_data(config)
+
+
+def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> dict:
+    """This job's profile: from the cache at ``config.profile`` when it was
+    measured on the same devices and model, else measured now (a collective)."""
+    model = make_model(config, dataset).to(device_spec.torch_device)
+    world = comm.world_size()
+    mine = (str(device_spec), torch.get_num_threads(), profile.hostname())
+    everyone = [mine] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine)
+    key = profile.profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
+                              hosts=[e[2] for e in everyone], model=model, input_shape=dataset.input_shape,
+                              batch_size=config.batch_size)
+    cached = profile.load(config.profile, key) if config.profile else None
+    if cached is not None:
+        log.info("profile: reusing %s", config.profile)
+        return cached
+    log.info("profiling %d device(s) at batch %d ...", world, config.batch_size)
+    result = profile.measure(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
+                             classes=dataset.classes, batch_size=config.batch_size)
+    if config.profile and comm.rank() == 0:
+        profile.save(config.profile, result)
+    return result
+
+
+def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
+    """Profile the job as one rank of it; rank 0 returns the profile, others None."""
+    rank, _, device_spec, dataset = _join(config, dataset)
+    result = measure_job(config, dataset, device_spec)
+    launch.shutdown()
+    return result if rank == 0 else None
+
+
+def apply_plan(config: TrainConfig, job_plan: plan.Plan, *, can_drop: bool) -> TrainConfig:
+    """The concrete job ``job_plan`` describes: its strategy, the devices it
+    keeps (when ``can_drop``: otherwise dropped ranks get no kernels) and
+    the kernels per rank of every layer."""
+    ranks = job_plan.ranks if can_drop else tuple(range(len(config.device_list)))
+    if job_plan.strategy == "single":
+        ranks = (job_plan.best_single,)
+    kept = [config.device_list[r] for r in ranks] if job_plan.strategy != "ddp" else list(config.device_list)
+    counts = ({name: tuple(c[r] for r in ranks) for name, c in job_plan.counts().items()}
+              if job_plan.strategy == "kernel" else None)
+    return replace(config, strategy=job_plan.strategy, devices=devices.format_devices(kept),
+                   layer_counts=counts, plan=job_plan.to_json())
+
+
+def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device,
+                    world: int) -> TrainConfig:
+    """Plan under torchrun, where the job's processes are already fixed: no
+    rank leaves and ``single`` is not an option."""
+    job_profile = measure_job(config, dataset, device_spec)
+    wanted = "kernel" if config.strategy != "auto" else "auto"
+    job_plan = plan.make_plan(job_profile, strategy=wanted, allow_drop=False)
+    if job_plan.strategy == "single":
+        best = min(("kernel", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
+        log.warning("the plan prefers one device, which a running torchrun job cannot shrink to; using %s", best)
+        job_plan = plan.make_plan(job_profile, strategy=best, allow_drop=False)
+    for r in job_plan.dropped:
+        log.warning("%s (rank %d) gets no kernels: it would slow the step", job_profile["devices"][r], r)
+    log.info("plan: %s, predicted %.1f ms/step", job_plan.strategy, 1000 * job_plan.predicted[job_plan.strategy])
+    return apply_plan(config, job_plan, can_drop=False)
+
+
 def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, world: int) -> _Run:
     """The model for the strategy, its optimizer and the progress so far
     (from the checkpoint with ``--resume``, or after a torchrun restart)."""
@@ -235,12 +328,15 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
         log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
     model.to(device)
     if config.strategy == "kernel":
-        model = shard_model(model, config.shares)
+        shares = config.shares if isinstance(config.shares, tuple) else None
+        model = shard_model(model, shares, layer_shares=config.layer_counts)
     elif config.strategy == "ddp" and world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = _make_optimizer(config, model.parameters())
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": []}
     run = _Run(config, dataset, model, optimizer, progress, device, rank, world)
+    if config.strategy == "kernel" and config.rebalance != "off":
+        run.rebalancer = Rebalancer(model, parse_mode(config.rebalance))
     if saved is not None:
         checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"])
         run.progress = saved["progress"]
@@ -273,12 +369,16 @@ def _train_epoch(run: _Run) -> float:
             batch = batch[_rank_slice(global_size, run.rank, run.world)]
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(config, progress["step"], total_steps)
-        t0 = time.perf_counter()
+        t0, in_collectives = time.perf_counter(), comm.seconds_in_collectives()
         loss = _step(run, batch, global_size)
         _sync(run.device)
         run.step_times.append(time.perf_counter() - t0)
+        run.step_ends.append(time.time())
         loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
+        if run.rebalancer is not None:
+            busy = run.step_times[-1] - (comm.seconds_in_collectives() - in_collectives)
+            run.rebalancer.observe(progress["step"], busy, run.optimizer)
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.step_times[-1]:.0f}")
         if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
@@ -362,6 +462,10 @@ def _metrics(run: _Run, all_devices: list[str], seconds: float) -> dict:
         "devices": all_devices,
         "strategy": config.strategy,
         "shares": {k: list(v) for k, v in layer_counts(run.net).items()},
+        "plan": config.plan,
+        "rebalances": run.rebalancer.events if run.rebalancer else [],
+        "step_seconds": run.step_times,
+        "step_ends": run.step_ends,
         "wall_seconds": seconds,
         "history": progress["history"],
         "config": config.to_json(),

@@ -1,0 +1,319 @@
+"""Profiling: how fast each device runs each conv layer, and how fast the links are.
+
+``measure`` is a collective: every rank of the job calls it at once, on its
+own device, so that workers sharing a core are measured while they share it.
+For every shardable conv layer l (with the channel-wise layers fused into
+it, as ``shard_model`` runs it) and rank r it times forward+backward at the
+run's batch size B for a few kernel counts k around K_l / W, takes the
+median of ``repeats`` runs after a warm-up, and fits
+
+    t_{r,l}(k) = a_{r,l} + b_{r,l} * k       (least squares, a >= 0, b > 0).
+
+``rest_seconds[r]`` is the replicated part: forward+backward of the model
+with every conv replaced by a constant of its output's shape, plus the
+optimizer step. Each collective the layers use (all-gather, all-reduce,
+broadcast) is timed at a small and a large size, giving
+t(n bytes) = latency + n / bandwidth. The result is the dict that
+``plan.make_plan`` reads (its module docstring gives the schema), plus a
+``key`` naming what it was measured on: ``load`` returns a cached profile
+only when the key matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import comm
+from .errors import ConfigError
+from .sharded import ConvSite, conv_sites
+
+VERSION = 1
+LINK_SIZES = (1 << 10, 1 << 22)  # bytes: one for the latency, one for the bandwidth
+MIN_SECONDS = 0.05  # a layer's timed runs grow until one takes this long
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, group: comm.Group) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up.
+    Ranks start each run together, so co-located workers contend as in training."""
+    times = []
+    for i in range(repeats + 1):
+        if comm.world_size(group) > 1:
+            dist.barrier(group=group)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fit_line(ks: Sequence[int], ts: Sequence[float]) -> tuple[float, float]:
+    """Least-squares (a, b) of t = a + b k, with a >= 0 and b > 0."""
+    mk, mt = statistics.fmean(ks), statistics.fmean(ts)
+    var = sum((k - mk) ** 2 for k in ks)
+    b = sum((k - mk) * (t - mt) for k, t in zip(ks, ts)) / var if var else mt / max(mk, 1)
+    b = max(b, 1e-9)
+    return max(mt - b * mk, 0.0), b
+
+
+def _slowest_agrees(flag: bool, group: comm.Group) -> bool:
+    """Whether ``flag`` holds on every rank (a collective: all ranks decide alike)."""
+    if comm.world_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: comm.Group) -> tuple[float, float]:
+    """(a, b) of t(k) = a + b k for one layer of ``total`` kernels over ``world`` ranks.
+
+    Starts at an eighth of an equal share and doubles k until one run takes
+    ``MIN_SECONDS`` on every rank (so that noise is small against it) or k reaches the
+    share; fits the last three sizes. Big layers stop after two sizes,
+    which keeps profiling to seconds; the fit extrapolates.
+    """
+    share = max(2, -(-total // max(world, 1)))
+    ks, ts = [], []
+    k = max(1, share // 8)
+    while True:
+        ks.append(k)
+        ts.append(time_k(k))
+        if len(ks) >= 2 and (_slowest_agrees(ts[-1] >= MIN_SECONDS, group) or k >= share):
+            break
+        k = min(2 * k, share) if k < share else k + 1
+    return _fit_line(ks[-3:], ts[-3:])
+
+
+def _probe(model: nn.Module, input_shape: Sequence[int], sites: list[ConvSite]) -> dict[str, dict]:
+    """Per conv site: input (C, H, W), output after its fused layers, and
+    whether its input needs a gradient (false for the first layer)."""
+    shapes: dict[str, dict] = {}
+    handles = []
+    for site in sites:
+        last = site.fused[-1][1] if site.fused else site.conv
+
+        def on_input(module, args, name=site.name):
+            shapes[name] = {"input": list(args[0].shape[1:]), "input_grad": bool(args[0].requires_grad)}
+
+        def on_output(module, args, out, name=site.name):
+            shapes[name]["output"] = list(out.shape[1:])
+
+        handles += [site.conv.register_forward_pre_hook(on_input), last.register_forward_hook(on_output)]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.enable_grad():
+            model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _time_layer(site: ConvSite, shape: dict, k: int, batch: int, device: torch.device,
+                repeats: int, group: comm.Group) -> float:
+    conv = site.conv
+    part = nn.Conv2d(conv.in_channels, k, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode, device=device)
+    layer = nn.Sequential(part, *(op for _, op in site.fused))
+    x = torch.randn(batch, *shape["input"], device=device, requires_grad=shape["input_grad"])
+    grad = torch.ones(batch, k, *shape["output"][1:], device=device)
+
+    def run() -> None:
+        layer(x).backward(grad)
+        part.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return _median_seconds(run, device, repeats=repeats, group=group)
+
+
+class _Constant(nn.Module):
+    """Stands in for a conv layer: returns a fixed tensor of its output's shape."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+def _rest_seconds(model: nn.Module, sites: list[ConvSite], shapes: dict, input_shape: Sequence[int],
+                  classes: int, batch: int, device: torch.device, repeats: int, group: comm.Group) -> float:
+    rest = copy.deepcopy(model)
+    for site in conv_sites(rest):
+        if site.name not in shapes or site.parent is None:
+            continue
+        out = torch.randn(batch, *shapes[site.name]["output"], device=device, requires_grad=True)
+        for later_name, _ in site.fused:
+            setattr(site.parent, later_name, nn.Identity())
+        setattr(site.parent, site.attr, _Constant(out))
+    params = [p for p in rest.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
+    x = torch.randn(batch, *input_shape, device=device)
+    y = torch.randint(classes, (batch,), device=device)
+
+    def run() -> None:
+        loss = F.cross_entropy(rest(x), y)
+        if loss.requires_grad:
+            loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return _median_seconds(run, device, repeats=repeats, group=group)
+
+
+def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float]]:
+    """Latency (s) and bandwidth (bytes/s) of each collective, over the group."""
+    world = comm.world_size(group)
+    ops = {
+        "all_gather": lambda n: comm.all_gather_uneven(
+            torch.zeros(n // 4 // world, device=device), [n // 4 // world] * world, dim=0, group=group),
+        "all_reduce": lambda n: comm.all_reduce_sum_(torch.zeros(n // 4, device=device), group=group),
+        "broadcast": lambda n: comm.broadcast_([torch.zeros(n // 4, device=device)], group=group),
+    }
+    links = {}
+    for name, op in ops.items():
+        small, large = (_median_seconds(lambda n=n: op(n), device, repeats=5, group=group) for n in LINK_SIZES)
+        bandwidth = (LINK_SIZES[1] - LINK_SIZES[0]) / max(large - small, 1e-9)
+        links[name] = {"latency": max(small - LINK_SIZES[0] / bandwidth, 0.0), "bandwidth": bandwidth}
+    # every rank must plan from the same figures: take rank 0's
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, links, group=group)
+    return everyone[0]
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def model_signature(model: nn.Module) -> str:
+    """A short hash of the model's class and parameter shapes."""
+    text = json.dumps([type(model).__name__, [(k, list(v.shape)) for k, v in model.state_dict().items()]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def profile_key(*, devices: Sequence[str], threads: Sequence[int], hosts: Sequence[str], model: nn.Module,
+                input_shape: Sequence[int], batch_size: int) -> dict:
+    """What a profile was measured on; a cached profile is reused only for the same key."""
+    return {"devices": list(devices), "threads": list(threads), "hosts": list(hosts),
+            "model": model_signature(model), "input_shape": list(input_shape), "batch_size": batch_size,
+            "torch": torch.__version__}
+
+
+def measure(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], classes: int, batch_size: int,
+            repeats: int = 2, group: comm.Group = None) -> dict:
+    """Profile this job (a collective; ``model`` unsharded, on this rank's
+    device, the same on every rank). Returns the same profile on every rank."""
+    device = next(model.parameters()).device
+    world = comm.world_size(group)
+    sites = [s for s in conv_sites(model) if s.shardable]
+    shapes = _probe(model, input_shape, sites)
+    elem = next(model.parameters()).element_size()
+    mine: dict = {"device": device_spec, "threads": torch.get_num_threads(), "host": hostname(), "fits": []}
+    layers = []
+    for site in sites:
+        shape = shapes[site.name]
+        mine["fits"].append(_fit_layer(
+            lambda k: _time_layer(site, shape, k, batch_size, device, repeats, group),
+            site.conv.out_channels, world, group))
+        out_c, out_h, out_w = shape["output"]
+        layers.append({
+            "name": site.name, "kernels": site.conv.out_channels,
+            "gather_bytes_per_kernel": batch_size * out_h * out_w * elem,
+            "input_grad_bytes": batch_size * elem * _numel(shape["input"]) if shape["input_grad"] else 0,
+        })
+    mine["rest"] = _rest_seconds(model, sites, shapes, input_shape, classes, batch_size, device, repeats, group)
+    links = _links(device, group) if world > 1 else {}
+    everyone = [mine] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine, group=group)
+    for i, layer in enumerate(layers):
+        layer["a"] = [r["fits"][i][0] for r in everyone]
+        layer["b"] = [r["fits"][i][1] for r in everyone]
+    sharded = {f"{s.name}.{p}" for s in sites for p, _ in s.conv.named_parameters()}
+    params = dict(model.named_parameters())
+    return {
+        "version": VERSION,
+        "key": profile_key(devices=[r["device"] for r in everyone], threads=[r["threads"] for r in everyone],
+                           hosts=[r["host"] for r in everyone], model=model, input_shape=input_shape,
+                           batch_size=batch_size),
+        "batch_size": batch_size,
+        "devices": [r["device"] for r in everyone],
+        "layers": layers,
+        "rest_seconds": [r["rest"] for r in everyone],
+        "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+        "replicated_param_bytes": sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded),
+        "links": links,
+    }
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load(path: str | os.PathLike, key: dict) -> dict | None:
+    """The profile cached at ``path`` if it was measured for ``key``, else None."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc}") from None
+    if not isinstance(profile, dict) or profile.get("version") != VERSION:
+        raise ConfigError(f"{path} is not a convshard profile (version {VERSION})")
+    return profile if profile.get("key") == key else None
+
+
+def save(path: str | os.PathLike, profile: dict) -> None:
+    """Write ``profile`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def format_profile(profile: dict) -> str:
+    """The profile as a plain-text table: per layer and device the fit
+    t(k) = a + b k, per device the replicated part, then the links."""
+    width = max(len("device"), *(len(d) for d in profile["devices"]))
+    lines = [f"profile at batch {profile['batch_size']}: t(k kernels) = a + b*k, forward+backward"]
+    for layer in profile["layers"]:
+        lines.append(f"{layer['name']} ({layer['kernels']} kernels)")
+        lines.append(f"  rank  {'device':<{width}}  {'a ms':>8}  {'b ms/kernel':>11}  {'all kernels ms':>14}")
+        for r, device in enumerate(profile["devices"]):
+            a, b = layer["a"][r], layer["b"][r]
+            lines.append(f"  {r:>4}  {device:<{width}}  {1000 * a:>8.2f}  {1000 * b:>11.4f}  "
+                         f"{1000 * (a + b * layer['kernels']):>14.1f}")
+    lines.append("replicated part (ms): " + ", ".join(
+        f"{d} {1000 * t:.1f}" for d, t in zip(profile["devices"], profile["rest_seconds"])))
+    for name, link in profile["links"].items():
+        lines.append(f"{name}: latency {1e6 * link['latency']:.0f} us, bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
+    return "\n".join(lines)

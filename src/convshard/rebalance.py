@@ -1,0 +1,130 @@
+"""Online rebalancing: move kernels from ranks that have slowed to ranks that have not.
+
+Every step each rank records its busy time: the step's wall time minus the
+time it spent inside collectives (``comm.seconds_in_collectives``), which
+includes waiting for slower peers. Over a window of steps rank r was busy
+T_r seconds while holding work u_r = sum_l w_l c_{r,l} (c_{r,l} kernels of
+layer l, w_l the layer's cost per kernel from the profile, or its
+multiply-adds per kernel when there is none), so its cost per unit of work
+is s_r = T_r / u_r. The imbalance is max_r T_r / mean_r T_r - 1.
+
+Mode ``auto`` checks every ``window`` steps and rebalances when the
+imbalance passes ``threshold``; mode N recomputes every N steps. New counts
+per layer come from ``plan.choose_counts`` with b_r = s_r * w_l, and
+``reshard`` moves the kernel slices with their optimizer state: the full
+tensors are gathered and every rank takes its new slice, so the model and
+optimizer are the same as before, only split differently. Training stays
+exact up to the float rounding of the new split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import comm
+from .plan import choose_counts
+from .sharded import ShardedConv2d, ShardSplit
+
+log = logging.getLogger(__name__)
+
+
+def parse_mode(text: str) -> str | int:
+    """``off``, ``auto`` or a positive step count N."""
+    if text in ("off", "auto"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(f"--rebalance takes off, auto or a positive number of steps, got {text!r}")
+
+
+def layer_weights(model: nn.Module, profile: Mapping | None = None) -> dict[str, float]:
+    """Relative cost of one kernel of each sharded layer: the profile's mean
+    b over ranks, else C_in * kh * kw (multiply-adds per output pixel)."""
+    measured = {layer["name"]: sum(layer["b"]) / len(layer["b"]) for layer in (profile or {}).get("layers", [])}
+    return {name: measured.get(name, float(m.in_channels * math.prod(m.kernel_size)))
+            for name, m in model.named_modules() if isinstance(m, ShardedConv2d)}
+
+
+def reshard(model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[str, Sequence[int]]) -> None:
+    """Split the named sharded layers of ``model`` anew (a collective).
+
+    Each parameter keeps its identity (the optimizer still holds it); its
+    data and every optimizer state tensor of its shape (momentum, Adam's
+    moments) become this rank's slice of the gathered full tensor.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, ShardedConv2d) or name not in counts or tuple(counts[name]) == module.split.counts:
+            continue
+        old = module.split
+        new = ShardSplit(tuple(counts[name]), old.rank, old.group)
+        if new.total != old.total:
+            raise ValueError(f"{name}: new counts {new.counts} do not sum to {old.total}")
+        for param in module.parameters(recurse=False):
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    state[key] = new.take(old.gather(value)).clone()
+            param.data = new.take(old.gather(param.data)).clone()
+            param.grad = None
+        module.split = new
+
+
+class Rebalancer:
+    """Decides, identically on every rank, when and how to re-split the kernels."""
+
+    def __init__(self, model: nn.Module, mode: str | int, *, profile: Mapping | None = None,
+                 threshold: float = 0.10, window: int = 5) -> None:
+        self.model, self.mode, self.threshold = model, mode, threshold
+        self.window = mode if isinstance(mode, int) else window
+        self.weights = layer_weights(model, profile)
+        self.busy: list[float] = []
+        self.events: list[dict] = []
+
+    def counts(self) -> dict[str, tuple[int, ...]]:
+        return {n: m.split.counts for n, m in self.model.named_modules() if isinstance(m, ShardedConv2d)}
+
+    def observe(self, step: int, busy_seconds: float, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Record this rank's busy time of optimizer step ``step`` (1-based);
+        every ``window`` steps compare the ranks (a collective) and rebalance
+        if due. Returns the event when kernels moved."""
+        if self.mode == "off" or comm.world_size() == 1:
+            return None
+        self.busy.append(busy_seconds)
+        if step % self.window:
+            return None
+        mine = torch.tensor([sum(self.busy) / len(self.busy)], dtype=torch.float64)
+        self.busy.clear()
+        everyone = [torch.zeros_like(mine) for _ in range(comm.world_size())]
+        dist.all_gather(everyone, mine)
+        busy = [t.item() for t in everyone]
+        imbalance = max(busy) / (sum(busy) / len(busy)) - 1
+        if self.mode == "auto" and imbalance <= self.threshold:
+            return None
+        new = self._new_counts(busy)
+        old = self.counts()
+        if new == old:
+            return None
+        reshard(self.model, optimizer, new)
+        reason = f"imbalance {imbalance:.0%}" + (f" > {self.threshold:.0%}" if self.mode == "auto" else
+                                                  f" (every {self.window} steps)")
+        event = {"step": step, "reason": reason, "busy_seconds": busy,
+                 "old": {k: list(v) for k, v in old.items()}, "new": {k: list(v) for k, v in new.items()}}
+        self.events.append(event)
+        log.info("step %d: rebalanced (%s): %s", step, reason, {k: list(v) for k, v in new.items()})
+        return event
+
+    def _new_counts(self, busy: Sequence[float]) -> dict[str, tuple[int, ...]]:
+        counts = self.counts()
+        world = len(busy)
+        work = [sum(self.weights[n] * c[r] for n, c in counts.items()) for r in range(world)]
+        rates = [busy[r] / work[r] for r in range(world) if work[r] > 0]
+        fallback = sum(rates) / len(rates)  # a rank without kernels: assume the mean cost
+        cost = [busy[r] / work[r] if work[r] > 0 else fallback for r in range(world)]
+        return {n: choose_counts(sum(c), [0.0] * world, [cost[r] * self.weights[n] for r in range(world)])
+                for n, c in counts.items()}

@@ -1,0 +1,68 @@
+"""``--shares auto`` and ``--strategy auto``: the job trains as the plan says.
+
+The measured profile of the tiny job is edited to make one device slow or
+the links slow, so the plan's choice is known; the key stays that of the
+job, so the edited profile is what the run plans from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from convshard.cli import main
+
+JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
+       "--batch-size", "16", "--threads", "1", "--devices", "cpu@0,cpu@1"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    assert main(["profile", *JOB, "--profile", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def _train(tmp: Path, profile: dict, *extra: str) -> dict:
+    (tmp / "profile.json").write_text(json.dumps(profile))
+    out = tmp / "metrics.json"
+    assert main(["train", *JOB, "--max-steps", "2", "--quiet", "--profile", str(tmp / "profile.json"),
+                 "--metrics-out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_shares_auto_trains_the_planned_split(tmp_path, measured):
+    metrics = _train(tmp_path, measured, "--shares", "auto")
+    assert metrics["strategy"] == "kernel" and metrics["plan"]["strategy"] == "kernel"
+    planned = {layer["name"]: layer["counts"] for layer in metrics["plan"]["layers"]}
+    kept = metrics["plan"]["ranks"]
+    assert metrics["shares"] == {name: [counts[r] for r in kept] for name, counts in planned.items()}
+    assert {name: sum(c) for name, c in metrics["shares"].items()} == {"features.0": 4, "features.3": 8}
+
+
+def test_a_device_that_would_slow_the_step_is_dropped(tmp_path, measured, caplog):
+    slow = json.loads(json.dumps(measured))
+    for layer in slow["layers"]:
+        layer["a"][1] *= 1000
+        layer["b"][1] *= 1000
+    with caplog.at_level(logging.WARNING):
+        metrics = _train(tmp_path, slow, "--shares", "auto")
+    assert "cpu@1 (rank 1) gets no kernels: it would slow the step" in caplog.text
+    assert metrics["devices"] == ["cpu@0"] and metrics["world_size"] == 1
+    assert metrics["plan"]["dropped"] == [1]
+    assert metrics["shares"] == {"features.0": [4], "features.3": [8]}
+
+
+def test_strategy_auto_falls_back_to_one_device_on_slow_links(tmp_path, measured):
+    slow_links = json.loads(json.dumps(measured))
+    for link in slow_links["links"].values():
+        link["bandwidth"], link["latency"] = 1e3, 1.0
+    metrics = _train(tmp_path, slow_links, "--strategy", "auto")
+    assert metrics["strategy"] == "single" and metrics["world_size"] == 1
+    best = metrics["plan"]["best_single"]
+    assert metrics["devices"] == [measured["devices"][best]]
+    predicted = metrics["plan"]["predicted"]
+    assert predicted["single"] <= predicted["kernel"] and predicted["single"] < predicted["ddp"]
