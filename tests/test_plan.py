@@ -140,14 +140,24 @@ def test_kernel_step_follows_the_formula():
                            replicated_param_bytes=1000, bandwidth=1e4, latency=0.001)
     profile["layers"][0]["input_grad_bytes"] = 500
     step, (layer,) = kernel_step(profile, {"conv0": (6, 4)})
-    compute = (0.1 + 0.01 * 6, 0.2 + 0.02 * 4)  # rank 1 is half as fast
+    # rank 1 is half as fast; the last layer also carries its replicated part's excess (0.4 - 0.2 s)
+    compute = (0.1 + 0.01 * 6, 0.2 + 0.02 * 4 + 0.2)
     comm = (0.001 + 2 * 6 * 100 / 1e4) + (0.001 + 500 / 1e4)
     assert layer.counts == (6, 4)
     assert layer.compute == pytest.approx(compute)
-    assert layer.wait == pytest.approx((0.12, 0.0))
+    assert layer.wait == pytest.approx((0.32, 0.0))
     assert layer.comm == pytest.approx(comm)
-    assert layer.seconds == pytest.approx(0.28 + comm)
-    assert step == pytest.approx(0.28 + comm + 0.4 + 0.001 + 1000 / 1e4)
+    assert layer.seconds == pytest.approx(0.48 + comm)
+    assert step == pytest.approx(0.48 + comm + 0.2 + 0.001 + 1000 / 1e4)
+
+
+def test_slow_replicated_part_is_balanced_in_the_last_layer():
+    """A rank whose replicated part is slower takes fewer kernels of the last layer only."""
+    profile = make_profile((1.0, 1.0), kernels=(20, 20), a=0.0, per_kernel=0.01, rest=0.01)
+    profile["rest_seconds"] = [0.01, 0.05]
+    counts = make_plan(profile, strategy="kernel").counts()
+    assert counts["conv0"] == (10, 10)
+    assert counts["conv1"] == (12, 8)  # 0.12 s = 0.08 s + 0.04 s of extra replicated work
 
 
 def test_rank_with_no_kernels_still_pays_one():

@@ -13,12 +13,17 @@ sum_r c_{r,l} = K_l::
     comm_l        = t_gather(m * max_r c_{r,l} * g_l) + t_reduce(d_l)
     layer_l       = max_{r in S} compute_{r,l} + comm_l
     wait_{r,l}    = max_{r' in S} compute_{r',l} - compute_{r,l}
-    step          = sum_l layer_l + max_{r in S} rest_r + t_broadcast(P_rep)
+    step          = sum_l layer_l + min_{r in S} rest_r + t_broadcast(P_rep)
 
 with g_l the bytes one kernel adds to the forward all-gather, d_l the bytes
 of the backward all-reduce of the layer's input gradient (the term is left
 out when d_l = 0: the input needs no gradient) and P_rep the bytes of the
-replicated parameters' gradients. A rank with no kernels still runs one
+replicated parameters' gradients. Every rank runs the replicated part
+between the last conv layer's forward gather and its backward all-reduce,
+so a rank slower at it by e_r = rest_r - min_{S} rest gets that much added
+to its last-layer compute, and fewer kernels of that layer: the replicated
+part stays off the critical path as far as the last layer can absorb it.
+A rank with no kernels still runs one
 zero kernel, hence max(c, 1); the all-gather pads every rank's part to the
 largest count, hence m * max c. With m = 1 nothing is communicated:
 step = sum_l (a_{r,l} + b_{r,l} K_l) + rest_r, which is strategy ``single``
@@ -78,7 +83,7 @@ class Plan:
     ranks: tuple[int, ...]  # ranks the kernel plan uses, ascending
     dropped: tuple[int, ...]  # ranks the kernel plan leaves out
     layers: tuple[LayerPlan, ...]
-    rest: float  # slowest used rank's replicated part, seconds
+    rest: float  # fastest used rank's replicated part, seconds (the excess of slower ones is in the last layer)
     sync: float  # replicated-gradient broadcast, seconds
     predicted: dict[str, float]  # predicted step seconds per strategy ("ddp" only when W > 1)
     best_single: int  # rank of the fastest single device
@@ -141,8 +146,11 @@ def kernel_step(
     """
     world = _world(profile)
     used = _subset(ranks, world)
+    last = len(profile["layers"]) - 1
     layers = tuple(
-        _layer_plan(profile, layer, _checked_counts(layer, counts, used, world), used) for layer in profile["layers"]
+        _layer_plan(profile, layer, _checked_counts(layer, counts, used, world), used,
+                    _rest_excess(profile, used) if i == last else None)
+        for i, layer in enumerate(profile["layers"])
     )
     return sum(layer.seconds for layer in layers) + _rest(profile, used) + _sync(profile, used), layers
 
@@ -282,8 +290,11 @@ def _checked_counts(
 def _greedy_counts(profile: Mapping, used: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """``choose_counts`` over the ranks in ``used`` for every layer, as counts for all ranks."""
     plan = {}
-    for layer in profile["layers"]:
-        part = choose_counts(layer["kernels"], [layer["a"][r] for r in used], [layer["b"][r] for r in used])
+    excess = _rest_excess(profile, used)
+    for i, layer in enumerate(profile["layers"]):
+        extra = excess if i == len(profile["layers"]) - 1 else [0.0] * len(excess)
+        part = choose_counts(layer["kernels"], [layer["a"][r] + extra[r] for r in used],
+                             [layer["b"][r] for r in used])
         full = [0] * len(profile["devices"])
         for r, count in zip(used, part):
             full[r] = count
@@ -291,10 +302,11 @@ def _greedy_counts(profile: Mapping, used: tuple[int, ...]) -> dict[str, tuple[i
     return plan
 
 
-def _layer_plan(profile: Mapping, layer: Mapping, counts: tuple[int, ...], used: tuple[int, ...]) -> LayerPlan:
+def _layer_plan(profile: Mapping, layer: Mapping, counts: tuple[int, ...], used: tuple[int, ...],
+                extra: Sequence[float] | None = None) -> LayerPlan:
     compute = [0.0] * len(counts)
     for r in used:
-        compute[r] = layer["a"][r] + layer["b"][r] * max(counts[r], 1)
+        compute[r] = layer["a"][r] + layer["b"][r] * max(counts[r], 1) + (extra[r] if extra else 0.0)
     slowest = max(compute[r] for r in used)
     wait = tuple(slowest - compute[r] if r in used else 0.0 for r in range(len(counts)))
     comm = _comm(profile, layer, max(counts), len(used))
@@ -323,7 +335,13 @@ def _single(profile: Mapping, rank: int) -> float:
 
 
 def _rest(profile: Mapping, used: tuple[int, ...]) -> float:
-    return max(profile["rest_seconds"][r] for r in used)
+    return min(profile["rest_seconds"][r] for r in used)
+
+
+def _rest_excess(profile: Mapping, used: tuple[int, ...]) -> list[float]:
+    """Per rank, how much longer its replicated part takes than the fastest used rank's (0 if unused)."""
+    base = _rest(profile, used)
+    return [profile["rest_seconds"][r] - base if r in used else 0.0 for r in range(len(profile["devices"]))]
 
 
 def _sync(profile: Mapping, used: tuple[int, ...]) -> float:

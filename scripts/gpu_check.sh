@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# CUDA checks for a machine with an NVIDIA GPU (CI has none; these tests skip there).
+#
+#   scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: runs/gpu
+#
+# 1. the CUDA exactness tests (a sharded layer on the GPU; a CPU rank and a GPU
+#    rank in one job, gloo with host staging);
+# 2. a CPU+GPU benchmark on the paper's CNN (kernels 500,1500, CIFAR-shaped
+#    synthetic input, batch 64): the plan for cpu@0,cuda:0, then per-step time of
+#    the GPU alone, the CPU core alone, and both with --shares auto.
+# Needs a CUDA build of torch in .venv (or PYTHON=/path/to/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${1:-runs/gpu}
+mkdir -p "$OUT"
+
+"$PYTHON" - <<'PY'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA device")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+PY
+
+echo "== CUDA exactness tests"
+"$PYTHON" -m pytest -q -rs tests/test_sharded.py -k cuda
+
+echo "== CPU+GPU benchmark"
+JOB=(--dataset synthetic --synthetic-shape 3,32,32 --kernels 500,1500 --batch-size 64)
+export OMP_NUM_THREADS=1
+"$PYTHON" -m convshard plan "${JOB[@]}" --devices cpu@0,cuda:0 --threads 1 --profile "$OUT/profile.json"
+for run in "gpu:--strategy single --devices cuda:0" \
+           "cpu:--strategy single --devices cpu@0 --threads 1" \
+           "mixed:--devices cpu@0,cuda:0 --threads 1 --shares auto --profile $OUT/profile.json"; do
+    name=${run%%:*}
+    # shellcheck disable=SC2086
+    "$PYTHON" -m convshard train "${JOB[@]}" ${run#*:} --max-steps 10 --quiet --metrics-out "$OUT/$name.json"
+done
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("gpu", "cpu", "mixed"):
+    m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+    print(f"{name:6s} {1000 * m['mean_step_seconds']:9.1f} ms/step  devices {m['devices']}  shares {m['shares']}")
+PY
