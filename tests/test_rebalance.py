@@ -74,13 +74,15 @@ def test_new_counts_follow_the_busy_times():
     """Rank 0 was busy twice as long for the same work: it gets about a third of each layer."""
     model = _split_model({"0": (6, 6), "1": (12, 12)})
     balancer = rebalance.Rebalancer(model, "auto")
-    assert balancer._new_counts([2.0, 1.0]) == {"0": (4, 8), "1": (8, 16)}
-    assert balancer._new_counts([1.0, 1.0]) == {"0": (6, 6), "1": (12, 12)}
+    new, gain = balancer._new_counts([2.0, 1.0])
+    assert new == {"0": (4, 8), "1": (8, 16)}
+    assert gain == pytest.approx(0.5)  # the slowest busy time predicted to fall from 2 to 4/3
+    assert balancer._new_counts([1.0, 1.0]) == ({"0": (6, 6), "1": (12, 12)}, 0.0)
 
 
 def test_rank_without_kernels_is_assumed_average():
     model = _split_model({"0": (0, 8)})
-    assert rebalance.Rebalancer(model, 4)._new_counts([0.1, 1.0]) == {"0": (4, 4)}
+    assert rebalance.Rebalancer(model, 4)._new_counts([0.1, 1.0])[0] == {"0": (4, 4)}
 
 
 def test_parse_mode():

@@ -10,7 +10,9 @@ is s_r = T_r / u_r. The imbalance is max_r T_r / mean_r T_r - 1.
 
 Mode ``auto`` checks every ``window`` steps and rebalances when the
 imbalance passes ``threshold``; mode N recomputes every N steps. New counts
-per layer come from ``plan.choose_counts`` with b_r = s_r * w_l, and
+per layer come from ``plan.choose_counts`` with b_r = s_r * w_l; in mode
+``auto`` they are taken only when they cut the predicted slowest busy time
+max_r s_r u_r by at least half the threshold (noise does not move kernels).
 ``reshard`` moves the kernel slices with their optimizer state: the full
 tensors are gathered and every rank takes its new slice, so the model and
 optimizer are the same as before, only split differently. Training stays
@@ -106,9 +108,9 @@ class Rebalancer:
         imbalance = max(busy) / (sum(busy) / len(busy)) - 1
         if self.mode == "auto" and imbalance <= self.threshold:
             return None
-        new = self._new_counts(busy)
+        new, gain = self._new_counts(busy)
         old = self.counts()
-        if new == old:
+        if new == old or (self.mode == "auto" and gain < self.threshold / 2):
             return None
         reshard(self.model, optimizer, new)
         reason = f"imbalance {imbalance:.0%}" + (f" > {self.threshold:.0%}" if self.mode == "auto" else
@@ -119,12 +121,18 @@ class Rebalancer:
         log.info("step %d: rebalanced (%s): %s", step, reason, {k: list(v) for k, v in new.items()})
         return event
 
-    def _new_counts(self, busy: Sequence[float]) -> dict[str, tuple[int, ...]]:
+    def _new_counts(self, busy: Sequence[float]) -> tuple[dict[str, tuple[int, ...]], float]:
+        """New counts per layer, and the predicted gain: max_r u_r s_r before over after, minus 1."""
         counts = self.counts()
         world = len(busy)
-        work = [sum(self.weights[n] * c[r] for n, c in counts.items()) for r in range(world)]
-        rates = [busy[r] / work[r] for r in range(world) if work[r] > 0]
+
+        def work(split: Mapping[str, Sequence[int]], r: int) -> float:
+            return sum(self.weights[n] * c[r] for n, c in split.items())
+
+        rates = [busy[r] / work(counts, r) for r in range(world) if work(counts, r) > 0]
         fallback = sum(rates) / len(rates)  # a rank without kernels: assume the mean cost
-        cost = [busy[r] / work[r] if work[r] > 0 else fallback for r in range(world)]
-        return {n: choose_counts(sum(c), [0.0] * world, [cost[r] * self.weights[n] for r in range(world)])
-                for n, c in counts.items()}
+        cost = [busy[r] / work(counts, r) if work(counts, r) > 0 else fallback for r in range(world)]
+        new = {n: choose_counts(sum(c), [0.0] * world, [cost[r] * self.weights[n] for r in range(world)])
+               for n, c in counts.items()}
+        before, after = (max(cost[r] * work(split, r) for r in range(world)) for split in (counts, new))
+        return new, before / after - 1
