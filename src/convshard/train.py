@@ -172,6 +172,7 @@ class _Run:
     world: int
     step_times: list[float] = field(default_factory=list)
     step_ends: list[float] = field(default_factory=list)  # unix time at the end of each step
+    collective_times: list[float] = field(default_factory=list)  # seconds of each step inside collectives
     rebalancer: Rebalancer | None = None
 
     @property
@@ -226,6 +227,7 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
         _save(run)
 
     metrics = _metrics(run, all_devices, time.perf_counter() - started)
+    metrics["timeline"] = _timeline(run)
     launch.shutdown()
     if rank != 0:
         return None
@@ -374,11 +376,11 @@ def _train_epoch(run: _Run) -> float:
         _sync(run.device)
         run.step_times.append(time.perf_counter() - t0)
         run.step_ends.append(time.time())
+        run.collective_times.append(comm.seconds_in_collectives() - in_collectives)
         loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         if run.rebalancer is not None:
-            busy = run.step_times[-1] - (comm.seconds_in_collectives() - in_collectives)
-            run.rebalancer.observe(progress["step"], busy, run.optimizer)
+            run.rebalancer.observe(progress["step"], run.step_times[-1] - run.collective_times[-1], run.optimizer)
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.step_times[-1]:.0f}")
         if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
@@ -443,6 +445,20 @@ def _save(run: _Run) -> None:
     if run.rank == 0:
         path = checkpoint.save_checkpoint(run.config.checkpoint_dir, payload)
         log.info("checkpoint saved to %s at step %d", path, run.progress["step"])
+
+
+TIMELINE_STEPS = 2000  # the metrics keep every rank's timings of the last this many steps
+
+
+def _timeline(run: _Run) -> dict:
+    """Every rank's step and in-collective seconds of its last steps (a collective)."""
+    mine = {"step_seconds": run.step_times[-TIMELINE_STEPS:],
+            "collective_seconds": run.collective_times[-TIMELINE_STEPS:]}
+    everyone = [mine] if run.world == 1 else [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(everyone, mine)
+    first = len(run.step_times) - len(mine["step_seconds"]) + 1
+    return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
 
 
 def _metrics(run: _Run, all_devices: list[str], seconds: float) -> dict:

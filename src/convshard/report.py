@@ -1,0 +1,98 @@
+"""Where a run's time went, per device: ``convshard report RUN.json``.
+
+The metrics JSON of a run holds, for every rank and each of its last steps,
+the step's wall time S_{r,i} and the time C_{r,i} it spent inside convshard's
+collectives. All ranks take part in every collective, so the least of them,
+min_r C_{r,i}, is what the transfers themselves took; a rank spent the rest
+of its collective time waiting for slower ranks:
+
+    compute_{r,i} = S_{r,i} - C_{r,i}
+    transfer_i    = min_r C_{r,i}
+    wait_{r,i}    = C_{r,i} - transfer_i
+
+(DDP's gradient all-reduce runs inside its backward and counts as compute.)
+``summarize`` averages these per device; ``draw_timeline`` draws the last
+steps as one bar per device, segments in step order.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _parts(metrics: Mapping) -> tuple[list[str], list[list[tuple[float, float, float]]]]:
+    """Devices and, per rank and step, (compute, transfer, wait) seconds."""
+    timeline = metrics.get("timeline")
+    if not timeline or not timeline["step_seconds"] or not timeline["step_seconds"][0]:
+        raise ConfigError("the metrics hold no step timings (a run of at least one step writes them)")
+    steps, colls = timeline["step_seconds"], timeline["collective_seconds"]
+    transfer = [min(rank[i] for rank in colls) for i in range(len(colls[0]))]
+    parts = [[(s - c, transfer[i], c - transfer[i]) for i, (s, c) in enumerate(zip(ss, cs))]
+             for ss, cs in zip(steps, colls)]
+    return list(metrics["devices"]), parts
+
+
+def summarize(metrics: Mapping) -> list[dict]:
+    """Per device: mean compute, transfer and wait milliseconds per step, after the warm-up steps."""
+    devices, parts = _parts(metrics)
+    skip = metrics.get("config", {}).get("warmup_steps", 0)
+    rows = []
+    for rank, (device, steps) in enumerate(zip(devices, parts)):
+        timed = steps[skip:] if len(steps) > skip else steps
+        mean = [1000 * statistics.fmean(p[k] for p in timed) for k in range(3)]
+        rows.append({"rank": rank, "device": device, "compute_ms": mean[0], "transfer_ms": mean[1],
+                     "wait_ms": mean[2], "step_ms": sum(mean)})
+    return rows
+
+
+def format_report(metrics: Mapping) -> str:
+    """The summary as a table, with the run's strategy and shares."""
+    rows = summarize(metrics)
+    width = max(len("device"), *(len(r["device"]) for r in rows))
+    lines = [f"strategy {metrics['strategy']}, {metrics['steps']} steps, "
+             f"{1000 * (metrics['mean_step_seconds'] or 0):.1f} ms/step; mean per step after warm-up:",
+             f"rank  {'device':<{width}}  {'compute ms':>10}  {'transfer ms':>11}  {'wait ms':>8}  {'busy':>5}"]
+    for r in rows:
+        busy = r["compute_ms"] / r["step_ms"] if r["step_ms"] else 0.0
+        lines.append(f"{r['rank']:>4}  {r['device']:<{width}}  {r['compute_ms']:>10.1f}  {r['transfer_ms']:>11.1f}  "
+                     f"{r['wait_ms']:>8.1f}  {busy:>5.0%}")
+    if metrics.get("shares"):
+        lines.append("kernels per device: " + ", ".join(f"{k} {v}" for k, v in metrics["shares"].items()))
+    for event in metrics.get("rebalances", []):
+        lines.append(f"step {event['step']}: rebalanced ({event['reason']}) to {event['new']}")
+    return "\n".join(lines)
+
+
+def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Path:
+    """A PNG of the last ``steps`` steps: per device, compute, transfer and wait in step order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices, parts = _parts(metrics)
+    first = metrics["timeline"]["first_step"] + max(0, len(parts[0]) - steps)
+    colors = {"compute": "tab:blue", "transfer": "tab:orange", "wait": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(devices) + 1.6))
+    for rank, rank_parts in enumerate(parts):
+        t = 0.0
+        for i, step in enumerate(rank_parts[-steps:]):
+            for kind, seconds in zip(colors, step):
+                ax.barh(rank, 1000 * seconds, left=1000 * t, color=colors[kind], edgecolor="none",
+                        label=kind if rank == 0 and i == 0 else None)
+                t += seconds
+    ax.set_yticks(range(len(devices)), [f"{r}: {d}" for r, d in enumerate(devices)])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"milliseconds (steps {first}-{first + min(steps, len(parts[0])) - 1})")
+    ax.set_title(f"{metrics['strategy']}: where each device's time goes")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(devices) < 3 else -0.2), ncol=3, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

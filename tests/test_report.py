@@ -1,0 +1,59 @@
+"""``convshard report``: compute, transfer and wait per device, and the timeline PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from convshard import report
+from convshard.cli import main
+from convshard.errors import ConfigError
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
+        "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet"]
+
+
+def _metrics(step_seconds, collective_seconds, warmup=0) -> dict:
+    return {"devices": [f"cpu@{r}" for r in range(len(step_seconds))], "strategy": "kernel", "steps": 2,
+            "mean_step_seconds": 0.01, "shares": {"c": [2, 2]}, "rebalances": [],
+            "config": {"warmup_steps": warmup},
+            "timeline": {"first_step": 1, "step_seconds": step_seconds, "collective_seconds": collective_seconds}}
+
+
+def test_transfer_is_the_least_collective_time_and_the_rest_is_waiting():
+    metrics = _metrics([[0.010, 0.020], [0.010, 0.020]], [[0.004, 0.002], [0.001, 0.012]])
+    rank0, rank1 = report.summarize(metrics)
+    assert rank0["transfer_ms"] == rank1["transfer_ms"] == pytest.approx(1.5)  # mean of min(4, 1), min(2, 12)
+    assert rank0["wait_ms"] == pytest.approx(1.5) and rank1["wait_ms"] == pytest.approx(5.0)
+    assert rank0["compute_ms"] == pytest.approx(12.0) and rank1["compute_ms"] == pytest.approx(8.5)
+    assert rank0["step_ms"] == pytest.approx(15.0)
+
+
+def test_warmup_steps_are_left_out():
+    metrics = _metrics([[1.0, 0.010]], [[0.0, 0.0]], warmup=1)
+    (only,) = report.summarize(metrics)
+    assert only["compute_ms"] == pytest.approx(10.0)
+
+
+def test_metrics_without_steps_are_refused():
+    with pytest.raises(ConfigError, match="no step timings"):
+        report.summarize(_metrics([[]], [[]]))
+
+
+def test_report_command_on_a_real_run(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert main(["train", *TINY, "--devices", "cpu@0,cpu@1", "--max-steps", "4", "--metrics-out", str(out)]) == 0
+    timeline = json.loads(out.read_text())["timeline"]
+    assert [len(t) for t in timeline["step_seconds"]] == [4, 4] and timeline["first_step"] == 1
+    assert all(0 <= c <= s for ss, cs in zip(timeline["step_seconds"], timeline["collective_seconds"])
+               for s, c in zip(ss, cs))
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cpu@0" in printed and "cpu@1" in printed and "transfer ms" in printed
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_missing_file_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err
