@@ -1,4 +1,4 @@
-"""``convshard report``: compute, transfer and wait per device, and the timeline PNG."""
+"""``convshard report`` (compute, transfer and wait per device; the timeline PNG) and ``convshard bench``."""
 
 from __future__ import annotations
 
@@ -57,3 +57,22 @@ def test_report_command_on_a_real_run(tmp_path, capsys):
 def test_report_of_a_missing_file_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.json")]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_bench_smoke_writes_json_plots_and_commands(tmp_path):
+    """The smoke-sized bench: every configuration ran, and each figure names its command."""
+    assert main(["bench", "--size", "smoke", "--sweeps", "batch", "--out-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    (point,) = results["batch"]
+    assert set(point) >= {"x", "one device", "all cores", "kernel", "ddp"}
+    for key in ("one device", "all cores", "kernel", "ddp"):
+        assert point[key]["ms"] > 0 and point[key]["peak_rss_mib"] > 0
+        assert point[key]["command"] in (tmp_path / "bench.md").read_text()
+    assert point["one device"]["speedup"] == 1.0
+    assert point["kernel"]["shares"] == {"features.0": [2, 2], "features.3": [4, 4]}
+    assert (tmp_path / "batch.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_an_unknown_sweep(tmp_path, capsys):
+    assert main(["bench", "--sweeps", "colour", "--out-dir", str(tmp_path)]) == 2
+    assert "'colour'" in capsys.readouterr().err

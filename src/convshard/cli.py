@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import data, devices, launch, profile, report
+from . import bench, data, devices, launch, profile, report
 from .errors import ConfigError, TrainingError
 from .models import MODELS
 from .plan import format_plan, make_plan
@@ -33,6 +33,8 @@ EXAMPLES = """\
 examples:
   convshard train                                   # the paper's CNN on MNIST, 2 CPU workers
   convshard train --devices cpu@0,cpu@1,cpu@1 --shares 2,1,1
+  convshard train --devices cpu@0,cpu@1,cpu@1 --shares auto --rebalance auto --profile runs/p.json
+  convshard train --devices cpu@0,cuda:0 --strategy auto  # kernel, ddp or one device: the fastest planned
   convshard train --strategy single --devices cpu@0-1 --threads 2
   convshard train --strategy ddp --devices cpu@0,cpu@1
   convshard train --dataset synthetic --kernels 500,1500 --batch-size 64 --max-steps 20 \\
@@ -191,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _job_options(p, d)
 
+    b = sub.add_parser("bench", help="speedup against one device, one process on all cores and DDP: "
+                                     "sweeps over workers, batch size, network size, device mixes",
+                       description="Reproduce the paper's analyses on this machine: every point against one "
+                                   "device, one process on all cores, and DDP on the same workers.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="writes bench.json, <sweep>.png and bench.md (with every command) into --out-dir")
+    b.add_argument("--sweeps", metavar="S1,S2", default=",".join(bench.SWEEPS),
+                   help=f"which sweeps: {', '.join(bench.SWEEPS)} (default: all)")
+    b.add_argument("--size", choices=bench.SIZES, default="paper",
+                   help="paper: kernels 500,1500 as in the paper (an hour on 2 cores); smoke: tiny, "
+                        "seconds (default: %(default)s)")
+    b.add_argument("--steps", metavar="N", type=_positive(int, "--steps"),
+                   help="steps per job, 3 of them warm-up (default: paper 6, smoke 4)")
+    b.add_argument("--out-dir", metavar="DIR", default="runs/bench", help="(default: %(default)s)")
+
     r = sub.add_parser("report", help="where a run's time went per device: a table and a timeline PNG",
                        description="Read a run's --metrics-out JSON; print per device the mean compute, "
                                    "transfer and wait per step, and draw the last steps as a timeline.")
@@ -319,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "download":
             path = data.download_cifar10(args.data_dir)
             log.info("CIFAR-10 ready in %s", path)
+        elif args.command == "bench":
+            bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps)
+            print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)
         elif args.command == "train":

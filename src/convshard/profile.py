@@ -41,7 +41,7 @@ from .errors import ConfigError
 from .sharded import ConvSite, conv_sites
 
 VERSION = 1
-LINK_SIZES = (1 << 10, 1 << 22)  # bytes: one for the latency, one for the bandwidth
+LINK_SIZES = (1 << 10, 1 << 24)  # bytes: one for the latency, one for the bandwidth
 MIN_SECONDS = 0.05  # a layer's timed runs grow until one takes this long
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -451,9 +452,11 @@ TIMELINE_STEPS = 2000  # the metrics keep every rank's timings of the last this 
 
 
 def _timeline(run: _Run) -> dict:
-    """Every rank's step and in-collective seconds of its last steps (a collective)."""
+    """Every rank's step and in-collective seconds of its last steps and its
+    peak resident memory (a collective)."""
     mine = {"step_seconds": run.step_times[-TIMELINE_STEPS:],
-            "collective_seconds": run.collective_times[-TIMELINE_STEPS:]}
+            "collective_seconds": run.collective_times[-TIMELINE_STEPS:],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     everyone = [mine] if run.world == 1 else [None] * run.world
     if run.world > 1:
         dist.all_gather_object(everyone, mine)

@@ -1,0 +1,176 @@
+"""``convshard bench``: the paper's analyses on this machine, each point against the baselines.
+
+Every point of a sweep runs four jobs on CIFAR-shaped synthetic input, each a
+real ``convshard train`` in its own process:
+
+- ``one device``: ``--strategy single --devices cpu@C0 --threads 1``;
+- ``all cores``: ``--strategy single --devices cpu@C0-Cn --threads n``, one
+  process on every usable core (the practical ceiling on one host);
+- ``kernel``: the method, one single-thread worker per device;
+- ``ddp``: DistributedDataParallel on the same workers.
+
+Sweeps: ``workers`` (1-4 kernel workers; beyond the core count they share
+cores, and the table says so), ``batch``, ``kernels`` (network size) and
+``mixes`` (uneven devices: equal shares, ``--shares auto``, ddp). The speedup
+of a job is t(one device) / t(job), from ``mean_step_seconds`` (after the
+warm-up steps). Writes ``bench.json``, one PNG per sweep and ``bench.md``
+(tables with the command of every figure) into ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import devices
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SWEEPS = ("workers", "batch", "kernels", "mixes")
+SIZES = {
+    "paper": {"kernels": (500, 1500), "batches": (16, 32, 64, 128, 256),
+              "networks": ((100, 300), (250, 750), (500, 1500)), "steps": 6},
+    "smoke": {"kernels": (4, 8), "batches": (8,), "networks": ((4, 8), (8, 12)), "steps": 4},
+}
+
+
+class _Runner:
+    """Runs ``convshard train`` jobs once each and keeps their metrics."""
+
+    def __init__(self, out_dir: Path, steps: int) -> None:
+        self.out_dir, self.steps, self.cache = out_dir, steps, {}
+
+    def __call__(self, args: Sequence[str]) -> dict:
+        command = ["convshard", "train", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
+                   "--synthetic-size", "512", "--max-steps", str(self.steps), "--quiet", *args]
+        key = shlex.join(command)
+        if key not in self.cache:
+            out = self.out_dir / "runs" / f"{len(self.cache):03d}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run([sys.executable, "-m", "convshard", *command[1:], "--metrics-out", str(out)],
+                                  env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(f"bench job failed ({key}): {proc.stderr.strip().splitlines()[-1:]}")
+            metrics = json.loads(out.read_text())
+            self.cache[key] = {"command": key, "ms": 1000 * metrics["mean_step_seconds"],
+                               "peak_rss_mib": max(metrics["timeline"]["peak_rss_mib"]),
+                               "train_loss": metrics["train_loss"], "shares": metrics["shares"],
+                               "devices": metrics["devices"]}
+            log.info("%8.1f ms/step  %s", self.cache[key]["ms"], key)
+        return self.cache[key]
+
+
+def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -> dict:
+    """The four jobs of one point; ``workers`` are the kernel/ddp devices."""
+    spec = ",".join(workers)
+    one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *job])
+    every = run(["--strategy", "single", "--devices", f"cpu@{devices.format_cores(cores)}",
+                 "--threads", str(len(cores)), *job])
+    kernel = run(["--devices", spec, "--threads", "1", *job])
+    point = {"one device": one, "all cores": every, "kernel": kernel}
+    if len(workers) > 1:
+        point["ddp"] = run(["--strategy", "ddp", "--devices", spec, "--threads", "1", *job])
+    for result in point.values():
+        result["speedup"] = one["ms"] / result["ms"]
+    return point
+
+
+def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
+    kernels = ",".join(map(str, size["kernels"]))
+    base = ["--kernels", kernels, "--batch-size", "64" if size is SIZES["paper"] else "16"]
+    two = [f"cpu@{c}" for c in cores[:2]]
+    points = []
+    if name == "workers":
+        for n in range(1, 5):
+            workers = [f"cpu@{cores[i % len(cores)]}" for i in range(n)]
+            shared = n > len(cores)
+            points.append({"x": n, "note": "workers share cores" if shared else "", **_point(run, cores, workers, base)})
+    elif name == "batch":
+        for batch in size["batches"]:
+            points.append({"x": batch, **_point(run, cores, two, ["--kernels", kernels, "--batch-size", str(batch)])})
+    elif name == "kernels":
+        for net in size["networks"]:
+            job = ["--kernels", ",".join(map(str, net)), *base[2:]]
+            points.append({"x": "/".join(map(str, net)), **_point(run, cores, two, job)})
+    elif name == "mixes":
+        mix = [f"cpu@{cores[0]}", *[f"cpu@{cores[-1]}"] * 2]
+        spec = ",".join(mix)
+        one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *base])
+        point = {"x": spec, "one device": one,
+                 "equal shares": run(["--devices", spec, "--threads", "1", *base]),
+                 "auto shares": run(["--devices", spec, "--threads", "1", "--shares", "auto", *base]),
+                 "ddp": run(["--strategy", "ddp", "--devices", spec, "--threads", "1", *base])}
+        for key in ("equal shares", "auto shares", "ddp"):
+            point[key]["speedup"] = one["ms"] / point[key]["ms"]
+        one["speedup"] = 1.0
+        points.append(point)
+    return points
+
+
+def _plot(name: str, points: list[dict], path: Path, cores: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(p["x"]) for p in points]
+    series = [k for k in points[0] if isinstance(points[0][k], dict) and k != "one device"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key in series:
+        ax.plot(range(len(points)), [p[key]["speedup"] for p in points], marker="o", label=key)
+    ax.set_xticks(range(len(points)), labels)
+    ax.axhline(cores, color="gray", linestyle="--", linewidth=0.8, label=f"{cores} cores")
+    ax.axhline(1, color="black", linewidth=0.5)
+    ax.set_xlabel({"workers": "workers", "batch": "batch size", "kernels": "kernels per layer",
+                   "mixes": "devices"}[name])
+    ax.set_ylabel("speedup over one device")
+    ax.set_title(f"convshard bench: {name}")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(results: dict, cores: list[int]) -> str:
+    lines = [f"Machine: {len(cores)} usable cores ({', '.join(map(str, cores))}). "
+             "Milliseconds per step (mean after the warm-up), speedup over one device in brackets.", ""]
+    for name, points in results.items():
+        keys = [k for k in points[0] if isinstance(points[0][k], dict)]
+        lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB (kernel worker / all cores) |",
+                  "|" + " --- |" * (len(keys) + 2)]
+        for p in points:
+            cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" for k in keys]
+            main = p.get("kernel") or p.get("auto shares")
+            ref = p.get("all cores") or p["one device"]
+            note = f" {p['note']}" if p.get("note") else ""
+            lines.append(f"| {p['x']}{note} | " + " | ".join(cells)
+                         + f" | {main['peak_rss_mib']:.0f} / {ref['peak_rss_mib']:.0f} |")
+        lines += ["", "Commands:", "", "```sh", *sorted({p[k]["command"] for p in points for k in keys}), "```", ""]
+    return "\n".join(lines)
+
+
+def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None) -> dict:
+    """Run the sweeps; write bench.json, <sweep>.png and bench.md into ``out_dir``; return the results."""
+    unknown = [s for s in sweeps if s not in SWEEPS]
+    if unknown:
+        raise ConfigError(f"unknown sweep {unknown[0]!r}: choose from {', '.join(SWEEPS)}")
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}: choose from {', '.join(SIZES)}")
+    cores = sorted(devices.usable_cores())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Runner(out, steps or SIZES[size]["steps"])
+    results = {name: _sweep(name, run, SIZES[size], cores) for name in sweeps}
+    for name, points in results.items():
+        _plot(name, points, out / f"{name}.png", len(cores))
+    (out / "bench.json").write_text(json.dumps({"cores": cores, "size": size, "results": results}, indent=1) + "\n")
+    (out / "bench.md").write_text(_markdown(results, cores))
+    return results
