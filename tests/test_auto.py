@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,19 @@ def test_strategy_auto_falls_back_to_one_device_on_slow_links(tmp_path, measured
     assert metrics["devices"] == [measured["devices"][best]]
     predicted = metrics["plan"]["predicted"]
     assert predicted["single"] <= predicted["kernel"] and predicted["single"] < predicted["ddp"]
+
+
+def test_workers_plan_for_themselves_under_torchrun(tmp_path):
+    """torchrun fixes the processes: every rank profiles, plans alike and trains the plan."""
+    out = tmp_path / "metrics.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "convshard", "train", *JOB, "--shares", "auto", "--max-steps", "2", "--quiet",
+           "--metrics-out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["world_size"] == 2 and metrics["strategy"] == "kernel"
+    planned = {layer["name"]: layer["counts"] for layer in metrics["plan"]["layers"]}
+    assert metrics["shares"] == planned
+    assert {name: sum(c) for name, c in metrics["shares"].items()} == {"features.0": 4, "features.3": 8}

@@ -208,7 +208,7 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
     if config.needs_plan:  # under torchrun: every rank plans from the same profile
-        config = _plan_in_worker(config, dataset, device_spec, world)
+        config = _plan_in_worker(config, dataset, device_spec)
     run = _setup(config, dataset, device_spec.torch_device, rank, world)
     all_devices = _job_devices(device_spec, world)
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
@@ -287,31 +287,34 @@ def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> 
 
 
 def apply_plan(config: TrainConfig, job_plan: plan.Plan, *, can_drop: bool) -> TrainConfig:
-    """The concrete job ``job_plan`` describes: its strategy, the devices it
-    keeps (when ``can_drop``: otherwise dropped ranks get no kernels) and
-    the kernels per rank of every layer."""
-    ranks = job_plan.ranks if can_drop else tuple(range(len(config.device_list)))
-    if job_plan.strategy == "single":
-        ranks = (job_plan.best_single,)
-    kept = [config.device_list[r] for r in ranks] if job_plan.strategy != "ddp" else list(config.device_list)
-    counts = ({name: tuple(c[r] for r in ranks) for name, c in job_plan.counts().items()}
-              if job_plan.strategy == "kernel" else None)
+    """The concrete job ``job_plan`` describes: its strategy, the kernels per
+    rank of every layer and, when ``can_drop`` (a local job, whose ranks are
+    the listed devices), only the devices it keeps. Otherwise (torchrun) every
+    rank stays and the plan's dropped ranks hold no kernels."""
+    counts = job_plan.counts() if job_plan.strategy == "kernel" else None
+    if not can_drop:
+        return replace(config, strategy=job_plan.strategy, layer_counts=counts, plan=job_plan.to_json())
+    ranks = {"single": (job_plan.best_single,), "kernel": job_plan.ranks}.get(
+        job_plan.strategy, tuple(range(len(config.device_list))))
+    kept = [config.device_list[r] for r in ranks]
+    counts = {name: tuple(c[r] for r in ranks) for name, c in counts.items()} if counts else None
     return replace(config, strategy=job_plan.strategy, devices=devices.format_devices(kept),
                    layer_counts=counts, plan=job_plan.to_json())
 
 
-def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device,
-                    world: int) -> TrainConfig:
+def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> TrainConfig:
     """Plan under torchrun, where the job's processes are already fixed: no
     rank leaves and ``single`` is not an option."""
     job_profile = measure_job(config, dataset, device_spec)
+    world = len(job_profile["devices"])
     wanted = "kernel" if config.strategy != "auto" else "auto"
     job_plan = plan.make_plan(job_profile, strategy=wanted, allow_drop=False)
     if job_plan.strategy == "single":
         best = min(("kernel", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
         log.warning("the plan prefers one device, which a running torchrun job cannot shrink to; using %s", best)
         job_plan = plan.make_plan(job_profile, strategy=best, allow_drop=False)
-    for r in job_plan.dropped:
+    idle = [r for r in range(world) if job_plan.strategy == "kernel" and not any(c[r] for c in job_plan.counts().values())]
+    for r in idle:
         log.warning("%s (rank %d) gets no kernels: it would slow the step", job_profile["devices"][r], r)
     log.info("plan: %s, predicted %.1f ms/step", job_plan.strategy, 1000 * job_plan.predicted[job_plan.strategy])
     return apply_plan(config, job_plan, can_drop=False)
