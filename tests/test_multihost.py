@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -24,66 +23,25 @@ import pytest
 import torch
 
 import torchrun_procs
-from convshard import checkpoint
+from convshard import checkpoint, netns
 from convshard.cli import main
 
-SUBNET = "10.213.7"  # addresses exist only inside the test's namespaces
-PORT = 29617
 SHAPED_RATE = "20mbit"
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet", "--epochs", "1"]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=20)
-
-
 @pytest.fixture
 def hosts():
-    """Three namespaces on one bridge; yields [(namespace, address), ...]."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
-    if not (shutil.which("ip") and shutil.which("tc")):
-        pytest.skip("needs iproute2 (ip, tc)")
-    tag = f"cs{os.getpid() % 100000}"
-    switch, names = f"{tag}sw", [f"{tag}h{i}" for i in range(3)]
-    created: list[str] = []
+    """Three namespaces on one bridge, the third one's link shaped to SHAPED_RATE."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
     try:
-        for ns in (switch, *names):
-            _ip("netns", "add", ns)
-            created.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", switch, "link", "set", "br0", "up")
-        for i, ns in enumerate(names):
-            port = f"{tag}p{i}"
-            _ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("link", "set", port, "netns", switch)
-            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-        subprocess.run(["ip", "netns", "exec", names[2], "tc", "qdisc", "add", "dev", "eth0", "root",
-                        "tbf", "rate", SHAPED_RATE, "burst", "32kbit", "latency", "100ms"],
-                       check=True, capture_output=True, timeout=20)
+        with netns.hosts(3, rate=SHAPED_RATE, shaped=[2]) as built:
+            yield built
     except subprocess.CalledProcessError as exc:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-        pytest.skip(f"cannot build network namespaces here: {exc.stderr.strip()}")
-    yield [(ns, f"{SUBNET}.{i + 1}") for i, ns in enumerate(names)]
-    for ns in created:  # deleting a namespace deletes its veth ends too
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-
-
-def _torchrun(ns: str, addr: str, device: str, is_host: bool, extra: list[str]):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
-    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
-           "--nnodes", "3", "--nproc-per-node", "1", "--rdzv-id", "convshard-test",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{SUBNET}.1:{PORT}",
-           # the namespaces share the machine's hostname: name each host's address and
-           # which host serves the store, which torchrun would otherwise derive from the hostname
-           "--local-addr", addr, "--rdzv-conf", f"is_host={int(is_host)}",
-           "-m", "convshard", "train", *TINY, "--devices", device, *extra]
-    return torchrun_procs.start(cmd, env)
+        pytest.skip(f"cannot build network namespaces here: {(exc.stderr or '').strip()}")
 
 
 def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
@@ -92,8 +50,10 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
                  "--checkpoint-dir", str(reference_dir), "--metrics-out", str(tmp_path / "ref.json")]) == 0
     metrics = tmp_path / "hosts.json"
     devices = ["cpu@0", "cpu@1", "cpu@1"]
-    procs = [_torchrun(ns, addr, devices[i], i == 0, ["--checkpoint-dir", str(sharded_dir), "--metrics-out", str(metrics)])
-             for i, (ns, addr) in enumerate(hosts)]
+    procs = [netns.torchrun(host, nnodes=3, rendezvous=hosts[0], run_id="convshard-test",
+                            args=["train", *TINY, "--devices", devices[i], "--checkpoint-dir", str(sharded_dir),
+                                  "--metrics-out", str(metrics)])
+             for i, host in enumerate(hosts)]
     try:
         for p in procs:
             out = torchrun_procs.finish(p, timeout=90)
@@ -106,9 +66,7 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
                 except AssertionError:
                     pass
 
-    shaped = subprocess.run(["ip", "netns", "exec", hosts[2][0], "tc", "-s", "qdisc", "show", "dev", "eth0"],
-                            check=True, capture_output=True, text=True, timeout=20).stdout
-    sent = int(shaped.split("Sent ")[1].split(" bytes")[0])
+    sent = netns.bytes_sent(hosts[2])
     assert sent > 100_000, f"the shaped link carried only {sent} bytes"  # the gathers did cross it
 
     got = json.loads(metrics.read_text())
