@@ -11,7 +11,10 @@ real ``convshard train`` in its own process:
 
 Sweeps: ``workers`` (1-4 kernel workers; beyond the core count they share
 cores, and the table says so), ``batch``, ``kernels`` (network size) and
-``mixes`` (uneven devices: equal shares, ``--shares auto``, ddp). The speedup
+``mixes`` (uneven devices: equal shares, ``--shares auto``, ddp) and
+``bandwidth`` (two hosts as network namespaces, one worker each, joined by
+links shaped with ``tc`` to 10 Gbit/s, 1 Gbit/s and 100 Mbit/s; kernel, ddp
+and ``--strategy auto``; needs root, skipped with the reason otherwise). The speedup
 of a job is t(one device) / t(job), from ``mean_step_seconds`` (after the
 warm-up steps). Writes ``bench.json``, one PNG per sweep and ``bench.md``
 (tables with the command of every figure) into ``--out-dir``.
@@ -28,12 +31,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import devices
+from . import devices, netns
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SWEEPS = ("workers", "batch", "kernels", "mixes")
+SWEEPS = ("workers", "batch", "kernels", "mixes", "bandwidth")
+RATES = ("10gbit", "1gbit", "100mbit")  # the bandwidth sweep's links
 SIZES = {
     "paper": {"kernels": (500, 1500), "batches": (16, 32, 64, 128, 256),
               "networks": ((100, 300), (250, 750), (500, 1500)), "steps": 6},
@@ -47,25 +51,68 @@ class _Runner:
     def __init__(self, out_dir: Path, steps: int) -> None:
         self.out_dir, self.steps, self.cache = out_dir, steps, {}
 
-    def __call__(self, args: Sequence[str]) -> dict:
+    def __call__(self, args: Sequence[str], *, hosts: list[netns.Host] | None = None, rate: str = "") -> dict:
+        """Metrics of ``convshard train ARGS``: one local job, or with ``hosts`` one
+        torchrun per host, the i-th host's worker on the i-th device of ``--devices``."""
         command = ["convshard", "train", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
                    "--synthetic-size", "512", "--max-steps", str(self.steps), "--quiet", *args]
-        key = shlex.join(command)
+        key = shlex.join(command) + (f"  # torchrun on {len(hosts)} hosts, links {rate}" if hosts else "")
         if key not in self.cache:
             out = self.out_dir / "runs" / f"{len(self.cache):03d}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run([sys.executable, "-m", "convshard", *command[1:], "--metrics-out", str(out)],
-                                  env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ConfigError(f"bench job failed ({key}): {proc.stderr.strip().splitlines()[-1:]}")
+            if hosts:
+                self._across(hosts, command[1:], out, key)
+            else:
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                proc = subprocess.run([sys.executable, "-m", "convshard", *command[1:], "--metrics-out", str(out)],
+                                      env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise ConfigError(f"bench job failed ({key}): {proc.stderr.strip().splitlines()[-1:]}")
             metrics = json.loads(out.read_text())
             self.cache[key] = {"command": key, "ms": 1000 * metrics["mean_step_seconds"],
                                "peak_rss_mib": max(metrics["timeline"]["peak_rss_mib"]),
                                "train_loss": metrics["train_loss"], "shares": metrics["shares"],
-                               "devices": metrics["devices"]}
+                               "devices": metrics["devices"], "strategy": metrics["strategy"]}
             log.info("%8.1f ms/step  %s", self.cache[key]["ms"], key)
         return self.cache[key]
+
+    @staticmethod
+    def _across(hosts: list[netns.Host], args: list[str], out: Path, key: str) -> None:
+        spec = args[args.index("--devices") + 1].split(",")
+        procs = []
+        for i, host in enumerate(hosts):
+            host_args = list(args)
+            host_args[host_args.index("--devices") + 1] = spec[i]
+            procs.append(netns.torchrun(host, nnodes=len(hosts), rendezvous=hosts[0], run_id="convshard-bench",
+                                        args=[*host_args, "--metrics-out", str(out)]))
+        results = [netns.finish(p, timeout=1800) for p in procs]
+        for code, output in results:
+            if code != 0:
+                raise ConfigError(f"bench job failed ({key}): {output.strip().splitlines()[-1:]}")
+
+
+def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
+    """Two hosts (namespaces), one worker each, joined by links of each rate in RATES."""
+    reason = netns.unavailable()
+    if reason:
+        log.warning("bandwidth sweep skipped: %s", reason)
+        return []
+    job = ["--kernels", ",".join(map(str, size["kernels"])), "--batch-size", "64" if size is SIZES["paper"] else "16",
+           "--threads", "1"]
+    spec = ",".join(f"cpu@{c}" for c in cores[:2])
+    one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job])
+    one["speedup"] = 1.0
+    points = []
+    for rate in RATES:
+        with netns.hosts(2, rate=rate) as hosts:
+            point = {"x": rate, "one device": one}
+            for name, extra in (("kernel", []), ("ddp", ["--strategy", "ddp"]), ("auto", ["--strategy", "auto"])):
+                point[name] = run(["--devices", spec, *extra, *job], hosts=hosts, rate=rate)
+        for key in ("kernel", "ddp", "auto"):
+            point[key]["speedup"] = one["ms"] / point[key]["ms"]
+        point["note"] = f"(auto chose {point['auto']['strategy']})"
+        points.append(point)
+    return points
 
 
 def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -> dict:
@@ -112,6 +159,8 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             point[key]["speedup"] = one["ms"] / point[key]["ms"]
         one["speedup"] = 1.0
         points.append(point)
+    elif name == "bandwidth":
+        points = _bandwidth(run, size, cores)
     return points
 
 
@@ -130,7 +179,7 @@ def _plot(name: str, points: list[dict], path: Path, cores: int) -> None:
     ax.axhline(cores, color="gray", linestyle="--", linewidth=0.8, label=f"{cores} cores")
     ax.axhline(1, color="black", linewidth=0.5)
     ax.set_xlabel({"workers": "workers", "batch": "batch size", "kernels": "kernels per layer",
-                   "mixes": "devices"}[name])
+                   "mixes": "devices", "bandwidth": "link between the two hosts"}[name])
     ax.set_ylabel("speedup over one device")
     ax.set_title(f"convshard bench: {name}")
     ax.legend(frameon=False)
@@ -168,7 +217,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = _Runner(out, steps or SIZES[size]["steps"])
-    results = {name: _sweep(name, run, SIZES[size], cores) for name in sweeps}
+    results = {name: points for name in sweeps if (points := _sweep(name, run, SIZES[size], cores))}
     for name, points in results.items():
         _plot(name, points, out / f"{name}.png", len(cores))
     (out / "bench.json").write_text(json.dumps({"cores": cores, "size": size, "results": results}, indent=1) + "\n")
