@@ -9,6 +9,10 @@ median of ``repeats`` runs after a warm-up, and fits
 
     t_{r,l}(k) = a_{r,l} + b_{r,l} * k       (least squares, a >= 0, b > 0).
 
+A second pass times each rank once more at the count the split of these
+fits gives it, all ranks at once, and sets b_{r,l} = (t - a_{r,l}) / k: the
+cost at the working point, contention between workers included.
+
 ``rest_seconds[r]`` is the replicated part: forward+backward of the model
 with every conv replaced by a constant of its output's shape, plus the
 optimizer step. Each collective the layers use (all-gather, all-reduce,
@@ -38,6 +42,7 @@ from torch import nn
 
 from . import comm
 from .errors import ConfigError
+from .plan import choose_counts
 from .sharded import ConvSite, conv_sites
 
 VERSION = 1
@@ -102,6 +107,25 @@ def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: co
             break
         k = min(2 * k, share) if k < share else k + 1
     return _fit_line(ks[-3:], ts[-3:])
+
+
+def _calibrate(fits: list[tuple[float, float]], sites: list[ConvSite], shapes: dict, batch: int,
+               device: torch.device, group: comm.Group) -> None:
+    """Re-measure every layer where it will run: each rank at the kernel count
+    the greedy split of the first fits gives it, all ranks at once (workers on
+    a shared core contend as in training), once after a warm-up. b becomes
+    (t - a) / k; ``fits`` (this rank's, per layer) is updated in place."""
+    world = comm.world_size(group)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, fits, group=group)
+    me = comm.rank(group)
+    for i, site in enumerate(sites):
+        a = [r[i][0] for r in everyone]
+        counts = choose_counts(site.conv.out_channels, a, [r[i][1] for r in everyone])
+        k = counts[me]
+        seconds = _time_layer(site, shapes[site.name], max(k, 1), batch, device, 1, group)
+        if k >= 2 and seconds > a[me]:
+            fits[i] = (a[me], (seconds - a[me]) / k)
 
 
 def _probe(model: nn.Module, input_shape: Sequence[int], sites: list[ConvSite]) -> dict[str, dict]:
@@ -246,6 +270,8 @@ def measure(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], c
             "gather_bytes_per_kernel": batch_size * out_h * out_w * elem,
             "input_grad_bytes": batch_size * elem * _numel(shape["input"]) if shape["input_grad"] else 0,
         })
+    if world > 1:
+        _calibrate(mine["fits"], sites, shapes, batch_size, device, group)
     mine["rest"] = _rest_seconds(model, sites, shapes, input_shape, classes, batch_size, device, repeats, group)
     links = _links(device, group) if world > 1 else {}
     everyone = [mine] if world == 1 else [None] * world

@@ -30,6 +30,7 @@ import math
 import resource
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -159,6 +160,37 @@ def _rank_slice(n: int, rank: int, world: int) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
+TIMELINE_STEPS = 2000  # the metrics keep every rank's timings of the last this many steps
+
+
+@dataclass
+class _StepClock:
+    """This process's step timings: running sums for the mean, the last
+    TIMELINE_STEPS steps in full, so memory stays flat over a long run."""
+
+    warmup: int = 3
+    count: int = 0
+    total: float = 0.0  # seconds of all steps
+    timed: float = 0.0  # seconds of the steps after the warm-up
+    seconds: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # each step's wall time
+    ends: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # unix time at each step's end
+    collective: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # its seconds in collectives
+
+    def add(self, seconds: float, in_collectives: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.timed += seconds if self.count > self.warmup else 0.0
+        self.seconds.append(seconds)
+        self.ends.append(time.time())
+        self.collective.append(in_collectives)
+
+    def mean(self) -> float | None:
+        """Mean step seconds after the warm-up (of every step when there were no more)."""
+        if self.count > self.warmup:
+            return self.timed / (self.count - self.warmup)
+        return self.total / self.count if self.count else None
+
+
 @dataclass
 class _Run:
     """One rank's view of a training run."""
@@ -171,9 +203,7 @@ class _Run:
     device: torch.device
     rank: int
     world: int
-    step_times: list[float] = field(default_factory=list)
-    step_ends: list[float] = field(default_factory=list)  # unix time at the end of each step
-    collective_times: list[float] = field(default_factory=list)  # seconds of each step inside collectives
+    clock: _StepClock = field(default_factory=_StepClock)
     rebalancer: Rebalancer | None = None
 
     @property
@@ -340,7 +370,7 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = _make_optimizer(config, model.parameters())
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": []}
-    run = _Run(config, dataset, model, optimizer, progress, device, rank, world)
+    run = _Run(config, dataset, model, optimizer, progress, device, rank, world, _StepClock(config.warmup_steps))
     if config.strategy == "kernel" and config.rebalance != "off":
         run.rebalancer = Rebalancer(model, parse_mode(config.rebalance))
     if saved is not None:
@@ -378,15 +408,13 @@ def _train_epoch(run: _Run) -> float:
         t0, in_collectives = time.perf_counter(), comm.seconds_in_collectives()
         loss = _step(run, batch, global_size)
         _sync(run.device)
-        run.step_times.append(time.perf_counter() - t0)
-        run.step_ends.append(time.time())
-        run.collective_times.append(comm.seconds_in_collectives() - in_collectives)
+        run.clock.add(time.perf_counter() - t0, comm.seconds_in_collectives() - in_collectives)
         loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         if run.rebalancer is not None:
-            run.rebalancer.observe(progress["step"], run.step_times[-1] - run.collective_times[-1], run.optimizer)
+            run.rebalancer.observe(progress["step"], run.clock.seconds[-1] - run.clock.collective[-1], run.optimizer)
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.step_times[-1]:.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.clock.seconds[-1]:.0f}")
         if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
             _save(run)  # the end of an epoch saves anyway
     bar.close()
@@ -451,27 +479,23 @@ def _save(run: _Run) -> None:
         log.info("checkpoint saved to %s at step %d", path, run.progress["step"])
 
 
-TIMELINE_STEPS = 2000  # the metrics keep every rank's timings of the last this many steps
-
-
 def _timeline(run: _Run) -> dict:
     """Every rank's step and in-collective seconds of its last steps and its
     peak resident memory (a collective)."""
-    mine = {"step_seconds": run.step_times[-TIMELINE_STEPS:],
-            "collective_seconds": run.collective_times[-TIMELINE_STEPS:],
+    mine = {"step_seconds": list(run.clock.seconds),
+            "collective_seconds": list(run.clock.collective),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     everyone = [mine] if run.world == 1 else [None] * run.world
     if run.world > 1:
         dist.all_gather_object(everyone, mine)
-    first = len(run.step_times) - len(mine["step_seconds"]) + 1
+    first = run.clock.count - len(mine["step_seconds"]) + 1
     return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
 
 
 def _metrics(run: _Run, all_devices: list[str], seconds: float) -> dict:
     """The run's metrics JSON; timings are None when this run took no step."""
     config, progress = run.config, run.progress
-    timed = run.step_times[config.warmup_steps :] if len(run.step_times) > config.warmup_steps else run.step_times
-    mean_step = sum(timed) / len(timed) if timed else None
+    mean_step = run.clock.mean()
     last = progress["history"][-1] if progress["history"] else {}
     return {
         "test_accuracy": last.get("test_accuracy"),
@@ -486,8 +510,8 @@ def _metrics(run: _Run, all_devices: list[str], seconds: float) -> dict:
         "shares": {k: list(v) for k, v in layer_counts(run.net).items()},
         "plan": config.plan,
         "rebalances": run.rebalancer.events if run.rebalancer else [],
-        "step_seconds": run.step_times,
-        "step_ends": run.step_ends,
+        "step_seconds": list(run.clock.seconds),  # the last TIMELINE_STEPS steps
+        "step_ends": list(run.clock.ends),
         "wall_seconds": seconds,
         "history": progress["history"],
         "config": config.to_json(),
