@@ -7,7 +7,8 @@ three single-thread workers ``cpu@0,cpu@1,cpu@1`` (speeds about 1, 1/2, 1/2):
 
 1. shares: per-step time at batch 64 of ``--shares equal``, ``--shares auto``,
    ``--strategy ddp`` on the same three workers, and the two-worker run
-   ``cpu@0,cpu@1`` (the same two cores of compute, evenly split);
+   ``cpu@0,cpu@1`` (the same two cores of compute, evenly split), in
+   ``--rounds`` interleaved rounds, each job's median reported;
 2. plan: the planner's predicted step against the measured one at batch
    16, 64 and 128 (``--shares auto``, the profile measured at that batch);
 3. load: at batch 16 with ``--rebalance auto``, a busy loop pinned to core 0
@@ -72,16 +73,21 @@ def _busy_core0() -> subprocess.Popen:
     return subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", BUSY_LOOP])
 
 
-def _shares(work: Path, steps: int) -> dict:
-    runs = {
-        "equal": _train(work, "equal", *THREE, "--shares", "equal", steps=steps, batch=64),
-        "auto": _train(work, "auto", *THREE, "--shares", "auto", "--profile", str(work / "profile64.json"),
-                       steps=steps, batch=64),
-        "ddp": _train(work, "ddp", *THREE, "--strategy", "ddp", steps=steps, batch=64),
-        "two_workers": _train(work, "two", "--devices", "cpu@0,cpu@1", steps=steps, batch=64),
+def _shares(work: Path, steps: int, rounds: int) -> dict:
+    """The four jobs, run in turn ``rounds`` times (the machine's speed drifts:
+    interleaving spreads the drift over all four); each job's median counts."""
+    jobs = {
+        "equal": [*THREE, "--shares", "equal"],
+        "auto": [*THREE, "--shares", "auto", "--profile", str(work / "profile64.json")],
+        "ddp": [*THREE, "--strategy", "ddp"],
+        "two_workers": ["--devices", "cpu@0,cpu@1"],
     }
-    ms = {k: 1000 * v["mean_step_seconds"] for k, v in runs.items()}
-    return {"runs": runs, "ms_per_step": ms,
+    runs: dict[str, list[dict]] = {k: [] for k in jobs}
+    for i in range(rounds):
+        for name, args in jobs.items():
+            runs[name].append(_train(work, f"{name}{i}", *args, steps=steps, batch=64))
+    ms = {k: 1000 * statistics.median(r["mean_step_seconds"] for r in v) for k, v in runs.items()}
+    return {"runs": runs, "rounds": rounds, "ms_per_step": ms,
             "auto_speedup_over_equal": ms["equal"] / ms["auto"],
             "auto_over_two_workers": ms["auto"] / ms["two_workers"],
             "auto_speedup_over_ddp": ms["ddp"] / ms["auto"]}
@@ -90,7 +96,7 @@ def _shares(work: Path, steps: int) -> dict:
 def _plan(work: Path, steps: int, auto64: dict) -> dict:
     out = {}
     for batch in (16, 64, 128):
-        run = auto64 if batch == 64 else _train(
+        run = auto64 if batch == 64 and auto64 else _train(
             work, f"auto_b{batch}", *THREE, "--shares", "auto", "--profile", str(work / f"profile{batch}.json"),
             steps=steps, batch=batch)
         predicted, measured = run["plan"]["predicted"]["kernel"], run["mean_step_seconds"]
@@ -130,6 +136,8 @@ def _load(work: Path, steps: int, load_after: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="steps per timed run (3 warm-up) (default: 8)")
+    parser.add_argument("--parts", default="shares,plan,load", help="which parts to run (default: all three)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four batch-64 jobs (default: 3)")
     parser.add_argument("--load-steps", type=int, default=45, help="steps of the load runs (default: 45)")
     parser.add_argument("--load-after", type=float, default=30.0,
                         help="seconds after launch when the busy loop starts (default: 30)")
@@ -141,16 +149,23 @@ def main() -> None:
     for stale in work.glob("profile*.json"):
         stale.unlink()  # profile this machine now
     report: dict = {"command": " ".join(["python", *sys.argv])}
-    report["shares"] = _shares(work, args.steps)
-    report["plan"] = _plan(work, args.steps, report["shares"]["runs"]["auto"])
-    report["load"] = _load(work, args.load_steps, args.load_after)
+    parts = args.parts.split(",")
+    if "shares" in parts:
+        report["shares"] = _shares(work, args.steps, args.rounds)
+    if "plan" in parts:
+        auto64 = report["shares"]["runs"]["auto"][0] if "shares" in parts else None
+        report["plan"] = _plan(work, args.steps, auto64)
+    if "load" in parts:
+        report["load"] = _load(work, args.load_steps, args.load_after)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    summary = {k: v for k, v in report["shares"].items() if k != "runs"}
-    summary["plan_error"] = {b: round(v["error"], 3) for b, v in report["plan"].items()}
-    summary["load"] = {"ideal_ms": report["load"]["ideal_ms"],
-                       **{k: {m: report["load"][k][m] for m in ("steps_to_recover", "mean_ms_after_recovery")}
-                          for k in ("rebalance", "no_rebalance")}}
+    summary = {k: v for k, v in report.get("shares", {}).items() if k != "runs"}
+    if "plan" in report:
+        summary["plan_error"] = {b: round(v["error"], 3) for b, v in report["plan"].items()}
+    if "load" in report:
+        summary["load"] = {"ideal_ms": report["load"]["ideal_ms"],
+                           **{k: {m: report["load"][k][m] for m in ("steps_to_recover", "mean_ms_after_recovery")}
+                              for k in ("rebalance", "no_rebalance")}}
     print(json.dumps(summary, indent=2))
 
 

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 SWEEPS = ("workers", "batch", "kernels", "mixes", "bandwidth")
 RATES = ("10gbit", "1gbit", "100mbit")  # the bandwidth sweep's links
 SIZES = {
-    "paper": {"kernels": (500, 1500), "batches": (16, 32, 64, 128, 256),
+    "paper": {"kernels": (500, 1500), "batch": 64, "batches": (16, 32, 64, 128, 256),
               "networks": ((100, 300), (250, 750), (500, 1500)), "steps": 6},
-    "smoke": {"kernels": (4, 8), "batches": (8,), "networks": ((4, 8), (8, 12)), "steps": 4},
+    "smoke": {"kernels": (4, 8), "batch": 16, "batches": (8,), "networks": ((4, 8), (8, 12)), "steps": 4},
 }
 
 
@@ -97,7 +97,7 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     if reason:
         log.warning("bandwidth sweep skipped: %s", reason)
         return []
-    job = ["--kernels", ",".join(map(str, size["kernels"])), "--batch-size", "64" if size is SIZES["paper"] else "16",
+    job = ["--kernels", ",".join(map(str, size["kernels"])), "--batch-size", str(size["batch"]),
            "--threads", "1"]
     spec = ",".join(f"cpu@{c}" for c in cores[:2])
     one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job])
@@ -132,7 +132,7 @@ def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -
 
 def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     kernels = ",".join(map(str, size["kernels"]))
-    base = ["--kernels", kernels, "--batch-size", "64" if size is SIZES["paper"] else "16"]
+    base = ["--kernels", kernels, "--batch-size", str(size["batch"])]
     two = [f"cpu@{c}" for c in cores[:2]]
     points = []
     if name == "workers":
@@ -206,8 +206,10 @@ def _markdown(results: dict, cores: list[int]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None) -> dict:
-    """Run the sweeps; write bench.json, <sweep>.png and bench.md into ``out_dir``; return the results."""
+def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
+              batches: Sequence[int] | None = None) -> dict:
+    """Run the sweeps; write bench.json, <sweep>.png and bench.md into ``out_dir``; return the results.
+    ``batches`` replaces the size's batch sizes of the batch sweep."""
     unknown = [s for s in sweeps if s not in SWEEPS]
     if unknown:
         raise ConfigError(f"unknown sweep {unknown[0]!r}: choose from {', '.join(SWEEPS)}")
@@ -217,7 +219,8 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = _Runner(out, steps or SIZES[size]["steps"])
-    results = {name: points for name in sweeps if (points := _sweep(name, run, SIZES[size], cores))}
+    chosen = {**SIZES[size], **({"batches": tuple(batches)} if batches else {})}
+    results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
         _plot(name, points, out / f"{name}.png", len(cores))
     (out / "bench.json").write_text(json.dumps({"cores": cores, "size": size, "results": results}, indent=1) + "\n")
