@@ -368,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The ``convshard`` command. A torchrun worker leaves through
     ``launch.hard_exit``, like a worker of the local launcher."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # the reader left (``convshard plan | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     if launch.in_torchrun():
         launch.hard_exit(code)
     sys.exit(code)
