@@ -45,7 +45,8 @@ def _measure_worker() -> dict:
     init_from_env("gloo", timeout=120)
     torch.manual_seed(0)
     model = build_model("paper", SHAPE, 10, (4, 8))
-    return profile.measure(model, device_spec="cpu", input_shape=SHAPE, classes=10, batch_size=8)
+    key = profile.job_key(model, device_spec="cpu", input_shape=SHAPE, batch_size=8)
+    return profile.measure(model, key=key, input_shape=SHAPE, classes=10, batch_size=8)
 
 
 def test_measure_two_ranks_gives_one_profile_the_planner_reads():

@@ -290,7 +290,7 @@ def run(config: TrainConfig) -> dict | None:
     return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
 
 
-def measure(config: TrainConfig, command: str) -> None:
+def _profile_or_plan(config: TrainConfig, command: str) -> None:
     """``convshard profile`` and ``convshard plan``: print the profile or the plan."""
     if launch.in_torchrun():
         raise ConfigError(f"convshard {command} starts its own workers: run it without torchrun")
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             run(config_from_args(args))
         else:
-            measure(config_from_args(args), args.command)
+            _profile_or_plan(config_from_args(args), args.command)
     except ConfigError as exc:
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 2

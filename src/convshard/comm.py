@@ -56,6 +56,15 @@ def rank(group: Group = None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def gather_objects(obj: object, *, group: Group = None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a job."""
+    if world_size(group) == 1:
+        return [obj]
+    everyone: list = [None] * world_size(group)
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
+
+
 def _needs_host_staging(tensor: torch.Tensor, group: Group) -> bool:
     # gloo implements few collectives on CUDA tensors: stage them through host memory.
     return tensor.is_cuda and dist.get_backend(group) == dist.Backend.GLOO

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 from .errors import ConfigError
 
@@ -62,16 +62,6 @@ class LayerPlan:
     wait: tuple[float, ...]  # seconds each rank waits for the slowest (0.0 for ranks left out)
     comm: float  # all-gather plus input-gradient all-reduce, seconds
     seconds: float  # slowest rank's compute + comm
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "counts": list(self.counts),
-            "compute": list(self.compute),
-            "wait": list(self.wait),
-            "comm": self.comm,
-            "seconds": self.seconds,
-        }
 
 
 @dataclass(frozen=True)
@@ -96,18 +86,26 @@ class Plan:
         """How many times faster the chosen strategy's predicted step is than ``over``'s."""
         return self.predicted[over] / self.predicted[self.strategy]
 
+    def idle(self) -> tuple[int, ...]:
+        """Ranks the kernel plan gives no kernels in any layer (the dropped ones among them)."""
+        return tuple(r for r in range(len(self.devices)) if not any(layer.counts[r] for layer in self.layers))
+
+    def idle_note(self, rank: int) -> str:
+        return f"{self.devices[rank]} (rank {rank}) gets no kernels: it would slow the step"
+
     def to_json(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "devices": list(self.devices),
-            "ranks": list(self.ranks),
-            "dropped": list(self.dropped),
-            "layers": [layer.to_json() for layer in self.layers],
-            "rest": self.rest,
-            "sync": self.sync,
-            "predicted": dict(self.predicted),
-            "best_single": self.best_single,
-        }
+        """Every field, nested plans included, as plain dicts and lists."""
+        return _plain(self)
+
+
+def _plain(value):
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def choose_counts(total: int, a: Sequence[float], b: Sequence[float]) -> tuple[int, ...]:
@@ -227,7 +225,7 @@ def format_plan(plan: Plan) -> str:
     if "ddp" in plan.predicted:
         speedups.append(f"{plan.speedup('ddp'):.2f}x over ddp")
     lines.append(f"speedup of {plan.strategy}: " + ", ".join(speedups))
-    lines.extend(f"{plan.devices[r]} (rank {r}) gets no kernels: it would slow the step" for r in plan.dropped)
+    lines.extend(plan.idle_note(r) for r in plan.dropped)
     lines.append(f"strategy: {plan.strategy}")
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -115,9 +116,7 @@ def _calibrate(fits: list[tuple[float, float]], sites: list[ConvSite], shapes: d
     the greedy split of the first fits gives it, all ranks at once (workers on
     a shared core contend as in training), once after a warm-up. b becomes
     (t - a) / k; ``fits`` (this rank's, per layer) is updated in place."""
-    world = comm.world_size(group)
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, fits, group=group)
+    everyone = comm.gather_objects(fits, group=group)
     me = comm.rank(group)
     for i, site in enumerate(sites):
         a = [r[i][0] for r in everyone]
@@ -224,10 +223,7 @@ def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float
         small, large = (_median_seconds(lambda n=n: op(n), device, repeats=5, group=group) for n in LINK_SIZES)
         bandwidth = (LINK_SIZES[1] - LINK_SIZES[0]) / max(large - small, 1e-9)
         links[name] = {"latency": max(small - LINK_SIZES[0] / bandwidth, 0.0), "bandwidth": bandwidth}
-    # every rank must plan from the same figures: take rank 0's
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, links, group=group)
-    return everyone[0]
+    return comm.gather_objects(links, group=group)[0]  # every rank plans from the same figures: rank 0's
 
 
 def hostname() -> str:
@@ -248,16 +244,25 @@ def profile_key(*, devices: Sequence[str], threads: Sequence[int], hosts: Sequen
             "torch": torch.__version__}
 
 
-def measure(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], classes: int, batch_size: int,
+def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], batch_size: int,
+            group: comm.Group = None) -> dict:
+    """``profile_key`` of the running job (a collective: every rank names its device, threads and host)."""
+    everyone = comm.gather_objects((device_spec, torch.get_num_threads(), hostname()), group=group)
+    return profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
+                       hosts=[e[2] for e in everyone], model=model, input_shape=input_shape, batch_size=batch_size)
+
+
+def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes: int, batch_size: int,
             repeats: int = 2, group: comm.Group = None) -> dict:
     """Profile this job (a collective; ``model`` unsharded, on this rank's
-    device, the same on every rank). Returns the same profile on every rank."""
+    device, the same on every rank; ``key`` from ``job_key``). Returns the
+    same profile on every rank."""
     device = next(model.parameters()).device
     world = comm.world_size(group)
     sites = [s for s in conv_sites(model) if s.shardable]
     shapes = _probe(model, input_shape, sites)
     elem = next(model.parameters()).element_size()
-    mine: dict = {"device": device_spec, "threads": torch.get_num_threads(), "host": hostname(), "fits": []}
+    mine: dict = {"fits": []}
     layers = []
     for site in sites:
         shape = shapes[site.name]
@@ -268,15 +273,13 @@ def measure(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], c
         layers.append({
             "name": site.name, "kernels": site.conv.out_channels,
             "gather_bytes_per_kernel": batch_size * out_h * out_w * elem,
-            "input_grad_bytes": batch_size * elem * _numel(shape["input"]) if shape["input_grad"] else 0,
+            "input_grad_bytes": batch_size * elem * math.prod(shape["input"]) if shape["input_grad"] else 0,
         })
     if world > 1:
         _calibrate(mine["fits"], sites, shapes, batch_size, device, group)
     mine["rest"] = _rest_seconds(model, sites, shapes, input_shape, classes, batch_size, device, repeats, group)
     links = _links(device, group) if world > 1 else {}
-    everyone = [mine] if world == 1 else [None] * world
-    if world > 1:
-        dist.all_gather_object(everyone, mine, group=group)
+    everyone = comm.gather_objects(mine, group=group)
     for i, layer in enumerate(layers):
         layer["a"] = [r["fits"][i][0] for r in everyone]
         layer["b"] = [r["fits"][i][1] for r in everyone]
@@ -284,24 +287,15 @@ def measure(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], c
     params = dict(model.named_parameters())
     return {
         "version": VERSION,
-        "key": profile_key(devices=[r["device"] for r in everyone], threads=[r["threads"] for r in everyone],
-                           hosts=[r["host"] for r in everyone], model=model, input_shape=input_shape,
-                           batch_size=batch_size),
+        "key": key,
         "batch_size": batch_size,
-        "devices": [r["device"] for r in everyone],
+        "devices": key["devices"],
         "layers": layers,
         "rest_seconds": [r["rest"] for r in everyone],
         "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
         "replicated_param_bytes": sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded),
         "links": links,
     }
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def load(path: str | os.PathLike, key: dict) -> dict | None:

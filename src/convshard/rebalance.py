@@ -4,8 +4,8 @@ Every step each rank records its busy time: the step's wall time minus the
 time it spent inside collectives (``comm.seconds_in_collectives``), which
 includes waiting for slower peers. Over a window of steps rank r was busy
 T_r seconds while holding work u_r = sum_l w_l c_{r,l} (c_{r,l} kernels of
-layer l, w_l the layer's cost per kernel from the profile, or its
-multiply-adds per kernel when there is none), so its cost per unit of work
+layer l, w_l = C_in * kh * kw the layer's multiply-adds per kernel and
+output pixel), so its cost per unit of work
 is s_r = T_r / u_r. The imbalance is max_r T_r / mean_r T_r - 1.
 
 Mode ``auto`` checks every ``window`` steps and rebalances when the
@@ -31,7 +31,7 @@ from torch import nn
 
 from . import comm
 from .plan import choose_counts
-from .sharded import ShardedConv2d, ShardSplit
+from .sharded import ShardedConv2d, ShardSplit, layer_counts
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,10 @@ def parse_mode(text: str) -> str | int:
     raise ValueError(f"--rebalance takes off, auto or a positive number of steps, got {text!r}")
 
 
-def layer_weights(model: nn.Module, profile: Mapping | None = None) -> dict[str, float]:
-    """Relative cost of one kernel of each sharded layer: the profile's mean
-    b over ranks, else C_in * kh * kw (multiply-adds per output pixel)."""
-    measured = {layer["name"]: sum(layer["b"]) / len(layer["b"]) for layer in (profile or {}).get("layers", [])}
-    return {name: measured.get(name, float(m.in_channels * math.prod(m.kernel_size)))
+def layer_weights(model: nn.Module) -> dict[str, float]:
+    """Relative cost of one kernel of each sharded layer: C_in * kh * kw,
+    its multiply-adds per output pixel."""
+    return {name: float(m.in_channels * math.prod(m.kernel_size))
             for name, m in model.named_modules() if isinstance(m, ShardedConv2d)}
 
 
@@ -80,16 +79,12 @@ def reshard(model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[
 class Rebalancer:
     """Decides, identically on every rank, when and how to re-split the kernels."""
 
-    def __init__(self, model: nn.Module, mode: str | int, *, profile: Mapping | None = None,
-                 threshold: float = 0.10, window: int = 5) -> None:
+    def __init__(self, model: nn.Module, mode: str | int, *, threshold: float = 0.10, window: int = 5) -> None:
         self.model, self.mode, self.threshold = model, mode, threshold
         self.window = mode if isinstance(mode, int) else window
-        self.weights = layer_weights(model, profile)
+        self.weights = layer_weights(model)
         self.busy: list[float] = []
         self.events: list[dict] = []
-
-    def counts(self) -> dict[str, tuple[int, ...]]:
-        return {n: m.split.counts for n, m in self.model.named_modules() if isinstance(m, ShardedConv2d)}
 
     def observe(self, step: int, busy_seconds: float, optimizer: torch.optim.Optimizer) -> dict | None:
         """Record this rank's busy time of optimizer step ``step`` (1-based);
@@ -109,7 +104,7 @@ class Rebalancer:
         if self.mode == "auto" and imbalance <= self.threshold:
             return None
         new, gain = self._new_counts(busy)
-        old = self.counts()
+        old = layer_counts(self.model)
         if new == old or (self.mode == "auto" and gain < self.threshold / 2):
             return None
         reshard(self.model, optimizer, new)
@@ -123,7 +118,7 @@ class Rebalancer:
 
     def _new_counts(self, busy: Sequence[float]) -> tuple[dict[str, tuple[int, ...]], float]:
         """New counts per layer, and the predicted gain: max_r u_r s_r before over after, minus 1."""
-        counts = self.counts()
+        counts = layer_counts(self.model)
         world = len(busy)
 
         def work(split: Mapping[str, Sequence[int]], r: int) -> float:

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
@@ -206,9 +205,7 @@ def conv_sites(model: nn.Module, *, fuse_channelwise: bool = True) -> list[ConvS
 def _check_same_model(model: nn.Module, group: comm.Group) -> None:
     """Refuse to shard when ranks hold models of different structure."""
     signature = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
-    everyone: list = [None] * comm.world_size(group)
-    dist.all_gather_object(everyone, signature, group=group)
-    for r, other in enumerate(everyone):
+    for r, other in enumerate(comm.gather_objects(signature, group=group)):
         if other != signature:
             mismatch = next(
                 (a, b) for a, b in zip(signature + [None], other + [None]) if a != b

@@ -240,7 +240,7 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
     if config.needs_plan:  # under torchrun: every rank plans from the same profile
         config = _plan_in_worker(config, dataset, device_spec)
     run = _setup(config, dataset, device_spec.torch_device, rank, world)
-    all_devices = _job_devices(device_spec, world)
+    all_devices = comm.gather_objects(str(device_spec))  # every rank's device, in rank order
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
              ", ".join(all_devices), threads)
 
@@ -288,21 +288,15 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
     """This job's profile: from the cache at ``config.profile`` when it was
     measured on the same devices and model, else measured now (a collective)."""
     model = make_model(config, dataset).to(device_spec.torch_device)
-    world = comm.world_size()
-    mine = (str(device_spec), torch.get_num_threads(), profile.hostname())
-    everyone = [mine] if world == 1 else [None] * world
-    if world > 1:
-        dist.all_gather_object(everyone, mine)
-    key = profile.profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
-                              hosts=[e[2] for e in everyone], model=model, input_shape=dataset.input_shape,
-                              batch_size=config.batch_size)
+    key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
+                          batch_size=config.batch_size)
     cached = profile.load(config.profile, key) if config.profile else None
     if cached is not None:
         log.info("profile: reusing %s", config.profile)
         return cached
-    log.info("profiling %d device(s) at batch %d ...", world, config.batch_size)
-    result = profile.measure(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
-                             classes=dataset.classes, batch_size=config.batch_size)
+    log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
+    result = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,
+                             batch_size=config.batch_size)
     if config.profile and comm.rank() == 0:
         profile.save(config.profile, result)
     return result
@@ -336,16 +330,14 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
     """Plan under torchrun, where the job's processes are already fixed: no
     rank leaves and ``single`` is not an option."""
     job_profile = measure_job(config, dataset, device_spec)
-    world = len(job_profile["devices"])
     wanted = "kernel" if config.strategy != "auto" else "auto"
     job_plan = plan.make_plan(job_profile, strategy=wanted, allow_drop=False)
     if job_plan.strategy == "single":
         best = min(("kernel", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
         log.warning("the plan prefers one device, which a running torchrun job cannot shrink to; using %s", best)
         job_plan = plan.make_plan(job_profile, strategy=best, allow_drop=False)
-    idle = [r for r in range(world) if job_plan.strategy == "kernel" and not any(c[r] for c in job_plan.counts().values())]
-    for r in idle:
-        log.warning("%s (rank %d) gets no kernels: it would slow the step", job_profile["devices"][r], r)
+    for r in job_plan.idle() if job_plan.strategy == "kernel" else ():
+        log.warning(job_plan.idle_note(r))
     log.info("plan: %s, predicted %.1f ms/step", job_plan.strategy, 1000 * job_plan.predicted[job_plan.strategy])
     return apply_plan(config, job_plan, can_drop=False)
 
@@ -455,15 +447,6 @@ def _mean_over_ranks(run: _Run, loss_sum: float, seen: int) -> float:
     return (totals[0] / totals[1]).item()
 
 
-def _job_devices(device_spec: devices.Device, world: int) -> list[str]:
-    """Every rank's device spec, in rank order (they may live on other hosts)."""
-    if world == 1:
-        return [str(device_spec)]
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, str(device_spec))
-    return everyone
-
-
 def _save(run: _Run) -> None:
     """Gather the unsharded state (a collective) and let rank 0 write it."""
     if run.config.checkpoint_dir is None:
@@ -485,9 +468,7 @@ def _timeline(run: _Run) -> dict:
     mine = {"step_seconds": list(run.clock.seconds),
             "collective_seconds": list(run.clock.collective),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
-    everyone = [mine] if run.world == 1 else [None] * run.world
-    if run.world > 1:
-        dist.all_gather_object(everyone, mine)
+    everyone = comm.gather_objects(mine)
     first = run.clock.count - len(mine["step_seconds"]) + 1
     return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
 

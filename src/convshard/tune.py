@@ -11,6 +11,7 @@ processes are fixed, the workers plan for themselves (``train.train_worker``).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from . import data, devices, launch, plan, profile
 from .train import TrainConfig, apply_plan, make_model, profile_worker
@@ -40,10 +41,10 @@ def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
 
 def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
     """The job to run: ``config`` with strategy, devices and kernel counts planned."""
-    planning = TrainConfig(**{**config.to_json(), "strategy": "auto", "shares": None})
+    planning = replace(config, strategy="auto", shares=None)
     job_plan = plan.make_plan(profile_job(planning, dataset), strategy="kernel" if config.strategy == "kernel" else "auto")
     for r in job_plan.dropped if job_plan.strategy == "kernel" else ():
-        log.warning("%s (rank %d) gets no kernels: it would slow the step", job_plan.devices[r], r)
+        log.warning(job_plan.idle_note(r))
     prepared = apply_plan(config, job_plan, can_drop=True)
     log.info("plan: %s on %s, predicted %.1f ms/step", prepared.strategy, prepared.devices,
              1000 * job_plan.predicted[job_plan.strategy])
