@@ -5,12 +5,15 @@
 On the paper's CNN (kernels 500,1500, CIFAR-shaped synthetic input) with
 three single-thread workers ``cpu@0,cpu@1,cpu@1`` (speeds about 1, 1/2, 1/2):
 
-1. shares: per-step time at batch 64 of ``--shares equal``, ``--shares auto``,
-   ``--strategy ddp`` on the same three workers, and the two-worker run
+1. shares: per-step time at batch 64 of ``--shares equal``, ``--shares auto``
+   (the planned split, corrected online from step 5 on: ``--rebalance`` is
+   ``auto`` for a planned split), ``--strategy ddp`` on the same three
+   workers, and the two-worker run
    ``cpu@0,cpu@1`` (the same two cores of compute, evenly split), in
    ``--rounds`` interleaved rounds, each job's median reported;
 2. plan: the planner's predicted step against the measured one at batch
-   16, 64 and 128 (``--shares auto``, the profile measured at that batch);
+   16, 64 and 128 (``--shares auto --rebalance off``, the profile measured at
+   that batch);
 3. load: at batch 16 with ``--rebalance auto``, a busy loop pinned to core 0
    (a separate process) starts mid-run; the steps after it are compared with
    the new ideal: a run planned (``--shares auto``) with that load running
@@ -87,18 +90,20 @@ def _shares(work: Path, steps: int, rounds: int) -> dict:
         for name, args in jobs.items():
             runs[name].append(_train(work, f"{name}{i}", *args, steps=steps, batch=64))
     ms = {k: 1000 * statistics.median(r["mean_step_seconds"] for r in v) for k, v in runs.items()}
-    return {"runs": runs, "rounds": rounds, "ms_per_step": ms,
+    moves = [[(e["step"], e["reason"], e["new"]) for e in run["rebalances"]] for run in runs["auto"]]
+    return {"runs": runs, "rounds": rounds, "ms_per_step": ms, "auto_rebalances": moves,
             "auto_speedup_over_equal": ms["equal"] / ms["auto"],
             "auto_over_two_workers": ms["auto"] / ms["two_workers"],
             "auto_speedup_over_ddp": ms["ddp"] / ms["auto"]}
 
 
-def _plan(work: Path, steps: int, auto64: dict) -> dict:
+def _plan(work: Path, steps: int) -> dict:
+    """The plan's predicted step against the measured step of the planned split,
+    held fixed (``--rebalance off``)."""
     out = {}
     for batch in (16, 64, 128):
-        run = auto64 if batch == 64 and auto64 else _train(
-            work, f"auto_b{batch}", *THREE, "--shares", "auto", "--profile", str(work / f"profile{batch}.json"),
-            steps=steps, batch=batch)
+        run = _train(work, f"auto_b{batch}", *THREE, "--shares", "auto", "--rebalance", "off",
+                     "--profile", str(work / f"profile{batch}.json"), steps=steps, batch=batch)
         predicted, measured = run["plan"]["predicted"]["kernel"], run["mean_step_seconds"]
         out[str(batch)] = {"predicted_ms": 1000 * predicted, "measured_ms": 1000 * measured,
                            "error": abs(predicted - measured) / measured, "command": run["command"]}
@@ -124,7 +129,7 @@ def _load(work: Path, steps: int, load_after: float) -> dict:
     common = [*THREE, "--shares", "auto", "--profile", str(work / "profile16.json")]
     adapting = _train(work, "load_rebalance", *common, "--rebalance", "auto", steps=steps, batch=16,
                       load_after=load_after)
-    fixed = _train(work, "load_fixed", *common, steps=steps, batch=16, load_after=load_after)
+    fixed = _train(work, "load_fixed", *common, "--rebalance", "off", steps=steps, batch=16, load_after=load_after)
     ideal_s = ideal["mean_step_seconds"]
     return {"ideal_ms": 1000 * ideal_s, "ideal_command": ideal["command"] + "  (busy loop on core 0 throughout)",
             "rebalance": {**_recovery(adapting, ideal_s), "command": adapting["command"],
@@ -135,7 +140,7 @@ def _load(work: Path, steps: int, load_after: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed run (3 warm-up) (default: 8)")
+    parser.add_argument("--steps", type=int, default=12, help="steps per timed run (3 warm-up) (default: 12)")
     parser.add_argument("--parts", default="shares,plan,load", help="which parts to run (default: all three)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the four batch-64 jobs (default: 3)")
     parser.add_argument("--load-steps", type=int, default=45, help="steps of the load runs (default: 45)")
@@ -153,8 +158,7 @@ def main() -> None:
     if "shares" in parts:
         report["shares"] = _shares(work, args.steps, args.rounds)
     if "plan" in parts:
-        auto64 = report["shares"]["runs"]["auto"][0] if "shares" in parts else None
-        report["plan"] = _plan(work, args.steps, auto64)
+        report["plan"] = _plan(work, args.steps)
     if "load" in parts:
         report["load"] = _load(work, args.load_steps, args.load_after)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

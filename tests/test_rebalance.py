@@ -15,6 +15,7 @@ from convshard.cli import main
 from convshard.launch import init_from_env, launch_local
 from convshard.models import build_model
 from convshard.sharded import ShardedConv2d, ShardSplit
+from convshard.train import TrainConfig
 
 SHAPE = (3, 16, 16)
 KERNELS = (6, 10)
@@ -80,9 +81,24 @@ def test_new_counts_follow_the_busy_times():
     assert balancer._new_counts([1.0, 1.0]) == ({"0": (6, 6), "1": (12, 12)}, 0.0)
 
 
-def test_rank_without_kernels_is_assumed_average():
-    model = _split_model({"0": (0, 8)})
-    assert rebalance.Rebalancer(model, 4)._new_counts([0.1, 1.0])[0] == {"0": (4, 4)}
+def test_auto_moves_kernels_only_for_a_real_gain():
+    """Mode auto re-splits when the predicted slowest busy time falls by 3% or more;
+    mode N re-splits whenever the counts change."""
+    model = _split_model({"0": (50, 50), "1": (100, 100)})
+    auto = rebalance.Rebalancer(model, "auto")
+    assert auto.decide([1.0, 1.02]) is None  # the best split gains 1%: noise
+    new, reason = auto.decide([1.0, 1.2])
+    assert new == {"0": (55, 45), "1": (109, 91)}
+    assert reason == "imbalance 9%, predicted gain 10%"  # 1.2 / (164 / 150) - 1
+    assert rebalance.Rebalancer(model, 5).decide([1.0, 1.02])[0] == {"0": (50, 50), "1": (101, 99)}
+
+
+def test_rank_without_kernels_keeps_none():
+    """A rank the plan left out (its link may be what makes it slow) gets no kernels back."""
+    model = _split_model({"0": (0, 4, 8), "1": (0, 6, 6)})
+    new, gain = rebalance.Rebalancer(model, 4)._new_counts([0.1, 1.0, 2.0])
+    assert new == {"0": (0, 7, 5), "1": (0, 7, 5)}
+    assert gain == pytest.approx(2.0 / (10 * 2.0 / 14) - 1)  # rank 2's busy time falls from 2.0 to 10/14 of it
 
 
 def test_parse_mode():
@@ -109,3 +125,12 @@ def test_train_with_periodic_rebalancing_is_exact(tmp_path):
     assert moved["train_loss"] == pytest.approx(still["train_loss"], rel=1e-5)
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["model"] for n in "ab")
     assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-5
+
+
+def test_planned_split_is_corrected_online_by_default():
+    planned = {"strategy": "kernel"}
+    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned).rebalance_mode == "auto"
+    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned, rebalance="off").rebalance_mode == "off"
+    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned, rebalance="7").rebalance_mode == 7
+    assert TrainConfig(devices="cpu@0,cpu@0").rebalance_mode == "off"  # equal or user-given shares stay
+    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned, strategy="ddp").rebalance_mode == "off"

@@ -167,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel share per worker: 'equal' (default), 'auto' (planned from a profile: "
                         "a device that would slow the step gets none) or weights such as 2,1,1")
     g.add_argument("--rebalance", metavar="MODE", type=_rebalance, default=d.rebalance,
-                   help="re-split the kernels while training: off, auto (when the ranks' busy times "
-                        "differ by over 10%%, checked every 5 steps) or N (every N steps) (default: %(default)s)")
+                   help="re-split the kernels while training: off, auto (checked every 5 steps: when a "
+                        "new split is predicted to cut the slowest worker's busy time by 3%% or more) or N "
+                        "(every N steps) (default: auto for a planned split, --shares auto or --strategy "
+                        "auto; off otherwise)")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", metavar="N", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--max-steps", metavar="N", type=_positive(int, "--max-steps"),
@@ -259,7 +261,7 @@ def validate(config: TrainConfig) -> data.Dataset:
                           f"not {config.strategy}")
     if isinstance(config.shares, tuple) and config.strategy == "auto":
         raise ConfigError("--strategy auto plans the shares itself: give --shares auto or leave it out")
-    if config.rebalance != "off" and config.strategy not in ("kernel", "auto"):
+    if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
                           f"not {config.strategy}")
     world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size

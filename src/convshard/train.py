@@ -62,7 +62,7 @@ class TrainConfig:
     strategy: str = "kernel"  # kernel | single | ddp | auto
     shares: tuple[float, ...] | str | None = None  # relative kernel share per rank, "auto", or None: equal
     profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
-    rebalance: str = "off"  # off | auto | N: re-split the kernels online (kernel strategy)
+    rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
     layer_counts: dict[str, tuple[int, ...]] | None = None  # kernels per rank per layer, from a plan
     plan: dict | None = None  # the plan that chose strategy, devices and layer_counts
     model: str = "paper"  # paper | vgg
@@ -95,6 +95,14 @@ class TrainConfig:
     def needs_plan(self) -> bool:
         """Whether strategy or shares are still to be chosen from a profile."""
         return self.plan is None and (self.strategy == "auto" or self.shares == "auto")
+
+    @property
+    def rebalance_mode(self) -> str | int:
+        """The ``--rebalance`` mode in effect: a planned kernel split is
+        corrected online (``auto``) unless the user said otherwise."""
+        if self.rebalance is not None:
+            return parse_mode(self.rebalance)
+        return "auto" if self.plan is not None and self.strategy == "kernel" else "off"
 
     def threads_for(self, device: devices.Device) -> int:
         """Intra-op threads of ``device``'s worker."""
@@ -363,8 +371,8 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     optimizer = _make_optimizer(config, model.parameters())
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": []}
     run = _Run(config, dataset, model, optimizer, progress, device, rank, world, _StepClock(config.warmup_steps))
-    if config.strategy == "kernel" and config.rebalance != "off":
-        run.rebalancer = Rebalancer(model, parse_mode(config.rebalance))
+    if config.strategy == "kernel" and config.rebalance_mode != "off":
+        run.rebalancer = Rebalancer(model, config.rebalance_mode)
     if saved is not None:
         checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"])
         run.progress = saved["progress"]
