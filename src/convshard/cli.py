@@ -33,7 +33,7 @@ EXAMPLES = """\
 examples:
   convshard train                                   # the paper's CNN on MNIST, 2 CPU workers
   convshard train --devices cpu@0,cpu@1,cpu@1 --shares 2,1,1
-  convshard train --devices cpu@0,cpu@1,cpu@1 --shares auto --rebalance auto --profile runs/p.json
+  convshard train --devices cpu@0,cpu@1,cpu@1 --shares auto --profile runs/p.json  # planned, rebalanced online
   convshard train --devices cpu@0,cuda:0 --strategy auto  # kernel, ddp or one device: the fastest planned
   convshard train --strategy single --devices cpu@0-1 --threads 2
   convshard train --strategy ddp --devices cpu@0,cpu@1
