@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from convshard import report
+from convshard import bench, report
 from convshard.cli import main
 from convshard.errors import ConfigError
 
@@ -76,3 +76,16 @@ def test_bench_smoke_writes_json_plots_and_commands(tmp_path):
 def test_bench_refuses_an_unknown_sweep(tmp_path, capsys):
     assert main(["bench", "--sweeps", "colour", "--out-dir", str(tmp_path)]) == 2
     assert "'colour'" in capsys.readouterr().err
+
+
+def test_bench_table_keeps_a_job_missing_from_the_first_point():
+    """The workers sweep has no ddp at 1 worker: the column still shows from 2 on."""
+    def job(ms, command):
+        return {"ms": ms, "speedup": 100 / ms, "peak_rss_mib": 1.0, "command": command}
+
+    points = [{"x": 1, "one device": job(100, "a"), "kernel": job(100, "b")},
+              {"x": 2, "one device": job(100, "a"), "kernel": job(50, "c"), "ddp": job(60, "d")}]
+    table = bench._markdown({"workers": points}, [0, 1]).splitlines()
+    assert "| x | one device | kernel | ddp |" in table[4]
+    assert table[6].startswith("| 1 | 100 (1.00x) | 100 (1.00x) |  |")
+    assert table[7].startswith("| 2 | 100 (1.00x) | 50 (2.00x) | 60 (1.67x) |")

@@ -171,10 +171,12 @@ def _plot(name: str, points: list[dict], path: Path, cores: int) -> None:
     import matplotlib.pyplot as plt
 
     labels = [str(p["x"]) for p in points]
-    series = [k for k in points[0] if isinstance(points[0][k], dict) and k != "one device"]
+    series = [k for k in dict.fromkeys(k for p in points for k in p) if isinstance(points[-1].get(k), dict)
+              and k != "one device"]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for key in series:
-        ax.plot(range(len(points)), [p[key]["speedup"] for p in points], marker="o", label=key)
+        xs = [i for i, p in enumerate(points) if key in p]
+        ax.plot(xs, [points[i][key]["speedup"] for i in xs], marker="o", label=key)
     ax.set_xticks(range(len(points)), labels)
     ax.axhline(cores, color="gray", linestyle="--", linewidth=0.8, label=f"{cores} cores")
     ax.axhline(1, color="black", linewidth=0.5)
@@ -192,17 +194,17 @@ def _markdown(results: dict, cores: list[int]) -> str:
     lines = [f"Machine: {len(cores)} usable cores ({', '.join(map(str, cores))}). "
              "Milliseconds per step (mean after the warm-up), speedup over one device in brackets.", ""]
     for name, points in results.items():
-        keys = [k for k in points[0] if isinstance(points[0][k], dict)]
+        keys = list(dict.fromkeys(k for p in points for k in p if isinstance(p[k], dict)))
         lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB (kernel worker / all cores) |",
                   "|" + " --- |" * (len(keys) + 2)]
         for p in points:
-            cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" for k in keys]
+            cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" if k in p else "" for k in keys]
             main = p.get("kernel") or p.get("auto shares")
             ref = p.get("all cores") or p["one device"]
             note = f" {p['note']}" if p.get("note") else ""
             lines.append(f"| {p['x']}{note} | " + " | ".join(cells)
                          + f" | {main['peak_rss_mib']:.0f} / {ref['peak_rss_mib']:.0f} |")
-        lines += ["", "Commands:", "", "```sh", *sorted({p[k]["command"] for p in points for k in keys}), "```", ""]
+        lines += ["", "Commands:", "", "```sh", *sorted({p[k]["command"] for p in points for k in keys if k in p}), "```", ""]
     return "\n".join(lines)
 
 

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweeps", metavar="S1,S2", default=",".join(bench.SWEEPS),
                    help=f"which sweeps: {', '.join(bench.SWEEPS)} (default: all)")
     b.add_argument("--size", choices=bench.SIZES, default="paper",
-                   help="paper: kernels 500,1500 as in the paper (an hour on 2 cores); smoke: tiny, "
+                   help="paper: kernels 500,1500 as in the paper (about 40 minutes on 2 cores); smoke: tiny, "
                         "seconds (default: %(default)s)")
     b.add_argument("--steps", metavar="N", type=_positive(int, "--steps"),
                    help="steps per job, 3 of them warm-up (default: paper 6, smoke 4)")
