@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -45,6 +46,8 @@ from . import comm
 from .errors import ConfigError
 from .plan import choose_counts
 from .sharded import ConvSite, conv_sites
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 LINK_SIZES = (1 << 10, 1 << 24)  # bytes: one for the latency, one for the bandwidth
@@ -308,7 +311,10 @@ def load(path: str | os.PathLike, key: dict) -> dict | None:
         raise ConfigError(f"cannot read profile {path}: {exc}") from None
     if not isinstance(profile, dict) or profile.get("version") != VERSION:
         raise ConfigError(f"{path} is not a convshard profile (version {VERSION})")
-    return profile if profile.get("key") == key else None
+    if profile.get("key") != key:
+        return None
+    log.info("profile: reusing %s", path)
+    return profile
 
 
 def save(path: str | os.PathLike, profile: dict) -> None:

@@ -29,7 +29,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import comm
@@ -99,11 +98,8 @@ class Rebalancer:
             self.busy.append(busy_seconds)
         if step % self.window or not self.busy:
             return None
-        mine = torch.tensor([sum(self.busy) / len(self.busy)], dtype=torch.float64)
+        busy = comm.gather_objects(sum(self.busy) / len(self.busy))
         self.busy.clear()
-        everyone = [torch.zeros_like(mine) for _ in range(comm.world_size())]
-        dist.all_gather(everyone, mine)
-        busy = [t.item() for t in everyone]
         decision = self.decide(busy)
         if decision is None:
             return None

@@ -300,7 +300,6 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
                           batch_size=config.batch_size)
     cached = profile.load(config.profile, key) if config.profile else None
     if cached is not None:
-        log.info("profile: reusing %s", config.profile)
         return cached
     log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
     result = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,

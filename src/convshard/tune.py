@@ -31,7 +31,6 @@ def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
             input_shape=dataset.input_shape, batch_size=config.batch_size)
         cached = profile.load(config.profile, key)
         if cached is not None:
-            log.info("profile: reusing %s", config.profile)
             return cached
     if len(job) == 1:
         with devices.pinning_restored():
