@@ -73,9 +73,15 @@ def test_bench_smoke_writes_json_plots_and_commands(tmp_path):
     assert (tmp_path / "batch.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_refuses_an_unknown_sweep(tmp_path, capsys):
-    assert main(["bench", "--sweeps", "colour", "--out-dir", str(tmp_path)]) == 2
-    assert "'colour'" in capsys.readouterr().err
+@pytest.mark.parametrize("args, named", [(["--sweeps", "colour"], "'colour'"), (["--rounds", "0"], "--rounds")])
+def test_bench_refuses_bad_input(tmp_path, capsys, args, named):
+    """Refused in one line with code 2, whether by argparse (SystemExit) or by the bench."""
+    try:
+        code = main(["bench", *args, "--out-dir", str(tmp_path)])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_table_keeps_a_job_missing_from_the_first_point():
@@ -89,3 +95,23 @@ def test_bench_table_keeps_a_job_missing_from_the_first_point():
     assert "| x | one device | kernel | ddp |" in table[4]
     assert table[6].startswith("| 1 | 100 (1.00x) | 100 (1.00x) |  |")
     assert table[7].startswith("| 2 | 100 (1.00x) | 50 (2.00x) | 60 (1.67x) |")
+
+
+def test_bench_rounds_interleave_jobs_and_report_the_median(tmp_path, monkeypatch):
+    """With 3 rounds the jobs run a, b, a, b, a, b; a job's figure is its median
+    round, whose shares and strategy it reports."""
+    times = {"a": [30.0, 10.0, 20.0], "b": [5.0, 6.0, 4.0]}
+    order = []
+
+    def once(self, args, r, hosts, rate):
+        name = args[0]
+        order.append(name)
+        self.cache[self._key(args, hosts, rate), r] = {"ms": times[name][r], "peak_rss_mib": 10.0 + r,
+                                                       "strategy": f"{name}{r}"}
+
+    monkeypatch.setattr(bench._Runner, "_once", once)
+    result = bench._Runner(tmp_path, steps=4, rounds=3).measure({"a": ["a"], "b": ["b"]})
+    assert order == ["a", "b"] * 3
+    assert result["a"]["ms"] == 20.0 and result["a"]["strategy"] == "a2"
+    assert result["b"]["ms"] == 5.0 and result["b"]["strategy"] == "b0"
+    assert result["a"]["rounds_ms"] == [30.0, 10.0, 20.0] and result["a"]["peak_rss_mib"] == 12.0

@@ -16,7 +16,8 @@ cores, and the table says so), ``batch``, ``kernels`` (network size) and
 links shaped with ``tc`` to 10 Gbit/s, 1 Gbit/s and 100 Mbit/s; kernel, ddp
 and ``--strategy auto``; needs root, skipped with the reason otherwise). The speedup
 of a job is t(one device) / t(job), from ``mean_step_seconds`` (after the
-warm-up steps). Writes ``bench.json``, one PNG per sweep and ``bench.md``
+warm-up steps); with ``--rounds N`` each point's jobs run N times in turn and
+t is a job's median. Writes ``bench.json``, one PNG per sweep and ``bench.md``
 (tables with the command of every figure) into ``--out-dir``.
 """
 
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -46,35 +48,64 @@ SIZES = {
 
 
 class _Runner:
-    """Runs ``convshard train`` jobs once each and keeps their metrics."""
+    """Runs ``convshard train`` jobs and keeps their metrics.
 
-    def __init__(self, out_dir: Path, steps: int) -> None:
-        self.out_dir, self.steps, self.cache = out_dir, steps, {}
+    ``measure`` runs the jobs of one point ``rounds`` times, in turn within each
+    round, so that the machine's drift over minutes falls on every job alike; a
+    job's figure is the median of its rounds."""
 
-    def __call__(self, args: Sequence[str], *, hosts: list[netns.Host] | None = None, rate: str = "") -> dict:
-        """Metrics of ``convshard train ARGS``: one local job, or with ``hosts`` one
-        torchrun per host, the i-th host's worker on the i-th device of ``--devices``."""
-        command = ["convshard", "train", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
-                   "--synthetic-size", "512", "--max-steps", str(self.steps), "--quiet", *args]
-        key = shlex.join(command) + (f"  # torchrun on {len(hosts)} hosts, links {rate}" if hosts else "")
-        if key not in self.cache:
-            out = self.out_dir / "runs" / f"{len(self.cache):03d}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if hosts:
-                self._across(hosts, command[1:], out, key)
-            else:
-                env = {**os.environ, "OMP_NUM_THREADS": "1"}
-                proc = subprocess.run([sys.executable, "-m", "convshard", *command[1:], "--metrics-out", str(out)],
-                                      env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise ConfigError(f"bench job failed ({key}): {proc.stderr.strip().splitlines()[-1:]}")
-            metrics = json.loads(out.read_text())
-            self.cache[key] = {"command": key, "ms": 1000 * metrics["mean_step_seconds"],
-                               "peak_rss_mib": max(metrics["timeline"]["peak_rss_mib"]),
-                               "train_loss": metrics["train_loss"], "shares": metrics["shares"],
-                               "devices": metrics["devices"], "strategy": metrics["strategy"]}
-            log.info("%8.1f ms/step  %s", self.cache[key]["ms"], key)
-        return self.cache[key]
+    def __init__(self, out_dir: Path, steps: int, rounds: int = 1) -> None:
+        self.out_dir, self.steps, self.rounds, self.cache = out_dir, steps, rounds, {}
+
+    def measure(self, jobs: dict[str, Sequence[str]], *, hosts: list[netns.Host] | None = None,
+                rate: str = "") -> dict[str, dict]:
+        """Metrics of ``convshard train ARGS`` for each named job: with ``hosts``
+        one torchrun per host, the i-th host's worker on the i-th device of ``--devices``."""
+        for r in range(self.rounds):
+            for args in jobs.values():
+                self._once(args, r, hosts, rate)
+        return {name: self._combined(args, hosts, rate) for name, args in jobs.items()}
+
+    def _command(self, args: Sequence[str]) -> list[str]:
+        return ["convshard", "train", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
+                "--synthetic-size", "512", "--max-steps", str(self.steps), "--quiet", *args]
+
+    def _key(self, args: Sequence[str], hosts: list[netns.Host] | None, rate: str) -> str:
+        """The job's command as the tables print it."""
+        suffix = f"  # torchrun on {len(hosts)} hosts, links {rate}" if hosts else ""
+        return shlex.join(self._command(args)) + suffix
+
+    def _combined(self, args: Sequence[str], hosts: list[netns.Host] | None, rate: str) -> dict:
+        """The rounds of one job: ms/step is their median; the other fields
+        (shares, strategy) are those of the median round."""
+        key = self._key(args, hosts, rate)
+        runs = sorted((self.cache[key, r] for r in range(self.rounds)), key=lambda m: m["ms"])
+        return {**runs[(len(runs) - 1) // 2], "ms": statistics.median(m["ms"] for m in runs),
+                "rounds_ms": [self.cache[key, r]["ms"] for r in range(self.rounds)],
+                "peak_rss_mib": max(m["peak_rss_mib"] for m in runs)}
+
+    def _once(self, args: Sequence[str], r: int, hosts: list[netns.Host] | None, rate: str) -> None:
+        key = self._key(args, hosts, rate)
+        if (key, r) in self.cache:
+            return
+        out = self.out_dir / "runs" / f"{len(self.cache):03d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = self._command(args)
+        if hosts:
+            self._across(hosts, command[1:], out, key)
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run([sys.executable, "-m", "convshard", *command[1:], "--metrics-out", str(out)],
+                                  env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(f"bench job failed ({key}): {proc.stderr.strip().splitlines()[-1:]}")
+        metrics = json.loads(out.read_text())
+        self.cache[key, r] = {"command": key, "ms": 1000 * metrics["mean_step_seconds"],
+                              "peak_rss_mib": max(metrics["timeline"]["peak_rss_mib"]),
+                              "train_loss": metrics["train_loss"], "shares": metrics["shares"],
+                              "devices": metrics["devices"], "strategy": metrics["strategy"]}
+        log.info("%8.1f ms/step  %s%s", self.cache[key, r]["ms"], key,
+                 f"  (round {r + 1}/{self.rounds})" if self.rounds > 1 else "")
 
     @staticmethod
     def _across(hosts: list[netns.Host], args: list[str], out: Path, key: str) -> None:
@@ -100,14 +131,15 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     job = ["--kernels", ",".join(map(str, size["kernels"])), "--batch-size", str(size["batch"]),
            "--threads", "1"]
     spec = ",".join(f"cpu@{c}" for c in cores[:2])
-    one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job])
+    one = run.measure({"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job]})["one device"]
     one["speedup"] = 1.0
     points = []
     for rate in RATES:
         with netns.hosts(2, rate=rate) as hosts:
-            point = {"x": rate, "one device": one}
-            for name, extra in (("kernel", []), ("ddp", ["--strategy", "ddp"]), ("auto", ["--strategy", "auto"])):
-                point[name] = run(["--devices", spec, *extra, *job], hosts=hosts, rate=rate)
+            point = {"x": rate, "one device": one, **run.measure(
+                {name: ["--devices", spec, *extra, *job] for name, extra in
+                 (("kernel", []), ("ddp", ["--strategy", "ddp"]), ("auto", ["--strategy", "auto"]))},
+                hosts=hosts, rate=rate)}
         for key in ("kernel", "ddp", "auto"):
             point[key]["speedup"] = one["ms"] / point[key]["ms"]
         point["note"] = f"(auto chose {point['auto']['strategy']})"
@@ -118,15 +150,15 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
 def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -> dict:
     """The four jobs of one point; ``workers`` are the kernel/ddp devices."""
     spec = ",".join(workers)
-    one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *job])
-    every = run(["--strategy", "single", "--devices", f"cpu@{devices.format_cores(cores)}",
-                 "--threads", str(len(cores)), *job])
-    kernel = run(["--devices", spec, "--threads", "1", *job])
-    point = {"one device": one, "all cores": every, "kernel": kernel}
+    jobs = {"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *job],
+            "all cores": ["--strategy", "single", "--devices", f"cpu@{devices.format_cores(cores)}",
+                          "--threads", str(len(cores)), *job],
+            "kernel": ["--devices", spec, "--threads", "1", *job]}
     if len(workers) > 1:
-        point["ddp"] = run(["--strategy", "ddp", "--devices", spec, "--threads", "1", *job])
+        jobs["ddp"] = ["--strategy", "ddp", "--devices", spec, "--threads", "1", *job]
+    point = run.measure(jobs)
     for result in point.values():
-        result["speedup"] = one["ms"] / result["ms"]
+        result["speedup"] = point["one device"]["ms"] / result["ms"]
     return point
 
 
@@ -150,15 +182,14 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     elif name == "mixes":
         mix = [f"cpu@{cores[0]}", *[f"cpu@{cores[-1]}"] * 2]
         spec = ",".join(mix)
-        one = run(["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *base])
-        point = {"x": spec, "one device": one,
-                 "equal shares": run(["--devices", spec, "--threads", "1", *base]),
-                 "auto shares": run(["--devices", spec, "--threads", "1", "--shares", "auto", *base]),
-                 "ddp": run(["--strategy", "ddp", "--devices", spec, "--threads", "1", *base])}
-        for key in ("equal shares", "auto shares", "ddp"):
-            point[key]["speedup"] = one["ms"] / point[key]["ms"]
-        one["speedup"] = 1.0
-        points.append(point)
+        point = run.measure({
+            "one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *base],
+            "equal shares": ["--devices", spec, "--threads", "1", *base],
+            "auto shares": ["--devices", spec, "--threads", "1", "--shares", "auto", *base],
+            "ddp": ["--strategy", "ddp", "--devices", spec, "--threads", "1", *base]})
+        for result in point.values():
+            result["speedup"] = point["one device"]["ms"] / result["ms"]
+        points.append({"x": spec, **point})
     elif name == "bandwidth":
         points = _bandwidth(run, size, cores)
     return points
@@ -190,9 +221,10 @@ def _plot(name: str, points: list[dict], path: Path, cores: int) -> None:
     plt.close(fig)
 
 
-def _markdown(results: dict, cores: list[int]) -> str:
+def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
+    figure = "mean after the warm-up" + (f"; median of {rounds} interleaved rounds" if rounds > 1 else "")
     lines = [f"Machine: {len(cores)} usable cores ({', '.join(map(str, cores))}). "
-             "Milliseconds per step (mean after the warm-up), speedup over one device in brackets.", ""]
+             f"Milliseconds per step ({figure}), speedup over one device in brackets.", ""]
     for name, points in results.items():
         keys = list(dict.fromkeys(k for p in points for k in p if isinstance(p[k], dict)))
         lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB (kernel worker / all cores) |",
@@ -209,9 +241,10 @@ def _markdown(results: dict, cores: list[int]) -> str:
 
 
 def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
-              batches: Sequence[int] | None = None) -> dict:
+              batches: Sequence[int] | None = None, rounds: int = 1) -> dict:
     """Run the sweeps; write bench.json, <sweep>.png and bench.md into ``out_dir``; return the results.
-    ``batches`` replaces the size's batch sizes of the batch sweep."""
+    ``batches`` replaces the size's batch sizes of the batch sweep; every job of
+    a point runs ``rounds`` times, interleaved, and reports its median."""
     unknown = [s for s in sweeps if s not in SWEEPS]
     if unknown:
         raise ConfigError(f"unknown sweep {unknown[0]!r}: choose from {', '.join(SWEEPS)}")
@@ -220,11 +253,11 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     cores = sorted(devices.usable_cores())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Runner(out, steps or SIZES[size]["steps"])
+    run = _Runner(out, steps or SIZES[size]["steps"], rounds)
     chosen = {**SIZES[size], **({"batches": tuple(batches)} if batches else {})}
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
         _plot(name, points, out / f"{name}.png", len(cores))
-    (out / "bench.json").write_text(json.dumps({"cores": cores, "size": size, "results": results}, indent=1) + "\n")
-    (out / "bench.md").write_text(_markdown(results, cores))
+    (out / "bench.json").write_text(json.dumps({"cores": cores, "size": size, "rounds": rounds, "results": results}, indent=1) + "\n")
+    (out / "bench.md").write_text(_markdown(results, cores, rounds))
     return results

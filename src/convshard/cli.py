@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds (default: %(default)s)")
     b.add_argument("--steps", metavar="N", type=_positive(int, "--steps"),
                    help="steps per job, 3 of them warm-up (default: paper 6, smoke 4)")
+    b.add_argument("--rounds", metavar="N", type=_positive(int, "--rounds"), default=1,
+                   help="run each point's jobs N times, in turn, and report each job's median: the machine's "
+                        "drift then falls on every job alike (default: %(default)s)")
     b.add_argument("--batches", metavar="B1,B2", type=_int_list("--batches"),
                    help="batch sizes of the batch sweep (default: paper 16,32,64,128,256)")
     b.add_argument("--out-dir", metavar="DIR", default="runs/bench", help="(default: %(default)s)")
@@ -342,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("CIFAR-10 ready in %s", path)
         elif args.command == "bench":
             bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
-                            batches=args.batches)
+                            batches=args.batches, rounds=args.rounds)
             print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)
