@@ -138,17 +138,28 @@ def test_choose_counts_rejects_mismatched_costs():
 def test_kernel_step_follows_the_formula():
     profile = make_profile((1.0, 0.5), kernels=(10,), a=0.1, per_kernel=0.01, gather_bytes=100, rest=0.2,
                            replicated_param_bytes=1000, bandwidth=1e4, latency=0.001)
-    profile["layers"][0]["input_grad_bytes"] = 500
+    profile["layers"][0]["input_grad_bytes"] = 5000
     step, (layer,) = kernel_step(profile, {"conv0": (6, 4)})
     # rank 1 is half as fast; the last layer also carries its replicated part's excess (0.4 - 0.2 s)
     compute = (0.1 + 0.01 * 6, 0.2 + 0.02 * 4 + 0.2)
-    comm = (0.001 + 2 * 6 * 100 / 1e4) + (0.001 + 500 / 1e4)
+    # the all-reduce (0.501 s) overlaps the slowest rank's weight gradient, a third of its conv (0.28 s)
+    gather, reduce = 0.001 + 2 * 6 * 100 / 1e4, 0.001 + 5000 / 1e4
+    comm = gather + reduce - 0.28 / 3
     assert layer.counts == (6, 4)
     assert layer.compute == pytest.approx(compute)
     assert layer.wait == pytest.approx((0.32, 0.0))
     assert layer.comm == pytest.approx(comm)
     assert layer.seconds == pytest.approx(0.48 + comm)
     assert step == pytest.approx(0.48 + comm + 0.2 + 0.001 + 1000 / 1e4)
+
+
+def test_input_gradient_all_reduce_hides_behind_the_weight_gradient():
+    """An all-reduce shorter than a third of the slowest rank's conv compute costs nothing."""
+    profile = make_profile((1.0, 0.5), kernels=(10,), a=0.1, per_kernel=0.01, gather_bytes=100,
+                           bandwidth=1e4, latency=0.001)
+    profile["layers"][0]["input_grad_bytes"] = 500  # 0.051 s, under 0.28 / 3 s
+    _, (layer,) = kernel_step(profile, {"conv0": (6, 4)})
+    assert layer.comm == pytest.approx(0.001 + 2 * 6 * 100 / 1e4)
 
 
 def test_slow_replicated_part_is_balanced_in_the_last_layer():

@@ -124,8 +124,8 @@ def _gradcheck_worker() -> bool:
 
 def test_gradcheck_world_1_input_and_weights():
     torch.manual_seed(0)
-    for conv in (nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=2,
-                                                          bias=False, padding=2, padding_mode="circular")):
+    for conv in (nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, (2, 3), padding="same"),
+                 nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=2, bias=False, padding=2, padding_mode="circular")):
         layer = ShardedConv2d(conv.double(), ShardSplit((conv.out_channels,), 0))
         x = torch.randn(2, conv.in_channels, 7, 7, dtype=torch.float64, requires_grad=True)
         params = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}

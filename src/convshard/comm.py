@@ -8,7 +8,7 @@ Three layers, read top to bottom:
    when the group has one rank.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
-3. the public wrappers ``copy_to_shards`` and ``gather_from_shards``.
+3. the public wrappers ``conv2d_on_shards`` and ``gather_from_shards``.
 
 Shapes for a conv layer with C kernels split as ``counts = (c_0, ..., c_{p-1})``
 over p ranks: rank r holds the feature maps ``Y_r`` of shape (B, c_r, H, W);
@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 Group = dist.ProcessGroup | None
 
@@ -118,6 +120,32 @@ def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tenso
     return tensor
 
 
+class PendingSum:
+    """A sum all-reduce in flight (``start_all_reduce_sum``); ``wait`` returns the sum."""
+
+    def __init__(self, tensor: torch.Tensor, work: dist.Work | None, staged: torch.Tensor | None) -> None:
+        self._tensor, self._work, self._staged = tensor, work, staged
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            with _clocked():
+                self._work.wait()
+        if self._staged is not None:
+            self._tensor.copy_(self._staged)
+        return self._tensor
+
+
+def start_all_reduce_sum(tensor: torch.Tensor, *, group: Group = None) -> PendingSum:
+    """Start summing ``tensor`` over the ranks of ``group``, in place, and
+    return at once: the caller computes while the transfer runs, then calls
+    ``wait``. Only the wait counts as time in collectives."""
+    if world_size(group) == 1:
+        return PendingSum(tensor, None, None)
+    staged = tensor.cpu() if _needs_host_staging(tensor, group) else None
+    work = dist.all_reduce(tensor if staged is None else staged, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return PendingSum(tensor, work, staged)
+
+
 def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
     """Overwrite ``tensors`` on every rank with group rank 0's values, in place.
 
@@ -145,21 +173,38 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
 # --- 2. one autograd Function per pattern --------------------------------
 
 
-class _CopyToShards(torch.autograd.Function):
-    """Forward: identity (every rank holds the whole input X).
+class _ConvOnShards(torch.autograd.Function):
+    """Forward: rank r's conv, Y_r = conv(X, W_r) + b_r (every rank holds the whole X).
 
-    Backward: all-reduce (sum). Rank r's kernels give a partial input gradient
-    dX_r = conv_transpose(dY_r, W_r); the full dX is sum_r dX_r.
+    Backward: rank r's kernels give a partial input gradient
+    dX_r = conv_transpose(dY_r, W_r), and the full dX is sum_r dX_r. dX_r is
+    computed first and its all-reduce started; dW_r = conv(X, dY_r) and
+    db_r = sum(dY_r) are computed while the sum travels, then it is awaited.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, group: Group):
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias, ctx.group = (stride, padding, dilation), bias is not None, group
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return all_reduce_sum_(grad.contiguous(), group=ctx.group), None
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        bias_sizes = [weight.size(0)] if ctx.has_bias else None
+
+        def conv_grads(mask: list[bool]) -> tuple:
+            return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
+                                                       False, [0] * len(stride), 1, mask)
+
+        pending = None
+        if ctx.needs_input_grad[0]:
+            pending = start_all_reduce_sum(conv_grads([True, False, False])[0], group=ctx.group)
+        _, grad_w, grad_b = conv_grads([False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        grad_x = pending.wait() if pending is not None else None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _GatherFromShards(torch.autograd.Function):
@@ -183,11 +228,15 @@ class _GatherFromShards(torch.autograd.Function):
 # --- 3. public wrappers ---------------------------------------------------
 
 
-def copy_to_shards(x: torch.Tensor, *, group: Group = None) -> torch.Tensor:
-    """Enter a sharded layer. Forward: identity; backward: sum all-reduce."""
+def conv2d_on_shards(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                     group: Group = None) -> torch.Tensor:
+    """This rank's part of a sharded conv, (B, C_in, H, W) -> (B, c_r, H', W').
+    Forward: ``F.conv2d``; backward: the input gradient summed over the ranks,
+    its transfer overlapping the weight-gradient compute."""
     if world_size(group) == 1:
-        return x
-    return _CopyToShards.apply(x, group)
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    return _ConvOnShards.apply(x, weight, bias, stride, padding, dilation, group)
 
 
 def gather_from_shards(

@@ -10,7 +10,8 @@ Strategy ``kernel`` on a set S of m ranks with integer counts c_{r,l} >= 0,
 sum_r c_{r,l} = K_l::
 
     compute_{r,l} = a_{r,l} + b_{r,l} * max(c_{r,l}, 1)
-    comm_l        = t_gather(m * max_r c_{r,l} * g_l) + t_reduce(d_l)
+    comm_l        = t_gather(m * max_r c_{r,l} * g_l) + max(t_reduce(d_l) - compute_{s,l} / 3, 0)
+                    (s: the rank with the largest compute_{r,l} of the layer)
     layer_l       = max_{r in S} compute_{r,l} + comm_l
     wait_{r,l}    = max_{r' in S} compute_{r',l} - compute_{r,l}
     step          = sum_l layer_l + min_{r in S} rest_r + t_broadcast(P_rep)
@@ -18,7 +19,11 @@ sum_r c_{r,l} = K_l::
 with g_l the bytes one kernel adds to the forward all-gather, d_l the bytes
 of the backward all-reduce of the layer's input gradient (the term is left
 out when d_l = 0: the input needs no gradient) and P_rep the bytes of the
-replicated parameters' gradients. Every rank runs the replicated part
+replicated parameters' gradients. That all-reduce travels while the weight
+gradient is computed: a conv's forward, input gradient and weight gradient
+are one convolution each of the same multiply-adds, so the weight gradient
+is taken as a third of the layer's compute on its slowest rank, and only
+the transfer beyond it counts. Every rank runs the replicated part
 between the last conv layer's forward gather and its backward all-reduce,
 so a rank slower at it by e_r = rest_r - min_{S} rest gets that much added
 to its last-layer compute, and fewer kernels of that layer: the replicated
@@ -60,7 +65,7 @@ class LayerPlan:
     counts: tuple[int, ...]  # kernels per rank, all W ranks (0 for ranks left out)
     compute: tuple[float, ...]  # predicted fwd+bwd seconds per rank (0.0 for ranks left out)
     wait: tuple[float, ...]  # seconds each rank waits for the slowest (0.0 for ranks left out)
-    comm: float  # all-gather plus input-gradient all-reduce, seconds
+    comm: float  # all-gather plus the input-gradient all-reduce beyond the weight-gradient compute, seconds
     seconds: float  # slowest rank's compute + comm
 
 
@@ -302,21 +307,22 @@ def _greedy_counts(profile: Mapping, used: tuple[int, ...]) -> dict[str, tuple[i
 
 def _layer_plan(profile: Mapping, layer: Mapping, counts: tuple[int, ...], used: tuple[int, ...],
                 extra: Sequence[float] | None = None) -> LayerPlan:
-    compute = [0.0] * len(counts)
-    for r in used:
-        compute[r] = layer["a"][r] + layer["b"][r] * max(counts[r], 1) + (extra[r] if extra else 0.0)
-    slowest = max(compute[r] for r in used)
-    wait = tuple(slowest - compute[r] if r in used else 0.0 for r in range(len(counts)))
-    comm = _comm(profile, layer, max(counts), len(used))
-    return LayerPlan(layer["name"], counts, tuple(compute), wait, comm, slowest + comm)
+    conv = [layer["a"][r] + layer["b"][r] * max(counts[r], 1) if r in used else 0.0 for r in range(len(counts))]
+    compute = [conv[r] + (extra[r] if extra and r in used else 0.0) for r in range(len(counts))]
+    s = max(used, key=lambda r: compute[r])
+    wait = tuple(compute[s] - compute[r] if r in used else 0.0 for r in range(len(counts)))
+    comm = _comm(profile, layer, max(counts), len(used), weight_grad=conv[s] / 3)
+    return LayerPlan(layer["name"], counts, tuple(compute), wait, comm, compute[s] + comm)
 
 
-def _comm(profile: Mapping, layer: Mapping, largest: int, m: int) -> float:
+def _comm(profile: Mapping, layer: Mapping, largest: int, m: int, *, weight_grad: float) -> float:
+    """The layer's communication on the critical path: the all-gather, and the
+    input-gradient all-reduce beyond the ``weight_grad`` seconds it overlaps."""
     if m == 1:
         return 0.0
     seconds = _transfer(profile, "all_gather", m * largest * layer["gather_bytes_per_kernel"])
     if layer["input_grad_bytes"]:
-        seconds += _transfer(profile, "all_reduce", layer["input_grad_bytes"])
+        seconds += max(_transfer(profile, "all_reduce", layer["input_grad_bytes"]) - weight_grad, 0.0)
     return seconds
 
 

@@ -105,8 +105,9 @@ class ShardedConv2d(nn.Module):
     before the gather. Forward maps (B, C_in, H, W) -> (B, C, H'', W'') on
     every rank, where H'', W'' are the sizes after ``local_ops``.
     Communication per call: one all-gather of the outputs in forward, one
-    all-reduce of the input gradient in backward (skipped when the input
-    needs no gradient, as for the first layer).
+    all-reduce of the input gradient in backward, which travels while the
+    weight gradient is computed (skipped when the input needs no gradient,
+    as for the first layer).
     """
 
     def __init__(self, conv: nn.Conv2d, split: ShardSplit, *, local_ops: Sequence[nn.Module] = ()) -> None:
@@ -141,13 +142,14 @@ class ShardedConv2d(nn.Module):
             weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
             bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
         padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
+        if self.padding_mode != "zeros" or isinstance(padding, str):  # "same", "valid": explicit sizes
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        return comm.conv2d_on_shards(x, weight, bias, stride=self.stride, padding=padding, dilation=self.dilation,
+                                     group=self.split.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = comm.copy_to_shards(x, group=self.split.group)  # (B, C_in, H, W)
         y = self.local_ops(self._local_conv(x))  # (B, c_r, H'', W''), or (B, 1, ...) for c_r = 0
         if self.split.local == 0:
             y = y[:, :0]
