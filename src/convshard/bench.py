@@ -227,12 +227,13 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
              f"Milliseconds per step ({figure}), speedup over one device in brackets.", ""]
     for name, points in results.items():
         keys = list(dict.fromkeys(k for p in points for k in p if isinstance(p[k], dict)))
-        lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB (kernel worker / all cores) |",
+        reference = "all cores" if all("all cores" in p for p in points) else "one device"
+        lines += [f"### {name}", "", "| x | " + " | ".join(keys) + f" | peak MiB (kernel worker / {reference}) |",
                   "|" + " --- |" * (len(keys) + 2)]
         for p in points:
             cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" if k in p else "" for k in keys]
             main = p.get("kernel") or p.get("auto shares")
-            ref = p.get("all cores") or p["one device"]
+            ref = p[reference]
             note = f" {p['note']}" if p.get("note") else ""
             lines.append(f"| {p['x']}{note} | " + " | ".join(cells)
                          + f" | {main['peak_rss_mib']:.0f} / {ref['peak_rss_mib']:.0f} |")
