@@ -132,7 +132,6 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
            "--threads", "1"]
     spec = ",".join(f"cpu@{c}" for c in cores[:2])
     one = run.measure({"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job]})["one device"]
-    one["speedup"] = 1.0
     points = []
     for rate in RATES:
         with netns.hosts(2, rate=rate) as hosts:
@@ -140,8 +139,7 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
                 {name: ["--devices", spec, *extra, *job] for name, extra in
                  (("kernel", []), ("ddp", ["--strategy", "ddp"]), ("auto", ["--strategy", "auto"]))},
                 hosts=hosts, rate=rate)}
-        for key in ("kernel", "ddp", "auto"):
-            point[key]["speedup"] = one["ms"] / point[key]["ms"]
+        _add_speedups(point)
         point["note"] = f"(auto chose {point['auto']['strategy']})"
         points.append(point)
     return points
@@ -156,9 +154,14 @@ def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -
             "kernel": ["--devices", spec, "--threads", "1", *job]}
     if len(workers) > 1:
         jobs["ddp"] = ["--strategy", "ddp", "--devices", spec, "--threads", "1", *job]
-    point = run.measure(jobs)
+    return _add_speedups(run.measure(jobs))
+
+
+def _add_speedups(point: dict) -> dict:
+    """Set each job's speedup, t(one device) / t(job); returns ``point``."""
     for result in point.values():
-        result["speedup"] = point["one device"]["ms"] / result["ms"]
+        if isinstance(result, dict):
+            result["speedup"] = point["one device"]["ms"] / result["ms"]
     return point
 
 
@@ -187,9 +190,7 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             "equal shares": ["--devices", spec, "--threads", "1", *base],
             "auto shares": ["--devices", spec, "--threads", "1", "--shares", "auto", *base],
             "ddp": ["--strategy", "ddp", "--devices", spec, "--threads", "1", *base]})
-        for result in point.values():
-            result["speedup"] = point["one device"]["ms"] / result["ms"]
-        points.append({"x": spec, **point})
+        points.append({"x": spec, **_add_speedups(point)})
     elif name == "bandwidth":
         points = _bandwidth(run, size, cores)
     return points

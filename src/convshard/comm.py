@@ -108,16 +108,7 @@ def all_gather_uneven(
 
 def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group``, in place; returns it."""
-    if world_size(group) == 1:
-        return tensor
-    if _needs_host_staging(tensor, group):
-        host = tensor.cpu()
-        with _clocked():
-            dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)
-        return tensor.copy_(host)
-    with _clocked():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
+    return start_all_reduce_sum(tensor, group=group).wait()
 
 
 class PendingSum:
