@@ -8,7 +8,8 @@ Three layers, read top to bottom:
    when the group has one rank.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
-3. the public wrappers ``conv2d_on_shards`` and ``gather_from_shards``.
+3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards`` and
+   ``slice_to_shard``.
 
 Shapes for a conv layer with C kernels split as ``counts = (c_0, ..., c_{p-1})``
 over p ranks: rank r holds the feature maps ``Y_r`` of shape (B, c_r, H, W);
@@ -199,21 +200,52 @@ class _ConvOnShards(torch.autograd.Function):
 
 
 class _GatherFromShards(torch.autograd.Function):
-    """Forward: all-gather along channels, (B, c_r, H, W) -> (B, C, H, W).
+    """Forward: all-gather along channels, (B, w_r, H, W) -> (B, C, H, W).
 
-    Backward: split. dY is identical on every rank (the layers after the
-    gather are replicated), so rank r keeps channels [o_r, o_r + c_r) of it.
+    A shard holds w_r = max(c_r, 1) channels: a rank with no kernels carries
+    one placeholder channel (so that every channel-wise op can run on it),
+    which the gather leaves out. Backward: split. dY is identical on every
+    rank (the layers after the gather are replicated), so rank r keeps
+    channels [o_r, o_r + c_r) of it, and zeros for a placeholder channel.
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group):
-        ctx.start = sum(counts[:rank_])
-        ctx.count = counts[rank_]
-        return all_gather_uneven(y, counts, dim=1, group=group)
+        ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(1)
+        return all_gather_uneven(y.narrow(1, 0, ctx.count), counts, dim=1, group=group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.narrow(1, ctx.start, ctx.count).contiguous(), None, None, None
+        mine = grad.narrow(1, ctx.start, ctx.count)
+        if ctx.width > ctx.count:
+            mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - ctx.count, *mine.shape[2:])], dim=1)
+        return mine.contiguous(), None, None, None
+
+
+class _SliceToShard(torch.autograd.Function):
+    """Forward: rank r keeps its slice [o_r, o_r + c_r) of a replicated
+    tensor along ``dim`` (one zero placeholder when c_r = 0), to meet a
+    channel-split operand.
+
+    Backward: all-gather along ``dim``. Every rank's slice gradient is a
+    piece of the replicated tensor's gradient; the gather makes it whole,
+    and identical on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], rank_: int, dim: int, group: Group):
+        ctx.counts, ctx.rank, ctx.dim, ctx.group = counts, rank_, dim, group
+        count = counts[rank_]
+        if count == 0:
+            shape = list(x.shape)
+            shape[dim] = 1
+            return x.new_zeros(shape)
+        return x.narrow(dim, sum(counts[:rank_]), count)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mine = grad.narrow(ctx.dim, 0, ctx.counts[ctx.rank])
+        return all_gather_uneven(mine, ctx.counts, dim=ctx.dim, group=ctx.group), None, None, None, None
 
 
 # --- 3. public wrappers ---------------------------------------------------
@@ -233,7 +265,16 @@ def conv2d_on_shards(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def gather_from_shards(
     y: torch.Tensor, counts: tuple[int, ...], *, group: Group = None
 ) -> torch.Tensor:
-    """Leave a sharded layer. Forward: all-gather along channels; backward: split."""
+    """Leave a channel split: (B, w_r, ...) on rank r -> (B, C, ...) on every rank.
+    Forward: all-gather along channels; backward: split."""
     if len(counts) == 1:
         return y
     return _GatherFromShards.apply(y, counts, rank(group), group)
+
+
+def slice_to_shard(x: torch.Tensor, counts: tuple[int, ...], *, dim: int = 1, group: Group = None) -> torch.Tensor:
+    """Enter a channel split from a replicated tensor: rank r's slice along ``dim``.
+    Forward: split (no communication); backward: all-gather."""
+    if len(counts) == 1:
+        return x
+    return _SliceToShard.apply(x, counts, rank(group), dim, group)

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import comm
 from .plan import choose_counts
-from .sharded import ShardedConv2d, ShardSplit, layer_counts
+from .sharded import ShardedConv2d, ShardSplit, channel_groups, layer_counts
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +48,42 @@ def parse_mode(text: str) -> str | int:
 
 
 def layer_weights(model: nn.Module) -> dict[str, float]:
-    """Relative cost of one kernel of each sharded layer: C_in * kh * kw,
-    its multiply-adds per output pixel."""
-    return {name: float(m.in_channels * math.prod(m.kernel_size))
-            for name, m in model.named_modules() if isinstance(m, ShardedConv2d)}
+    """Relative cost of one kernel of each channel group: sum over its convs
+    of C_in * kh * kw, their multiply-adds per output pixel."""
+    return {name: float(sum(m.in_channels * math.prod(m.kernel_size)
+                            for _, m in members if isinstance(m, ShardedConv2d)))
+            for name, members in channel_groups(model).items()}
 
 
 def reshard(model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[str, Sequence[int]]) -> None:
-    """Split the named sharded layers of ``model`` anew (a collective).
+    """Split the named channel groups of ``model`` anew (a collective).
 
-    Each parameter keeps its identity (the optimizer still holds it); its
-    data and every optimizer state tensor of its shape (momentum, Adam's
-    moments) become this rank's slice of the gathered full tensor.
+    Every member of a group (its convs, BatchNorms, depthwise convs) is
+    re-split: each parameter keeps its identity (the optimizer still holds
+    it); its data, its per-channel buffers (running statistics) and every
+    optimizer state tensor of its shape (momentum, Adam's moments) become
+    this rank's slice of the gathered full tensor.
     """
-    for name, module in model.named_modules():
-        if not isinstance(module, ShardedConv2d) or name not in counts or tuple(counts[name]) == module.split.counts:
+    for name, members in channel_groups(model).items():
+        group = members[0][1].group
+        old = group.split
+        if name not in counts or tuple(counts[name]) == old.counts:
             continue
-        old = module.split
         new = ShardSplit(tuple(counts[name]), old.rank, old.group)
         if new.total != old.total:
             raise ValueError(f"{name}: new counts {new.counts} do not sum to {old.total}")
-        for param in module.parameters(recurse=False):
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    state[key] = new.take(old.gather(value)).clone()
-            param.data = new.take(old.gather(param.data)).clone()
-            param.grad = None
-        module.split = new
+        for _, module in members:
+            for param in module.parameters(recurse=False):
+                state = optimizer.state.get(param, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        state[key] = new.take(old.gather(value)).clone()
+                param.data = new.take(old.gather(param.data)).clone()
+                param.grad = None
+            for key, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.dim() > 0:
+                    setattr(module, key, new.take(old.gather(buffer)).clone())
+        group.split = new
 
 
 class Rebalancer:

@@ -84,8 +84,39 @@ class ShardSplit:
         return comm.all_gather_uneven(local, self.counts, dim=0, group=self.group)
 
 
+class ChannelGroup:
+    """The kernels of convs whose outputs meet (in a residual add, a gate),
+    split alike: every member of a group holds the same channels.
+
+    Mutable: re-splitting a group (``rebalance.reshard``) swaps ``split`` for
+    all its members at once. A rank holds w_r = max(c_r, 1) channels of a
+    split activation: with no kernels it carries one placeholder channel,
+    so that every channel-wise op can still run there.
+    """
+
+    def __init__(self, name: str, split: ShardSplit) -> None:
+        self.name, self.split = name, split
+
+    @property
+    def width(self) -> int:
+        """Channels this rank's shard of a split activation holds: max(c_r, 1)."""
+        return max(self.split.local, 1)
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, w_r, ...) -> (B, C, ...) on every rank; backward: split."""
+        return comm.gather_from_shards(y, self.split.counts, group=self.split.group)
+
+    def slice(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """A replicated tensor's slice for this rank along ``dim``; backward: all-gather."""
+        return comm.slice_to_shard(x, self.split.counts, dim=dim, group=self.split.group)
+
+    def __repr__(self) -> str:
+        return f"ChannelGroup({self.name!r}, counts={self.split.counts})"
+
+
 CHANNELWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
+    nn.Sigmoid, nn.Mish, nn.Hardtanh, nn.Identity,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d,
 )
 
@@ -100,45 +131,55 @@ def is_channelwise(module: nn.Module) -> bool:
 class ShardedConv2d(nn.Module):
     """``nn.Conv2d`` whose kernels are split across the ranks of a group.
 
-    Holds ``weight`` (c_r, C_in, kh, kw) and ``bias`` (c_r,) for this rank's
-    kernels, and ``local_ops``: channel-wise layers applied to the shard
-    before the gather. Forward maps (B, C_in, H, W) -> (B, C, H'', W'') on
-    every rank, where H'', W'' are the sizes after ``local_ops``.
-    Communication per call: one all-gather of the outputs in forward, one
-    all-reduce of the input gradient in backward, which travels while the
-    weight gradient is computed (skipped when the input needs no gradient,
-    as for the first layer).
+    Y = conv(X, W) + b with W split along its output channels,
+    W = [W_0; ...; W_{p-1}], W_r of shape (c_r, C_in, kh, kw). Holds
+    ``weight`` W_r and ``bias`` b_r (c_r,) and maps the replicated input
+    (B, C_in, H, W) to this rank's shard Y_r = conv(X, W_r) + b_r of shape
+    (B, w_r, H', W') (a zero placeholder channel when c_r = 0). Backward: the
+    partial input gradients dX_r are summed over the ranks (one all-reduce,
+    travelling while dW_r is computed; none when X needs no gradient).
+
+    With ``gather`` the layer also leaves the split: ``local_ops`` (stateless
+    channel-wise layers) run on the shard, then the shards are all-gathered
+    into (B, C, H'', W'') on every rank. Without it the output stays split and
+    the model's layout pass (``convshard.layouts``) decides where it is gathered.
     """
 
-    def __init__(self, conv: nn.Conv2d, split: ShardSplit, *, local_ops: Sequence[nn.Module] = ()) -> None:
+    def __init__(self, conv: nn.Conv2d, split: ShardSplit | ChannelGroup, *,
+                 local_ops: Sequence[nn.Module] = (), gather: bool = True) -> None:
         super().__init__()
         if not all(is_channelwise(op) for op in local_ops):
             raise ConfigError(f"local_ops must be stateless channel-wise layers, got {list(local_ops)}")
         if conv.groups != 1:
             raise ConfigError(f"cannot shard a conv with groups={conv.groups}; only groups=1")
-        if split.total != conv.out_channels:
+        self.group = split if isinstance(split, ChannelGroup) else ChannelGroup("", split)
+        if self.split.total != conv.out_channels:
             raise ConfigError(
-                f"split {split.counts} covers {split.total} kernels, layer has {conv.out_channels}"
+                f"split {self.split.counts} covers {self.split.total} kernels, layer has {conv.out_channels}"
             )
-        self.split = split
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.padding_mode = conv.padding_mode
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self.weight = nn.Parameter(split.take(conv.weight.detach()).clone())
+        self.weight = nn.Parameter(self.split.take(conv.weight.detach()).clone())
         self.bias = (
-            nn.Parameter(split.take(conv.bias.detach()).clone()) if conv.bias is not None else None
+            nn.Parameter(self.split.take(conv.bias.detach()).clone()) if conv.bias is not None else None
         )
         self.local_ops = nn.Sequential(*local_ops)
+        self.gather = gather
+
+    @property
+    def split(self) -> ShardSplit:
+        return self.group.split
 
     def _local_conv(self, x: torch.Tensor) -> torch.Tensor:
         """Y_r = conv(X, W_r) + b_r, (B, C_in, H, W) -> (B, max(c_r, 1), H', W')."""
         weight, bias = self.weight, self.bias
         if self.split.local == 0:
-            # conv2d refuses an empty kernel bank: pad it with one zero kernel
-            # whose output forward() drops, which keeps X (and W_r) in the
-            # graph so this rank still joins the backward all-reduce.
+            # conv2d refuses an empty kernel bank: one zero kernel stands in.
+            # It keeps X (and W_r) in the graph, so this rank still joins the
+            # backward all-reduce; the gather leaves its output out.
             weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
             bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
         padding = self.padding
@@ -150,10 +191,10 @@ class ShardedConv2d(nn.Module):
                                      group=self.split.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.local_ops(self._local_conv(x))  # (B, c_r, H'', W''), or (B, 1, ...) for c_r = 0
-        if self.split.local == 0:
-            y = y[:, :0]
-        return comm.gather_from_shards(y, self.split.counts, group=self.split.group)  # (B, C, H'', W'')
+        y = self._local_conv(x)  # (B, w_r, H', W')
+        if not self.gather:
+            return y
+        return self.group.gather(self.local_ops(y))  # (B, C, H'', W'')
 
     def extra_repr(self) -> str:
         return (
@@ -161,6 +202,71 @@ class ShardedConv2d(nn.Module):
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             f"kernels={self.split.counts}, rank={self.split.rank}"
         )
+
+
+class ShardedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d on a channel-split activation (B, w_r, H, W).
+
+    Per channel j, y = (x - mean_j) / sqrt(var_j + eps) * gamma_j + beta_j
+    with the statistics over (B, H, W): every rank holds the whole batch of
+    its channels, so its statistics are exact. ``weight``, ``bias``,
+    ``running_mean`` and ``running_var`` hold this rank's c_r channels;
+    ``num_batches_tracked`` is the same on every rank. A rank with no
+    channels passes its placeholder channel through.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, group: ChannelGroup) -> None:
+        split = group.split
+        super().__init__(split.local, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                         device=_device_of(bn), dtype=_dtype_of(bn))
+        self.group = group
+        with torch.no_grad():
+            for name, value in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
+                mine = split.take(value) if value.dim() else value
+                getattr(self, name).copy_(mine)
+        self.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group.split.local == 0:
+            if self.training and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)  # as on the ranks that hold channels
+            return x
+        return super().forward(x)
+
+
+class ShardedChannelwiseConv2d(nn.Conv2d):
+    """A depthwise conv (groups = in = out channels) on a channel-split
+    activation: channel j is filtered by kernel j alone, so rank r holds
+    kernels [o_r, o_r + c_r) and needs no communication.
+    (B, w_r, H, W) -> (B, w_r, H', W')."""
+
+    def __init__(self, conv: nn.Conv2d, group: ChannelGroup) -> None:
+        split = group.split
+        super().__init__(split.local, split.local, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                         groups=max(split.local, 1), bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                         device=_device_of(conv), dtype=_dtype_of(conv))
+        self.group = group
+        with torch.no_grad():
+            for name, value in conv.named_parameters(recurse=False):
+                getattr(self, name).copy_(split.take(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.group.split.local == 0:
+            weight = weight.new_zeros(1, *weight.shape[1:])
+            bias = None if bias is None else bias.new_zeros(1)
+        self.groups = weight.size(0)  # the shard's size, which a re-split changes
+        return self._conv_forward(x, weight, bias)
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return None if tensor is None else tensor.device
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype | None:
+    tensor = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
+    return None if tensor is None else tensor.dtype
 
 
 @dataclass(frozen=True)
@@ -220,25 +326,33 @@ def _check_same_model(model: nn.Module, group: comm.Group) -> None:
 def shard_model(
     model: nn.Module,
     shares: Sequence[float] | None = None,
-    group: comm.Group = None,
     *,
+    group: comm.Group = None,
     layer_shares: Mapping[str, Sequence[float]] | None = None,
     fuse_channelwise: bool = True,
 ) -> nn.Module:
-    """Replace every ``nn.Conv2d`` in ``model`` by a ``ShardedConv2d``; returns the model.
+    """Shard every ``nn.Conv2d`` of ``model`` by its kernels; returns the sharded model.
 
     Call inside an initialised process group (or without one: world size 1).
     ``shares`` weights the ranks of ``group`` (None = equal); each layer's
     kernels are split by ``split_counts``. ``layer_shares`` overrides the
-    shares of named layers. Parameters and buffers are first broadcast from
-    group rank 0, so all ranks start from its weights. Convs with
-    ``groups > 1`` or parametrizations are left replicated, with a warning.
+    shares of named layers (a group of tied convs goes by its first conv's
+    name). Parameters and buffers are first broadcast from group rank 0, so
+    all ranks start from its weights.
 
-    With ``fuse_channelwise`` (the default), stateless channel-wise layers
-    that follow a sharded conv in an ``nn.Sequential`` (ReLU, pooling; see
-    ``CHANNELWISE``) move into its ``local_ops`` and their places hold
-    ``nn.Identity``: the same function, a smaller gather, the same state
-    dict keys.
+    The model is traced (``torch.fx``) and every op that acts on channels
+    independently runs on each rank's shard of a conv's output: BatchNorm
+    (its parameters and running statistics split with the kernels),
+    activations, pooling, depthwise convs, residual adds and per-channel
+    gates. An activation is gathered only where an op needs every channel
+    (the next conv, flatten, a linear layer, a concatenation). Convs whose
+    outputs meet in an add or a product are split alike. The result is a
+    ``torch.fx.GraphModule`` with the original module names and state-dict
+    keys. A model that cannot be traced keeps its own class: each conv
+    gathers its output, with the stateless channel-wise layers that follow
+    it in an ``nn.Sequential`` run on the shard first (``fuse_channelwise``).
+    Convs with ``groups > 1`` (except depthwise convs on a split
+    activation) or parametrizations stay replicated, with a warning.
     """
     world, me = comm.world_size(group), comm.rank(group)
     shares = [1.0] * world if shares is None else list(shares)
@@ -249,43 +363,73 @@ def shard_model(
         _check_same_model(model, group)
         comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
 
-    def shard(site: ConvSite) -> ShardedConv2d:
-        weights = (layer_shares or {}).get(site.name, shares)
-        split = ShardSplit(split_counts(site.conv.out_channels, weights), me, group)
-        return ShardedConv2d(site.conv, split, local_ops=[op for _, op in site.fused])
+    def split_for(name: str, kernels: int) -> ShardSplit:
+        return ShardSplit(split_counts(kernels, (layer_shares or {}).get(name, shares)), me, group)
 
+    from . import layouts  # layouts builds on the sharded modules above
+
+    graph = layouts.trace(model) if fuse_channelwise else None
+    sharded = layouts.shard_graph(graph, split_for) if graph is not None else _shard_in_place(model, split_for,
+                                                                                            fuse_channelwise)
+    log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(sharded).items()})
+    return sharded
+
+
+def _shard_in_place(model: nn.Module, split_for, fuse_channelwise: bool) -> nn.Module:
+    """Each shardable conv becomes a ``ShardedConv2d`` that gathers its own
+    output; the stateless channel-wise layers after it in an ``nn.Sequential``
+    move onto its shard (their places hold ``nn.Identity``)."""
     for site in conv_sites(model, fuse_channelwise=fuse_channelwise):
         if not site.shardable:
             log.warning("left replicated (groups=%d or parametrized): %s", site.conv.groups, site.name or "model")
             continue
+        layer = ShardedConv2d(site.conv, ChannelGroup(site.name, split_for(site.name, site.conv.out_channels)),
+                              local_ops=[op for _, op in site.fused])
         if site.parent is None:
-            return shard(site)
+            return layer
         for later_name, _ in site.fused:
             setattr(site.parent, later_name, nn.Identity())
-        setattr(site.parent, site.attr, shard(site))
-    log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(model).items()})
+        setattr(site.parent, site.attr, layer)
     return model
 
 
+def channel_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Every channel group of a sharded model, by name, with its member
+    modules (name, module) in definition order."""
+    groups: dict[int, tuple[ChannelGroup, list]] = {}
+    for name, module in model.named_modules():
+        group = getattr(module, "group", None)
+        if isinstance(group, ChannelGroup):
+            groups.setdefault(id(group), (group, []))[1].append((name, module))
+    return {group.name: members for group, members in groups.values()}
+
+
 def layer_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Kernels per rank for each sharded layer, by module name."""
-    return {n: m.split.counts for n, m in model.named_modules() if isinstance(m, ShardedConv2d)}
+    """Kernels per rank for each channel group (a sharded conv, or convs tied together), by name."""
+    return {name: members[0][1].group.split.counts for name, members in channel_groups(model).items()}
+
+
+def sharded_state(model: nn.Module) -> dict[str, ShardSplit]:
+    """The split along dim 0 of every sharded parameter and buffer, by state-dict key."""
+    out = {}
+    for members in channel_groups(model).values():
+        for name, module in members:
+            for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if value is not None and value.dim() > 0:
+                    out[f"{name}.{key}" if name else key] = module.group.split
+    return out
 
 
 def sharded_parameters(model: nn.Module) -> dict[str, ShardSplit]:
     """The split along dim 0 of every sharded parameter, by parameter name."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ShardedConv2d):
-            for pname, _ in module.named_parameters(recurse=False):
-                out[f"{name}.{pname}" if name else pname] = module.split
-    return out
+    params = dict(model.named_parameters())
+    return {k: split for k, split in sharded_state(model).items() if k in params}
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict, on CPU: same keys and shapes as the original
     model's, identical on every rank. A collective: every rank must call it."""
-    splits = sharded_parameters(model)
+    splits = sharded_state(model)
     return {
         key: (splits[key].gather(t) if key in splits else t).detach().to("cpu", copy=True)
         for key, t in model.state_dict().items()
@@ -294,7 +438,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load an unsharded state dict into a sharded model: each rank takes its slice."""
-    splits = sharded_parameters(model)
+    splits = sharded_state(model)
     # the unsharded shape of every entry: sharded ones span all kernels along dim 0
     full_shapes = {k: (splits[k].total, *v.shape[1:]) if k in splits else tuple(v.shape)
                    for k, v in model.state_dict().items()}
@@ -309,7 +453,7 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     model.load_state_dict({k: splits[k].take(v) if k in splits else v for k, v in state.items()})
 
 
-def sync_replicas(model: nn.Module, group: comm.Group = None) -> None:
+def sync_replicas(model: nn.Module, *, group: comm.Group = None) -> None:
     """Make the replicated part identical on every rank: broadcast the
     gradients of replicated parameters and the floating-point buffers of
     replicated modules (e.g. BatchNorm running statistics) from group rank 0.
@@ -320,7 +464,7 @@ def sync_replicas(model: nn.Module, group: comm.Group = None) -> None:
     """
     if comm.world_size(group) == 1:
         return
-    sharded = set(sharded_parameters(model))
+    sharded = set(sharded_state(model))
     grads = [p.grad for n, p in model.named_parameters() if n not in sharded and p.grad is not None]
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    buffers = [b for n, b in model.named_buffers() if n not in sharded and b.is_floating_point()]
     comm.broadcast_(grads + buffers, group=group)

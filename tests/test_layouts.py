@@ -1,0 +1,215 @@
+"""Layouts through real CNNs: BatchNorm, activations, residual adds, gates and depthwise convs on the shard.
+
+Every distributed check runs in real processes on gloo (``launch_local``),
+one per rank, world sizes passed explicitly. Each worker trains the sharded
+model and the unsharded reference built from the same seed side by side, in
+float64 (BatchNorm amplifies float32 rounding), and returns its errors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import convshard
+from convshard import checkpoint, layouts
+from convshard.launch import init_from_env, launch_local
+from convshard.sharded import ShardedBatchNorm2d, ShardedChannelwiseConv2d, ShardedConv2d, layer_counts, sharded_state
+
+SHARES = {1: [1.0], 2: [0.6, 0.4], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
+STEPS = 3
+SHAPE = (3, 8, 8)
+
+
+class Block(nn.Module):
+    """A ResNet basic block: two 3x3 convs with BatchNorm, a shortcut (1x1 conv + BN when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """Stem conv + BN + ReLU, two blocks (the second strided, with a downsample), pool, linear."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = Block(8, 8)
+        self.layer2 = Block(8, 12, stride=2)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SqueezeDepthwise(nn.Module):
+    """A conv with bias, a depthwise conv, a squeeze-excite gate and dropout in the head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.dw = nn.Conv2d(10, 10, 3, padding=1, groups=10, bias=False)
+        self.bn_dw = nn.BatchNorm2d(10)
+        self.squeeze = nn.Conv2d(10, 4, 1)
+        self.excite = nn.Conv2d(4, 10, 1)
+        self.project = nn.Conv2d(10, 6, 1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(6 * 4 * 4, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.silu(self.bn(self.conv(x)))
+        x = nn.functional.hardswish(self.bn_dw(self.dw(x)))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = x * gate
+        return self.head(nn.functional.max_pool2d(self.project(x), 2))
+
+
+def vgg_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12 * 2 * 2, 10))
+
+
+MODELS = {"resnet": TinyResNet, "squeeze": SqueezeDepthwise, "vgg_bn": vgg_bn}
+
+
+def _error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:
+    """max |a - b| / (max |b| + floor): relative, with a floor for entries that are zero in theory."""
+    return ((a - b).abs().max() / (b.abs().max() + floor)).item()
+
+
+def _exactness_worker(shares: list[float]) -> dict:
+    """Train reference and sharded copies side by side in float64; report the worst errors."""
+    torch.set_num_threads(1)
+    init_from_env("gloo", timeout=120)
+    torch.set_default_dtype(torch.float64)
+    report = {}
+    for model_name, factory in MODELS.items():
+        for opt_name in ("sgd", "adam"):
+            torch.manual_seed(0)
+            reference = factory()
+            model = convshard.shard_model(copy.deepcopy(reference), shares)
+            make = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) if opt_name == "sgd" else (
+                lambda p: torch.optim.Adam(p, lr=1e-2))
+            opt_ref, opt = make(reference.parameters()), make(model.parameters())
+            gen = torch.Generator().manual_seed(1)
+            worst = {"forward": 0.0, "state": 0.0, "optimizer": 0.0}
+            for _ in range(STEPS):
+                x, y = torch.randn(6, *SHAPE, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+                torch.manual_seed(2)  # the same dropout masks on both
+                out_ref = reference(x)
+                torch.manual_seed(2)
+                out = model(x)
+                worst["forward"] = max(worst["forward"], _error(out, out_ref))
+                for net, o, loss_out in ((reference, opt_ref, out_ref), (model, opt, out)):
+                    o.zero_grad()
+                    nn.functional.cross_entropy(loss_out, y).backward()
+                convshard.sync_replicas(model)
+                opt_ref.step()
+                opt.step()
+            full = convshard.full_state_dict(model)
+            for key, value in reference.state_dict().items():
+                assert full[key].shape == value.shape, key
+                if value.is_floating_point():
+                    worst["state"] = max(worst["state"], _error(full[key], value))
+            assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+            full_opt = checkpoint.full_optimizer_state_dict(model, opt)["state"]
+            for i, state in opt_ref.state_dict()["state"].items():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        worst["optimizer"] = max(worst["optimizer"], _error(full_opt[i][k], v))
+            model.eval()
+            reference.eval()
+            x = torch.randn(4, *SHAPE, generator=gen)
+            worst["eval"] = _error(model(x), reference(x))
+            report[f"{model_name}/{opt_name}"] = worst
+            report[f"{model_name}/counts"] = {n: list(c) for n, c in layer_counts(model).items()}
+    return report
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_real_cnns_train_like_one_device(world):
+    """Weights, BatchNorm running statistics, optimizer state and the eval
+    forward equal the unsharded model's after 3 steps, SGD+momentum and Adam."""
+    for rank, report in enumerate(launch_local(_exactness_worker, world, args=(SHARES[world],), timeout=300)):
+        for key, errors in report.items():
+            if key.endswith("/counts"):
+                assert all(len(c) == world for c in errors.values()), (key, errors)
+                continue
+            for what, error in errors.items():
+                assert error < 1e-7, (rank, key, what, error)
+    # residual adds tie the convs whose outputs meet: the stem and layer1's conv2,
+    # layer2's downsample and conv2 are split alike, under the first one's name.
+    assert set(report["resnet/counts"]) == {"conv1", "layer1.conv1", "layer2.conv1", "layer2.downsample.0"}
+
+
+def test_residual_block_layouts():
+    """The stem's output stays split through layer1 (tied with layer1.conv2);
+    BatchNorms are sharded; a conv input is gathered once, shared by two convs."""
+    torch.manual_seed(0)
+    model = convshard.shard_model(TinyResNet())
+    modules = dict(model.named_modules())
+    assert isinstance(modules["layer1.conv2"], ShardedConv2d) and not modules["layer1.conv2"].gather
+    assert isinstance(modules["layer2.bn2"], ShardedBatchNorm2d)
+    assert modules["layer1.conv2"].group is modules["conv1"].group
+    assert modules["layer2.downsample.0"].group is modules["layer2.conv2"].group
+    gathers = [n for n in model.graph.nodes if n.op == "call_module" and n.target.startswith("_convshard.gather")]
+    # conv1's input is the data; layer1.conv1, layer1.conv2, layer2.conv1 (with the downsample), layer2.conv2,
+    # and the pooled output before flatten: 5 gathers.
+    assert len(gathers) == 5
+    assert list(convshard.full_state_dict(model)) == list(TinyResNet().state_dict())
+
+
+def test_gate_and_depthwise_stay_split():
+    """The depthwise conv and its BatchNorm run on the shard; the gate is
+    tied to the features it scales; dropout sees the gathered tensor."""
+    model = convshard.shard_model(SqueezeDepthwise())
+    modules = dict(model.named_modules())
+    assert isinstance(modules["dw"], ShardedChannelwiseConv2d)
+    assert modules["excite"].group is modules["conv"].group
+    analysis = layouts.analyse(layouts.trace(SqueezeDepthwise()))
+    split = {n.name for n, s in analysis.layout.items() if s is not None}
+    assert {"dw", "bn_dw", "excite", "mul", "max_pool2d"} <= split
+    assert "head_1" not in split and "head_0" not in split
+
+
+def test_untraceable_model_falls_back(caplog):
+    """Data-dependent control flow cannot be traced: each conv gathers its own
+    output, with the channel-wise layers after it in a Sequential on the shard."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            y = self.features(x)
+            return y if y.sum() > 0 else -y
+
+    with caplog.at_level("WARNING"):
+        model = convshard.shard_model(Branchy())
+    assert "cannot trace Branchy" in caplog.text
+    assert isinstance(model, Branchy) and model.features[0].gather and len(model.features[0].local_ops) == 1
+    assert not sharded_state(model).keys() - {"features.0.weight", "features.0.bias"}
