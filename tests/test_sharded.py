@@ -20,7 +20,7 @@ import convshard
 from convshard import comm
 from convshard.launch import WorkerFailed, init_from_env, launch_local
 from convshard.models import build_model
-from convshard.sharded import ShardedConv2d, ShardSplit, sharded_parameters, split_counts
+from convshard.sharded import ShardedConv2d, ShardSplit, sharded_parameters, sharded_state, split_counts
 
 # Uneven shares per world size; world 4 also puts a rank at 10%.
 SHARES = {1: [1.0], 2: [0.7, 0.3], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
@@ -77,7 +77,7 @@ def _exactness_worker(shares: list[float]) -> dict:
                 if value.is_floating_point():
                     errors["weights"] = max(errors["weights"], (full[key] - value).abs().max().item())
             report[f"{model_name}/{opt_name}"] = errors
-            report[f"{model_name}/{opt_name}/replicas"] = _replicas_identical(model, splits, world)
+            report[f"{model_name}/{opt_name}/replicas"] = _replicas_identical(model, sharded_state(model), world)
             report[f"{model_name}/counts"] = {n: list(c) for n, c in convshard.sharded.layer_counts(model).items()}
     return report
 
@@ -320,14 +320,16 @@ def test_ranks_with_different_models_are_refused():
         launch_local(_different_models_worker, 2, timeout=120)
 
 
-def test_channelwise_fusion_is_exact_and_optional():
-    """Fused (ReLU and pool on the shard) and unfused models compute the same function."""
+def test_channelwise_layers_on_the_shard_are_exact_and_optional():
+    """Traced (ReLU and pool run on the shard, the conv output gathered after
+    them) and unfused (each conv gathers its own output) models compute the
+    same function as the original, with the same state-dict keys."""
     torch.manual_seed(0)
     reference = build_model("paper", (1, 28, 28), 10, (6, 8))
-    fused = convshard.shard_model(copy.deepcopy(reference))
+    traced = convshard.shard_model(copy.deepcopy(reference))
     plain = convshard.shard_model(copy.deepcopy(reference), fuse_channelwise=False)
-    assert len(fused.features[0].local_ops) == 2 and isinstance(fused.features[1], nn.Identity)
-    assert len(plain.features[0].local_ops) == 0 and isinstance(plain.features[1], nn.ReLU)
+    assert not traced.features[0].gather and isinstance(traced.features[1], nn.ReLU)
+    assert plain.features[0].gather and len(plain.features[0].local_ops) == 0
     x = torch.randn(3, 1, 28, 28)
-    assert torch.equal(fused(x), reference(x)) and torch.equal(plain(x), reference(x))
-    assert list(convshard.full_state_dict(fused)) == list(reference.state_dict())
+    assert torch.equal(traced(x), reference(x)) and torch.equal(plain(x), reference(x))
+    assert list(convshard.full_state_dict(traced)) == list(reference.state_dict())

@@ -131,22 +131,21 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
         log.warning("%s's forward branches on self.training: channel-wise layers run on the shard only right "
                     "after a conv inside an nn.Sequential", name)
         return None
-    _keep_order(graph, model)
+    _adopt(graph, model)
     return graph
 
 
-def _keep_order(graph: fx.GraphModule, model: nn.Module) -> None:
-    """Order the traced modules, parameters and buffers as in ``model`` (fx
-    orders them by first use), so that parameter lists, optimizer state
-    indices and state-dict keys line up with the unsharded model's."""
-    for name, module in graph.named_modules():
-        original = model.get_submodule(name) if name else model
-        for attr in ("_modules", "_parameters", "_buffers"):
-            mine, theirs = getattr(module, attr), getattr(original, attr)
-            order = {key: i for i, key in enumerate(theirs)}
-            ordered = sorted(mine.items(), key=lambda item: order.get(item[0], len(order)))
-            mine.clear()
-            mine.update(ordered)
+def _adopt(graph: fx.GraphModule, model: nn.Module) -> None:
+    """Give the traced graph ``model``'s own children, parameters and buffers,
+    in ``model``'s order: fx copies only what the forward uses, into plain
+    containers, in order of first use. The sharded model then has the
+    original's containers (``model.features[0]`` still works), state-dict
+    keys and parameter order, so optimizer state lines up with the
+    unsharded model's; sharding replaces layers inside them in place."""
+    for attr in ("_modules", "_parameters", "_buffers"):
+        getattr(graph, attr).clear()
+        getattr(graph, attr).update(getattr(model, attr))
+    graph._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
 
 
 class _Groups:

@@ -401,7 +401,8 @@ def channel_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
         group = getattr(module, "group", None)
         if isinstance(group, ChannelGroup):
             groups.setdefault(id(group), (group, []))[1].append((name, module))
-    return {group.name: members for group, members in groups.values()}
+    # a group built by hand (``ShardedConv2d(conv, split)``) has no name: it goes by its layer's
+    return {group.name or members[0][0]: members for group, members in groups.values()}
 
 
 def layer_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
