@@ -2,10 +2,10 @@
 
 ``measure`` is a collective: every rank of the job calls it at once, on its
 own device, so that workers sharing a core are measured while they share it.
-For every shardable conv layer l (with the channel-wise layers fused into
-it, as ``shard_model`` runs it) and rank r it times forward+backward at the
-run's batch size B for a few kernel counts k around K_l / W, takes the
-median of ``repeats`` runs after a warm-up, and fits
+For every channel group l (its convs with the ops that run on their shard,
+as ``shard_model`` runs them; ``convshard.segments``) and rank r it times
+forward+backward at the run's batch size B for a few kernel counts k
+around K_l / W, takes the median of ``repeats`` runs after a warm-up, and fits
 
     t_{r,l}(k) = a_{r,l} + b_{r,l} * k       (least squares, a >= 0, b > 0).
 
@@ -14,7 +14,7 @@ fits gives it, all ranks at once, and sets b_{r,l} = (t - a_{r,l}) / k: the
 cost at the working point, contention between workers included.
 
 ``rest_seconds[r]`` is the replicated part: forward+backward of the model
-with every conv replaced by a constant of its output's shape, plus the
+with every segment replaced by a constant of its output's shape, plus the
 optimizer step. Each collective the layers use (all-gather, all-reduce,
 broadcast) is timed at a small and a large size, giving
 t(n bytes) = latency + n / bandwidth. The result is the dict that
@@ -25,7 +25,6 @@ only when the key matches.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from torch import nn
 from . import comm
 from .errors import ConfigError
 from .plan import choose_counts
-from .sharded import ConvSite, conv_sites
+from .segments import Cut, Group, cut
 
 log = logging.getLogger(__name__)
 
@@ -113,89 +112,45 @@ def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: co
     return _fit_line(ks[-3:], ts[-3:])
 
 
-def _calibrate(fits: list[tuple[float, float]], sites: list[ConvSite], shapes: dict, batch: int,
+def _calibrate(fits: list[tuple[float, float]], groups: list[Group], batch: int,
                device: torch.device, group: comm.Group) -> None:
-    """Re-measure every layer where it will run: each rank at the kernel count
+    """Re-measure every group where it will run: each rank at the kernel count
     the greedy split of the first fits gives it, all ranks at once (workers on
     a shared core contend as in training), once after a warm-up. b becomes
-    (t - a) / k; ``fits`` (this rank's, per layer) is updated in place."""
+    (t - a) / k; ``fits`` (this rank's, per group) is updated in place."""
     everyone = comm.gather_objects(fits, group=group)
     me = comm.rank(group)
-    for i, site in enumerate(sites):
+    for i, layer in enumerate(groups):
         a = [r[i][0] for r in everyone]
-        counts = choose_counts(site.conv.out_channels, a, [r[i][1] for r in everyone])
+        counts = choose_counts(layer.kernels, a, [r[i][1] for r in everyone])
         k = counts[me]
-        seconds = _time_layer(site, shapes[site.name], max(k, 1), batch, device, 1, group)
+        seconds = _time_group(layer, max(k, 1), batch, device, 1, group)
         if k >= 2 and seconds > a[me]:
             fits[i] = (a[me], (seconds - a[me]) / k)
 
 
-def _probe(model: nn.Module, input_shape: Sequence[int], sites: list[ConvSite]) -> dict[str, dict]:
-    """Per conv site: input (C, H, W), output after its fused layers, and
-    whether its input needs a gradient (false for the first layer)."""
-    shapes: dict[str, dict] = {}
-    handles = []
-    for site in sites:
-        last = site.fused[-1][1] if site.fused else site.conv
+def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats: int, group: comm.Group) -> float:
+    """Forward+backward seconds of the group's segments with k kernels each."""
+    runs = []
+    for segment in layer.segments:
+        run = segment.build(k, device)
+        x = torch.randn(batch, *segment.input_shape, device=device, requires_grad=segment.input_grad)
+        runs.append((run, x))
 
-        def on_input(module, args, name=site.name):
-            shapes[name] = {"input": list(args[0].shape[1:]), "input_grad": bool(args[0].requires_grad)}
+    def once() -> None:
+        for run, x in runs:
+            y = run(x)
+            y.backward(torch.ones_like(y))
+            for p in run.parameters():
+                p.grad = None
+            x.grad = None
 
-        def on_output(module, args, out, name=site.name):
-            shapes[name]["output"] = list(out.shape[1:])
-
-        handles += [site.conv.register_forward_pre_hook(on_input), last.register_forward_hook(on_output)]
-    was_training = model.training
-    device = next(model.parameters()).device
-    try:
-        model.eval()
-        with torch.enable_grad():
-            model(torch.zeros(2, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return shapes
+    return _median_seconds(once, device, repeats=repeats, group=group)
 
 
-def _time_layer(site: ConvSite, shape: dict, k: int, batch: int, device: torch.device,
-                repeats: int, group: comm.Group) -> float:
-    conv = site.conv
-    part = nn.Conv2d(conv.in_channels, k, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     bias=conv.bias is not None, padding_mode=conv.padding_mode, device=device)
-    layer = nn.Sequential(part, *(op for _, op in site.fused))
-    x = torch.randn(batch, *shape["input"], device=device, requires_grad=shape["input_grad"])
-    grad = torch.ones(batch, k, *shape["output"][1:], device=device)
-
-    def run() -> None:
-        layer(x).backward(grad)
-        part.zero_grad(set_to_none=True)
-        x.grad = None
-
-    return _median_seconds(run, device, repeats=repeats, group=group)
-
-
-class _Constant(nn.Module):
-    """Stands in for a conv layer: returns a fixed tensor of its output's shape."""
-
-    def __init__(self, out: torch.Tensor) -> None:
-        super().__init__()
-        self.out = out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out
-
-
-def _rest_seconds(model: nn.Module, sites: list[ConvSite], shapes: dict, input_shape: Sequence[int],
-                  classes: int, batch: int, device: torch.device, repeats: int, group: comm.Group) -> float:
-    rest = copy.deepcopy(model)
-    for site in conv_sites(rest):
-        if site.name not in shapes or site.parent is None:
-            continue
-        out = torch.randn(batch, *shapes[site.name]["output"], device=device, requires_grad=True)
-        for later_name, _ in site.fused:
-            setattr(site.parent, later_name, nn.Identity())
-        setattr(site.parent, site.attr, _Constant(out))
+def _rest_seconds(model_cut: Cut, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
+                  repeats: int, group: comm.Group) -> float:
+    rest = model_cut.rest(batch, device)
     params = [p for p in rest.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
     x = torch.randn(batch, *input_shape, device=device)
@@ -262,32 +217,30 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
     same profile on every rank."""
     device = next(model.parameters()).device
     world = comm.world_size(group)
-    sites = [s for s in conv_sites(model) if s.shardable]
-    shapes = _probe(model, input_shape, sites)
+    model_cut = cut(model, input_shape)
     elem = next(model.parameters()).element_size()
     mine: dict = {"fits": []}
     layers = []
-    for site in sites:
-        shape = shapes[site.name]
+    for layer in model_cut.groups:
         mine["fits"].append(_fit_layer(
-            lambda k: _time_layer(site, shape, k, batch_size, device, repeats, group),
-            site.conv.out_channels, world, group))
-        out_c, out_h, out_w = shape["output"]
+            lambda k: _time_group(layer, k, batch_size, device, repeats, group), layer.kernels, world, group))
         layers.append({
-            "name": site.name, "kernels": site.conv.out_channels,
-            "gather_bytes_per_kernel": batch_size * out_h * out_w * elem,
-            "input_grad_bytes": batch_size * elem * math.prod(shape["input"]) if shape["input_grad"] else 0,
+            "name": layer.name, "kernels": layer.kernels,
+            "gather_bytes_per_kernel": batch_size * layer.gather_elements_per_kernel * elem,
+            "input_grad_bytes": sum(batch_size * elem * math.prod(s.input_shape)
+                                    for s in layer.segments if s.input_grad),
         })
     if world > 1:
-        _calibrate(mine["fits"], sites, shapes, batch_size, device, group)
-    mine["rest"] = _rest_seconds(model, sites, shapes, input_shape, classes, batch_size, device, repeats, group)
+        _calibrate(mine["fits"], model_cut.groups, batch_size, device, group)
+    mine["rest"] = _rest_seconds(model_cut, input_shape, classes, batch_size, device, repeats, group)
     links = _links(device, group) if world > 1 else {}
     everyone = comm.gather_objects(mine, group=group)
     for i, layer in enumerate(layers):
         layer["a"] = [r["fits"][i][0] for r in everyone]
         layer["b"] = [r["fits"][i][1] for r in everyone]
-    sharded = {f"{s.name}.{p}" for s in sites for p, _ in s.conv.named_parameters()}
-    params = dict(model.named_parameters())
+    params = list(model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    sharded_bytes = sum(layer.param_elements for layer in model_cut.groups) * params[0].element_size()
     return {
         "version": VERSION,
         "key": key,
@@ -295,8 +248,8 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
         "devices": key["devices"],
         "layers": layers,
         "rest_seconds": [r["rest"] for r in everyone],
-        "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
-        "replicated_param_bytes": sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded),
+        "param_bytes": param_bytes,
+        "replicated_param_bytes": param_bytes - sharded_bytes,
         "links": links,
     }
 
