@@ -166,7 +166,7 @@ def augment(images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
     """
     if images.dim() != 4:
         raise ValueError(f"augment takes a (B, C, H, W) batch, got shape {tuple(images.shape)}")
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     pad = math.ceil(min(h, w) / 8)
     key = hashlib.blake2b(f"augment,{seed},{step}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
@@ -176,10 +176,9 @@ def augment(images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    index = torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]
-    index = tuple(i.to(images.device) for i in index)
-    # the advanced indices around the channel slice put (B, H, W) first: (B, H, W, C) -> (B, C, H, W)
-    return padded[index[0], :, index[1], index[2]].permute(0, 3, 1, 2).contiguous()
+    index = (torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+             rows[:, None, :, None], cols[:, None, None, :])  # broadcast to (B, C, H, W)
+    return padded[tuple(i.to(images.device) for i in index)]
 
 
 def download_cifar10(

@@ -12,9 +12,10 @@ without bias followed by BatchNorm, and a global average pool.
 
 ``resnet18``, ``resnet34`` (BasicBlock), ``resnet50`` (Bottleneck) (He et
 al. 2016) and ``vgg11``, ``vgg16`` with BatchNorm (Simonyan and Zisserman
-2015), in their CIFAR form: torchvision's modules and parameter names, but a
-3x3 stride-1 stem without max-pool (ResNet) and one linear layer after a
-global average pool (VGG). Their single kernel count is the base width w:
+2015), in their CIFAR form: torchvision's modules, parameter names and
+initialisation, but a 3x3 stride-1 stem without max-pool (ResNet), one
+linear layer after a global average pool (VGG), and every conv without bias
+(each is followed by BatchNorm). Their single kernel count is the base width w:
 the four ResNet stages have w, 2w, 4w, 8w kernels (times 4 at a Bottleneck's
 output), the VGG stages w, 2w, 4w, 8w, 8w; w = 64 gives torchvision's widths.
 
@@ -201,8 +202,9 @@ _VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
 class VGG(nn.Module):
     """CIFAR-form VGG with BatchNorm: (B, C, H, W) -> (B, classes).
 
-    ``features``: conv3x3 (padding 1, bias) -> BatchNorm -> ReLU per entry of
-    the config, five 2x2 max-pools with ceil_mode (32 -> 1 and 28 -> 1 pixel);
+    ``features``: conv3x3 (padding 1, no bias: BatchNorm follows) -> BatchNorm
+    -> ReLU per entry of the config, five 2x2 max-pools with ceil_mode (32 -> 1
+    and 28 -> 1 pixel);
     ``avgpool``: global average pool, (B, 8w, 1, 1); ``classifier``: one
     linear layer 8w -> classes.
     """
@@ -217,7 +219,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 c_out = item * width
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                layers += [_conv3x3(c_in, c_out), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -229,13 +231,11 @@ class VGG(nn.Module):
 
 
 def _init_like_torchvision(model: nn.Module) -> None:
-    """Convs: Kaiming normal (fan_out, ReLU gain), bias 0; BatchNorm: weight 1, bias 0;
+    """Convs: Kaiming normal (fan_out, ReLU gain); BatchNorm: weight 1, bias 0;
     VGG's linear layer: N(0, 0.01), bias 0 (ResNet's keeps PyTorch's default)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
