@@ -160,8 +160,8 @@ def augment(images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
     pixels at 28x28 and 32x32; zero is the mean of normalised data), an H x W
     window at a random offset (dy, dx) in [0, 2p]^2 is cut from it and, with
     probability 1/2, flipped left-right. The offsets and flips are a pure
-    function of (seed, step, B), drawn on the CPU, so every rank of a job
-    augments the same global batch identically. One gather does it all:
+    function of (seed, step) and the batch shape, drawn on the CPU, so every
+    rank of a job augments the same global batch identically. One gather:
     out[b, c, i, j] = padded[b, c, dy_b + i, dx_b + (W - 1 - j if flip_b else j)].
     """
     if images.dim() != 4:
@@ -398,7 +398,7 @@ def _load_folder(data_dir: str | os.PathLike | None, size: int) -> Dataset:
                           f"class is one, so some class needs at least {_FOLDER_TEST_EVERY} images")
     mode = "L" if all(_image_mode(path) in _GRAYSCALE_MODES for path, _, _ in files) else "RGB"
     pixels = torch.from_numpy(np.stack([_decode_image(path, mode, size) for path, _, _ in files]))
-    pixels = pixels.unsqueeze(1) if mode == "L" else pixels.permute(0, 3, 1, 2)  # (N, C, size, size) uint8
+    pixels = (pixels.unsqueeze(1) if mode == "L" else pixels.permute(0, 3, 1, 2)).contiguous()  # (N, C, size, size)
     labels = torch.tensor([label for _, label, _ in files])
     test = torch.tensor([is_test for _, _, is_test in files])
     mean, std = _channel_stats(pixels[~test])
