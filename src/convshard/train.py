@@ -65,10 +65,12 @@ class TrainConfig:
     rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
     layer_counts: dict[str, tuple[int, ...]] | None = None  # kernels per rank per layer, from a plan
     plan: dict | None = None  # the plan that chose strategy, devices and layer_counts
-    model: str = "paper"  # paper | vgg
-    kernels: tuple[int, ...] | None = None  # kernels per conv layer; None: the model's default
-    dataset: str = "mnist"  # mnist | cifar10 | synthetic
-    data_dir: str = "data"  # where cifar10 lives
+    model: str = "paper"  # one of models.MODELS, or package.module:function
+    kernels: tuple[int, ...] | None = None  # kernels per conv layer (ResNet, VGG: base width); None: the default
+    dataset: str = "mnist"  # mnist | cifar10 | synthetic | folder
+    data_dir: str = "data"  # where cifar10 and folder live
+    image_size: int = 32  # side of the folder dataset's images
+    augment: bool = False  # random crop and flip of every training batch, drawn from seed and step
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) of synthetic images
     synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
     epochs: int = 8
@@ -126,6 +128,7 @@ def load_data(config: TrainConfig) -> data.Dataset:
         config.dataset, data_dir=config.data_dir, seed=config.seed,
         synthetic_shape=config.synthetic_shape,
         synthetic_sizes=(config.synthetic_size, max(1, config.synthetic_size // 4)),
+        image_size=config.image_size,
     )
 
 
@@ -399,16 +402,15 @@ def _train_epoch(run: _Run) -> float:
     while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
         batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch
-        global_size = len(batch)
-        if config.strategy == "ddp":
-            batch = batch[_rank_slice(global_size, run.rank, run.world)]
+        part = _rank_slice(len(batch), run.rank, run.world) if config.strategy == "ddp" else slice(None)
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(config, progress["step"], total_steps)
         t0, in_collectives = time.perf_counter(), comm.seconds_in_collectives()
-        loss = _step(run, batch, global_size)
+        loss = _step(run, batch, part)
         _sync(run.device)
         run.clock.add(time.perf_counter() - t0, comm.seconds_in_collectives() - in_collectives)
-        loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
+        mine = len(batch[part])
+        loss_sum, seen = loss_sum + loss * mine, seen + mine
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         if run.rebalancer is not None:
             run.rebalancer.observe(progress["step"], run.clock.seconds[-1] - run.clock.collective[-1], run.optimizer)
@@ -422,22 +424,27 @@ def _train_epoch(run: _Run) -> float:
     return _mean_over_ranks(run, loss_sum, seen)
 
 
-def _step(run: _Run, batch: torch.Tensor, global_size: int) -> float:
-    """One optimizer step; ``batch`` holds this rank's indices of a global batch
-    of ``global_size`` images. Returns this rank's mean loss."""
+def _step(run: _Run, batch: torch.Tensor, part: slice) -> float:
+    """One optimizer step on this rank's ``part`` of the global ``batch`` (its
+    image indices). Returns this rank's mean loss."""
     config = run.config
-    x, y = run.dataset.train_x[batch].to(run.device), run.dataset.train_y[batch].to(run.device)  # (B, C, H, W), (B,)
+    mine = batch[part]
+    if config.augment:  # the whole global batch, so that every rank and strategy augments each image alike
+        x = data.augment(run.dataset.train_x[batch], seed=config.seed, step=run.progress["step"])[part]
+    else:
+        x = run.dataset.train_x[mine]
+    x, y = x.to(run.device), run.dataset.train_y[mine].to(run.device)  # (B, C, H, W), (B,)
     run.optimizer.zero_grad(set_to_none=True)
     out = run.model(x)  # (B, classes)
     loss_sum = F.cross_entropy(out, y, reduction="sum")
-    mean_loss = loss_sum.item() / max(1, len(batch))
+    mean_loss = loss_sum.item() / max(1, len(mine))
     if not math.isfinite(mean_loss):
         kept = f"; the last good checkpoint is in {config.checkpoint_dir}" if config.checkpoint_dir else ""
         raise TrainingError(f"training loss became {mean_loss} at step {run.progress['step'] + 1}{kept}; "
                             f"try a lower --lr than {config.lr:g}")
     # Divide by the global batch: DDP then averages over ranks, so scale by
     # world to get the mean over the global batch even when parts differ in size.
-    scale = run.world / global_size if config.strategy == "ddp" else 1 / len(batch)
+    scale = run.world / len(batch) if config.strategy == "ddp" else 1 / len(mine)
     (loss_sum * scale).backward()
     if config.strategy == "kernel":
         sync_replicas(run.model)
