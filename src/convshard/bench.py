@@ -45,6 +45,26 @@ SIZES = {
               "networks": ((100, 300), (250, 750), (500, 1500)), "steps": 6},
     "smoke": {"kernels": (4, 8), "batch": 16, "batches": (8,), "networks": ((4, 8), (8, 12)), "steps": 4},
 }
+WIDTHS = {"paper": (None, (16, 32, 64)), "smoke": ((4,), ((4,), (8,)))}  # built-in CNNs' --kernels: default, sweep
+
+
+def model_size(model: str, size: str) -> dict:
+    """The sweeps' settings for ``model`` at ``size``: the paper's CNN takes
+    the size's kernels; the ResNets and VGGs a base width (their default at
+    ``paper``, a tiny one at ``smoke``; the kernels sweep varies it); any
+    other model (``vgg``, a factory) runs as it is built, without a kernels sweep."""
+    chosen = dict(SIZES[size])
+    if model == "paper":
+        return {**chosen, "model": [], "networks": [("/".join(map(str, n)), n) for n in chosen["networks"]]}
+    width, sweep = WIDTHS[size]
+    if not (model.startswith("resnet") or model.startswith("vgg1")):
+        width, sweep = None, ()
+    return {**chosen, "model": ["--model", model], "kernels": width,
+            "networks": [(str(w[0] if isinstance(w, tuple) else w), (w,) if isinstance(w, int) else w) for w in sweep]}
+
+
+def _kernels(kernels) -> list[str]:
+    return ["--kernels", ",".join(map(str, kernels))] if kernels else []
 
 
 class _Runner:
@@ -128,8 +148,7 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     if reason:
         log.warning("bandwidth sweep skipped: %s", reason)
         return []
-    job = ["--kernels", ",".join(map(str, size["kernels"])), "--batch-size", str(size["batch"]),
-           "--threads", "1"]
+    job = [*size["model"], *_kernels(size["kernels"]), "--batch-size", str(size["batch"]), "--threads", "1"]
     spec = ",".join(f"cpu@{c}" for c in cores[:2])
     one = run.measure({"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job]})["one device"]
     points = []
@@ -145,8 +164,9 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     return points
 
 
-def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -> dict:
-    """The four jobs of one point; ``workers`` are the kernel/ddp devices."""
+def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str], *, auto: bool = False) -> dict:
+    """The four jobs of one point (five with ``auto``: ``--strategy auto`` on
+    the same workers); ``workers`` are the kernel/ddp devices."""
     spec = ",".join(workers)
     jobs = {"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *job],
             "all cores": ["--strategy", "single", "--devices", f"cpu@{devices.format_cores(cores)}",
@@ -154,6 +174,8 @@ def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str]) -
             "kernel": ["--devices", spec, "--threads", "1", *job]}
     if len(workers) > 1:
         jobs["ddp"] = ["--strategy", "ddp", "--devices", spec, "--threads", "1", *job]
+    if auto and len(workers) > 1:
+        jobs["auto"] = ["--strategy", "auto", "--devices", spec, "--threads", "1", *job]
     return _add_speedups(run.measure(jobs))
 
 
@@ -166,8 +188,8 @@ def _add_speedups(point: dict) -> dict:
 
 
 def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
-    kernels = ",".join(map(str, size["kernels"]))
-    base = ["--kernels", kernels, "--batch-size", str(size["batch"])]
+    model = size["model"]
+    base = [*model, *_kernels(size["kernels"]), "--batch-size", str(size["batch"])]
     two = [f"cpu@{c}" for c in cores[:2]]
     points = []
     if name == "workers":
@@ -177,11 +199,12 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             points.append({"x": n, "note": "workers share cores" if shared else "", **_point(run, cores, workers, base)})
     elif name == "batch":
         for batch in size["batches"]:
-            points.append({"x": batch, **_point(run, cores, two, ["--kernels", kernels, "--batch-size", str(batch)])})
+            job = [*model, *_kernels(size["kernels"]), "--batch-size", str(batch)]
+            points.append({"x": batch, **_point(run, cores, two, job, auto=True)})
     elif name == "kernels":
-        for net in size["networks"]:
-            job = ["--kernels", ",".join(map(str, net)), *base[2:]]
-            points.append({"x": "/".join(map(str, net)), **_point(run, cores, two, job)})
+        for label, net in size["networks"]:
+            job = [*model, *_kernels(net), "--batch-size", str(size["batch"])]
+            points.append({"x": label, **_point(run, cores, two, job)})
     elif name == "mixes":
         mix = [f"cpu@{cores[0]}", *[f"cpu@{cores[-1]}"] * 2]
         spec = ",".join(mix)
@@ -243,10 +266,10 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
 
 
 def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
-              batches: Sequence[int] | None = None, rounds: int = 1) -> dict:
-    """Run the sweeps; write bench.json, <sweep>.png and bench.md into ``out_dir``; return the results.
-    ``batches`` replaces the size's batch sizes of the batch sweep; every job of
-    a point runs ``rounds`` times, interleaved, and reports its median."""
+              batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper") -> dict:
+    """Run the sweeps on ``model``; write bench.json, <sweep>.png and bench.md into ``out_dir``;
+    return the results. ``batches`` replaces the size's batch sizes of the batch
+    sweep; every job of a point runs ``rounds`` times, interleaved, and reports its median."""
     unknown = [s for s in sweeps if s not in SWEEPS]
     if unknown:
         raise ConfigError(f"unknown sweep {unknown[0]!r}: choose from {', '.join(SWEEPS)}")
@@ -256,10 +279,11 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = _Runner(out, steps or SIZES[size]["steps"], rounds)
-    chosen = {**SIZES[size], **({"batches": tuple(batches)} if batches else {})}
+    chosen = {**model_size(model, size), **({"batches": tuple(batches)} if batches else {})}
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
         _plot(name, points, out / f"{name}.png", len(cores))
-    (out / "bench.json").write_text(json.dumps({"cores": cores, "size": size, "rounds": rounds, "results": results}, indent=1) + "\n")
+    (out / "bench.json").write_text(json.dumps({"cores": cores, "model": model, "size": size, "rounds": rounds,
+                                               "results": results}, indent=1) + "\n")
     (out / "bench.md").write_text(_markdown(results, cores, rounds))
     return results

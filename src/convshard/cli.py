@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "drift then falls on every job alike (default: %(default)s)")
     b.add_argument("--batches", metavar="B1,B2", type=_int_list("--batches"),
                    help="batch sizes of the batch sweep (default: paper 16,32,64,128,256)")
+    b.add_argument("--model", metavar="NAME", type=_model, default="paper",
+                   help="the CNN every sweep trains: a built-in (the ResNets and VGG11/16 run at their "
+                        "default width at --size paper, and the kernels sweep varies that width) or "
+                        "package.module:function (default: %(default)s)")
     b.add_argument("--out-dir", metavar="DIR", default="runs/bench", help="(default: %(default)s)")
 
     r = sub.add_parser("report", help="where a run's time went per device: a table and a timeline PNG",
@@ -369,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("CIFAR-10 ready in %s", path)
         elif args.command == "bench":
             bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
-                            batches=args.batches, rounds=args.rounds)
+                            batches=args.batches, rounds=args.rounds, model=args.model)
             print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)
