@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import convshard
+from convshard.models import build_model
+from factory_models import se_depthwise_net
 from convshard import checkpoint, layouts
 from convshard.launch import init_from_env, launch_local
 from convshard.sharded import ShardedBatchNorm2d, ShardedChannelwiseConv2d, ShardedConv2d, layer_counts, sharded_state
@@ -92,7 +94,12 @@ def vgg_bn() -> nn.Module:
         nn.Flatten(), nn.Linear(12 * 2 * 2, 10))
 
 
-MODELS = {"resnet": TinyResNet, "squeeze": SqueezeDepthwise, "vgg_bn": vgg_bn}
+MODELS = {
+    "resnet": TinyResNet, "squeeze": SqueezeDepthwise, "vgg_bn": vgg_bn,
+    "resnet18": lambda: build_model("resnet18", SHAPE, 10, (4,)),
+    "vgg11": lambda: build_model("vgg11", SHAPE, 10, (4,)),
+    "se_depthwise_net": lambda: se_depthwise_net(SHAPE, 10),
+}
 
 
 def _error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:

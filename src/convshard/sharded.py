@@ -230,6 +230,8 @@ class ShardedBatchNorm2d(nn.BatchNorm2d):
         if self.group.split.local == 0:
             if self.training and self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)  # as on the ranks that hold channels
+            if self.affine:  # the empty weight and bias still get (empty) gradients, as elsewhere,
+                x = x + 0 * (self.weight.sum() + self.bias.sum())  # so every rank keeps optimizer state alike
             return x
         return super().forward(x)
 
@@ -252,9 +254,9 @@ class ShardedChannelwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if self.group.split.local == 0:
-            weight = weight.new_zeros(1, *weight.shape[1:])
-            bias = None if bias is None else bias.new_zeros(1)
+        if self.group.split.local == 0:  # one zero kernel for the placeholder channel, as in ShardedConv2d
+            weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
         self.groups = weight.size(0)  # the shard's size, which a re-split changes
         return self._conv_forward(x, weight, bias)
 
