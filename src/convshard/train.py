@@ -32,7 +32,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, comm, data, devices, launch, plan, profile
+from . import atomic, checkpoint, comm, data, devices, launch, plan, profile
 from .errors import TrainingError
 from .models import build_model
 from .rebalance import Rebalancer, parse_mode
@@ -275,8 +274,7 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
                  metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
                  metrics["images_per_second"])
     if config.metrics_out:
-        Path(config.metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic.write_text(config.metrics_out, json.dumps(metrics, indent=2) + "\n")
         log.info("metrics written to %s", config.metrics_out)
     return metrics
 
