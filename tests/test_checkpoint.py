@@ -30,21 +30,23 @@ def _payload(step: int) -> dict:
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     """SIGKILL a process in the middle of writing: the last complete checkpoint
-    survives and loads; the next save clears the half-written temporary."""
+    survives and loads; the next save clears the half-written temporary.
+
+    The process saves in a loop, so it is always in the middle of a save (the
+    temporary file exists) whatever the machine's speed; which checkpoint was
+    the last complete one (step 1, or its own step 2) depends on that speed."""
     checkpoint.save_checkpoint(tmp_path, _payload(1))
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60  # a guard against a hang
         while not list(tmp_path.glob(".checkpoint.pt.*.tmp")):
             assert proc.poll() is None and time.monotonic() < deadline, "no save started"
             time.sleep(0.01)
-        time.sleep(0.05)  # well inside a 256 MiB write
-        assert (checkpoint.load_checkpoint(tmp_path)["progress"]["step"]) == 1, "the save finished too soon"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     assert list(tmp_path.glob(".checkpoint.pt.*.tmp")), "the kill did not land mid-save"
-    assert checkpoint.load_checkpoint(tmp_path)["progress"]["step"] == 1
+    assert checkpoint.load_checkpoint(tmp_path)["progress"]["step"] in (1, 2)
     checkpoint.save_checkpoint(tmp_path, _payload(3))
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
     assert checkpoint.load_checkpoint(tmp_path)["progress"]["step"] == 3

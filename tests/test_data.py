@@ -310,7 +310,7 @@ def test_synthetic_bad_arguments(kwargs: dict) -> None:
 # --- epoch_permutation and names ----------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(n=st.integers(0, 300), seed=st.integers(0, 2**32), epoch=st.integers(0, 1000))
 def test_epoch_permutation_is_a_deterministic_permutation(n: int, seed: int, epoch: int) -> None:
     order = epoch_permutation(n, seed=seed, epoch=epoch)

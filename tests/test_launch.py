@@ -5,7 +5,8 @@ name. Every job passes its world size explicitly and a ``timeout``; workers
 run with ``OMP_NUM_THREADS=1``. Worker PIDs are learned from the launcher's
 debug log line ``worker rank R (DEVICE) pid N`` (caplog in-process, stderr
 end to end), and the tests only ever signal those PIDs or their own
-subprocesses.
+subprocesses. Their timeouts only guard against a hang: no test bounds how
+fast a job starts or stops (``scripts/latencies.py`` measures that).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _assert_gone(pids: list[int], within: float = 5.0) -> None:
-    """Every pid disappears (exited and reaped) within ``within`` seconds."""
-    deadline = time.monotonic() + within
+def _assert_gone(pids: list[int]) -> None:
+    """Every pid disappears (exited and reaped); JOB_TIMEOUT only guards against a hang."""
+    deadline = time.monotonic() + JOB_TIMEOUT
     while any(map(_running, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in pids if _running(pid)], f"processes left behind among {pids}"
@@ -89,14 +90,13 @@ def _logged_pids(caplog: pytest.LogCaptureFixture) -> dict[int, int]:
 
 
 def _launch_expecting(error: type[Exception], fn, world_size: int, caplog, *, args=(), labels=None,
-                      timeout: float = JOB_TIMEOUT) -> tuple[pytest.ExceptionInfo, float, dict[int, int]]:
-    """Run a job that must raise ``error``; return it, the seconds it took, and rank -> pid."""
-    start = time.monotonic()
+                      timeout: float = JOB_TIMEOUT) -> tuple[pytest.ExceptionInfo, dict[int, int]]:
+    """Run a job that must raise ``error``; return it and rank -> pid."""
     try:
         with pytest.raises(error) as info:
             launch_local(fn, world_size, args=args, labels=labels, timeout=timeout,
                          env={"OMP_NUM_THREADS": "1"})
-        return info, time.monotonic() - start, _logged_pids(caplog)
+        return info, _logged_pids(caplog)
     finally:
         for pid in _logged_pids(caplog).values():
             _kill_worker_if_alive(pid)
@@ -143,14 +143,13 @@ def _rank_times_ten(env_dir: str) -> int:
 
 def test_exception_on_one_rank_stops_the_job(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Rank 1 raises while ranks 0 and 2 block in a barrier: WorkerFailed names rank 1,
-    its device and its error, carries the traceback, comes quickly, and no worker survives."""
-    info, seconds, pids = _launch_expecting(WorkerFailed, _boom_on_rank_1, 3, caplog, args=(str(tmp_path),),
+    its device and its error, carries the traceback, and no worker survives."""
+    info, pids = _launch_expecting(WorkerFailed, _boom_on_rank_1, 3, caplog, args=(str(tmp_path),),
                                             labels=["cpu@0", "cpu@1", "cpu@1"])
     message = str(info.value)
     assert "rank 1" in message and "cpu@1" in message and "boom on rank 1" in message
     assert info.value.rank == 1 and info.value.label == "cpu@1"
     assert "Traceback" in info.value.details and "boom on rank 1" in info.value.details
-    assert seconds < 15
     assert sorted(pids) == [0, 1, 2]
     assert {int(p.read_text()) for p in tmp_path.glob("*.pid")} == set(pids.values())
     _assert_gone(list(pids.values()))
@@ -194,16 +193,15 @@ def test_root_cause_is_named_when_failures_are_seen_together(tmp_path: Path) -> 
 
 def test_config_error_in_a_worker_is_reraised(caplog: pytest.LogCaptureFixture) -> None:
     """A worker's ConfigError comes back as ConfigError with its message, not as WorkerFailed."""
-    info, _, pids = _launch_expecting(ConfigError, _config_error, 2, caplog)
+    info, pids = _launch_expecting(ConfigError, _config_error, 2, caplog)
     assert str(info.value) == "bad value 'x'"
     _assert_gone(list(pids.values()))
 
 
 def test_hanging_worker_hits_the_time_limit(caplog: pytest.LogCaptureFixture) -> None:
     """A worker that never returns fails the job at the limit, and every worker is stopped."""
-    info, seconds, pids = _launch_expecting(WorkerFailed, _sleep, 2, caplog, timeout=3)
+    info, pids = _launch_expecting(WorkerFailed, _sleep, 2, caplog, timeout=3)
     assert "3 s limit" in str(info.value)
-    assert seconds < 10
     assert sorted(pids) == [0, 1]
     _assert_gone(list(pids.values()))
 
@@ -247,8 +245,10 @@ class _StderrLines:
 
 
 def test_sigkill_of_a_worker_ends_the_command(tmp_path: Path, record_property) -> None:
-    """SIGKILL one worker of a running `convshard train`: the command exits non-zero within
-    30 s, names rank 1, its device and the signal, and takes rank 0 down with it.
+    """SIGKILL one worker of a running `convshard train`: the command exits non-zero,
+    names rank 1, its device and the signal, and takes rank 0 down with it. The
+    seconds from the kill to the exit are recorded as ``sigkill_to_exit_seconds``,
+    not bounded.
 
     The first epoch's checkpoint proves training is under way before the kill
     (no log wording involved); the kill lands about a second into epoch 2.
@@ -268,7 +268,7 @@ def test_sigkill_of_a_worker_ends_the_command(tmp_path: Path, record_property) -
         time.sleep(1)
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
-        code = proc.wait(timeout=30)
+        code = proc.wait(timeout=JOB_TIMEOUT)
         seconds = time.monotonic() - killed
         record_property("sigkill_to_exit_seconds", round(seconds, 3))
         print(f"SIGKILL to launcher exit: {seconds:.2f} s")

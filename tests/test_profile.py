@@ -57,11 +57,11 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads():
     assert first_layer["input_grad_bytes"] == 0  # the data needs no gradient
     assert second_layer["input_grad_bytes"] == 8 * 4 * 6 * 6 * 4  # (B, 4, 6, 6) float32 after pool
     assert first_layer["gather_bytes_per_kernel"] == 8 * 6 * 6 * 4  # 12x12 conv output pooled to 6x6
-    for layer in first["layers"]:
-        assert len(layer["a"]) == len(layer["b"]) == 2 and min(layer["b"]) > 0
+    for layer in first["layers"]:  # one fit per rank (its clamps: test_fit_line_recovers_a_line_and_clamps)
+        assert len(layer["a"]) == len(layer["b"]) == 2
     assert len(first["rest_seconds"]) == 2 and min(first["rest_seconds"]) > 0
-    assert set(first["links"]) == {"all_gather", "all_reduce", "broadcast"}
-    assert all(link["bandwidth"] > 0 and link["latency"] >= 0 for link in first["links"].values())
+    assert {name: set(link) for name, link in first["links"].items()} == {
+        name: {"latency", "bandwidth"} for name in ("all_gather", "all_reduce", "broadcast")}
     assert first["param_bytes"] > first["replicated_param_bytes"] > 0
     assert plan.make_plan(first).strategy in plan.STRATEGIES
     text = profile.format_profile(first)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
+import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,11 +12,10 @@ from torch import nn
 
 import convshard
 from convshard import rebalance
-from convshard.cli import main
 from convshard.launch import init_from_env, launch_local
 from convshard.models import build_model
 from convshard.sharded import ShardedConv2d, ShardSplit
-from convshard.train import TrainConfig
+from convshard.train import TrainConfig, train_worker
 
 SHAPE = (3, 16, 16)
 KERNELS = (6, 10)
@@ -109,18 +109,31 @@ def test_parse_mode():
             rebalance.parse_mode(bad)
 
 
+def _train_with_uneven_busy(config: TrainConfig) -> dict | None:
+    """``train_worker`` with rank r reporting r + 1 busy seconds every step:
+    an imbalance that does not depend on the machine's speed, so every check
+    of mode N moves kernels. Patches this spawned worker only."""
+    rank = int(os.environ["RANK"])
+    observe = rebalance.Rebalancer.observe
+    rebalance.Rebalancer.observe = lambda self, step, busy, optimizer: observe(self, step, rank + 1.0, optimizer)
+    return train_worker(config)
+
+
 def test_train_with_periodic_rebalancing_is_exact(tmp_path):
-    """Three workers on two cores (speeds about 1/2, 1/2, 1): a run that re-splits every
-    2 steps trains the same model as one that never does."""
-    job = ["train", "--dataset", "synthetic", "--synthetic-shape", "3,16,16", "--synthetic-size", "128",
-           "--kernels", "12,24", "--batch-size", "32", "--threads", "1", "--max-steps", "8", "--quiet",
-           "--devices", "cpu@0,cpu@0,cpu@1", "--checkpoint-dir"]
-    assert main([*job, str(tmp_path / "a"), "--rebalance", "2", "--metrics-out", str(tmp_path / "a.json")]) == 0
-    assert main([*job, str(tmp_path / "b"), "--metrics-out", str(tmp_path / "b.json")]) == 0
-    moved, still = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    """Three workers; one run re-splits every 2 steps (forced by uneven busy times), the
+    other never: both train the same model."""
+    job = TrainConfig(devices="cpu@0,cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(3, 16, 16),
+                      synthetic_size=128, kernels=(12, 24), batch_size=32, threads=1, max_steps=8, quiet=True)
+    moved_job = replace(job, rebalance="2", checkpoint_dir=str(tmp_path / "a"))
+    still_job = replace(job, checkpoint_dir=str(tmp_path / "b"))
+    moved = launch_local(_train_with_uneven_busy, 3, args=(moved_job,), timeout=180, env={"OMP_NUM_THREADS": "1"})[0]
+    still = launch_local(train_worker, 3, args=(still_job,), timeout=180, env={"OMP_NUM_THREADS": "1"})[0]
+    assert moved["rebalances"], "no rebalance happened"
     for event in moved["rebalances"]:
         assert event["step"] % 2 == 0 and event["old"] != event["new"]
+        assert event["busy_seconds"] == [1.0, 2.0, 3.0]
         assert all(sum(event["new"][k]) == sum(event["old"][k]) for k in event["old"])
+    assert moved["shares"] == moved["rebalances"][-1]["new"] != still["shares"]
     assert still["rebalances"] == []
     assert moved["train_loss"] == pytest.approx(still["train_loss"], rel=1e-5)
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["model"] for n in "ab")

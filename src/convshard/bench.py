@@ -33,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import devices, netns
+from . import atomic, devices, netns
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
         _plot(name, points, out / f"{name}.png", len(cores))
-    (out / "bench.json").write_text(json.dumps({"cores": cores, "model": model, "size": size, "rounds": rounds,
-                                               "results": results}, indent=1) + "\n")
-    (out / "bench.md").write_text(_markdown(results, cores, rounds))
+    atomic.write_text(out / "bench.json", json.dumps({"cores": cores, "model": model, "size": size, "rounds": rounds,
+                                                      "results": results}, indent=1) + "\n")
+    atomic.write_text(out / "bench.md", _markdown(results, cores, rounds))
     return results

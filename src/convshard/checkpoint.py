@@ -13,20 +13,20 @@ nothing is unpickled beyond that:
 The model and optimizer state are gathered from the shards, so a run can
 resume on any device list: ``load_full_state_dict`` and
 ``load_full_optimizer_state_dict`` cut them again for the new split.
-Writing goes to a temporary file in the same directory, is fsynced and then
-renamed over the old checkpoint: a crash mid-save leaves the previous one intact.
+Writing is atomic (``convshard.atomic``): a crash mid-save leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .atomic import atomic_writer
 from .errors import ConfigError
 from .sharded import sharded_parameters
 
@@ -82,26 +82,9 @@ def _cpu(value: Any) -> Any:
 
 def save_checkpoint(directory: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` to ``directory/checkpoint.pt`` atomically; returns the path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / FILENAME
-    for stale in directory.glob(f".{FILENAME}.*.tmp"):  # left by a save that was killed
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    path = Path(directory) / FILENAME
+    with atomic_writer(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
+from . import atomic, comm
 from .errors import ConfigError
 from .plan import choose_counts
 from .segments import Cut, Group, cut
@@ -271,12 +271,8 @@ def load(path: str | os.PathLike, key: dict) -> dict | None:
 
 
 def save(path: str | os.PathLike, profile: dict) -> None:
-    """Write ``profile`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``profile`` to ``path`` atomically (``convshard.atomic``)."""
+    atomic.write_text(path, json.dumps(profile, indent=1) + "\n")
 
 
 def format_profile(profile: dict) -> str:

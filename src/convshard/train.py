@@ -19,7 +19,9 @@ local launcher (``tune.prepare``), or here, on every rank, under torchrun.
 
 All three see the same global batches, so they train the same model up to
 float rounding. Rank 0 shows a progress bar, logs, writes checkpoints and
-the metrics JSON.
+the metrics JSON. It also answers every question about files for the job:
+it reads the checkpoint and the profile cache and sends them to every rank,
+so hosts need not share storage and never act on different answers.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import resource
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, comm, data, devices, launch, plan, profile
-from .errors import TrainingError
+from . import atomic, checkpoint, comm, data, devices, launch, plan, profile
+from .errors import ConfigError, TrainingError
 from .models import build_model
 from .rebalance import Rebalancer, parse_mode
 from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_model, sync_replicas
@@ -278,8 +281,7 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
                  metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
                  metrics["images_per_second"])
     if config.metrics_out:
-        Path(config.metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic.write_text(config.metrics_out, json.dumps(metrics, indent=2) + "\n")
         log.info("metrics written to %s", config.metrics_out)
     return metrics
 
@@ -301,7 +303,7 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
     model = make_model(config, dataset).to(device_spec.torch_device)
     key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
                           batch_size=config.batch_size)
-    cached = profile.load(config.profile, key) if config.profile else None
+    cached = _read_on_rank0(lambda: profile.load(config.profile, key)) if config.profile else None
     if cached is not None:
         return cached
     log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
@@ -352,15 +354,48 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
     return apply_plan(config, job_plan, can_drop=False)
 
 
+T = TypeVar("T")
+
+
+def _read_on_rank0(read: Callable[[], T]) -> T:
+    """``read()`` as rank 0 answers it, on every rank (a collective).
+
+    Files differ between hosts (no shared storage, a stale copy): a rank
+    that read its own could skip collectives the others enter, or resume at
+    another step. So rank 0 reads and broadcasts the result; a ``ConfigError``
+    there is raised on every rank.
+    """
+    if comm.world_size() == 1:
+        return read()
+    answer: list = [None]
+    if comm.rank() == 0:
+        try:
+            answer = [(read(), None)]
+        except ConfigError as exc:
+            answer = [(None, str(exc))]
+    dist.broadcast_object_list(answer, src=0)
+    value, error = answer[0]
+    if error is not None:
+        raise ConfigError(error)
+    return value
+
+
+def _resume_point(config: TrainConfig) -> dict | None:
+    """The checkpoint to resume from: with ``--resume``, or after torchrun
+    restarted the job (it resumes by itself); None to start from scratch."""
+    if not (config.resume or launch.restart_count() > 0):
+        return None
+    saved = checkpoint.load_checkpoint(config.checkpoint_dir)
+    if saved is None:
+        log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
+    return saved
+
+
 def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, world: int) -> _Run:
     """The model for the strategy, its optimizer and the progress so far
     (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     model = make_model(config, dataset)
-    # A job that torchrun restarted resumes by itself from its checkpoint.
-    resume = (config.resume or launch.restart_count() > 0) and config.checkpoint_dir is not None
-    saved = checkpoint.load_checkpoint(config.checkpoint_dir) if resume else None
-    if resume and saved is None:
-        log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
+    saved = _read_on_rank0(lambda: _resume_point(config)) if config.checkpoint_dir is not None else None
     if saved is not None:
         load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
         log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])

@@ -1,0 +1,155 @@
+"""The collectives each ``comm`` helper issues, counted, and the values they deliver.
+
+One job per world size 1-4 (``launch_local`` on gloo, one thread per
+worker) runs every helper under ``CommDebugMode``, which sees the c10d
+collectives that torch.distributed dispatches, and compares each result with
+a reference computed on one rank from the same seed. Kernel counts per world
+size are uneven and include a rank with none. The expectations: one
+all-gather in a sharded layer's forward, one all-reduce in its backward, one
+broadcast per dtype, and nothing at all at world size 1.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor.debug import CommDebugMode
+
+from convshard import comm
+from convshard.launch import init_from_env, launch_local
+
+# Kernels per rank for each world size: uneven, and from world 2 on one set gives a rank none.
+COUNTS = {1: [(5,)], 2: [(5, 0), (2, 3)], 3: [(0, 4, 1), (3, 3, 2)], 4: [(2, 0, 5, 1), (1, 1, 1, 4)]}
+C_IN, BATCH, SIZE = 3, 2, 6  # the conv's input (BATCH, C_IN, SIZE, SIZE)
+
+
+def _kind(op: object) -> str:
+    """'all_gather', 'all_reduce', 'broadcast' for c10d and functional collectives alike."""
+    name = str(op).split(".")[-1].replace("_", "")
+    kinds = {"allgather": "all_gather", "allreduce": "all_reduce", "broadcast": "broadcast"}
+    return next((kind for key, kind in kinds.items() if key in name), str(op))
+
+
+class _Counted:
+    """Collectives issued inside the block, by kind: ``with _Counted(log, "name"): ...``."""
+
+    def __init__(self, log: dict[str, dict[str, int]], name: str) -> None:
+        self.log, self.name, self.mode = log, name, CommDebugMode()
+
+    def __enter__(self) -> None:
+        self.mode.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+        counts = Counter()
+        for op, n in self.mode.get_comm_counts().items():
+            counts[_kind(op)] += n
+        self.log[self.name] = dict(counts)
+
+
+def _sharded_layer(log: dict, errors: dict, counts: tuple[int, ...], rank: int, group, *, input_grad: bool) -> None:
+    """conv2d_on_shards then gather_from_shards, against the unsharded conv:
+    the output, dX (the sum over ranks) and this rank's dW, db."""
+    tag = f"{counts} input_grad={input_grad}"
+    gen = torch.Generator().manual_seed(sum(counts))
+    weight = torch.randn(sum(counts), C_IN, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(sum(counts), generator=gen, dtype=torch.float64)
+    x = torch.randn(BATCH, C_IN, SIZE, SIZE, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(BATCH, sum(counts), SIZE - 2, SIZE - 2, generator=gen, dtype=torch.float64)
+
+    x_ref, w_ref, b_ref = (t.clone().requires_grad_(True) for t in (x, weight, bias))
+    y_ref = F.conv2d(x_ref, w_ref, b_ref)
+    y_ref.backward(grad_out)
+
+    start, mine = sum(counts[:rank]), counts[rank]
+    w = weight[start : start + mine].clone().requires_grad_(True)
+    b = bias[start : start + mine].clone().requires_grad_(True)
+    x = x.clone().requires_grad_(input_grad)
+    # conv2d refuses an empty kernel bank: a rank without kernels convolves one
+    # zero kernel and drops its output, as ShardedConv2d does
+    w_run = torch.cat([w, w.new_zeros(1, *w.shape[1:])]) if mine == 0 else w
+    b_run = torch.cat([b, b.new_zeros(1)]) if mine == 0 else b
+    with _Counted(log, f"conv2d_on_shards forward {tag}"):
+        y_local = comm.conv2d_on_shards(x, w_run, b_run, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                        group=group)
+    with _Counted(log, f"gather_from_shards forward {tag}"):
+        y = comm.gather_from_shards(y_local[:, :mine], counts, group=group)  # (B, C, H', W')
+    with _Counted(log, f"sharded layer backward {tag}"):
+        y.backward(grad_out)
+    errors[f"output {tag}"] = (y - y_ref).abs().max().item()
+    errors[f"dW {tag}"] = (w.grad - w_ref.grad[start : start + mine]).abs().max().item() if mine else 0.0
+    errors[f"db {tag}"] = (b.grad - b_ref.grad[start : start + mine]).abs().max().item() if mine else 0.0
+    if input_grad:
+        errors[f"dX {tag}"] = (x.grad - x_ref.grad).abs().max().item()
+
+
+def _count_worker() -> tuple[dict, dict]:
+    """Run every helper once per count set; returns (collectives per call, max errors)."""
+    torch.set_num_threads(1)
+    rank, world, _ = init_from_env("gloo", timeout=60)
+    group = dist.group.WORLD
+    log: dict[str, dict[str, int]] = {}
+    errors: dict[str, float] = {}
+    for counts in COUNTS[world]:
+        # rank r's slice holds r * 100 + its position, so the gathered tensor is known everywhere
+        parts = [100 * r + torch.arange(2 * c * 3, dtype=torch.float32).view(2, c, 3) for r, c in enumerate(counts)]
+        with _Counted(log, f"all_gather_uneven {counts}"):
+            gathered = comm.all_gather_uneven(parts[rank], counts, dim=1, group=group)
+        errors[f"all_gather_uneven {counts}"] = (gathered - torch.cat(parts, dim=1)).abs().max().item()
+        for input_grad in (True, False):
+            _sharded_layer(log, errors, counts, rank, group, input_grad=input_grad)
+
+    value = torch.full((4,), float(rank + 1))
+    with _Counted(log, "all_reduce_sum_"):
+        comm.all_reduce_sum_(value, group=group)
+    errors["all_reduce_sum_"] = (value - world * (world + 1) / 2).abs().max().item()
+    value = torch.full((4,), float(rank + 1))
+    with _Counted(log, "start_all_reduce_sum"):
+        pending = comm.start_all_reduce_sum(value, group=group)
+        summed = pending.wait()
+    errors["start_all_reduce_sum"] = (summed - world * (world + 1) / 2).abs().max().item()
+
+    floats = [torch.full((3,), float(rank)), torch.full((2, 2), float(rank))]
+    ints = [torch.full((5,), rank, dtype=torch.int64)]
+    with _Counted(log, "broadcast_ two dtypes"):
+        comm.broadcast_([*floats, *ints], group=group)
+    with _Counted(log, "broadcast_ one dtype"):
+        comm.broadcast_(floats, group=group)
+    with _Counted(log, "broadcast_ nothing"):
+        comm.broadcast_([], group=group)
+    errors["broadcast_"] = max(t.abs().max().item() for t in (*floats, *ints))  # rank 0's zeros everywhere
+    return log, errors
+
+
+def _expected(world: int) -> dict[str, dict[str, int]]:
+    """Collectives per call: none at world size 1."""
+    def n(**kinds: int) -> dict[str, int]:
+        return kinds if world > 1 else {}
+
+    out = {}
+    for counts in COUNTS[world]:
+        out[f"all_gather_uneven {counts}"] = n(all_gather=1)
+        for input_grad in (True, False):
+            tag = f"{counts} input_grad={input_grad}"
+            out[f"conv2d_on_shards forward {tag}"] = {}
+            out[f"gather_from_shards forward {tag}"] = n(all_gather=1)
+            # the backward of the gather is a split; the conv sums dX, when X needs it
+            out[f"sharded layer backward {tag}"] = n(all_reduce=1) if input_grad else {}
+    out |= {"all_reduce_sum_": n(all_reduce=1), "start_all_reduce_sum": n(all_reduce=1),
+            "broadcast_ two dtypes": n(broadcast=2), "broadcast_ one dtype": n(broadcast=1),
+            "broadcast_ nothing": {}}
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_collectives_per_helper(world: int) -> None:
+    reports = launch_local(_count_worker, world, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    expected = _expected(world)
+    for rank, (log, errors) in enumerate(reports):
+        assert log == expected, f"rank {rank}"
+        worst = {name: e for name, e in errors.items() if e > 1e-10}
+        assert not worst, f"rank {rank}: {worst}"
