@@ -89,8 +89,9 @@ def reshard(model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[
 class Rebalancer:
     """Decides, identically on every rank, when and how to re-split the kernels."""
 
-    def __init__(self, model: nn.Module, mode: str | int, *, min_gain: float = 0.03, window: int = 5) -> None:
-        self.model, self.mode, self.min_gain = model, mode, min_gain
+    def __init__(self, model: nn.Module, mode: str | int, *, group: comm.Group = None, min_gain: float = 0.03,
+                 window: int = 5) -> None:
+        self.model, self.mode, self.group, self.min_gain = model, mode, group, min_gain
         self.window = mode if isinstance(mode, int) else window
         self.weights = layer_weights(model)
         self.busy: list[float] = []
@@ -100,13 +101,13 @@ class Rebalancer:
         """Record this rank's busy time of optimizer step ``step`` (1-based);
         every ``window`` steps compare the ranks (a collective) and rebalance
         if due. Returns the event when kernels moved."""
-        if self.mode == "off" or comm.world_size() == 1:
+        if self.mode == "off" or comm.world_size(self.group) == 1:
             return None
         if step > 1:
             self.busy.append(busy_seconds)
         if step % self.window or not self.busy:
             return None
-        busy = comm.gather_objects(sum(self.busy) / len(self.busy))
+        busy = comm.gather_objects(sum(self.busy) / len(self.busy), group=self.group)
         self.busy.clear()
         decision = self.decide(busy)
         if decision is None:

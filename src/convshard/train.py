@@ -217,6 +217,7 @@ class _Run:
     device: torch.device
     rank: int
     world: int
+    group: comm.Group  # the job's process group (None without one)
     clock: _StepClock = field(default_factory=_StepClock)
     rebalancer: Rebalancer | None = None
 
@@ -239,7 +240,7 @@ def _evaluate(run: _Run) -> float:
             x, y = dataset.test_x[i:j].to(run.device), dataset.test_y[i:j].to(run.device)
             correct += (run.net(x).argmax(1) == y).sum()
     if config.strategy == "ddp" and run.world > 1:
-        dist.all_reduce(correct)
+        dist.all_reduce(correct, group=run.group)
     run.model.train()
     return correct.item() / n
 
@@ -254,7 +255,7 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
     if config.needs_plan:  # under torchrun: every rank plans from the same profile
         config = _plan_in_worker(config, dataset, device_spec)
     run = _setup(config, dataset, device_spec.torch_device, rank, world)
-    all_devices = comm.gather_objects(str(device_spec))  # every rank's device, in rank order
+    all_devices = comm.gather_objects(str(device_spec), group=run.group)  # every rank's device, in rank order
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
              ", ".join(all_devices), threads)
 
@@ -301,15 +302,16 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
     """This job's profile: from the cache at ``config.profile`` when it was
     measured on the same devices and model, else measured now (a collective)."""
     model = make_model(config, dataset).to(device_spec.torch_device)
+    group = job_group()
     key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
-                          batch_size=config.batch_size)
-    cached = _read_on_rank0(lambda: profile.load(config.profile, key)) if config.profile else None
+                          batch_size=config.batch_size, group=group)
+    cached = _read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
     if cached is not None:
         return cached
     log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
     result = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,
-                             batch_size=config.batch_size)
-    if config.profile and comm.rank() == 0:
+                             batch_size=config.batch_size, group=group)
+    if config.profile and comm.rank(group) == 0:
         profile.save(config.profile, result)
     return result
 
@@ -357,7 +359,12 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
 T = TypeVar("T")
 
 
-def _read_on_rank0(read: Callable[[], T]) -> T:
+def job_group() -> comm.Group:
+    """The process group of the job every rank joined (None without one)."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def _read_on_rank0(read: Callable[[], T], *, group: comm.Group) -> T:
     """``read()`` as rank 0 answers it, on every rank (a collective).
 
     Files differ between hosts (no shared storage, a stale copy): a rank
@@ -365,15 +372,15 @@ def _read_on_rank0(read: Callable[[], T]) -> T:
     another step. So rank 0 reads and broadcasts the result; a ``ConfigError``
     there is raised on every rank.
     """
-    if comm.world_size() == 1:
+    if comm.world_size(group) == 1:
         return read()
     answer: list = [None]
-    if comm.rank() == 0:
+    if comm.rank(group) == 0:
         try:
             answer = [(read(), None)]
         except ConfigError as exc:
             answer = [(None, str(exc))]
-    dist.broadcast_object_list(answer, src=0)
+    dist.broadcast_object_list(answer, group=group, group_src=0)
     value, error = answer[0]
     if error is not None:
         raise ConfigError(error)
@@ -395,21 +402,23 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     """The model for the strategy, its optimizer and the progress so far
     (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     model = make_model(config, dataset)
-    saved = _read_on_rank0(lambda: _resume_point(config)) if config.checkpoint_dir is not None else None
+    group = job_group()
+    saved = _read_on_rank0(lambda: _resume_point(config), group=group) if config.checkpoint_dir is not None else None
     if saved is not None:
         load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
         log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
     model.to(device)
     if config.strategy == "kernel":
         shares = config.shares if isinstance(config.shares, tuple) else None
-        model = shard_model(model, shares, layer_shares=config.layer_counts)
+        model = shard_model(model, shares, group=group, layer_shares=config.layer_counts)
     elif config.strategy == "ddp" and world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+        model = nn.parallel.DistributedDataParallel(model, process_group=group)
     optimizer = _make_optimizer(config, model.parameters())
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": []}
-    run = _Run(config, dataset, model, optimizer, progress, device, rank, world, _StepClock(config.warmup_steps))
+    run = _Run(config, dataset, model, optimizer, progress, device, rank, world, group,
+               _StepClock(config.warmup_steps))
     if config.strategy == "kernel" and config.rebalance_mode != "off":
-        run.rebalancer = Rebalancer(model, config.rebalance_mode)
+        run.rebalancer = Rebalancer(model, config.rebalance_mode, group=group)
     if saved is not None:
         checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"])
         run.progress = saved["progress"]
@@ -482,7 +491,7 @@ def _step(run: _Run, batch: torch.Tensor, part: slice) -> float:
     scale = run.world / len(batch) if config.strategy == "ddp" else 1 / len(mine)
     (loss_sum * scale).backward()
     if config.strategy == "kernel":
-        sync_replicas(run.model)
+        sync_replicas(run.model, group=run.group)
     run.optimizer.step()
     return mean_loss
 
@@ -492,7 +501,7 @@ def _mean_over_ranks(run: _Run, loss_sum: float, seen: int) -> float:
     if run.config.strategy != "ddp" or run.world == 1:
         return loss_sum / max(1, seen)
     totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
-    dist.all_reduce(totals)
+    dist.all_reduce(totals, group=run.group)
     return (totals[0] / totals[1]).item()
 
 
@@ -517,7 +526,7 @@ def _timeline(run: _Run) -> dict:
     mine = {"step_seconds": list(run.clock.seconds),
             "collective_seconds": list(run.clock.collective),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
-    everyone = comm.gather_objects(mine)
+    everyone = comm.gather_objects(mine, group=run.group)
     first = run.clock.count - len(mine["step_seconds"]) + 1
     return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
 
