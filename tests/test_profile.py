@@ -54,8 +54,12 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads():
     assert first == second  # every rank plans from the same figures
     assert [layer["name"] for layer in first["layers"]] == ["features.0", "features.3"]
     first_layer, second_layer = first["layers"]
-    assert first_layer["input_grad_bytes"] == 0  # the data needs no gradient
-    assert second_layer["input_grad_bytes"] == 8 * 4 * 6 * 6 * 4  # (B, 4, 6, 6) float32 after pool
+    assert first_layer["input_grad_bytes"] == first_layer["input_grad_scatter_bytes"] == 0  # the data needs none
+    # the second conv's input is gathered from the first's pooled shards, (B, 4, 6, 6) float32:
+    # its gradient is reduce-scattered back to them, not all-reduced
+    assert second_layer["input_grad_bytes"] == 0
+    assert second_layer["input_grad_scatter_bytes"] == 8 * 4 * 6 * 6 * 4
+    assert set(first["links"]) == {"all_gather", "all_reduce", "reduce_scatter", "broadcast"}
     assert first_layer["gather_bytes_per_kernel"] == 8 * 6 * 6 * 4  # 12x12 conv output pooled to 6x6
     for layer in first["layers"]:  # one fit per rank (its clamps: test_fit_line_recovers_a_line_and_clamps)
         assert len(layer["a"]) == len(layer["b"]) == 2

@@ -143,7 +143,7 @@ def test_gradcheck_world_2_input():
 def _count_collectives_worker() -> dict:
     """Count torch.distributed calls in one training step of the paper's CNN."""
     rank, world = _join()
-    counts = {"all_gather": 0, "all_reduce": 0, "broadcast": 0}
+    counts = {"all_gather": 0, "all_reduce": 0, "reduce_scatter_tensor": 0, "broadcast": 0}
     gathered: list[tuple[int, ...]] = []
     for name in counts:
         original = getattr(dist, name)
@@ -168,14 +168,15 @@ def _count_collectives_worker() -> dict:
 
 
 def test_collectives_per_step():
-    """Forward: one all-gather per conv layer. Backward: one all-reduce, for the
-    second layer's input (the first layer's input, the data, needs no gradient).
-    sync_replicas: one broadcast. Nothing else."""
+    """Forward: one all-gather per conv layer. Backward: one reduce-scatter,
+    of the second layer's input gradient, back to the first layer's shards
+    (the first layer's input, the data, needs no gradient). sync_replicas:
+    one broadcast. Nothing else."""
     seen = launch_local(_count_collectives_worker, 2, timeout=120)[0]
-    assert seen["setup"] == {"all_gather": 0, "all_reduce": 0, "broadcast": 1}
-    assert seen["forward"] == {"all_gather": 2, "all_reduce": 0, "broadcast": 1}
-    assert seen["backward"] == {"all_gather": 2, "all_reduce": 1, "broadcast": 1}
-    assert seen["sync"] == {"all_gather": 2, "all_reduce": 1, "broadcast": 2}
+    assert seen["setup"] == {"all_gather": 0, "all_reduce": 0, "reduce_scatter_tensor": 0, "broadcast": 1}
+    assert seen["forward"] == {"all_gather": 2, "all_reduce": 0, "reduce_scatter_tensor": 0, "broadcast": 1}
+    assert seen["backward"] == {"all_gather": 2, "all_reduce": 0, "reduce_scatter_tensor": 1, "broadcast": 1}
+    assert seen["sync"] == {"all_gather": 2, "all_reduce": 0, "reduce_scatter_tensor": 1, "broadcast": 2}
     # ReLU and the 2x2 pool run on the shard: each rank sends pooled maps,
     # padded to the larger shard (6 kernels at 2:1 are 4+2; 8 are 5+3).
     assert seen["gathered"] == [(4, 4, 12, 12), (4, 5, 4, 4)]

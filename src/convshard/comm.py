@@ -3,8 +3,8 @@
 Three layers, read top to bottom:
 
 1. raw helpers on tensors: an uneven all-gather along one dimension, an
-   in-place sum all-reduce, a coalesced broadcast. They stage CUDA tensors
-   through host memory when the group's backend is gloo, and do nothing
+   uneven reduce-scatter, an in-place sum all-reduce, a coalesced
+   broadcast. They stage CUDA tensors through host memory when the group's backend is gloo, and do nothing
    when the group has one rank.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
@@ -107,6 +107,34 @@ def all_gather_uneven(
     return out.to(device, non_blocking=True)
 
 
+def reduce_scatter_uneven(
+    tensor: torch.Tensor, counts: Sequence[int], *, dim: int, group: Group = None
+) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks and give rank r its slice along ``dim``.
+
+    Every rank passes a tensor whose size along ``dim`` is ``sum(counts)``
+    (its partial sum); rank r receives the slice [o_r, o_r + counts[r]) of
+    the sum. Each slice is zero-padded to ``max(counts)`` for the transfer.
+    """
+    if len(counts) == 1:
+        return tensor
+    device = tensor.device
+    if _needs_host_staging(tensor, group):
+        tensor = tensor.cpu()
+    width, me = max(counts), rank(group)
+    shape = list(tensor.shape)
+    shape[dim] = width
+    send = tensor.new_zeros([len(counts), *shape])  # slot s holds rank s's slice
+    offset = 0
+    for s, c in enumerate(counts):
+        send[s].narrow(dim, 0, c).copy_(tensor.narrow(dim, offset, c))
+        offset += c
+    out = tensor.new_empty(shape)
+    with _clocked():
+        dist.reduce_scatter_tensor(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group)
+    return out.narrow(dim, 0, counts[me]).to(device, non_blocking=True)
+
+
 def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group``, in place; returns it."""
     return start_all_reduce_sum(tensor, group=group).wait()
@@ -172,12 +200,15 @@ class _ConvOnShards(torch.autograd.Function):
     dX_r = conv_transpose(dY_r, W_r), and the full dX is sum_r dX_r. dX_r is
     computed first and its all-reduce started; dW_r = conv(X, dY_r) and
     db_r = sum(dY_r) are computed while the sum travels, then it is awaited.
+    With ``reduce`` False dX_r is returned as it is: X was gathered from a
+    channel split whose gather sums the partial gradients itself (a
+    reduce-scatter, half the bytes of an all-reduce).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, group: Group):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, group: Group, reduce: bool):
         ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.has_bias, ctx.group = (stride, padding, dilation), bias is not None, group
+        ctx.conv, ctx.has_bias, ctx.group, ctx.reduce = (stride, padding, dilation), bias is not None, group, reduce
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
@@ -193,10 +224,11 @@ class _ConvOnShards(torch.autograd.Function):
 
         pending = None
         if ctx.needs_input_grad[0]:
-            pending = start_all_reduce_sum(conv_grads([True, False, False])[0], group=ctx.group)
+            partial = conv_grads([True, False, False])[0]
+            pending = start_all_reduce_sum(partial, group=ctx.group) if ctx.reduce else PendingSum(partial, None, None)
         _, grad_w, grad_b = conv_grads([False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
         grad_x = pending.wait() if pending is not None else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class _GatherFromShards(torch.autograd.Function):
@@ -204,22 +236,29 @@ class _GatherFromShards(torch.autograd.Function):
 
     A shard holds w_r = max(c_r, 1) channels: a rank with no kernels carries
     one placeholder channel (so that every channel-wise op can run on it),
-    which the gather leaves out. Backward: split. dY is identical on every
-    rank (the layers after the gather are replicated), so rank r keeps
-    channels [o_r, o_r + c_r) of it, and zeros for a placeholder channel.
+    which the gather leaves out. Backward: split. When dY is identical on
+    every rank (the layers after the gather are replicated), rank r keeps
+    channels [o_r, o_r + c_r) of it; when each rank holds a partial sum of
+    dY (``partial``: only sharded convs use the gathered tensor), rank r
+    receives channels [o_r, o_r + c_r) of the sum (a reduce-scatter). A
+    placeholder channel gets zeros.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group):
+    def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group, partial: bool):
         ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(1)
+        ctx.counts, ctx.group, ctx.partial = counts, group, partial
         return all_gather_uneven(y.narrow(1, 0, ctx.count), counts, dim=1, group=group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        mine = grad.narrow(1, ctx.start, ctx.count)
+        if ctx.partial:
+            mine = reduce_scatter_uneven(grad, ctx.counts, dim=1, group=ctx.group)
+        else:
+            mine = grad.narrow(1, ctx.start, ctx.count)
         if ctx.width > ctx.count:
             mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - ctx.count, *mine.shape[2:])], dim=1)
-        return mine.contiguous(), None, None, None
+        return mine.contiguous(), None, None, None, None
 
 
 class _SliceToShard(torch.autograd.Function):
@@ -253,23 +292,25 @@ class _SliceToShard(torch.autograd.Function):
 
 def conv2d_on_shards(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                     group: Group = None) -> torch.Tensor:
+                     group: Group = None, reduce: bool = True) -> torch.Tensor:
     """This rank's part of a sharded conv, (B, C_in, H, W) -> (B, c_r, H', W').
     Forward: ``F.conv2d``; backward: the input gradient summed over the ranks,
-    its transfer overlapping the weight-gradient compute."""
+    its transfer overlapping the weight-gradient compute (with ``reduce``
+    False: this rank's partial input gradient, for a gather that sums it)."""
     if world_size(group) == 1:
         return F.conv2d(x, weight, bias, stride, padding, dilation)
-    return _ConvOnShards.apply(x, weight, bias, stride, padding, dilation, group)
+    return _ConvOnShards.apply(x, weight, bias, stride, padding, dilation, group, reduce)
 
 
 def gather_from_shards(
-    y: torch.Tensor, counts: tuple[int, ...], *, group: Group = None
+    y: torch.Tensor, counts: tuple[int, ...], *, group: Group = None, partial: bool = False
 ) -> torch.Tensor:
     """Leave a channel split: (B, w_r, ...) on rank r -> (B, C, ...) on every rank.
-    Forward: all-gather along channels; backward: split."""
+    Forward: all-gather along channels; backward: split, or with ``partial``
+    (the gradient arrives as per-rank partial sums) reduce-scatter."""
     if len(counts) == 1:
         return y
-    return _GatherFromShards.apply(y, counts, rank(group), group)
+    return _GatherFromShards.apply(y, counts, rank(group), group, partial)
 
 
 def slice_to_shard(x: torch.Tensor, counts: tuple[int, ...], *, dim: int = 1, group: Group = None) -> torch.Tensor:

@@ -26,9 +26,13 @@ The rules, applied in graph order:
 
 Each transition is one module here, holding its group: ``GatherChannels``
 (C -> R: all-gather along channels; backward: split) and ``SliceChannels``
-(R -> C: split; backward: all-gather). A value is gathered at most once,
-right before the first op that needs it whole; the conv's own backward sums
-the partial input gradients (``comm.conv2d_on_shards``).
+(R -> C: split; backward: all-gather). A value is gathered right before
+the first op that needs it whole, once for the sharded convs that read it
+and once for any other op. Each sharded conv's backward gives a partial
+input gradient dX_r; the convs' gather sums them and hands each rank its
+channels in one reduce-scatter (half the bytes of an all-reduce), and a
+conv whose input was not gathered (the replicated input) all-reduces its
+own (``comm.conv2d_on_shards``).
 """
 
 from __future__ import annotations
@@ -81,14 +85,16 @@ class Split:
 
 class GatherChannels(nn.Module):
     """C -> R: (B, w_r, ...) on each rank -> (B, C, ...) on every rank.
-    Forward: all-gather along channels; backward: split."""
+    Forward: all-gather along channels; backward: split, or with
+    ``partial`` (only sharded convs read the result, and each returns its
+    partial input gradient) reduce-scatter."""
 
-    def __init__(self, channels: ChannelGroup) -> None:
+    def __init__(self, channels: ChannelGroup, *, partial: bool = False) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels, self.partial = channels, partial
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.channels.gather(y)
+        return self.channels.gather(y, partial=self.partial)
 
 
 class SliceChannels(nn.Module):
@@ -322,10 +328,11 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
 def _insert_transitions(graph: fx.GraphModule, result: Analysis,
                         group_of: Callable[[Split], ChannelGroup]) -> None:
     """Insert a ``GatherChannels`` before every op that needs a split value
-    whole (once per value) and a ``SliceChannels`` for every replicated
+    whole (once per value, and once more for sharded convs: theirs sums
+    partial input gradients) and a ``SliceChannels`` for every replicated
     operand of a split elementwise op."""
     layout = result.layout
-    gathered: dict[fx.Node, fx.Node] = {}
+    gathered: dict[tuple[fx.Node, bool], fx.Node] = {}
     sliced: dict[tuple[fx.Node, int, int], fx.Node] = {}
 
     def add(name: str, module: nn.Module, arg: fx.Node, before: fx.Node) -> fx.Node:
@@ -343,9 +350,12 @@ def _insert_transitions(graph: fx.GraphModule, result: Analysis,
         def convert(arg: fx.Node) -> fx.Node:
             split = layout.get(arg)
             if split is not None and needs_whole:
-                if arg not in gathered:
-                    gathered[arg] = add("gather", GatherChannels(group_of(split)), arg, node)
-                return gathered[arg]
+                partial = node in result.convs
+                if (arg, partial) not in gathered:
+                    gathered[arg, partial] = add("gather", GatherChannels(group_of(split), partial=partial), arg, node)
+                if partial:
+                    graph.get_submodule(node.target).partial_input_grad = True
+                return gathered[arg, partial]
             if split is None and not needs_whole:
                 key = (arg, result.groups.find(mine.group), mine.ndim)
                 if key not in sliced:

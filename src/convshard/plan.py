@@ -11,15 +11,18 @@ sum_r c_{r,l} = K_l::
 
     compute_{r,l} = a_{r,l} + b_{r,l} * max(c_{r,l}, 1)
     comm_l        = t_gather(m * max_r c_{r,l} * g_l) + max(t_reduce(d_l) - compute_{s,l} / 3, 0)
+                    + t_scatter(e_l)
                     (s: the rank with the largest compute_{r,l} of the layer)
     layer_l       = max_{r in S} compute_{r,l} + comm_l
     wait_{r,l}    = max_{r' in S} compute_{r',l} - compute_{r,l}
     step          = sum_l layer_l + min_{r in S} rest_r + t_broadcast(P_rep)
 
-with g_l the bytes one kernel adds to the forward all-gather, d_l the bytes
-of the backward all-reduce of the layer's input gradient (the term is left
-out when d_l = 0: the input needs no gradient) and P_rep the bytes of the
-replicated parameters' gradients. That all-reduce travels while the weight
+with g_l the bytes one kernel adds to the forward all-gathers, d_l the bytes
+of the backward all-reduce of the layer's input gradient where that input
+is replicated (the term is left out when d_l = 0: the input needs no
+gradient), e_l the bytes of the input gradients reduce-scattered back to
+the channel split they were gathered from (``convshard.layouts``), and
+P_rep the bytes of the replicated parameters' gradients. The all-reduce travels while the weight
 gradient is computed: a conv's forward, input gradient and weight gradient
 are one convolution each of the same multiply-adds, so the weight gradient
 is taken as a third of the layer's compute on its slowest rank, and only
@@ -323,11 +326,14 @@ def _comm(profile: Mapping, layer: Mapping, largest: int, m: int, *, weight_grad
     seconds = _transfer(profile, "all_gather", m * largest * layer["gather_bytes_per_kernel"])
     if layer["input_grad_bytes"]:
         seconds += max(_transfer(profile, "all_reduce", layer["input_grad_bytes"]) - weight_grad, 0.0)
+    if layer.get("input_grad_scatter_bytes"):
+        seconds += _transfer(profile, "reduce_scatter", layer["input_grad_scatter_bytes"])
     return seconds
 
 
 def _transfer(profile: Mapping, kind: str, nbytes: float) -> float:
-    link = profile.get("links", {}).get(kind)
+    links = profile.get("links", {})
+    link = links.get(kind, links.get("all_gather") if kind == "reduce_scatter" else None)  # same bytes moved
     if link is None:
         raise ConfigError(f"profile has no {kind!r} link, which more than one device needs")
     return link["latency"] + nbytes / link["bandwidth"]

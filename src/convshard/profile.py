@@ -174,6 +174,8 @@ def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float
         "all_gather": lambda n: comm.all_gather_uneven(
             torch.zeros(n // 4 // world, device=device), [n // 4 // world] * world, dim=0, group=group),
         "all_reduce": lambda n: comm.all_reduce_sum_(torch.zeros(n // 4, device=device), group=group),
+        "reduce_scatter": lambda n: comm.reduce_scatter_uneven(
+            torch.zeros(n // 4, device=device), [n // 4 // world] * world, dim=0, group=group),
         "broadcast": lambda n: comm.broadcast_([torch.zeros(n // 4, device=device)], group=group),
     }
     links = {}
@@ -228,7 +230,9 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
             "name": layer.name, "kernels": layer.kernels,
             "gather_bytes_per_kernel": batch_size * layer.gather_elements_per_kernel * elem,
             "input_grad_bytes": sum(batch_size * elem * math.prod(s.input_shape)
-                                    for s in layer.segments if s.input_grad),
+                                    for s in layer.segments if s.input_grad and not s.input_split),
+            "input_grad_scatter_bytes": sum(batch_size * elem * math.prod(s.input_shape)
+                                            for s in layer.segments if s.input_split),
         })
     if world > 1:
         _calibrate(mine["fits"], model_cut.groups, batch_size, device, group)

@@ -43,6 +43,7 @@ class Segment:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]  # after the ops, with all kernels
     input_grad: bool  # whether the conv's input needs a gradient (not for the data)
+    input_split: bool = False  # whether that input is gathered from a channel split (its gradient reduce-scattered)
 
     def build(self, k: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """The segment with k kernels, on ``device``."""
@@ -131,7 +132,7 @@ def _segment(graph: fx.GraphModule, chain: list[fx.Node], analysis: layouts.Anal
     conv = graph.get_submodule(chain[0].target)
     source = chain[0].args[0]
     return Segment(conv, tuple(_op(graph, node, analysis) for node in chain[1:]), _shape(source)[1:],
-                   _shape(chain[-1])[1:], source.op != "placeholder")
+                   _shape(chain[-1])[1:], source.op != "placeholder", analysis.layout.get(source) is not None)
 
 
 def _op(graph: fx.GraphModule, node: fx.Node, analysis: layouts.Analysis) -> Op:

@@ -102,9 +102,9 @@ class ChannelGroup:
         """Channels this rank's shard of a split activation holds: max(c_r, 1)."""
         return max(self.split.local, 1)
 
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, w_r, ...) -> (B, C, ...) on every rank; backward: split."""
-        return comm.gather_from_shards(y, self.split.counts, group=self.split.group)
+    def gather(self, y: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
+        """(B, w_r, ...) -> (B, C, ...) on every rank; backward: split (reduce-scatter with ``partial``)."""
+        return comm.gather_from_shards(y, self.split.counts, group=self.split.group, partial=partial)
 
     def slice(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """A replicated tensor's slice for this rank along ``dim``; backward: all-gather."""
@@ -137,7 +137,9 @@ class ShardedConv2d(nn.Module):
     (B, C_in, H, W) to this rank's shard Y_r = conv(X, W_r) + b_r of shape
     (B, w_r, H', W') (a zero placeholder channel when c_r = 0). Backward: the
     partial input gradients dX_r are summed over the ranks (one all-reduce,
-    travelling while dW_r is computed; none when X needs no gradient).
+    travelling while dW_r is computed; none when X needs no gradient). With
+    ``partial_input_grad`` the layer returns dX_r as it is: X was gathered
+    from a channel split by a gather that reduce-scatters the partial sums.
 
     With ``gather`` the layer also leaves the split: ``local_ops`` (stateless
     channel-wise layers) run on the shard, then the shards are all-gathered
@@ -168,6 +170,7 @@ class ShardedConv2d(nn.Module):
         )
         self.local_ops = nn.Sequential(*local_ops)
         self.gather = gather
+        self.partial_input_grad = False
 
     @property
     def split(self) -> ShardSplit:
@@ -188,7 +191,7 @@ class ShardedConv2d(nn.Module):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
             padding = (0, 0)
         return comm.conv2d_on_shards(x, weight, bias, stride=self.stride, padding=padding, dilation=self.dilation,
-                                     group=self.split.group)
+                                     group=self.split.group, reduce=not self.partial_input_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._local_conv(x)  # (B, w_r, H', W')
