@@ -65,7 +65,7 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads():
         assert len(layer["a"]) == len(layer["b"]) == 2
     assert len(first["rest_seconds"]) == 2 and min(first["rest_seconds"]) > 0
     assert {name: set(link) for name, link in first["links"].items()} == {
-        name: {"latency", "bandwidth"} for name in ("all_gather", "all_reduce", "broadcast")}
+        name: {"latency", "bandwidth"} for name in ("all_gather", "all_reduce", "reduce_scatter", "broadcast")}
     assert first["param_bytes"] > first["replicated_param_bytes"] > 0
     assert plan.make_plan(first).strategy in plan.STRATEGIES
     text = profile.format_profile(first)
