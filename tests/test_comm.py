@@ -5,8 +5,9 @@ worker) runs every helper under ``CommDebugMode``, which sees the c10d
 collectives that torch.distributed dispatches, and compares each result with
 a reference computed on one rank from the same seed. Kernel counts per world
 size are uneven and include a rank with none. The expectations: one
-all-gather in a sharded layer's forward, one all-reduce in its backward, one
-broadcast per dtype, and nothing at all at world size 1.
+all-gather in a sharded layer's forward, one all-reduce in its backward (or
+one reduce-scatter, in the gather's backward, when the gradient arrives as
+partial sums), one broadcast per dtype, and nothing at all at world size 1.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ C_IN, BATCH, SIZE = 3, 2, 6  # the conv's input (BATCH, C_IN, SIZE, SIZE)
 def _kind(op: object) -> str:
     """'all_gather', 'all_reduce', 'broadcast' for c10d and functional collectives alike."""
     name = str(op).split(".")[-1].replace("_", "")
-    kinds = {"allgather": "all_gather", "allreduce": "all_reduce", "broadcast": "broadcast"}
+    kinds = {"allgather": "all_gather", "allreduce": "all_reduce", "reducescatter": "reduce_scatter",
+             "broadcast": "broadcast"}
     return next((kind for key, kind in kinds.items() if key in name), str(op))
 
 
@@ -87,6 +89,26 @@ def _sharded_layer(log: dict, errors: dict, counts: tuple[int, ...], rank: int, 
         errors[f"dX {tag}"] = (x.grad - x_ref.grad).abs().max().item()
 
 
+def _partial_sums(log: dict, errors: dict, counts: tuple[int, ...], rank: int, world: int, group) -> None:
+    """reduce_scatter_uneven, and a gather whose gradient arrives as per-rank
+    partial sums (rank r contributes r + 1 everywhere): each rank's slice of
+    the sum is world (world + 1) / 2."""
+    total = world * (world + 1) / 2
+    partial = torch.full((2, sum(counts), 3), rank + 1.0, dtype=torch.float64)
+    with _Counted(log, f"reduce_scatter_uneven {counts}"):
+        mine = comm.reduce_scatter_uneven(partial, counts, dim=1, group=group)
+    errors[f"reduce_scatter_uneven {counts}"] = (mine - total).abs().max().item() if counts[rank] else 0.0
+    errors[f"reduce_scatter_uneven shape {counts}"] = float(mine.shape != (2, counts[rank], 3))
+    shard = torch.zeros(2, max(counts[rank], 1), 3, dtype=torch.float64, requires_grad=True)  # placeholder at c_r = 0
+    with _Counted(log, f"gather_from_shards partial forward {counts}"):
+        whole = comm.gather_from_shards(shard, counts, group=group, partial=True)
+    with _Counted(log, f"gather_from_shards partial backward {counts}"):
+        whole.backward(torch.full_like(whole, rank + 1.0))
+    expected = torch.full_like(shard, total)
+    expected[:, counts[rank]:] = 0.0  # the placeholder channel of a rank without kernels
+    errors[f"partial gather dX {counts}"] = (shard.grad - expected).abs().max().item()
+
+
 def _count_worker() -> tuple[dict, dict]:
     """Run every helper once per count set; returns (collectives per call, max errors)."""
     torch.set_num_threads(1)
@@ -102,6 +124,7 @@ def _count_worker() -> tuple[dict, dict]:
         errors[f"all_gather_uneven {counts}"] = (gathered - torch.cat(parts, dim=1)).abs().max().item()
         for input_grad in (True, False):
             _sharded_layer(log, errors, counts, rank, group, input_grad=input_grad)
+        _partial_sums(log, errors, counts, rank, world, group)
 
     value = torch.full((4,), float(rank + 1))
     with _Counted(log, "all_reduce_sum_"):
@@ -139,6 +162,9 @@ def _expected(world: int) -> dict[str, dict[str, int]]:
             out[f"gather_from_shards forward {tag}"] = n(all_gather=1)
             # the backward of the gather is a split; the conv sums dX, when X needs it
             out[f"sharded layer backward {tag}"] = n(all_reduce=1) if input_grad else {}
+        out[f"reduce_scatter_uneven {counts}"] = n(reduce_scatter=1)
+        out[f"gather_from_shards partial forward {counts}"] = n(all_gather=1)
+        out[f"gather_from_shards partial backward {counts}"] = n(reduce_scatter=1)
     out |= {"all_reduce_sum_": n(all_reduce=1), "start_all_reduce_sum": n(all_reduce=1),
             "broadcast_ two dtypes": n(broadcast=2), "broadcast_ one dtype": n(broadcast=1),
             "broadcast_ nothing": {}}

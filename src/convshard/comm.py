@@ -68,6 +68,10 @@ def gather_objects(obj: object, *, group: Group = None) -> list:
     return everyone
 
 
+# newer torch names it reduce_scatter_single and deprecates reduce_scatter_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def _needs_host_staging(tensor: torch.Tensor, group: Group) -> bool:
     # gloo implements few collectives on CUDA tensors: stage them through host memory.
     return tensor.is_cuda and dist.get_backend(group) == dist.Backend.GLOO
@@ -131,7 +135,7 @@ def reduce_scatter_uneven(
         offset += c
     out = tensor.new_empty(shape)
     with _clocked():
-        dist.reduce_scatter_tensor(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group)
+        _reduce_scatter(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group)
     return out.narrow(dim, 0, counts[me]).to(device, non_blocking=True)
 
 
