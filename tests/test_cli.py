@@ -129,7 +129,10 @@ BAD_INPUT = [
     pytest.param(["--dataset", "cifar10", "--data-dir", "{tmp}"],
                  ("{tmp}/cifar-10-batches-py/data_batch_1",), _corrupt_cifar, id="cifar-corrupt"),
     pytest.param(["--resume"], ("--resume", "--checkpoint-dir"), None, id="resume-without-dir"),
-    pytest.param(["--shares", "auto", "--strategy", "ddp"], ("--shares auto", "ddp"), None, id="shares-auto-ddp"),
+    pytest.param(["--shares", "auto", "--strategy", "single"], ("--shares auto", "single"), None,
+                 id="shares-auto-single"),
+    pytest.param(["--shares", "1,0", "--strategy", "ddp", *TWO_CPUS], ("--shares 1,0", "above 0"), None,
+                 id="shares-ddp-zero"),
     pytest.param(["--strategy", "auto", "--shares", "2,1"], ("--strategy auto",), None, id="auto-with-weights"),
     pytest.param(["--rebalance", "sometimes"], ("--rebalance", "'sometimes'"), None, id="rebalance-mode"),
     pytest.param(["--rebalance", "auto", "--strategy", "ddp"], ("--rebalance auto", "ddp"), None,
@@ -216,6 +219,7 @@ def test_help_mentions_torchrun_and_device_grammar() -> None:
 STRATEGY_EXPECTATIONS = {
     "kernel": (2, ["cpu@0", "cpu@1"]),
     "ddp": (2, ["cpu@0", "cpu@1"]),
+    "ddp --shares 3,1": (2, ["cpu@0", "cpu@1"]),  # DDP's batch split 12 + 4: the same model
     "single": (1, ["cpu@0"]),
 }
 TINY_KERNELS = (4, 8)
@@ -227,8 +231,8 @@ def strategy_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[i
     out = tmp_path_factory.mktemp("metrics")
     runs = {}
     for strategy in STRATEGY_EXPECTATIONS:
-        path = out / f"{strategy}.json"
-        result = _run_convshard("train", *TINY, *TWO_CPUS, "--threads", "1", "--strategy", strategy,
+        path = out / f"{strategy.replace(' ', '_')}.json"
+        result = _run_convshard("train", *TINY, *TWO_CPUS, "--threads", "1", "--strategy", *strategy.split(),
                                 "--metrics-out", str(path))
         runs[strategy] = (result.returncode, result.stderr, json.loads(path.read_text()) if path.exists() else None)
     return runs
@@ -250,7 +254,7 @@ def test_strategy_trains_and_writes_metrics(strategy: str, strategy_runs: dict) 
     assert metrics["mean_step_seconds"] > 0 and metrics["images_per_second"] > 0
     assert metrics["world_size"] == world
     assert metrics["devices"] == devices
-    assert metrics["strategy"] == strategy
+    assert metrics["strategy"] == strategy.split()[0]
     if strategy == "kernel":
         counts = list(metrics["shares"].values())
         assert [len(c) for c in counts] == [world] * len(TINY_KERNELS)

@@ -173,9 +173,23 @@ def _expected(world: int) -> dict[str, dict[str, int]]:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_collectives_per_helper(world: int) -> None:
-    reports = launch_local(_count_worker, world, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    """gloo's own path (CONVSHARD_SHM=0): the collectives counted, the values checked."""
+    reports = launch_local(_count_worker, world, timeout=120, env={"OMP_NUM_THREADS": "1", "CONVSHARD_SHM": "0"})
     expected = _expected(world)
     for rank, (log, errors) in enumerate(reports):
         assert log == expected, f"rank {rank}"
         worst = {name: e for name, e in errors.items() if e > 1e-10}
         assert not worst, f"rank {rank}: {worst}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shared_memory_path_delivers_the_same_values(world: int) -> None:
+    """Ranks on one host move the bytes through shared memory: every helper
+    delivers the same values, and no gloo all-gather, all-reduce or
+    reduce-scatter carries tensor data (gloo only synchronises)."""
+    for rank, (log, errors) in enumerate(launch_local(_count_worker, world, timeout=120,
+                                                        env={"OMP_NUM_THREADS": "1"})):
+        worst = {name: e for name, e in errors.items() if e > 1e-10}
+        assert not worst, f"rank {rank}: {worst}"
+        kinds = {kind for name, counts in log.items() for kind in counts if not name.startswith("all_gather_uneven")}
+        assert not kinds & {"all_reduce", "reduce_scatter"}, (rank, log)

@@ -180,6 +180,11 @@ def test_ddp_step_follows_the_formula():
     slowest = 0.2 + 0.02 * 10 + 0.4
     assert single_step(profile, 1) == pytest.approx(slowest)
     assert ddp_step(profile) == pytest.approx(slowest / 2 + 0.001 + 1e6 / 1e8)
+    # sized to the devices: rank 0 is twice as fast, so it takes 2/3 of the batch and both finish together
+    fast = single_step(profile, 0)
+    assert make_plan(profile).ddp_shares == pytest.approx((slowest / (fast + slowest), fast / (fast + slowest)))
+    assert ddp_step(profile, (2, 1)) == pytest.approx(max(fast * 2 / 3, slowest / 3) + 0.001 + 1e6 / 1e8)
+    assert make_plan(profile).ddp_sized == pytest.approx(fast * slowest / (fast + slowest) + 0.001 + 1e6 / 1e8)
 
 
 # the planner

@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "device; ddp: PyTorch DDP on the same devices; auto: the one the plan "
                         "predicts fastest (see convshard plan) (default: %(default)s)")
     g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
-                   help="kernel share per worker: 'equal' (default), 'auto' (planned from a profile: "
-                        "a device that would slow the step gets none) or weights such as 2,1,1")
+                   help="kernel share per worker (with --strategy ddp: batch share): 'equal' (default), "
+                        "'auto' (planned from a profile: a device that would slow the step gets no kernels; "
+                        "ddp's batch split in proportion to each device's speed) or weights such as 2,1,1")
     g.add_argument("--rebalance", metavar="MODE", type=_rebalance, default=d.rebalance,
                    help="re-split the kernels while training: off, auto (checked every 5 steps: when a "
                         "new split is predicted to cut the slowest worker's busy time by 3%% or more) or N "
@@ -287,16 +288,19 @@ def validate(config: TrainConfig) -> data.Dataset:
         if config.strategy != "single" and local != len(config.device_list):
             raise ConfigError(f"torchrun started {local} processes on this host but --devices "
                               f"{config.devices!r} lists {len(config.device_list)}")
-    if config.shares == "auto" and config.strategy not in ("kernel", "auto"):
-        raise ConfigError(f"--shares auto plans kernel shares: it needs --strategy kernel or auto, "
-                          f"not {config.strategy}")
+    if config.shares == "auto" and config.strategy == "single":
+        raise ConfigError("--shares auto plans kernel or batch shares: it needs --strategy kernel, ddp or auto, "
+                          "not single")
     if isinstance(config.shares, tuple) and config.strategy == "auto":
         raise ConfigError("--strategy auto plans the shares itself: give --shares auto or leave it out")
     if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
                           f"not {config.strategy}")
     world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
-    if isinstance(config.shares, tuple) and config.strategy == "kernel" and len(config.shares) != world:
+    if isinstance(config.shares, tuple) and config.strategy == "ddp" and not all(config.shares):
+        raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)}: every ddp worker needs a "
+                          f"share of the batch above 0")
+    if isinstance(config.shares, tuple) and config.strategy in ("kernel", "ddp") and len(config.shares) != world:
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)} has "
                           f"{len(config.shares)} weights for {world} workers")
     dataset = load_data(config)

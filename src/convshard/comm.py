@@ -18,6 +18,7 @@ the gathered ``Y = [Y_0, ..., Y_{p-1}]`` along channels has shape (B, C, H, W).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from . import shm
 
 Group = dist.ProcessGroup | None
 
@@ -68,13 +71,24 @@ def gather_objects(obj: object, *, group: Group = None) -> list:
     return everyone
 
 
-# newer torch names it reduce_scatter_single and deprecates reduce_scatter_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None:
+    # newer torch names it reduce_scatter_single and deprecates reduce_scatter_tensor
+    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, input, **kwargs)
 
 
 def _needs_host_staging(tensor: torch.Tensor, group: Group) -> bool:
     # gloo implements few collectives on CUDA tensors: stage them through host memory.
     return tensor.is_cuda and dist.get_backend(group) == dist.Backend.GLOO
+
+
+def _shared(nbytes: int, group: Group) -> shm.SharedSlots | None:
+    """The shared-memory slots for a (host-staged) gloo collective of
+    ``nbytes`` per rank, when the group's ranks share a host; None for gloo's
+    own path. Every rank decides alike: same backend, same sizes."""
+    if dist.get_backend(group) != dist.Backend.GLOO:
+        return None
+    slots = shm.slots_for(group)
+    return slots if slots is not None and slots.fits(nbytes) else None
 
 
 # --- 1. raw helpers -------------------------------------------------------
@@ -95,6 +109,11 @@ def all_gather_uneven(
     device = tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
+    padded = [*tensor.shape[:dim], max(counts), *tensor.shape[dim + 1 :]]  # the same on every rank
+    slots = _shared(math.prod(padded) * tensor.element_size(), group)
+    if slots is not None:
+        with _clocked():
+            return slots.all_gather_uneven(tensor, list(counts), dim).to(device, non_blocking=True)
     width = max(counts)
     own = tensor.size(dim)
     if own == width:
@@ -125,6 +144,10 @@ def reduce_scatter_uneven(
     device = tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
+    slots = _shared(tensor.numel() * tensor.element_size(), group)
+    if slots is not None:
+        with _clocked():
+            return slots.reduce_scatter_uneven(tensor, list(counts), dim).to(device, non_blocking=True)
     width, me = max(counts), rank(group)
     shape = list(tensor.shape)
     shape[dim] = width
@@ -166,7 +189,13 @@ def start_all_reduce_sum(tensor: torch.Tensor, *, group: Group = None) -> Pendin
     if world_size(group) == 1:
         return PendingSum(tensor, None, None)
     staged = tensor.cpu() if _needs_host_staging(tensor, group) else None
-    work = dist.all_reduce(tensor if staged is None else staged, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    target = tensor if staged is None else staged
+    slots = _shared(target.numel() * target.element_size(), group)
+    if slots is not None:  # a copy through shared memory: done when it returns
+        with _clocked():
+            slots.all_reduce_(target)
+        return PendingSum(tensor, None, staged)
+    work = dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return PendingSum(tensor, work, staged)
 
 
@@ -183,8 +212,12 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
     for bucket in buckets.values():
         flat = torch.cat([t.detach().reshape(-1) for t in bucket])
         staged = flat.cpu() if _needs_host_staging(flat, group) else flat
+        slots = _shared(staged.numel() * staged.element_size(), group)
         with _clocked():
-            dist.broadcast(staged, group=group, group_src=0)
+            if slots is not None:
+                slots.broadcast_(staged)
+            else:
+                dist.broadcast(staged, group=group, group_src=0)
         if staged is not flat:
             flat.copy_(staged)
         offset = 0

@@ -85,6 +85,8 @@ class Plan:
     sync: float  # replicated-gradient broadcast, seconds
     predicted: dict[str, float]  # predicted step seconds per strategy ("ddp" only when W > 1)
     best_single: int  # rank of the fastest single device
+    ddp_shares: tuple[float, ...] = ()  # batch share per rank sized to its speed (``--strategy ddp --shares auto``)
+    ddp_sized: float = 0.0  # predicted step seconds of ddp with those shares
 
     def counts(self) -> dict[str, tuple[int, ...]]:
         """Layer name -> kernels per rank under the kernel plan."""
@@ -169,11 +171,20 @@ def single_step(profile: Mapping, rank: int) -> float:
     return _single(profile, rank)
 
 
-def ddp_step(profile: Mapping) -> float:
-    """Predicted step seconds of data parallelism over all ranks, batch split evenly."""
+def ddp_step(profile: Mapping, shares: Sequence[float] | None = None) -> float:
+    """Predicted step seconds of data parallelism over all ranks: rank r takes
+    the fraction s_r of the batch (evenly when ``shares`` is None), so
+    step = max_r single_r * s_r + t_reduce(P)."""
     world = _world(profile)
-    compute = max(_single(profile, r) for r in range(world)) / world
+    fractions = [1 / world] * world if shares is None else [s / sum(shares) for s in shares]
+    compute = max(_single(profile, r) * fractions[r] for r in range(world))
     return compute + (_transfer(profile, "all_reduce", profile["param_bytes"]) if world > 1 else 0.0)
+
+
+def ddp_shares(profile: Mapping) -> tuple[float, ...]:
+    """Batch shares that make every rank finish its part together: s_r proportional to 1 / single_r."""
+    speeds = [1 / _single(profile, r) for r in range(_world(profile))]
+    return tuple(s / sum(speeds) for s in speeds)
 
 
 def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = True) -> Plan:
@@ -196,6 +207,7 @@ def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = Tr
     predicted = {"kernel": step, "single": singles[order[0]]}
     if world > 1:
         predicted["ddp"] = ddp_step(profile)
+    sized = ddp_shares(profile)
     if strategy == "auto":
         strategy = min(predicted, key=lambda s: (predicted[s], STRATEGIES.index(s)))
         if strategy == "kernel" and len(used) == 1:
@@ -210,6 +222,8 @@ def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = Tr
         sync=_sync(profile, used),
         predicted=predicted,
         best_single=order[0],
+        ddp_shares=sized,
+        ddp_sized=ddp_step(profile, sized),
     )
 
 
@@ -228,6 +242,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  comm {_ms(layer.comm)}  time {_ms(layer.seconds)}")
     lines.append(f"rest {_ms(plan.rest)}  sync {_ms(plan.sync)}")
     lines.append("predicted step: " + "  ".join(f"{s} {_ms(t)}" for s, t in plan.predicted.items()))
+    if "ddp" in plan.predicted:
+        lines.append(f"ddp with batch shares sized to the devices ({', '.join(f'{s:.2f}' for s in plan.ddp_shares)}): "
+                     f"{_ms(plan.ddp_sized)}")
     best = plan.best_single
     speedups = [f"{plan.speedup('single'):.2f}x over the best single device ({plan.devices[best]}, rank {best})"]
     if "ddp" in plan.predicted:

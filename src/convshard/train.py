@@ -47,7 +47,7 @@ from . import atomic, checkpoint, comm, data, devices, launch, plan, profile
 from .errors import ConfigError, TrainingError
 from .models import build_model
 from .rebalance import Rebalancer, parse_mode
-from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_model, sync_replicas
+from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_model, split_counts, sync_replicas
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainConfig:
     devices: str = "cpu@0,cpu@1"  # one worker per device; see convshard.devices for the grammar
     threads: int | None = None  # intra-op threads per worker; None: the cores its device names
     strategy: str = "kernel"  # kernel | single | ddp | auto
-    shares: tuple[float, ...] | str | None = None  # relative kernel share per rank, "auto", or None: equal
+    shares: tuple[float, ...] | str | None = None  # per rank: kernel share (ddp: batch share), "auto", or None: equal
     profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
     rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
     layer_counts: dict[str, tuple[int, ...]] | None = None  # kernels per rank per layer, from a plan
@@ -167,6 +167,15 @@ def _setup_logging(rank: int, quiet: bool) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _batch_part(config: TrainConfig, n: int, rank: int, world: int) -> slice:
+    """This rank's part of a global batch of n under ``ddp``: split by
+    ``--shares`` when given (largest remainders), else as evenly as possible."""
+    if isinstance(config.shares, tuple):
+        counts = split_counts(n, config.shares)
+        return slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+    return _rank_slice(n, rank, world)
 
 
 def _rank_slice(n: int, rank: int, world: int) -> slice:
@@ -330,6 +339,8 @@ def apply_plan(config: TrainConfig, job_plan: plan.Plan, *, can_drop: bool) -> T
     the listed devices), only the devices it keeps. Otherwise (torchrun) every
     rank stays and the plan's dropped ranks hold no kernels."""
     counts = job_plan.counts() if job_plan.strategy == "kernel" else None
+    if job_plan.strategy == "ddp" and config.shares == "auto":  # DDP's batch split sized to the devices
+        config = replace(config, shares=job_plan.ddp_shares)
     if not can_drop:
         return replace(config, strategy=job_plan.strategy, layer_counts=counts, plan=job_plan.to_json())
     ranks = {"single": (job_plan.best_single,), "kernel": job_plan.ranks}.get(
@@ -344,7 +355,7 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
     """Plan under torchrun, where the job's processes are already fixed: no
     rank leaves and ``single`` is not an option."""
     job_profile = measure_job(config, dataset, device_spec)
-    wanted = "kernel" if config.strategy != "auto" else "auto"
+    wanted = config.strategy if config.strategy != "auto" else "auto"
     job_plan = plan.make_plan(job_profile, strategy=wanted, allow_drop=False)
     if job_plan.strategy == "single":
         best = min(("kernel", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
@@ -446,7 +457,7 @@ def _train_epoch(run: _Run) -> float:
     while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
         batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch
-        part = _rank_slice(len(batch), run.rank, run.world) if config.strategy == "ddp" else slice(None)
+        part = _batch_part(config, len(batch), run.rank, run.world) if config.strategy == "ddp" else slice(None)
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(config, progress["step"], total_steps)
         t0, in_collectives = time.perf_counter(), comm.seconds_in_collectives()

@@ -41,7 +41,7 @@ def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
 def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
     """The job to run: ``config`` with strategy, devices and kernel counts planned."""
     planning = replace(config, strategy="auto", shares=None)
-    job_plan = plan.make_plan(profile_job(planning, dataset), strategy="kernel" if config.strategy == "kernel" else "auto")
+    job_plan = plan.make_plan(profile_job(planning, dataset), strategy=config.strategy)
     for r in job_plan.dropped if job_plan.strategy == "kernel" else ():
         log.warning(job_plan.idle_note(r))
     prepared = apply_plan(config, job_plan, can_drop=True)
