@@ -11,7 +11,8 @@ real ``convshard train`` in its own process:
 
 Sweeps: ``workers`` (1-4 kernel workers; beyond the core count they share
 cores, and the table says so), ``batch``, ``kernels`` (network size) and
-``mixes`` (uneven devices: equal shares, ``--shares auto``, ddp) and
+``mixes`` (uneven devices: equal shares, ``--shares auto``, ddp with an
+even batch split and with one sized to the devices, ``--shares auto``) and
 ``bandwidth`` (two hosts as network namespaces, one worker each, joined by
 links shaped with ``tc`` to 10 Gbit/s, 1 Gbit/s and 100 Mbit/s; kernel, ddp
 and ``--strategy auto``; needs root, skipped with the reason otherwise). The speedup
@@ -212,7 +213,8 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             "one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *base],
             "equal shares": ["--devices", spec, "--threads", "1", *base],
             "auto shares": ["--devices", spec, "--threads", "1", "--shares", "auto", *base],
-            "ddp": ["--strategy", "ddp", "--devices", spec, "--threads", "1", *base]})
+            "ddp": ["--strategy", "ddp", "--devices", spec, "--threads", "1", *base],
+            "ddp sized": ["--strategy", "ddp", "--shares", "auto", "--devices", spec, "--threads", "1", *base]})
         points.append({"x": spec, **_add_speedups(point)})
     elif name == "bandwidth":
         points = _bandwidth(run, size, cores)
