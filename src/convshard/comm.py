@@ -259,13 +259,13 @@ class _ConvOnShards(torch.autograd.Function):
             return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
                                                        False, [0] * len(stride), 1, mask)
 
-        pending = None
-        if ctx.needs_input_grad[0]:
-            partial = conv_grads([True, False, False])[0]
-            pending = start_all_reduce_sum(partial, group=ctx.group) if ctx.reduce else PendingSum(partial, None, None)
-        _, grad_w, grad_b = conv_grads([False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
-        grad_x = pending.wait() if pending is not None else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        weight_mask = [ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        if not (ctx.reduce and ctx.needs_input_grad[0]):  # nothing to overlap: one call computes all
+            grad_x, grad_w, grad_b = conv_grads([ctx.needs_input_grad[0], *weight_mask])
+            return grad_x, grad_w, grad_b, None, None, None, None, None
+        pending = start_all_reduce_sum(conv_grads([True, False, False])[0], group=ctx.group)
+        _, grad_w, grad_b = conv_grads([False, *weight_mask])
+        return pending.wait(), grad_w, grad_b, None, None, None, None, None
 
 
 class _GatherFromShards(torch.autograd.Function):
