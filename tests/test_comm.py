@@ -193,3 +193,31 @@ def test_shared_memory_path_delivers_the_same_values(world: int) -> None:
         assert not worst, f"rank {rank}: {worst}"
         kinds = {kind for name, counts in log.items() for kind in counts if not name.startswith("all_gather_uneven")}
         assert not kinds & {"all_reduce", "reduce_scatter"}, (rank, log)
+
+
+def _no_room_worker() -> dict:
+    """/dev/shm without room for slots above 1 MiB (rank 0's reservation is
+    refused): a larger collective takes gloo's own path, on every rank alike."""
+    from convshard import shm
+
+    torch.set_num_threads(1)
+    rank, world, _ = init_from_env("gloo", timeout=60)
+    reserve = shm._reserve_file
+    shm._reserve_file = lambda nbytes: reserve(nbytes) if nbytes <= 2 * world * (1 << 20) else None
+    shm.slots_for(dist.group.WORLD)  # the ranks find they share a host (two all-gathers of objects)
+    log: dict[str, dict[str, int]] = {}
+    errors = {}
+    for name, columns in (("small", 8), ("large", 1 << 17)):  # 64 B and 1 MiB per row: the large one cannot fit
+        parts = [torch.full((2, 1 + r, columns), float(r)) for r in range(world)]
+        with _Counted(log, name):
+            whole = comm.all_gather_uneven(parts[rank], [1 + r for r in range(world)], dim=1, group=dist.group.WORLD)
+        errors[name] = (whole - torch.cat(parts, dim=1)).abs().max().item()
+    return {"log": log, "errors": errors, "limit": shm.slots_for(dist.group.WORLD).limit}
+
+
+def test_shared_memory_without_room_falls_back_to_gloo():
+    for report in launch_local(_no_room_worker, 2, timeout=120, env={"OMP_NUM_THREADS": "1"}):
+        assert report["errors"] == {"small": 0.0, "large": 0.0}, report
+        assert "all_gather" not in report["log"]["small"], report  # shared memory carried it
+        assert report["log"]["large"].get("all_gather") == 1, report  # gloo carried it
+        assert report["limit"] < 2 * 2 * (1 << 17) * 4, report

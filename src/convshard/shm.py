@@ -13,8 +13,11 @@ through a shared-memory file instead:
   rank has passed the next barrier, that is, finished reading the set;
 - gloo still synchronises, so ``--timeout`` and the failure of a peer work
   as on the TCP path. Slots grow (a collective decision: every rank knows
-  every size) up to ``MAX_SLOT_BYTES``; a larger tensor, a CUDA tensor or
-  ``CONVSHARD_SHM=0`` take gloo's own path.
+  every size) up to ``MAX_SLOT_BYTES``, and only as far as /dev/shm has
+  room: rank 0 reserves the file's pages up front (a small /dev/shm, as in
+  a container, then refuses the growth instead of failing a later write),
+  and a collective that does not fit takes gloo's own path, as do CUDA
+  tensors and every collective under ``CONVSHARD_SHM=0``.
 
 The file lives in /dev/shm only until every rank has mapped it.
 """
@@ -64,27 +67,54 @@ def _open(group: dist.ProcessGroup) -> SharedSlots | None:
     return SharedSlots(group)
 
 
+def _reserve_file(nbytes: int) -> str | None:
+    """A new file of ``nbytes`` in /dev/shm with its pages reserved, or None
+    when there is no room (a write past the room would kill the process)."""
+    path = _SHM_DIR / f"convshard-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        return None
+    os.close(fd)
+    return str(path)
+
+
 class SharedSlots:
     """Two sets of one slot per rank in a shared file; see the module docstring."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         self.capacity, self.buffer, self.turn = 0, torch.empty(0, dtype=torch.uint8), 0
+        self.limit = MAX_SLOT_BYTES  # lowered when /dev/shm had no room for a larger slot
 
     def fits(self, nbytes: int) -> bool:
-        return nbytes <= MAX_SLOT_BYTES
+        """Whether a collective of ``nbytes`` per rank goes through the slots,
+        growing them if needed (a collective: every rank asks with the same size)."""
+        if nbytes > self.limit:
+            return False
+        self._reserve(nbytes)
+        return nbytes <= self.capacity
 
     def _reserve(self, nbytes: int) -> None:
-        """Grow every slot to at least ``nbytes`` (every rank asks for the same size)."""
+        """Grow every slot to at least ``nbytes``, or lower ``limit`` below it
+        when /dev/shm has no room (every rank asks for the same size)."""
         if nbytes <= self.capacity:
             return
         capacity = max(-(-nbytes // _ALIGN) * _ALIGN, 2 * self.capacity, 1 << 20)
         total = 2 * self.world * capacity
-        name = [str(_SHM_DIR / f"convshard-{uuid.uuid4().hex}")] if self.rank == 0 else [None]
+        name: list = [None]
         if self.rank == 0:
-            with open(name[0], "wb") as f:
-                f.truncate(total)
+            name = [_reserve_file(total)]
         dist.broadcast_object_list(name, group=self.group, group_src=0)
+        if name[0] is None:
+            self.limit = min(self.limit, nbytes - 1)
+            return
         self.buffer = torch.from_file(name[0], shared=True, size=total, dtype=torch.uint8)
         dist.barrier(group=self.group)
         if self.rank == 0:
@@ -99,7 +129,6 @@ class SharedSlots:
 
     def _exchange(self, mine: torch.Tensor) -> int:
         """Write ``mine`` into this rank's slot and meet the others; returns the turn to read."""
-        self._reserve(mine.numel() * mine.element_size())
         turn, self.turn = self.turn, self.turn + 1
         self._slot(turn, self.rank, mine).copy_(mine)
         dist.barrier(group=self.group)
@@ -110,7 +139,6 @@ class SharedSlots:
         rank order: each rank writes its slice once, each reads all of them once."""
         shape = list(tensor.shape)
         shape[dim] = max(counts)
-        self._reserve(tensor.element_size() * int(torch.Size(shape).numel()))
         turn, self.turn = self.turn, self.turn + 1
         self._slot(turn, self.rank, tensor, tuple(shape)).narrow(dim, 0, tensor.size(dim)).copy_(tensor)
         dist.barrier(group=self.group)
@@ -137,7 +165,6 @@ class SharedSlots:
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Group rank 0's ``tensor`` on every rank, in place."""
-        self._reserve(tensor.numel() * tensor.element_size())
         turn, self.turn = self.turn, self.turn + 1
         if self.rank == 0:
             self._slot(turn, 0, tensor).copy_(tensor)
