@@ -4,8 +4,9 @@ Three layers, read top to bottom:
 
 1. raw helpers on tensors: an uneven all-gather along one dimension, an
    uneven reduce-scatter, an in-place sum all-reduce, a coalesced
-   broadcast. They stage CUDA tensors through host memory when the group's backend is gloo, and do nothing
-   when the group has one rank.
+   broadcast. They stage CUDA tensors through host memory when the group's
+   backend is gloo, move the bytes through shared memory when its ranks
+   share a host (``convshard.shm``), and do nothing when it has one rank.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
 3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards`` and

@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import layouts
 from .sharded import conv_sites
 
-Op = Callable[[int, torch.device], Callable[[torch.Tensor], torch.Tensor]]  # (k, device) -> the op at k channels
+Op = Callable[[int, torch.device], nn.Module]  # (k, device) -> the op at k channels
 
 
 @dataclass(frozen=True)
@@ -45,21 +45,23 @@ class Segment:
     input_grad: bool  # whether the conv's input needs a gradient (not for the data)
     input_split: bool = False  # whether that input is gathered from a channel split (its gradient reduce-scattered)
 
-    def build(self, k: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    def build(self, k: int, device: torch.device) -> nn.Sequential:
         """The segment with k kernels, on ``device``."""
         c = self.conv
         conv = nn.Conv2d(c.in_channels, k, c.kernel_size, c.stride, c.padding, c.dilation,
                          bias=c.bias is not None, padding_mode=c.padding_mode, device=device)
-        ops = [make(k, device) for make in self.ops]
+        return nn.Sequential(conv, *(make(k, device) for make in self.ops))
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            y = conv(x)
-            for op in ops:
-                y = op(y)
-            return y
 
-        run.parameters = lambda: [p for m in (conv, *ops) if isinstance(m, nn.Module) for p in m.parameters()]
-        return run
+class _Apply(nn.Module):
+    """A function or tensor method of a traced graph as a layer: t -> fn(t, *args, **kwargs)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(t, *self.args, **self.kwargs)
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,8 @@ def _op(graph: fx.GraphModule, node: fx.Node, analysis: layouts.Analysis) -> Op:
                                                module.dilation, groups=k, bias=module.bias is not None,
                                                padding_mode=module.padding_mode, device=device)
         return lambda k, device: module
-    args, kwargs = node.args[1:], node.kwargs
-    if node.op == "call_method":
-        return lambda k, device: (lambda t: getattr(t, node.target)(*args, **kwargs))
-    return lambda k, device: (lambda t: node.target(t, *args, **kwargs))
+    fn = (lambda t, *a, **kw: getattr(t, node.target)(*a, **kw)) if node.op == "call_method" else node.target
+    return lambda k, device: _Apply(fn, tuple(node.args[1:]), dict(node.kwargs))
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:

@@ -178,13 +178,10 @@ class ShardedConv2d(nn.Module):
 
     def _local_conv(self, x: torch.Tensor) -> torch.Tensor:
         """Y_r = conv(X, W_r) + b_r, (B, C_in, H, W) -> (B, max(c_r, 1), H', W')."""
-        weight, bias = self.weight, self.bias
-        if self.split.local == 0:
-            # conv2d refuses an empty kernel bank: one zero kernel stands in.
-            # It keeps X (and W_r) in the graph, so this rank still joins the
-            # backward all-reduce; the gather leaves its output out.
-            weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
-            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+        # conv2d refuses an empty kernel bank: one zero kernel stands in. It
+        # keeps X (and W_r) in the graph, so this rank still joins the backward
+        # collectives; the gather leaves its output out.
+        weight, bias = _kernels_or_placeholder(self.weight, self.bias)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(padding, str):  # "same", "valid": explicit sizes
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -256,12 +253,19 @@ class ShardedChannelwiseConv2d(nn.Conv2d):
                 getattr(self, name).copy_(split.take(value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if self.group.split.local == 0:  # one zero kernel for the placeholder channel, as in ShardedConv2d
-            weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
-            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+        weight, bias = _kernels_or_placeholder(self.weight, self.bias)  # the placeholder channel's kernel
         self.groups = weight.size(0)  # the shard's size, which a re-split changes
         return self._conv_forward(x, weight, bias)
+
+
+def _kernels_or_placeholder(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's kernels, or, when it holds none, one zero kernel (and zero
+    bias) appended to the empty bank, so that its (empty) parameters stay in
+    the autograd graph and its output is a placeholder channel."""
+    if weight.size(0):
+        return weight, bias
+    weight = torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])])
+    return weight, None if bias is None else torch.cat([bias, bias.new_zeros(1)])
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

@@ -1,0 +1,73 @@
+"""Where one rank's training step goes: torch.profiler on rank 0 of two single-thread workers.
+
+    python scripts/profile_step.py --model resnet18 --batch-size 64 --strategy kernel
+    python scripts/profile_step.py --model resnet18 --batch-size 64 --strategy ddp
+
+Two workers on cores 0 and 1 (gloo, one thread each) train the model on
+CIFAR-shaped random input: ``kernel`` shards it (``shard_model``, the full
+batch on every rank), ``ddp`` wraps it in DistributedDataParallel (half the
+batch each). After two warm-up steps two steps run under the profiler; rank 0
+prints the mean step seconds and the ops by self CPU time (the totals cover
+both profiled steps). Not part of the tests: it measures this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import convshard
+from convshard.launch import init_from_env, launch_local
+from convshard.models import build_model
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    convshard.sync_replicas(model)
+    optimizer.step()
+
+
+def _worker(model_name: str, batch: int, strategy: str, rows: int) -> str | None:
+    rank, _, _ = init_from_env("gloo", timeout=300)
+    os.sched_setaffinity(0, {rank})
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(model_name, (3, 32, 32), 10)
+    if strategy == "kernel":
+        model, part = convshard.shard_model(model), slice(0, batch)
+    else:
+        model, part = nn.parallel.DistributedDataParallel(model), slice(rank * batch // 2, (rank + 1) * batch // 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch, 3, 32, 32)[part], torch.randint(0, 10, (batch,))[part]
+    for _ in range(2):
+        _step(model, optimizer, x, y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(2):
+            _step(model, optimizer, x, y)
+        seconds = (time.perf_counter() - start) / 2
+    if rank:
+        return None
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"{strategy}, {model_name}, batch {batch}: {seconds:.3f} s/step (profiled)\n{table}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--strategy", choices=("kernel", "ddp"), default="kernel")
+    parser.add_argument("--rows", type=int, default=12, help="ops to list")
+    args = parser.parse_args()
+    print(launch_local(_worker, 2, args=(args.model, args.batch_size, args.strategy, args.rows),
+                       env={"OMP_NUM_THREADS": "1"})[0])
+
+
+if __name__ == "__main__":
+    main()
