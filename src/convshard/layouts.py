@@ -341,9 +341,7 @@ def _insert_transitions(graph: fx.GraphModule, result: Analysis,
         with graph.graph.inserting_before(before):
             return graph.graph.call_module(target, (arg,))
 
-    for node in list(graph.graph.nodes):
-        if node in gathered.values() or node in sliced.values():
-            continue
+    for node in list(graph.graph.nodes):  # the nodes before any insertion
         mine = layout.get(node)
         needs_whole = mine is None or node in result.convs
 

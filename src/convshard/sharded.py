@@ -97,11 +97,6 @@ class ChannelGroup:
     def __init__(self, name: str, split: ShardSplit) -> None:
         self.name, self.split = name, split
 
-    @property
-    def width(self) -> int:
-        """Channels this rank's shard of a split activation holds: max(c_r, 1)."""
-        return max(self.split.local, 1)
-
     def gather(self, y: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
         """(B, w_r, ...) -> (B, C, ...) on every rank; backward: split (reduce-scatter with ``partial``)."""
         return comm.gather_from_shards(y, self.split.counts, group=self.split.group, partial=partial)

@@ -127,9 +127,14 @@ class SharedSlots:
         count = like.element_size() * int(torch.Size(shape).numel())
         return self.buffer[start : start + count].view(like.dtype).view(shape)
 
+    def _next_turn(self) -> int:
+        """The turn of the collective starting now; its slots are set turn % 2."""
+        self.turn += 1
+        return self.turn - 1
+
     def _exchange(self, mine: torch.Tensor) -> int:
         """Write ``mine`` into this rank's slot and meet the others; returns the turn to read."""
-        turn, self.turn = self.turn, self.turn + 1
+        turn = self._next_turn()
         self._slot(turn, self.rank, mine).copy_(mine)
         dist.barrier(group=self.group)
         return turn
@@ -139,7 +144,7 @@ class SharedSlots:
         rank order: each rank writes its slice once, each reads all of them once."""
         shape = list(tensor.shape)
         shape[dim] = max(counts)
-        turn, self.turn = self.turn, self.turn + 1
+        turn = self._next_turn()
         self._slot(turn, self.rank, tensor, tuple(shape)).narrow(dim, 0, tensor.size(dim)).copy_(tensor)
         dist.barrier(group=self.group)
         return torch.cat([self._slot(turn, r, tensor, tuple(shape)).narrow(dim, 0, c) for r, c in enumerate(counts)],
@@ -165,7 +170,7 @@ class SharedSlots:
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Group rank 0's ``tensor`` on every rank, in place."""
-        turn, self.turn = self.turn, self.turn + 1
+        turn = self._next_turn()
         if self.rank == 0:
             self._slot(turn, 0, tensor).copy_(tensor)
         dist.barrier(group=self.group)
