@@ -3,14 +3,14 @@
 Three layers, read top to bottom:
 
 1. raw helpers on tensors: an uneven all-gather along one dimension, an
-   uneven reduce-scatter, an in-place sum all-reduce, a coalesced
-   broadcast. They stage CUDA tensors through host memory when the group's
+   uneven reduce-scatter, an uneven all-to-all, an in-place sum all-reduce,
+   a coalesced broadcast. They stage CUDA tensors through host memory when the group's
    backend is gloo, move the bytes through shared memory when its ranks
    share a host (``convshard.shm``), and do nothing when it has one rank.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
-3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards`` and
-   ``slice_to_shard``.
+3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards``,
+   ``slice_to_shard`` and ``channels_to_rows``.
 
 Shapes for a conv layer with C kernels split as ``counts = (c_0, ..., c_{p-1})``
 over p ranks: rank r holds the feature maps ``Y_r`` of shape (B, c_r, H, W);
@@ -163,6 +163,29 @@ def reduce_scatter_uneven(
     return out.narrow(dim, 0, counts[me]).to(device, non_blocking=True)
 
 
+def all_to_all_uneven(send: torch.Tensor, sizes: Sequence[Sequence[int]], *, group: Group = None) -> list[torch.Tensor]:
+    """Every rank sends a piece to every rank: ``send`` (1-D) is this rank's
+    pieces for ranks 0..p-1 in order, ``sizes[s][t]`` the elements rank s
+    sends rank t (every rank knows them all). Returns the pieces this rank
+    receives, from ranks 0..p-1, each 1-D."""
+    me, p = rank(group), len(sizes)
+    if p == 1:
+        return [send]
+    device = send.device
+    if _needs_host_staging(send, group):
+        send = send.cpu()
+    slots = _shared(max(sum(row) for row in sizes) * send.element_size(), group)
+    with _clocked():
+        if slots is not None:
+            pieces = slots.all_to_all(send.contiguous(), [list(row) for row in sizes])
+        else:
+            out = send.new_empty(sum(sizes[s][me] for s in range(p)))
+            dist.all_to_all_single(out, send.contiguous(), [sizes[s][me] for s in range(p)], list(sizes[me]),
+                                   group=group)
+            pieces = list(out.split([sizes[s][me] for s in range(p)]))
+    return [piece.to(device, non_blocking=True) for piece in pieces]
+
+
 def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group``, in place; returns it."""
     return start_all_reduce_sum(tensor, group=group).wait()
@@ -270,33 +293,68 @@ class _ConvOnShards(torch.autograd.Function):
 
 
 class _GatherFromShards(torch.autograd.Function):
-    """Forward: all-gather along channels, (B, w_r, H, W) -> (B, C, H, W).
+    """Forward: all-gather along ``dim``: channels, (B, w_r, H, W) -> (B, C, H, W),
+    or batch rows, (b_r, C, H, W) -> (B, C, H, W).
 
-    A shard holds w_r = max(c_r, 1) channels: a rank with no kernels carries
-    one placeholder channel (so that every channel-wise op can run on it),
-    which the gather leaves out. Backward: split. When dY is identical on
-    every rank (the layers after the gather are replicated), rank r keeps
-    channels [o_r, o_r + c_r) of it; when each rank holds a partial sum of
-    dY (``partial``: only sharded convs use the gathered tensor), rank r
-    receives channels [o_r, o_r + c_r) of the sum (a reduce-scatter). A
+    A channel shard holds w_r = max(c_r, 1) channels: a rank with no kernels
+    carries one placeholder channel (so that every channel-wise op can run
+    on it), which the gather leaves out. Backward: split. When dY is
+    identical on every rank (the layers after the gather are replicated),
+    rank r keeps its part [o_r, o_r + c_r) of it; when each rank holds a
+    partial sum of dY (``partial``: only sharded convs use the gathered
+    tensor), rank r receives its part of the sum (a reduce-scatter). A
     placeholder channel gets zeros.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group, partial: bool):
-        ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(1)
-        ctx.counts, ctx.group, ctx.partial = counts, group, partial
-        return all_gather_uneven(y.narrow(1, 0, ctx.count), counts, dim=1, group=group)
+    def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group, partial: bool, dim: int):
+        ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(dim)
+        ctx.counts, ctx.group, ctx.partial, ctx.dim = counts, group, partial, dim
+        return all_gather_uneven(y.narrow(dim, 0, ctx.count), counts, dim=dim, group=group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if ctx.partial:
-            mine = reduce_scatter_uneven(grad, ctx.counts, dim=1, group=ctx.group)
+            mine = reduce_scatter_uneven(grad, ctx.counts, dim=ctx.dim, group=ctx.group)
         else:
-            mine = grad.narrow(1, ctx.start, ctx.count)
+            mine = grad.narrow(ctx.dim, ctx.start, ctx.count)
         if ctx.width > ctx.count:
-            mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - ctx.count, *mine.shape[2:])], dim=1)
-        return mine.contiguous(), None, None, None, None
+            shape = list(mine.shape)
+            shape[ctx.dim] = ctx.width - ctx.count
+            mine = torch.cat([mine, mine.new_zeros(shape)], dim=ctx.dim)
+        return mine.contiguous(), None, None, None, None, None
+
+
+class _ChannelsToRows(torch.autograd.Function):
+    """Forward: from a channel split to a batch split, one all-to-all:
+    rank r holds channels [o_r, o_r + c_r) of every row, (B, w_r, H, W), and
+    receives rows [p_r, p_r + b_r) of every channel, (b_r, C, H, W); rank s
+    sends rank t its (b_t, c_s) block. Backward: the all-to-all back, from
+    rows to channels (a placeholder channel gets zeros)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, channels: tuple[int, ...], rows: tuple[int, ...], rank_: int, group: Group):
+        ctx.channels, ctx.rows, ctx.rank, ctx.group, ctx.width = channels, rows, rank_, group, y.size(1)
+        ctx.inner = math.prod(y.shape[2:])
+        mine = y.narrow(1, 0, channels[rank_])
+        send = torch.cat([part.reshape(-1) for part in mine.split(list(rows), dim=0)])
+        sizes = [[b * c * ctx.inner for b in rows] for c in channels]
+        pieces = all_to_all_uneven(send, sizes, group=group)
+        shape = y.shape[2:]
+        return torch.cat([piece.view(rows[rank_], c, *shape) for piece, c in zip(pieces, channels)], dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        channels, rows, me = ctx.channels, ctx.rows, ctx.rank
+        send = torch.cat([part.reshape(-1) for part in grad.split(list(channels), dim=1)])
+        sizes = [[c * b * ctx.inner for c in channels] for b in rows]
+        pieces = all_to_all_uneven(send, sizes, group=ctx.group)
+        shape = grad.shape[2:]
+        mine = torch.cat([piece.view(b, channels[me], *shape) for piece, b in zip(pieces, rows)], dim=0)
+        if ctx.width > channels[me]:
+            mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - channels[me], *shape)], dim=1)
+        return mine, None, None, None, None
 
 
 class _SliceToShard(torch.autograd.Function):
@@ -310,10 +368,11 @@ class _SliceToShard(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], rank_: int, dim: int, group: Group):
+    def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], rank_: int, dim: int, group: Group,
+                placeholder: bool):
         ctx.counts, ctx.rank, ctx.dim, ctx.group = counts, rank_, dim, group
         count = counts[rank_]
-        if count == 0:
+        if count == 0 and placeholder:
             shape = list(x.shape)
             shape[dim] = 1
             return x.new_zeros(shape)
@@ -322,7 +381,7 @@ class _SliceToShard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mine = grad.narrow(ctx.dim, 0, ctx.counts[ctx.rank])
-        return all_gather_uneven(mine, ctx.counts, dim=ctx.dim, group=ctx.group), None, None, None, None
+        return all_gather_uneven(mine, ctx.counts, dim=ctx.dim, group=ctx.group), None, None, None, None, None
 
 
 # --- 3. public wrappers ---------------------------------------------------
@@ -341,19 +400,31 @@ def conv2d_on_shards(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def gather_from_shards(
-    y: torch.Tensor, counts: tuple[int, ...], *, group: Group = None, partial: bool = False
+    y: torch.Tensor, counts: tuple[int, ...], *, group: Group = None, partial: bool = False, dim: int = 1
 ) -> torch.Tensor:
-    """Leave a channel split: (B, w_r, ...) on rank r -> (B, C, ...) on every rank.
-    Forward: all-gather along channels; backward: split, or with ``partial``
-    (the gradient arrives as per-rank partial sums) reduce-scatter."""
+    """Leave a split along ``dim`` (1: channels, 0: batch rows):
+    (B, w_r, ...) on rank r -> (B, C, ...) on every rank. Forward: all-gather;
+    backward: split, or with ``partial`` (the gradient arrives as per-rank
+    partial sums) reduce-scatter."""
     if len(counts) == 1:
         return y
-    return _GatherFromShards.apply(y, counts, rank(group), group, partial)
+    return _GatherFromShards.apply(y, counts, rank(group), group, partial, dim)
 
 
-def slice_to_shard(x: torch.Tensor, counts: tuple[int, ...], *, dim: int = 1, group: Group = None) -> torch.Tensor:
-    """Enter a channel split from a replicated tensor: rank r's slice along ``dim``.
-    Forward: split (no communication); backward: all-gather."""
+def channels_to_rows(y: torch.Tensor, channels: tuple[int, ...], rows: tuple[int, ...], *,
+                     group: Group = None) -> torch.Tensor:
+    """From a channel split (B, w_r, ...) to a batch split (b_r, C, ...).
+    Forward and backward: one all-to-all each."""
+    if len(channels) == 1:
+        return y
+    return _ChannelsToRows.apply(y, channels, rows, rank(group), group)
+
+
+def slice_to_shard(x: torch.Tensor, counts: tuple[int, ...], *, dim: int = 1, group: Group = None,
+                   placeholder: bool = True) -> torch.Tensor:
+    """Enter a split from a replicated tensor: rank r's slice along ``dim``
+    (with ``placeholder``, one zero slice where it has none, as a channel
+    split carries). Forward: split (no communication); backward: all-gather."""
     if len(counts) == 1:
         return x
-    return _SliceToShard.apply(x, counts, rank(group), dim, group)
+    return _SliceToShard.apply(x, counts, rank(group), dim, group, placeholder)

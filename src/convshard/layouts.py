@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .batch import ChannelsToRows, GatherRows, GradientSum, RowSplit, SliceRows, SyncBatchNorm2d
+from .errors import ConfigError
 from .sharded import (
     ChannelGroup,
     ShardedBatchNorm2d,
@@ -293,13 +295,21 @@ def _binary(node: fx.Node, split_of, total, groups: _Groups) -> Split | None:
     return head
 
 
-def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSplit]) -> fx.GraphModule:
-    """Shard a traced model: split convs, split members, gathers and slices
-    where the layouts change. ``split_for(name, kernels)`` gives a group's
-    split from its name (its first conv's). Returns ``graph``, recompiled."""
+def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSplit], *,
+                modes: Mapping[str, str] | None = None, rows: RowSplit | None = None) -> fx.GraphModule:
+    """Shard a traced model: split convs, split members, transitions where
+    the layouts change. ``split_for(name, kernels)`` gives a group's split
+    from its name (its first conv's). ``modes`` names the groups that run
+    in batch mode ("batch"; the others split kernels), over ``rows``.
+    Returns ``graph``, recompiled."""
     result = analyse(graph)
     names = result.group_names()
     convs = result.group_convs()
+    unknown = sorted(set(modes or {}) - set(names.values()))
+    if unknown:
+        raise ConfigError(f"the plan names {unknown[:3]}, which are not channel groups of this model "
+                          f"(its groups: {list(names.values())[:6]}...)")
+    batch = {root for root, name in names.items() if (modes or {}).get(name, "kernel") == "batch"}
     channel_groups = {}
     for root, name in names.items():
         kernels = graph.get_submodule(str(convs[name][0].target)).out_channels
@@ -308,16 +318,29 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
     def group(node: fx.Node) -> ChannelGroup:
         return channel_groups[result.group_of(node)]
 
+    summed = []
     for node in result.convs:
-        _replace(graph, node.target, ShardedConv2d(graph.get_submodule(node.target), group(node), gather=False))
+        if result.group_of(node) in batch:
+            summed += graph.get_submodule(node.target).parameters()
+        else:
+            _replace(graph, node.target, ShardedConv2d(graph.get_submodule(node.target), group(node), gather=False))
     for node in result.members:
         module = graph.get_submodule(node.target)
+        if result.group_of(node) in batch:
+            if isinstance(module, nn.BatchNorm2d):
+                module = SyncBatchNorm2d(module, rows)
+                _replace(graph, node.target, module)
+            summed += module.parameters()
+            continue
         member = ShardedBatchNorm2d if isinstance(module, nn.BatchNorm2d) else ShardedChannelwiseConv2d
         _replace(graph, node.target, member(module, group(node)))
-    _insert_transitions(graph, result, lambda split: channel_groups[result.groups.find(split.group)])
+    _insert_transitions(graph, result, lambda split: channel_groups[result.groups.find(split.group)], batch, rows)
+    if batch:
+        graph.register_forward_pre_hook(lambda _, args: rows.begin(args[0].size(0)))
+        graph.gradient_sum = GradientSum(summed, rows.group)
     for node in graph.graph.nodes:
         if node.op == "call_module" and isinstance(graph.get_submodule(node.target), nn.Conv2d) \
-                and node not in result.members:
+                and node not in result.members and not (node in result.convs and result.group_of(node) in batch):
             log.warning("left replicated (groups=%d, parametrized or reused): %s",
                         graph.get_submodule(node.target).groups, node.target)
     graph.graph.lint()
@@ -325,41 +348,53 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
     return graph
 
 
-def _insert_transitions(graph: fx.GraphModule, result: Analysis,
-                        group_of: Callable[[Split], ChannelGroup]) -> None:
-    """Insert a ``GatherChannels`` before every op that needs a split value
-    whole (once per value, and once more for sharded convs: theirs sums
-    partial input gradients) and a ``SliceChannels`` for every replicated
-    operand of a split elementwise op."""
+def _insert_transitions(graph: fx.GraphModule, result: Analysis, group_of: Callable[[Split], ChannelGroup],
+                        batch: set[int], rows: RowSplit | None) -> None:
+    """Insert a transition module wherever an op needs its operand in
+    another layout than the operand's: R (replicated), C (a kernel-mode
+    group's channel split) or B (a batch split). Once per value and
+    transition; a gather for sharded convs is its own (it sums their
+    partial input gradients in backward)."""
     layout = result.layout
-    gathered: dict[tuple[fx.Node, bool], fx.Node] = {}
-    sliced: dict[tuple[fx.Node, int, int], fx.Node] = {}
+    made: dict[tuple, fx.Node] = {}
 
-    def add(name: str, module: nn.Module, arg: fx.Node, before: fx.Node) -> fx.Node:
-        target = f"_convshard.{name}{len(gathered) + len(sliced)}"
-        graph.add_submodule(target, module)
-        with graph.graph.inserting_before(before):
-            return graph.graph.call_module(target, (arg,))
+    def kind(split: Split | None) -> str:
+        if split is None:
+            return "R"
+        return "B" if result.groups.find(split.group) in batch else "C"
+
+    def add(key: tuple, name: str, module: nn.Module, arg: fx.Node, before: fx.Node) -> fx.Node:
+        if key not in made:
+            target = f"_convshard.{name}{len(made)}"
+            graph.add_submodule(target, module)
+            with graph.graph.inserting_before(before):
+                made[key] = graph.graph.call_module(target, (arg,))
+        return made[key]
 
     for node in list(graph.graph.nodes):  # the nodes before any insertion
         mine = layout.get(node)
-        needs_whole = mine is None or node in result.convs
+        sharded_conv = node in result.convs and kind(mine) == "C"
+        need = "R" if mine is None or sharded_conv else kind(mine)
 
         def convert(arg: fx.Node) -> fx.Node:
             split = layout.get(arg)
-            if split is not None and needs_whole:
-                partial = node in result.convs
-                if (arg, partial) not in gathered:
-                    gathered[arg, partial] = add("gather", GatherChannels(group_of(split), partial=partial), arg, node)
-                if partial:
+            have = kind(split)
+            if have == need:
+                return arg
+            if need == "R":
+                if sharded_conv:
                     graph.get_submodule(node.target).partial_input_grad = True
-                return gathered[arg, partial]
-            if split is None and not needs_whole:
-                key = (arg, result.groups.find(mine.group), mine.ndim)
-                if key not in sliced:
-                    sliced[key] = add("slice", SliceChannels(group_of(mine), mine.ndim), arg, node)
-                return sliced[key]
-            return arg
+                module = (GatherChannels(group_of(split), partial=sharded_conv) if have == "C"
+                          else GatherRows(rows, partial=sharded_conv))
+                return add((arg, "R", sharded_conv), "gather", module, arg, node)
+            if need == "C" and have == "R":
+                root = result.groups.find(mine.group)
+                return add((arg, "C", root, mine.ndim), "slice", SliceChannels(group_of(mine), mine.ndim), arg, node)
+            if need == "B" and have == "R":
+                return add((arg, "B", mine.ndim), "rows", SliceRows(rows, mine.ndim), arg, node)
+            if need == "B" and have == "C":
+                return add((arg, "B"), "to_rows", ChannelsToRows(group_of(split), rows), arg, node)
+            raise AssertionError(f"no transition {have} -> {need} at {node}: tied groups share a mode")
 
         node.args = fx.node.map_arg(node.args, convert)
         node.kwargs = fx.node.map_arg(node.kwargs, convert)

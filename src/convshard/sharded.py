@@ -334,6 +334,8 @@ def shard_model(
     group: comm.Group = None,
     layer_shares: Mapping[str, Sequence[float]] | None = None,
     fuse_channelwise: bool = True,
+    modes: Mapping[str, str] | None = None,
+    rows: Sequence[float] | None = None,
 ) -> nn.Module:
     """Shard every ``nn.Conv2d`` of ``model`` by its kernels; returns the sharded model.
 
@@ -357,10 +359,17 @@ def shard_model(
     it in an ``nn.Sequential`` run on the shard first (``fuse_channelwise``).
     Convs with ``groups > 1`` (except depthwise convs on a split
     activation) or parametrizations stay replicated, with a warning.
+
+    ``modes`` turns named groups to batch mode (``"batch"``): their weights
+    stay whole, the global batch is split over the ranks by the weights
+    ``rows`` (None = equal; ``convshard.batch``), BatchNorm normalises over
+    the global batch, and the weights' gradients are summed over the ranks
+    during backward (``sync_replicas`` waits for them).
     """
     world, me = comm.world_size(group), comm.rank(group)
     shares = [1.0] * world if shares is None else list(shares)
-    for name, weights in [("shares", shares), *(layer_shares or {}).items()]:
+    rows = [1.0] * world if rows is None else list(rows)
+    for name, weights in [("shares", shares), ("rows", rows), *(layer_shares or {}).items()]:
         if len(weights) != world:
             raise ConfigError(f"{name} {list(weights)} has {len(weights)} entries for {world} ranks")
     if world > 1:
@@ -370,11 +379,15 @@ def shard_model(
     def split_for(name: str, kernels: int) -> ShardSplit:
         return ShardSplit(split_counts(kernels, (layer_shares or {}).get(name, shares)), me, group)
 
-    from . import layouts  # layouts builds on the sharded modules above
+    from . import batch, layouts  # both build on the sharded modules above
 
     graph = layouts.trace(model) if fuse_channelwise else None
-    sharded = layouts.shard_graph(graph, split_for) if graph is not None else _shard_in_place(model, split_for,
-                                                                                            fuse_channelwise)
+    if graph is not None:
+        sharded = layouts.shard_graph(graph, split_for, modes=modes, rows=batch.RowSplit(rows, me, group))
+    else:
+        if any(mode == "batch" for mode in (modes or {}).values()):
+            log.warning("batch mode needs a traceable model: every group splits its kernels")
+        sharded = _shard_in_place(model, split_for, fuse_channelwise)
     log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(sharded).items()})
     return sharded
 
@@ -459,9 +472,10 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
 
 
 def sync_replicas(model: nn.Module, *, group: comm.Group = None) -> None:
-    """Make the replicated part identical on every rank: broadcast the
-    gradients of replicated parameters and the floating-point buffers of
-    replicated modules (e.g. BatchNorm running statistics) from group rank 0.
+    """Make the replicated part identical on every rank: finish the sum of
+    the batch-mode weights' gradients, broadcast the gradients of the other
+    replicated parameters and the floating-point buffers of replicated
+    modules (e.g. BatchNorm running statistics) from group rank 0.
 
     Call after ``backward()`` and before ``optimizer.step()``. Ranks that
     round alike (same hardware, same thread count) already agree; ranks that
@@ -469,7 +483,12 @@ def sync_replicas(model: nn.Module, *, group: comm.Group = None) -> None:
     """
     if comm.world_size(group) == 1:
         return
+    summed = getattr(model, "gradient_sum", None)  # batch-mode weights (``convshard.batch``)
+    if summed is not None:
+        summed.wait()
     sharded = set(sharded_state(model))
-    grads = [p.grad for n, p in model.named_parameters() if n not in sharded and p.grad is not None]
+    skip = {id(p) for p in summed.parameters()} if summed is not None else set()
+    grads = [p.grad for n, p in model.named_parameters()
+             if n not in sharded and id(p) not in skip and p.grad is not None]
     buffers = [b for n, b in model.named_buffers() if n not in sharded and b.is_floating_point()]
     comm.broadcast_(grads + buffers, group=group)

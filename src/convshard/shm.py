@@ -8,7 +8,8 @@ through a shared-memory file instead:
 
 - every rank owns a slot; a collective writes this rank's part into its
   slot, meets the others at a gloo barrier, and reads what it needs from the
-  others' slots: all-gather, reduce-scatter, all-reduce (sum), broadcast;
+  others' slots: all-gather, reduce-scatter, all-to-all, all-reduce (sum),
+  broadcast;
 - two sets of slots alternate, so a rank overwrites a set only after every
   rank has passed the next barrier, that is, finished reading the set;
 - gloo still synchronises, so ``--timeout`` and the failure of a peer work
@@ -159,6 +160,14 @@ class SharedSlots:
         for s in range(1, self.world):
             out += self._slot(turn, s, tensor).narrow(dim, start, count)
         return out
+
+    def all_to_all(self, send: torch.Tensor, sizes: list[list[int]]) -> list[torch.Tensor]:
+        """Rank s's ``send`` holds its pieces for ranks 0..p-1 (``sizes[s][t]``
+        elements each); this rank receives its piece from every rank."""
+        turn = self._exchange(send)
+        offsets = [sum(row[: self.rank]) for row in sizes]
+        return [self._slot(turn, s, send, (sum(row),)).narrow(0, offsets[s], row[self.rank]).clone()
+                for s, row in enumerate(sizes)]
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place (every rank adds in rank order: equal results)."""

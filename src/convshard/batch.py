@@ -1,0 +1,214 @@
+"""Batch-split segments: layout ``B``, its transitions, SyncBatchNorm and the gradient sum.
+
+A channel group in batch mode keeps its weights whole on every rank and
+splits the global batch of n images instead: rank r holds rows
+[p_r, p_r + b_r) of every activation in the group, (b_r, C, H, W), with
+(b_0, ..., b_{p-1}) = split_counts(n, shares) (``RowSplit``). Convs,
+activations, pooling and adds then run unchanged on the rows; what needs
+the whole batch is handled here:
+
+- ``SyncBatchNorm2d``: BatchNorm's statistics over the global batch, so
+  every rank normalises as one device would;
+- ``GradientSum``: the weights' gradients are partial sums over each rank's
+  rows; their sum travels, bucketed, while backward goes on;
+- the transitions into and out of ``B`` (``SliceRows``, ``GatherRows``,
+  ``ChannelsToRows``), one autograd Function each (``convshard.comm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import comm
+from .sharded import ChannelGroup, split_counts
+
+BUCKET_BYTES = 4 << 20  # a gradient all-reduce starts once this many bytes of gradients are in
+
+
+class RowSplit:
+    """How the global batch is split over the ranks of ``group``: rank r holds
+    ``counts[r]`` rows, by ``split_counts(n, shares)`` for a batch of n.
+
+    Mutable and shared by every batch-mode layer of a model: ``begin(n)``
+    (a forward pre-hook of the model) sets the counts of the batch entering
+    the model, and rebalancing changes ``shares``.
+    """
+
+    def __init__(self, shares: Sequence[float], rank: int, group: comm.Group) -> None:
+        self.shares, self.rank, self.group = tuple(shares), rank, group
+        self.counts: tuple[int, ...] = ()
+
+    def begin(self, n: int) -> None:
+        self.counts = split_counts(n, self.shares)
+
+    def __repr__(self) -> str:
+        return f"RowSplit(shares={self.shares}, counts={self.counts})"
+
+
+class SliceRows(nn.Module):
+    """R -> B: rank r keeps rows [p_r, p_r + b_r) of a replicated tensor that
+    meets batch-split values of ``ndim`` dims (its batch axis aligned from
+    the right; a size-1 axis broadcasts as it is). Backward: all-gather rows."""
+
+    def __init__(self, rows: RowSplit, ndim: int) -> None:
+        super().__init__()
+        self.rows, self.ndim = rows, ndim
+
+    def forward(self, x):
+        if not torch.is_tensor(x):
+            return x
+        axis = x.dim() - self.ndim
+        if axis < 0 or x.size(axis) == 1:
+            return x
+        return comm.slice_to_shard(x, self.rows.counts, dim=axis, group=self.rows.group, placeholder=False)
+
+
+class GatherRows(nn.Module):
+    """B -> R: (b_r, ...) on each rank -> (n, ...) on every rank. Forward:
+    all-gather rows; backward: keep this rank's rows, or with ``partial``
+    (only sharded convs read the result, each returning its partial input
+    gradient) reduce-scatter them."""
+
+    def __init__(self, rows: RowSplit, *, partial: bool = False) -> None:
+        super().__init__()
+        self.rows, self.partial = rows, partial
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return comm.gather_from_shards(y, self.rows.counts, group=self.rows.group, partial=self.partial, dim=0)
+
+
+class ChannelsToRows(nn.Module):
+    """C -> B: (n, w_r, ...) split by the channels of ``channels`` ->
+    (b_r, C, ...) split by rows. Forward and backward: one all-to-all."""
+
+    def __init__(self, channels: ChannelGroup, rows: RowSplit) -> None:
+        super().__init__()
+        self.channels, self.rows = channels, rows
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return comm.channels_to_rows(y, self.channels.split.counts, self.rows.counts, group=self.rows.group)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d on a batch split (b_r, C, H, W), normalising with the
+    statistics of the whole global batch, on any backend.
+
+    Rank r has m_r = b_r H W values per channel, their mean mu_r and sum of
+    squared deviations M_r. One all-gather (backward: reduce-scatter) gives
+    every rank all of them, and the global statistics follow without
+    cancellation: mu = sum_r m_r mu_r / m, M = sum_r M_r + m_r (mu_r - mu)^2,
+    var = M / m with m = sum_r m_r; y = (x - mu) / sqrt(var + eps) * gamma + beta.
+    The running variance takes M / (m - 1), as ``nn.BatchNorm2d`` does.
+    Parameters and buffers are whole on every rank, with the original keys.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, rows: RowSplit) -> None:
+        tensor = next(iter([*bn.parameters(), *bn.buffers()]), None)
+        kwargs = {} if tensor is None else {"device": tensor.device}
+        dtype = next((t.dtype for t in [*bn.parameters(), *bn.buffers()] if t.is_floating_point()), None)
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                         dtype=dtype, **kwargs)
+        self.rows = rows
+        self.load_state_dict(bn.state_dict())
+        self.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.track_running_stats:
+            return super().forward(x)
+        rows = self.rows.counts
+        per_row = x.size(2) * x.size(3)
+        m_r = x.size(0) * per_row
+        mean_r = x.sum((0, 2, 3)) / max(m_r, 1)
+        sq_r = ((x - mean_r[None, :, None, None]) ** 2).sum((0, 2, 3))
+        mine = torch.stack([mean_r, sq_r])[None]  # (1, 2, C)
+        stats = comm.gather_from_shards(mine, (1,) * len(rows), group=self.rows.group, partial=True, dim=0)
+        m = torch.tensor([b * per_row for b in rows], dtype=x.dtype, device=x.device)[:, None]  # (p, 1)
+        total = sum(rows) * per_row
+        mean = (m * stats[:, 0]).sum(0) / total
+        sq = (stats[:, 1] + m * (stats[:, 0] - mean) ** 2).sum(0)
+        var = sq / total
+        if self.training and self.track_running_stats:
+            self._update_running(mean.detach(), sq.detach() / max(total - 1, 1))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """As ``nn.BatchNorm2d``: an exponential average with ``momentum``,
+        or the cumulative average when ``momentum`` is None."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var, alpha=factor)
+
+
+class GradientSum:
+    """Sums the gradients of ``params`` over the ranks of ``group`` while
+    backward runs, as DDP's reducer does.
+
+    The parameters are bucketed, about ``BUCKET_BYTES`` each, in reverse
+    order (backward produces the last layers' gradients first). A
+    post-accumulate-grad hook marks each gradient in; once a bucket is
+    complete, and every bucket before it has started, its gradients are
+    flattened and their sum all-reduce starts (``comm.start_all_reduce_sum``),
+    so every rank starts the same collectives in the same order. ``wait``
+    (before the optimizer step) starts what is left, waits for every sum
+    and writes it back. A parameter without a gradient on this step (on
+    every rank alike: the graph is the same) adds zeros and keeps none.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], group: comm.Group,
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.group = group
+        self.buckets: list[list[nn.Parameter]] = []
+        size = bucket_bytes
+        for p in reversed([p for p in params if p.requires_grad]):
+            if size >= bucket_bytes or p.dtype != self.buckets[-1][0].dtype or p.device != self.buckets[-1][0].device:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.index = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._reset()
+        if comm.world_size(group) > 1:
+            for bucket in self.buckets:
+                for p in bucket:
+                    p.register_post_accumulate_grad_hook(self._ready)
+
+    def _reset(self) -> None:
+        self.missing = [len(bucket) for bucket in self.buckets]
+        self.pending: list[tuple[torch.Tensor, comm.PendingSum]] = []
+
+    def _ready(self, p: nn.Parameter) -> None:
+        self.missing[self.index[id(p)]] -= 1
+        while len(self.pending) < len(self.buckets) and self.missing[len(self.pending)] == 0:
+            self._start(len(self.pending))
+
+    def _start(self, i: int) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.buckets[i]])
+        self.pending.append((flat, comm.start_all_reduce_sum(flat, group=self.group)))
+
+    def wait(self) -> None:
+        """Finish every sum of this step and set the gradients to them."""
+        if comm.world_size(self.group) == 1:
+            return
+        while len(self.pending) < len(self.buckets):
+            self._start(len(self.pending))
+        for bucket, (flat, pending) in zip(self.buckets, self.pending):
+            pending.wait()
+            offset = 0
+            for p in bucket:
+                n = p.numel()
+                if p.grad is not None:
+                    p.grad = flat[offset : offset + n].view_as(p)
+                offset += n
+        self._reset()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for bucket in self.buckets for p in bucket]
