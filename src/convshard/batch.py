@@ -20,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import comm
 from .sharded import ChannelGroup, split_counts
@@ -92,17 +94,62 @@ class ChannelsToRows(nn.Module):
         return comm.channels_to_rows(y, self.channels.split.counts, self.rows.counts, group=self.rows.group)
 
 
+class _SyncBatchNorm(torch.autograd.Function):
+    """BatchNorm over the global batch of a batch split, forward and backward
+    on native kernels, one collective each way.
+
+    Forward: rank r has m_r = b_r H W values per channel, their mean mu_r
+    and variance v_r (``torch.var_mean``). One all-gather gives every rank
+    all of them, and the global statistics follow without cancellation:
+    mu = sum_r m_r mu_r / m, var = sum_r m_r (v_r + (mu_r - mu)^2) / m with
+    m = sum_r m_r; then y = (x - mu) / sqrt(var + eps) * gamma + beta
+    (``F.batch_norm`` with these statistics).
+
+    Backward: with xhat = (x - mu) / sqrt(var + eps), every rank sums its
+    S1_r = sum dy and S2_r = sum dy * xhat per channel (one native pass), one
+    all-reduce gives S1 and S2 over the global batch, and
+    dx = gamma / sqrt(var + eps) * (dy - S1 / m - xhat * S2 / m).
+    The weight and bias get this rank's S2_r and S1_r: their sum over the
+    ranks (``GradientSum``) is the global gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, rows: RowSplit):
+        per_row = x.size(2) * x.size(3)
+        var_r, mean_r = torch.var_mean(x, (0, 2, 3), correction=0) if x.size(0) else (x.new_zeros(x.size(1)),) * 2
+        stats = comm.all_gather_uneven(torch.stack([mean_r, var_r])[None], (1,) * len(rows.counts), dim=0,
+                                       group=rows.group)  # (p, 2, C)
+        m_r = torch.tensor([b * per_row for b in rows.counts], dtype=x.dtype, device=x.device)[:, None]
+        total = sum(rows.counts) * per_row
+        mean = (m_r * stats[:, 0]).sum(0) / total
+        var = (m_r * (stats[:, 1] + (stats[:, 0] - mean) ** 2)).sum(0) / total
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total, ctx.eps, ctx.group, ctx.affine = total, eps, rows.group, weight is not None
+        ctx.mark_non_differentiable(mean, var)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _mean, _var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        gamma = weight if ctx.affine else torch.ones_like(mean)
+        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(dy, x, gamma, None, None, mean, invstd, True, ctx.eps,
+                                                              [False, True, True])
+        total = comm.all_reduce_sum_(torch.stack([s1, s2]), group=ctx.group)  # (2, C)
+        k = gamma * invstd
+        c = -k * invstd * total[1] / ctx.total  # dx = k dy + c (x - mean) - k S1 / m
+        d = -k * total[0] / ctx.total - c * mean
+        dx = dy * k[None, :, None, None] + torch.addcmul(d[None, :, None, None], x, c[None, :, None, None])
+        return dx, (s2 if ctx.affine else None), (s1 if ctx.affine else None), None, None
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d on a batch split (b_r, C, H, W), normalising with the
-    statistics of the whole global batch, on any backend.
-
-    Rank r has m_r = b_r H W values per channel, their mean mu_r and sum of
-    squared deviations M_r. One all-gather (backward: reduce-scatter) gives
-    every rank all of them, and the global statistics follow without
-    cancellation: mu = sum_r m_r mu_r / m, M = sum_r M_r + m_r (mu_r - mu)^2,
-    var = M / m with m = sum_r m_r; y = (x - mu) / sqrt(var + eps) * gamma + beta.
-    The running variance takes M / (m - 1), as ``nn.BatchNorm2d`` does.
-    Parameters and buffers are whole on every rank, with the original keys.
+    statistics of the whole global batch, on any backend (``_SyncBatchNorm``).
+    The running variance takes the unbiased var * m / (m - 1), as
+    ``nn.BatchNorm2d`` does. Parameters and buffers are whole on every rank,
+    with the original keys; in eval mode it is plain BatchNorm.
     """
 
     def __init__(self, bn: nn.BatchNorm2d, rows: RowSplit) -> None:
@@ -118,23 +165,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and self.track_running_stats:
             return super().forward(x)
-        rows = self.rows.counts
-        per_row = x.size(2) * x.size(3)
-        m_r = x.size(0) * per_row
-        mean_r = x.sum((0, 2, 3)) / max(m_r, 1)
-        sq_r = ((x - mean_r[None, :, None, None]) ** 2).sum((0, 2, 3))
-        mine = torch.stack([mean_r, sq_r])[None]  # (1, 2, C)
-        stats = comm.gather_from_shards(mine, (1,) * len(rows), group=self.rows.group, partial=True, dim=0)
-        m = torch.tensor([b * per_row for b in rows], dtype=x.dtype, device=x.device)[:, None]  # (p, 1)
-        total = sum(rows) * per_row
-        mean = (m * stats[:, 0]).sum(0) / total
-        sq = (stats[:, 1] + m * (stats[:, 0] - mean) ** 2).sum(0)
-        var = sq / total
+        y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps, self.rows)
         if self.training and self.track_running_stats:
-            self._update_running(mean.detach(), sq.detach() / max(total - 1, 1))
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+            total = sum(self.rows.counts) * x.size(2) * x.size(3)
+            self._update_running(mean, var * total / max(total - 1, 1))
         return y
 
     @torch.no_grad()

@@ -67,6 +67,8 @@ class TrainConfig:
     profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
     rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
     layer_counts: dict[str, tuple[int, ...]] | None = None  # kernels per rank per layer, from a plan
+    modes: dict[str, str] | None = None  # channel groups in "batch" mode (the rest split kernels), from a plan
+    rows: tuple[float, ...] | None = None  # batch-mode row share per rank; None: equal
     plan: dict | None = None  # the plan that chose strategy, devices and layer_counts
     model: str = "paper"  # one of models.MODELS, or package.module:function
     kernels: tuple[int, ...] | None = None  # kernels per conv layer (ResNet, VGG: base width); None: the default
@@ -421,7 +423,8 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     model.to(device)
     if config.strategy == "kernel":
         shares = config.shares if isinstance(config.shares, tuple) else None
-        model = shard_model(model, shares, group=group, layer_shares=config.layer_counts)
+        model = shard_model(model, shares, group=group, layer_shares=config.layer_counts, modes=config.modes,
+                            rows=config.rows)
     elif config.strategy == "ddp" and world > 1:
         model = nn.parallel.DistributedDataParallel(model, process_group=group)
     optimizer = _make_optimizer(config, model.parameters())
