@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,3 +116,105 @@ def test_bench_rounds_interleave_jobs_and_report_the_median(tmp_path, monkeypatc
     assert result["a"]["ms"] == 20.0 and result["a"]["strategy"] == "a2"
     assert result["b"]["ms"] == 5.0 and result["b"]["strategy"] == "b0"
     assert result["a"]["rounds_ms"] == [30.0, 10.0, 20.0] and result["a"]["peak_rss_mib"] == 12.0
+
+
+PLAN = {"predicted": {"kernel": 0.09, "ddp": 0.125, "single": 0.2}, "ddp_shares": [0.5, 0.5], "ddp_sized": 0.08}
+
+
+def test_predicted_ms_is_the_plans_step_for_the_strategy_taken():
+    def metrics(strategy, plan, shares=None):
+        return {"strategy": strategy, "plan": plan, "config": {"shares": shares}}
+
+    assert bench.predicted_ms(metrics("kernel", PLAN)) == pytest.approx(90.0)
+    assert bench.predicted_ms(metrics("ddp", PLAN)) == pytest.approx(125.0)  # even batch split
+    assert bench.predicted_ms(metrics("ddp", PLAN, shares=[0.5, 0.5])) == pytest.approx(80.0)  # the plan's split
+    assert bench.predicted_ms(metrics("kernel", None)) is None  # no plan made
+    assert bench.predicted_ms(metrics("kernel", {"predicted": {"ddp": 0.1}})) is None
+    assert bench.predicted_ms(metrics("kernel", {"strategy": "kernel"})) is None
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Every bench job, local or across namespace hosts, writes made-up metrics
+    instead of training (100 ms/step; a plan where the job plans: auto picks ddp
+    for resnet18, else kernel); returns the jobs' arguments in the order they ran."""
+    ran = []
+
+    def write(args, out):
+        ran.append(args)
+        strategy = args[args.index("--strategy") + 1] if "--strategy" in args else "kernel"
+        sized = "--shares" in args  # the bench's only shares are auto
+        planned = strategy == "auto" or sized
+        if strategy == "auto":
+            strategy = "ddp" if "resnet18" in args else "kernel"
+        out.write_text(json.dumps({
+            "mean_step_seconds": 0.1, "timeline": {"peak_rss_mib": [100.0]}, "train_loss": 1.0, "shares": {},
+            "devices": args[args.index("--devices") + 1].split(","), "strategy": strategy,
+            "plan": PLAN if planned else None, "config": {"shares": PLAN["ddp_shares"] if sized and strategy == "ddp" else None}}))
+
+    def run(command, **_):
+        write(command[4:-2], Path(command[-1]))
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(bench, "subprocess", SimpleNamespace(run=run, DEVNULL=None))
+    monkeypatch.setattr(bench._Runner, "_across", staticmethod(lambda hosts, args, out, key: write(args[1:], out)))
+    monkeypatch.setattr(bench.devices, "usable_cores", lambda: {0, 1})
+    return ran
+
+
+def test_bench_models_sweep_runs_each_model_against_every_strategy(tmp_path, fake_train):
+    results = bench.run_bench(sweeps=["models"], size="smoke", out_dir=tmp_path)["models"]
+    assert [p["x"] for p in results] == ["paper b8", "vgg11 b8", "resnet18 b8"]
+    assert len(fake_train) == 18
+    two = ["--devices", "cpu@0,cpu@1", "--threads", "1"]
+    for point, model in zip(results, (["--kernels", "4,8"], ["--model", "vgg11", "--kernels", "4"],
+                                      ["--model", "resnet18", "--kernels", "4"])):
+        job = [*model, "--batch-size", "8"]
+        expected = {"one device": ["--strategy", "single", "--devices", "cpu@0", "--threads", "1", *job],
+                    "all cores": ["--strategy", "single", "--devices", "cpu@0-1", "--threads", "2", *job],
+                    "kernel": [*two, *job], "ddp": ["--strategy", "ddp", *two, *job],
+                    "ddp sized": ["--strategy", "ddp", "--shares", "auto", *two, *job],
+                    "auto": ["--strategy", "auto", *two, *job]}
+        assert {k: v for k, v in point.items() if isinstance(v, dict)}.keys() == expected.keys()
+        for name, args in expected.items():
+            assert point[name]["command"].endswith(" --quiet " + " ".join(args))
+        assert point["kernel"]["predicted_ms"] is None and point["ddp"]["predicted_ms"] is None
+        assert point["ddp sized"]["predicted_ms"] == pytest.approx(80.0)
+    assert [p["auto"]["strategy"] for p in results] == ["kernel", "kernel", "ddp"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "| resnet18 b8 (auto chose ddp) |" in md and "| vgg11 b8 (auto chose kernel) |" in md
+    assert "- paper b8, auto (chose kernel): predicted 90 ms, measured 100 ms (-10% off)" in md
+    assert "- resnet18 b8, auto (chose ddp): predicted 125 ms, measured 100 ms (+25% off)" in md
+    assert "- vgg11 b8, ddp sized: predicted 80 ms, measured 100 ms (-20% off)" in md
+    assert (tmp_path / "models.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_batches_choose_the_models_points_and_mixes_runs_auto(tmp_path, fake_train):
+    results = bench.run_bench(sweeps=["models", "mixes"], size="smoke", out_dir=tmp_path, batches=[16, 64])
+    assert [p["x"] for p in results["models"]] == [f"{m} b{b}" for m in bench.MODELS for b in (16, 64)]
+    assert all(p["one device"]["command"].endswith(f"--batch-size {b}")
+               for p, b in zip(results["models"], [16, 64] * 3))
+    (mix,) = results["mixes"]
+    assert mix["auto"]["command"].endswith("--strategy auto --devices cpu@0,cpu@1,cpu@1 --threads 1 "
+                                           "--kernels 4,8 --batch-size 16")
+    assert "| cpu@0,cpu@1,cpu@1 (auto chose kernel) |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_bandwidth_runs_a_set_of_links_per_batch(tmp_path, fake_train, monkeypatch):
+    links = []
+
+    @contextlib.contextmanager
+    def hosts(n, rate):
+        links.append(rate)
+        yield [None] * n
+
+    monkeypatch.setattr(bench, "netns", SimpleNamespace(unavailable=lambda: None, hosts=hosts))
+    points = bench.run_bench(sweeps=["bandwidth"], size="smoke", out_dir=tmp_path, batches=[8, 32])["bandwidth"]
+    assert links == list(bench.RATES)
+    assert [p["x"] for p in points] == [f"{r} b{b}" for r in bench.RATES for b in (8, 32)]
+    for p, b in zip(points, [8, 32] * 3):
+        assert all(p[k]["command"].split("  #")[0].endswith(f"--batch-size {b} --threads 1")
+                   for k in ("one device", "kernel", "ddp", "auto"))
+    assert sum("--strategy single" in " ".join(args) for args in fake_train) == 2  # one device once per batch
+    assert [p["x"] for p in bench.run_bench(sweeps=["bandwidth"], size="smoke", out_dir=tmp_path / "one")
+            ["bandwidth"]] == list(bench.RATES)

@@ -10,16 +10,21 @@ real ``convshard train`` in its own process:
 - ``ddp``: DistributedDataParallel on the same workers.
 
 Sweeps: ``workers`` (1-4 kernel workers; beyond the core count they share
-cores, and the table says so), ``batch``, ``kernels`` (network size) and
-``mixes`` (uneven devices: equal shares, ``--shares auto``, ddp with an
-even batch split and with one sized to the devices, ``--shares auto``) and
-``bandwidth`` (two hosts as network namespaces, one worker each, joined by
-links shaped with ``tc`` to 10 Gbit/s, 1 Gbit/s and 100 Mbit/s; kernel, ddp
-and ``--strategy auto``; needs root, skipped with the reason otherwise). The speedup
-of a job is t(one device) / t(job), from ``mean_step_seconds`` (after the
-warm-up steps); with ``--rounds N`` each point's jobs run N times in turn and
-t is a job's median. Writes ``bench.json``, one PNG per sweep and ``bench.md``
-(tables with the command of every figure) into ``--out-dir``.
+cores, and the table says so), ``batch`` (and ``--strategy auto``),
+``kernels`` (network size), ``mixes`` (uneven devices: equal shares,
+``--shares auto``, ddp with an even batch split and with one sized to the
+devices, ``--strategy auto``), ``models`` (the paper's CNN, VGG-11 and
+ResNet-18 at each batch size, ignoring ``--model``: the four jobs, ddp sized
+to the devices and ``--strategy auto``) and ``bandwidth`` (two hosts as
+network namespaces, one worker each, joined by links shaped with ``tc`` to
+10 Gbit/s, 1 Gbit/s and 100 Mbit/s, at each batch size of ``--batches``;
+kernel, ddp and ``--strategy auto``; needs root, skipped with the reason
+otherwise). The speedup of a job is t(one device) / t(job), from
+``mean_step_seconds`` (after the warm-up steps); with ``--rounds N`` each
+point's jobs run N times in turn and t is a job's median. A job that planned
+(``auto``) also keeps the plan's predicted step and the strategy it chose.
+Writes ``bench.json``, one PNG per sweep and ``bench.md`` (tables with the
+command of every figure, predicted against measured steps) into ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SWEEPS = ("workers", "batch", "kernels", "mixes", "bandwidth")
+SWEEPS = ("workers", "batch", "kernels", "mixes", "models", "bandwidth")
+MODELS = ("paper", "vgg11", "resnet18")  # the models sweep's networks
 RATES = ("10gbit", "1gbit", "100mbit")  # the bandwidth sweep's links
 SIZES = {
     "paper": {"kernels": (500, 1500), "batch": 64, "batches": (16, 32, 64, 128, 256),
-              "networks": ((100, 300), (250, 750), (500, 1500)), "steps": 6},
-    "smoke": {"kernels": (4, 8), "batch": 16, "batches": (8,), "networks": ((4, 8), (8, 12)), "steps": 4},
+              "networks": ((100, 300), (250, 750), (500, 1500)), "model_batches": (16, 64), "steps": 6},
+    "smoke": {"kernels": (4, 8), "batch": 16, "batches": (8,), "networks": ((4, 8), (8, 12)), "model_batches": (8,),
+              "steps": 4},
 }
 WIDTHS = {"paper": (None, (16, 32, 64)), "smoke": ((4,), ((4,), (8,)))}  # built-in CNNs' --kernels: default, sweep
 
@@ -54,7 +61,7 @@ def model_size(model: str, size: str) -> dict:
     the size's kernels; the ResNets and VGGs a base width (their default at
     ``paper``, a tiny one at ``smoke``; the kernels sweep varies it); any
     other model (``vgg``, a factory) runs as it is built, without a kernels sweep."""
-    chosen = dict(SIZES[size])
+    chosen = {**SIZES[size], "size": size}
     if model == "paper":
         return {**chosen, "model": [], "networks": [("/".join(map(str, n)), n) for n in chosen["networks"]]}
     width, sweep = WIDTHS[size]
@@ -124,7 +131,8 @@ class _Runner:
         self.cache[key, r] = {"command": key, "ms": 1000 * metrics["mean_step_seconds"],
                               "peak_rss_mib": max(metrics["timeline"]["peak_rss_mib"]),
                               "train_loss": metrics["train_loss"], "shares": metrics["shares"],
-                              "devices": metrics["devices"], "strategy": metrics["strategy"]}
+                              "devices": metrics["devices"], "strategy": metrics["strategy"],
+                              "predicted_ms": predicted_ms(metrics)}
         log.info("%8.1f ms/step  %s%s", self.cache[key, r]["ms"], key,
                  f"  (round {r + 1}/{self.rounds})" if self.rounds > 1 else "")
 
@@ -143,31 +151,45 @@ class _Runner:
                 raise ConfigError(f"bench job failed ({key}): {output.strip().splitlines()[-1:]}")
 
 
+def predicted_ms(metrics: dict) -> float | None:
+    """The plan's predicted ms/step for the strategy the run took (ddp on the
+    plan's batch shares: the sized prediction); None when the run made no plan."""
+    plan, strategy = metrics.get("plan"), metrics["strategy"]
+    if not (isinstance(plan, dict) and strategy in plan.get("predicted", {})):
+        return None
+    sized = strategy == "ddp" and plan.get("ddp_shares") and metrics["config"]["shares"] == plan["ddp_shares"]
+    return 1000 * (plan["ddp_sized"] if sized else plan["predicted"][strategy])
+
+
 def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
-    """Two hosts (namespaces), one worker each, joined by links of each rate in RATES."""
+    """Two hosts (namespaces), one worker each, joined by links of each rate in
+    RATES; a set of points per batch size of ``--batches``, else the size's batch."""
     reason = netns.unavailable()
     if reason:
         log.warning("bandwidth sweep skipped: %s", reason)
         return []
-    job = [*size["model"], *_kernels(size["kernels"]), "--batch-size", str(size["batch"]), "--threads", "1"]
     spec = ",".join(f"cpu@{c}" for c in cores[:2])
-    one = run.measure({"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job]})["one device"]
+    jobs = {b: [*size["model"], *_kernels(size["kernels"]), "--batch-size", str(b), "--threads", "1"]
+            for b in size["given_batches"] or (size["batch"],)}
+    ones = {b: run.measure({"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job]})["one device"]
+            for b, job in jobs.items()}
     points = []
     for rate in RATES:
         with netns.hosts(2, rate=rate) as hosts:
-            point = {"x": rate, "one device": one, **run.measure(
-                {name: ["--devices", spec, *extra, *job] for name, extra in
-                 (("kernel", []), ("ddp", ["--strategy", "ddp"]), ("auto", ["--strategy", "auto"]))},
-                hosts=hosts, rate=rate)}
-        _add_speedups(point)
-        point["note"] = f"(auto chose {point['auto']['strategy']})"
-        points.append(point)
+            for b, job in jobs.items():
+                point = {"x": f"{rate} b{b}" if size["given_batches"] else rate, "one device": ones[b], **run.measure(
+                    {name: ["--devices", spec, *extra, *job] for name, extra in
+                     (("kernel", []), ("ddp", ["--strategy", "ddp"]), ("auto", ["--strategy", "auto"]))},
+                    hosts=hosts, rate=rate)}
+                points.append(_add_speedups(point))
     return points
 
 
-def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str], *, auto: bool = False) -> dict:
-    """The four jobs of one point (five with ``auto``: ``--strategy auto`` on
-    the same workers); ``workers`` are the kernel/ddp devices."""
+def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str], *, auto: bool = False,
+           sized: bool = False) -> dict:
+    """The four jobs of one point, with ``sized`` also ddp with its batch split
+    sized to the devices and with ``auto`` ``--strategy auto``, on the same
+    workers; ``workers`` are the kernel/ddp devices."""
     spec = ",".join(workers)
     jobs = {"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *job],
             "all cores": ["--strategy", "single", "--devices", f"cpu@{devices.format_cores(cores)}",
@@ -175,6 +197,8 @@ def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str], *
             "kernel": ["--devices", spec, "--threads", "1", *job]}
     if len(workers) > 1:
         jobs["ddp"] = ["--strategy", "ddp", "--devices", spec, "--threads", "1", *job]
+    if sized and len(workers) > 1:
+        jobs["ddp sized"] = ["--strategy", "ddp", "--shares", "auto", "--devices", spec, "--threads", "1", *job]
     if auto and len(workers) > 1:
         jobs["auto"] = ["--strategy", "auto", "--devices", spec, "--threads", "1", *job]
     return _add_speedups(run.measure(jobs))
@@ -199,7 +223,7 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             shared = n > len(cores)
             points.append({"x": n, "note": "workers share cores" if shared else "", **_point(run, cores, workers, base)})
     elif name == "batch":
-        for batch in size["batches"]:
+        for batch in size["given_batches"] or size["batches"]:
             job = [*model, *_kernels(size["kernels"]), "--batch-size", str(batch)]
             points.append({"x": batch, **_point(run, cores, two, job, auto=True)})
     elif name == "kernels":
@@ -214,8 +238,15 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             "equal shares": ["--devices", spec, "--threads", "1", *base],
             "auto shares": ["--devices", spec, "--threads", "1", "--shares", "auto", *base],
             "ddp": ["--strategy", "ddp", "--devices", spec, "--threads", "1", *base],
-            "ddp sized": ["--strategy", "ddp", "--shares", "auto", "--devices", spec, "--threads", "1", *base]})
+            "ddp sized": ["--strategy", "ddp", "--shares", "auto", "--devices", spec, "--threads", "1", *base],
+            "auto": ["--strategy", "auto", "--devices", spec, "--threads", "1", *base]})
         points.append({"x": spec, **_add_speedups(point)})
+    elif name == "models":
+        for net in MODELS:
+            chosen = model_size(net, size["size"])
+            for batch in size["given_batches"] or size["model_batches"]:
+                job = [*chosen["model"], *_kernels(chosen["kernels"]), "--batch-size", str(batch)]
+                points.append({"x": f"{net} b{batch}", **_point(run, cores, two, job, auto=True, sized=True)})
     elif name == "bandwidth":
         points = _bandwidth(run, size, cores)
     return points
@@ -238,7 +269,7 @@ def _plot(name: str, points: list[dict], path: Path, cores: int) -> None:
     ax.axhline(cores, color="gray", linestyle="--", linewidth=0.8, label=f"{cores} cores")
     ax.axhline(1, color="black", linewidth=0.5)
     ax.set_xlabel({"workers": "workers", "batch": "batch size", "kernels": "kernels per layer",
-                   "mixes": "devices", "bandwidth": "link between the two hosts"}[name])
+                   "mixes": "devices", "models": "model", "bandwidth": "link between the two hosts"}[name])
     ax.set_ylabel("speedup over one device")
     ax.set_title(f"convshard bench: {name}")
     ax.legend(frameon=False)
@@ -260,9 +291,17 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
             cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" if k in p else "" for k in keys]
             main = p.get("kernel") or p.get("auto shares")
             ref = p[reference]
-            note = f" {p['note']}" if p.get("note") else ""
+            notes = [p.get("note"), f"(auto chose {p['auto']['strategy']})" if "auto" in p else ""]
+            note = "".join(f" {n}" for n in notes if n)
             lines.append(f"| {p['x']}{note} | " + " | ".join(cells)
                          + f" | {main['peak_rss_mib']:.0f} / {ref['peak_rss_mib']:.0f} |")
+        predictions = [f"- {p['x']}, {k}{' (chose ' + p[k]['strategy'] + ')' if k == 'auto' else ''}: "
+                       f"predicted {p[k]['predicted_ms']:.0f} ms, measured {p[k]['ms']:.0f} ms "
+                       f"({100 * (p[k]['predicted_ms'] / p[k]['ms'] - 1):+.0f}% off)"
+                       for p in points for k in keys if p.get(k, {}).get("predicted_ms") is not None]
+        if predictions:
+            lines += ["", "Planned jobs, the plan's predicted step against the measured one "
+                      "(off: predicted / measured - 1):", "", *predictions]
         lines += ["", "Commands:", "", "```sh", *sorted({p[k]["command"] for p in points for k in keys if k in p}), "```", ""]
     return "\n".join(lines)
 
@@ -271,7 +310,8 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
               batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper") -> dict:
     """Run the sweeps on ``model``; write bench.json, <sweep>.png and bench.md into ``out_dir``;
     return the results. ``batches`` replaces the size's batch sizes of the batch
-    sweep; every job of a point runs ``rounds`` times, interleaved, and reports its median."""
+    and models sweeps and gives the bandwidth sweep a set of points per batch;
+    every job of a point runs ``rounds`` times, interleaved, and reports its median."""
     unknown = [s for s in sweeps if s not in SWEEPS]
     if unknown:
         raise ConfigError(f"unknown sweep {unknown[0]!r}: choose from {', '.join(SWEEPS)}")
@@ -281,7 +321,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = _Runner(out, steps or SIZES[size]["steps"], rounds)
-    chosen = {**model_size(model, size), **({"batches": tuple(batches)} if batches else {})}
+    chosen = {**model_size(model, size), "given_batches": tuple(batches or ())}
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
         _plot(name, points, out / f"{name}.png", len(cores))
