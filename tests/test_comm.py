@@ -221,3 +221,41 @@ def test_shared_memory_without_room_falls_back_to_gloo():
         assert "all_gather" not in report["log"]["small"], report  # shared memory carried it
         assert report["log"]["large"].get("all_gather") == 1, report  # gloo carried it
         assert report["limit"] < 2 * 2 * (1 << 17) * 4, report
+
+
+def _meet_worker() -> dict:
+    """Rank 0 waits at the shared-memory barrier for a rank that never comes:
+    once with the rank's process gone, once with it alive past the timeout."""
+    import subprocess
+
+    from convshard import shm
+
+    torch.set_num_threads(1)
+    rank, _, _ = init_from_env("gloo", timeout=60)
+    slots = shm.slots_for(None)
+    answers = {"flags": slots.flags is not None}
+    if rank == 0:
+        alive = slots.pids[1]
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        slots.pids[1] = gone.pid  # rank 1 as if its process had exited
+        try:
+            slots._meet(10)
+        except shm.PeerGone as exc:
+            answers["gone"] = str(exc)
+        slots.pids[1] = alive
+        shm.timeout_seconds = 0.5
+        try:
+            slots._meet(11)
+        except TimeoutError as exc:
+            answers["timeout"] = str(exc)
+    dist.barrier()
+    return answers
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="the shared-memory barrier is x86-64 only")
+def test_shared_memory_barrier_names_a_gone_peer_and_times_out():
+    answers = launch_local(_meet_worker, 2, timeout=60)[0]
+    assert answers["flags"]
+    assert answers["gone"].startswith("rank 1 (pid ") and "exited during a collective" in answers["gone"]
+    assert answers["timeout"] == "ranks [1] did not reach a collective within 0.5 s"

@@ -99,32 +99,37 @@ class _SyncBatchNorm(torch.autograd.Function):
     on native kernels, one collective each way.
 
     Forward: rank r has m_r = b_r H W values per channel, their mean mu_r
-    and variance v_r (``torch.var_mean``). One all-gather gives every rank
-    all of them, and the global statistics follow without cancellation:
-    mu = sum_r m_r mu_r / m, var = sum_r m_r (v_r + (mu_r - mu)^2) / m with
-    m = sum_r m_r; then y = (x - mu) / sqrt(var + eps) * gamma + beta
+    and variance v_r (``torch.batch_norm_update_stats``). One all-gather
+    gives every rank all of them, and the global statistics follow without
+    cancellation: mu = sum_r m_r mu_r / m, var = sum_r m_r (v_r + (mu_r - mu)^2) / m
+    with m = sum_r m_r; then y = (x - mu) / sqrt(var + eps) * gamma + beta
     (``F.batch_norm`` with these statistics).
 
     Backward: with xhat = (x - mu) / sqrt(var + eps), every rank sums its
     S1_r = sum dy and S2_r = sum dy * xhat per channel (one native pass), one
     all-reduce gives S1 and S2 over the global batch, and
-    dx = gamma / sqrt(var + eps) * (dy - S1 / m - xhat * S2 / m).
-    The weight and bias get this rank's S2_r and S1_r: their sum over the
-    ranks (``GradientSum``) is the global gradient.
+    dx = k dy + c x + d with k = gamma / sqrt(var + eps),
+    c = -k S2 / (m sqrt(var + eps)), d = -k S1 / m - c mu: BatchNorm's own
+    kernels compute k dy (its eval-mode backward) and c x + d (its eval-mode
+    forward with mean 0, variance 1). The weight and bias get this rank's
+    S2_r and S1_r: their sum over the ranks (``GradientSum``) is the global
+    gradient.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, rows: RowSplit):
         per_row = x.size(2) * x.size(3)
-        var_r, mean_r = torch.var_mean(x, (0, 2, 3), correction=0) if x.size(0) else (x.new_zeros(x.size(1)),) * 2
+        if x.size(0):
+            mean_r, var_r = torch.batch_norm_update_stats(x, None, None, 0.0)
+        else:
+            mean_r = var_r = x.new_zeros(x.size(1))
         stats = comm.all_gather_uneven(torch.stack([mean_r, var_r])[None], (1,) * len(rows.counts), dim=0,
                                        group=rows.group)  # (p, 2, C)
         m_r = torch.tensor([b * per_row for b in rows.counts], dtype=x.dtype, device=x.device)[:, None]
         total = sum(rows.counts) * per_row
         mean = (m_r * stats[:, 0]).sum(0) / total
         var = (m_r * (stats[:, 1] + (stats[:, 0] - mean) ** 2)).sum(0) / total
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, mean, var)
         ctx.total, ctx.eps, ctx.group, ctx.affine = total, eps, rows.group, weight is not None
         ctx.mark_non_differentiable(mean, var)
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps), mean, var
@@ -132,15 +137,17 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _mean, _var):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         gamma = weight if ctx.affine else torch.ones_like(mean)
-        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(dy, x, gamma, None, None, mean, invstd, True, ctx.eps,
-                                                              [False, True, True])
-        total = comm.all_reduce_sum_(torch.stack([s1, s2]), group=ctx.group)  # (2, C)
+        invstd = torch.rsqrt(var + ctx.eps)
+        backward = torch.ops.aten.native_batch_norm_backward
+        _, s2, s1 = backward(dy, x, gamma, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+        total = comm.all_reduce_sum_(torch.stack([s1, s2]), group=ctx.group) / ctx.total  # (2, C): S1 / m, S2 / m
         k = gamma * invstd
-        c = -k * invstd * total[1] / ctx.total  # dx = k dy + c (x - mean) - k S1 / m
-        d = -k * total[0] / ctx.total - c * mean
-        dx = dy * k[None, :, None, None] + torch.addcmul(d[None, :, None, None], x, c[None, :, None, None])
+        c = -k * invstd * total[1]
+        d = -k * total[0] - c * mean
+        dx = backward(dy, x, gamma, mean, var, None, None, False, ctx.eps, [True, False, False])[0]  # k dy
+        dx += F.batch_norm(x, torch.zeros_like(mean), torch.ones_like(var) - ctx.eps, c, d, False, 0.0, ctx.eps)
         return dx, (s2 if ctx.affine else None), (s1 if ctx.affine else None), None, None
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from . import shm
 from .errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     if not in_torchrun():
         return 0, 1, 0
     _die_with_parent()  # a worker never outlives its launcher or torchrun agent
+    shm.timeout_seconds = timeout
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
