@@ -49,19 +49,27 @@ def make_profile(
             "input_grad_bytes": input_grad_bytes if i else 0,
             "a": [a / s for s in speeds],
             "b": [per_kernel / s for s in speeds],
+            # batch mode: the layer's whole work on ceil(64 / W) rows, its weights, its values
+            "batch_rows": -(-64 // len(speeds)),
+            "batch_seconds": [(a + per_kernel * k) / s * -(-64 // len(speeds)) / 64 for s in speeds],
+            "param_bytes": (param_bytes - replicated_param_bytes) // len(kernels),
+            "batchnorms": 0,
+            "inputs": [{"bytes": input_grad_bytes, "grad": bool(i)}],
+            "outputs": [{"bytes": gather_bytes * k, "elements": 1, "convs": [], "whole": True}],
         }
         for i, k in enumerate(kernels)
     ]
     link = {"latency": latency, "bandwidth": bandwidth}
     return {
-        "version": 1,
+        "version": 2,
         "batch_size": 64,
         "devices": [f"cpu@{r}" for r in range(len(speeds))],
         "layers": layers,
         "rest_seconds": [rest / s for s in speeds],
         "param_bytes": param_bytes,
         "replicated_param_bytes": replicated_param_bytes,
-        "links": {kind: dict(link) for kind in ("all_gather", "all_reduce", "broadcast")} if len(speeds) > 1 else {},
+        "links": {kind: dict(link) for kind in ("all_gather", "all_reduce", "reduce_scatter", "broadcast", "all_to_all")}
+        if len(speeds) > 1 else {},
     }
 
 
@@ -309,7 +317,7 @@ def test_to_json_round_trips():
 @pytest.mark.parametrize(
     "breakage, message",
     [
-        (lambda p: p.update(version=2), "version 2"),
+        (lambda p: p.update(version=3), "version 3"),
         (lambda p: p["layers"][0]["a"].pop(), "'conv0': a has 2 entries"),
         (lambda p: p["layers"][1]["b"].append(1.0), "'conv1': b has 4 entries"),
         (lambda p: p["rest_seconds"].pop(), "rest_seconds has 2 entries"),

@@ -89,7 +89,9 @@ def test_cache_is_reused_only_for_the_same_job(tmp_path):
     assert profile.load(path, _key(devices=["cpu@0", "cpu@0"])) is None
     assert profile.load(path, _key(batch_size=64)) is None
     assert profile.load(path, _key(model=build_model("paper", SHAPE, 10, (4, 9)))) is None
-    path.write_text(json.dumps({"version": 99}))
+    path.write_text(json.dumps({"version": 1, "key": _key()}))  # an older profile: measured anew
+    assert profile.load(path, _key()) is None
+    path.write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="not a convshard profile"):
         profile.load(path, _key())
 

@@ -181,12 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("strategy")
     g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="kernel: shard conv kernels (the method); single: one process on the first "
-                        "device; ddp: PyTorch DDP on the same devices; auto: the one the plan "
-                        "predicts fastest (see convshard plan) (default: %(default)s)")
+                        "device; ddp: PyTorch DDP on the same devices; layers: a per-layer plan, each "
+                        "group of convs splitting its kernels or the batch, whichever the profile says "
+                        "costs less there; auto: the one the plan predicts fastest (see convshard plan) "
+                        "(default: %(default)s)")
     g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
                    help="kernel share per worker (with --strategy ddp: batch share): 'equal' (default), "
                         "'auto' (planned from a profile: a device that would slow the step gets no kernels; "
                         "ddp's batch split in proportion to each device's speed) or weights such as 2,1,1")
+    g.add_argument("--plan", metavar="FILE",
+                   help="run the plan saved in FILE: a run's metrics JSON (--metrics-out) or its 'job_plan' "
+                        "entry alone; strategy, devices, kernels and rows per rank come from it")
     g.add_argument("--rebalance", metavar="MODE", type=_rebalance, default=d.rebalance,
                    help="re-split the kernels while training: off, auto (checked every 5 steps: when a "
                         "new split is predicted to cut the slowest worker's busy time by 3%% or more) or N "
@@ -265,12 +270,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment") if hasattr(args, name)}
     if args.command != "train":
         train_only["strategy"] = "auto"
-    return TrainConfig(
+    config = TrainConfig(
         devices=args.devices, threads=args.threads, profile=args.profile, model=args.model, kernels=args.kernels,
         dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, synthetic_shape=args.synthetic_shape,
         synthetic_size=args.synthetic_size, batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
         **train_only,
     )
+    return config.with_job_plan(_read_plan(args.plan)) if getattr(args, "plan", None) else config
+
+
+def _read_plan(path: str) -> dict:
+    """The job plan in ``path``: a metrics JSON's ``job_plan``, or the plan alone."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--plan {path}: {exc}") from None
+    return saved.get("job_plan", saved) if isinstance(saved, dict) else saved
 
 
 def validate(config: TrainConfig) -> data.Dataset:
@@ -291,9 +306,9 @@ def validate(config: TrainConfig) -> data.Dataset:
     if config.shares == "auto" and config.strategy == "single":
         raise ConfigError("--shares auto plans kernel or batch shares: it needs --strategy kernel, ddp or auto, "
                           "not single")
-    if isinstance(config.shares, tuple) and config.strategy == "auto":
-        raise ConfigError("--strategy auto plans the shares itself: give --shares auto or leave it out")
-    if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "auto"):
+    if isinstance(config.shares, tuple) and config.strategy in ("auto", "layers") and config.plan is None:
+        raise ConfigError(f"--strategy {config.strategy} plans the shares itself: give --shares auto or leave it out")
+    if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "layers", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
                           f"not {config.strategy}")
     world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
@@ -305,7 +320,7 @@ def validate(config: TrainConfig) -> data.Dataset:
                           f"{len(config.shares)} weights for {world} workers")
     dataset = load_data(config)
     model = make_model(config, dataset)
-    if config.strategy in ("kernel", "auto"):
+    if config.strategy in ("kernel", "layers", "auto"):
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d) and module.out_channels < world:
                 raise ConfigError(f"layer {name} has {module.out_channels} kernels for {world} workers; "

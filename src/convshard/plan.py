@@ -53,10 +53,14 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 
-STRATEGIES = ("kernel", "single", "ddp")
+if TYPE_CHECKING:
+    from .perlayer import LayersPlan
+
+STRATEGIES = ("kernel", "single", "layers", "ddp")  # auto's order of preference on a tie
 _REQUIRED = ("version", "devices", "layers", "rest_seconds", "param_bytes", "replicated_param_bytes")
 
 
@@ -87,6 +91,7 @@ class Plan:
     best_single: int  # rank of the fastest single device
     ddp_shares: tuple[float, ...] = ()  # batch share per rank sized to its speed (``--strategy ddp --shares auto``)
     ddp_sized: float = 0.0  # predicted step seconds of ddp with those shares
+    per_layer: LayersPlan | None = None  # the best per-layer plan (``convshard.perlayer``), for W > 1
 
     def counts(self) -> dict[str, tuple[int, ...]]:
         """Layer name -> kernels per rank under the kernel plan."""
@@ -197,14 +202,17 @@ def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = Tr
     world = _world(profile)
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
-    if strategy == "ddp" and world == 1:
-        raise ConfigError("strategy 'ddp' needs more than one device")
+    if strategy in ("ddp", "layers") and world == 1:
+        raise ConfigError(f"strategy {strategy!r} needs more than one device")
     singles = [_single(profile, r) for r in range(world)]
     order = sorted(range(world), key=lambda r: (singles[r], r))
     subsets = [tuple(sorted(order[:m])) for m in (range(1, world + 1) if allow_drop else (world,))]
     candidates = [(*kernel_step(profile, _greedy_counts(profile, used), used), used) for used in subsets]
     step, layers, used = min(candidates, key=lambda c: c[0])
     predicted = {"kernel": step, "single": singles[order[0]]}
+    per_layer = perlayer.search(profile) if perlayer.can_plan(profile) else None
+    if per_layer is not None:
+        predicted["layers"] = per_layer.step
     if world > 1:
         predicted["ddp"] = ddp_step(profile)
     sized = ddp_shares(profile)
@@ -224,6 +232,7 @@ def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = Tr
         best_single=order[0],
         ddp_shares=sized,
         ddp_sized=ddp_step(profile, sized),
+        per_layer=per_layer,
     )
 
 
@@ -241,6 +250,8 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  {r:>4}  {device:<{width}}  {layer.counts[r]:>7}  {compute:>10}  {wait:>8}")
         lines.append(f"  comm {_ms(layer.comm)}  time {_ms(layer.seconds)}")
     lines.append(f"rest {_ms(plan.rest)}  sync {_ms(plan.sync)}")
+    if plan.per_layer is not None:
+        lines.append(perlayer.format_layers(plan.per_layer, plan.devices))
     lines.append("predicted step: " + "  ".join(f"{s} {_ms(t)}" for s, t in plan.predicted.items()))
     if "ddp" in plan.predicted:
         lines.append(f"ddp with batch shares sized to the devices ({', '.join(f'{s:.2f}' for s in plan.ddp_shares)}): "
@@ -264,8 +275,8 @@ def _world(profile: Mapping) -> int:
     missing = [key for key in _REQUIRED if key not in profile]
     if missing:
         raise ConfigError(f"profile lacks {', '.join(missing)}")
-    if profile["version"] != 1:
-        raise ConfigError(f"profile version {profile['version']!r} is not supported (expected 1)")
+    if profile["version"] != 2:
+        raise ConfigError(f"profile version {profile['version']!r} is not supported (expected 2)")
     world = len(profile["devices"])
     if world == 0:
         raise ConfigError("profile lists no devices")
@@ -373,3 +384,6 @@ def _rest_excess(profile: Mapping, used: tuple[int, ...]) -> list[float]:
 
 def _sync(profile: Mapping, used: tuple[int, ...]) -> float:
     return _transfer(profile, "broadcast", profile["replicated_param_bytes"]) if len(used) > 1 else 0.0
+
+
+from . import perlayer  # noqa: E402  (the per-layer planner builds on the cost model above)

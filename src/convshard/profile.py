@@ -15,8 +15,9 @@ cost at the working point, contention between workers included.
 
 ``rest_seconds[r]`` is the replicated part: forward+backward of the model
 with every segment replaced by a constant of its output's shape, plus the
-optimizer step. Each collective the layers use (all-gather, all-reduce,
-broadcast) is timed at a small and a large size, giving
+optimizer step. ``batch_seconds[r]`` times each group in batch mode: all
+kernels, ``batch_rows`` = ceil(B / W) rows. Each collective the plans use
+(all-gather, all-reduce, reduce-scatter, all-to-all, broadcast) is timed at a small and a large size, giving
 t(n bytes) = latency + n / bandwidth. The result is the dict that
 ``plan.make_plan`` reads (its module docstring gives the schema), plus a
 ``key`` naming what it was measured on: ``load`` returns a cached profile
@@ -48,7 +49,7 @@ from .segments import Cut, Group, cut
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 LINK_SIZES = (1 << 10, 1 << 24)  # bytes: one for the latency, one for the bandwidth
 MIN_SECONDS = 0.05  # a layer's timed runs grow until one takes this long
 
@@ -177,6 +178,8 @@ def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float
         "reduce_scatter": lambda n: comm.reduce_scatter_uneven(
             torch.zeros(n // 4, device=device), [n // 4 // world] * world, dim=0, group=group),
         "broadcast": lambda n: comm.broadcast_([torch.zeros(n // 4, device=device)], group=group),
+        "all_to_all": lambda n: comm.all_to_all_uneven(  # n bytes sent by each rank, n / world to each
+            torch.zeros(n // 4 // world * world, device=device), [[n // 4 // world] * world] * world, group=group),
     }
     links = {}
     for name, op in ops.items():
@@ -221,8 +224,9 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
     world = comm.world_size(group)
     model_cut = cut(model, input_shape)
     elem = next(model.parameters()).element_size()
-    mine: dict = {"fits": []}
+    mine: dict = {"fits": [], "batch": []}
     layers = []
+    rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     for layer in model_cut.groups:
         mine["fits"].append(_fit_layer(
             lambda k: _time_group(layer, k, batch_size, device, repeats, group), layer.kernels, world, group))
@@ -233,15 +237,24 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
                                     for s in layer.segments if s.input_grad and not s.input_split),
             "input_grad_scatter_bytes": sum(batch_size * elem * math.prod(s.input_shape)
                                             for s in layer.segments if s.input_split),
+            "param_bytes": layer.param_elements * elem,
+            "batchnorms": layer.batchnorms,
+            "outputs": [{**out, "bytes": batch_size * out["elements"] * elem} for out in layer.outputs],
+            "inputs": [{"bytes": batch_size * elem * math.prod(s.input_shape), "grad": s.input_grad}
+                       for s in layer.segments if not s.input_split],
+            "batch_rows": rows,
         })
     if world > 1:
         _calibrate(mine["fits"], model_cut.groups, batch_size, device, group)
+        mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group) for layer in model_cut.groups]
     mine["rest"] = _rest_seconds(model_cut, input_shape, classes, batch_size, device, repeats, group)
     links = _links(device, group) if world > 1 else {}
     everyone = comm.gather_objects(mine, group=group)
     for i, layer in enumerate(layers):
         layer["a"] = [r["fits"][i][0] for r in everyone]
         layer["b"] = [r["fits"][i][1] for r in everyone]
+        if world > 1:  # the group in batch mode: all kernels, ``batch_rows`` rows
+            layer["batch_seconds"] = [r["batch"][i] for r in everyone]
     params = list(model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     sharded_bytes = sum(layer.param_elements for layer in model_cut.groups) * params[0].element_size()
@@ -266,8 +279,11 @@ def load(path: str | os.PathLike, key: dict) -> dict | None:
         return None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read profile {path}: {exc}") from None
-    if not isinstance(profile, dict) or profile.get("version") != VERSION:
+    if not isinstance(profile, dict) or "version" not in profile:
         raise ConfigError(f"{path} is not a convshard profile (version {VERSION})")
+    if profile["version"] != VERSION:
+        log.info("profile: %s is of version %s, measuring anew (version %d)", path, profile["version"], VERSION)
+        return None
     if profile.get("key") != key:
         return None
     log.info("profile: reusing %s", path)

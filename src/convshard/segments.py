@@ -8,7 +8,9 @@ The profile times a model in the pieces the planner splits:
   makes it again with k kernels: (B, C_in, H, W) -> (B, k, H', W');
 - a **group** is the segments whose convs are split alike (tied by a
   residual add or a gate; ``convshard.layouts``), with the bytes per kernel
-  and per sample that its gathers send;
+  and per sample that its gathers send, and the values that leave its
+  layout with the groups that read them (what a per-layer plan's
+  transitions move);
 - the **rest** is the model with every segment replaced by a constant of
   its output's shape: what every rank runs besides its segments.
 
@@ -73,6 +75,8 @@ class Group:
     segments: tuple[Segment, ...]
     gather_elements_per_kernel: int  # per sample, summed over the group's gathered values
     param_elements: int  # parameters split with the group: its convs', BatchNorms', depthwise convs'
+    outputs: tuple[dict, ...] = ()  # values that leave the group's layout: elements per sample, reader groups
+    batchnorms: int = 0  # BatchNorm members (each a collective each way in batch mode)
 
 
 @dataclass
@@ -105,13 +109,24 @@ def _cut_graph(graph: fx.GraphModule, input_shape: Sequence[int]) -> Cut:
         segments = tuple(_segment(graph, chains[conv], analysis) for conv in convs)
         members = [*convs, *(n for n in analysis.members if analysis.group_of(n) == root)]
         params = sum(p.numel() for n in members for p in graph.get_submodule(n.target).parameters())
+        norms = sum(isinstance(graph.get_submodule(n.target), nn.BatchNorm2d) for n in members if n not in convs)
         groups.append(Group(name, segments[0].conv.out_channels, segments,
-                            sum(math.prod(_shape(n)[2:]) for n in gathered), params))
+                            sum(math.prod(_shape(n)[2:]) for n in gathered), params,
+                            tuple(_output(n, analysis) for n in gathered), norms))
 
     def rest(batch: int, device: torch.device) -> nn.Module:
         return _rest_graph(graph, list(chains.values()), batch, device)
 
     return Cut(groups, rest)
+
+
+def _output(node: fx.Node, analysis: layouts.Analysis) -> dict:
+    """A value that leaves its group's layout: its elements per sample, the
+    groups of the convs that read it, and whether other ops need it whole."""
+    names = analysis.group_names()
+    convs = sorted({names[analysis.group_of(u)] for u in node.users if u in analysis.convs})
+    whole = any(analysis.layout.get(u) is None and u not in analysis.convs for u in node.users)
+    return {"elements": math.prod(_shape(node)[1:]), "convs": convs, "whole": whole}
 
 
 def _chain(conv: fx.Node, analysis: layouts.Analysis) -> list[fx.Node]:

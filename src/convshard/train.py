@@ -10,8 +10,16 @@ the model from the seed and trains it with one of three strategies:
 - ``kernel``: the paper's method, every conv layer's kernels sharded across
   the ranks (``shard_model``), the rest replicated;
 - ``single``: one process on the first device, the baseline;
-- ``ddp``: PyTorch DistributedDataParallel, the global batch split evenly;
+- ``ddp``: PyTorch DistributedDataParallel, the global batch split evenly
+  (or by ``--shares``);
+- ``layers``: a per-layer plan (``convshard.perlayer``): each channel group
+  splits its kernels or the batch, whichever the profile says costs less;
 - ``auto``: the one ``plan.make_plan`` predicts fastest from a profile.
+
+``kernel``, ``layers`` and ``single`` run the same path: a plan (modes,
+kernels and rows per rank; ``TrainConfig.job_plan``) applied by
+``shard_model``. A run's plan is saved in its metrics JSON and runs again
+with ``--plan FILE``.
 
 ``--shares auto`` and ``--strategy auto`` are turned into a concrete job
 (strategy, devices, kernels per layer per rank) before training: by the
@@ -51,7 +59,8 @@ from .sharded import layer_counts, load_full_state_dict, full_state_dict, shard_
 
 log = logging.getLogger(__name__)
 
-STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "auto")
+STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
+SHARDED = ("kernel", "layers")  # strategies that run through ``shard_model``'s layouts
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -101,7 +110,8 @@ class TrainConfig:
     @property
     def needs_plan(self) -> bool:
         """Whether strategy or shares are still to be chosen from a profile."""
-        return self.plan is None and (self.strategy == "auto" or self.shares == "auto")
+        return self.plan is None and (self.strategy == "auto" or self.shares == "auto"
+                                      or (self.strategy == "layers" and self.modes is None))
 
     @property
     def rebalance_mode(self) -> str | int:
@@ -119,6 +129,27 @@ class TrainConfig:
     def world_size(self) -> int:
         """Processes this config starts on one host: 1 for ``single``."""
         return 1 if self.strategy == "single" else len(self.device_list)
+
+    def job_plan(self) -> dict:
+        """What this job runs, as data: the strategy, its devices and every
+        split (kernels per rank per group, batch-mode groups and their rows,
+        ddp's batch shares). ``--plan FILE`` runs it again."""
+        return {"strategy": self.strategy, "devices": self.devices,
+                "layer_counts": {k: list(v) for k, v in (self.layer_counts or {}).items()} or None,
+                "modes": self.modes, "rows": list(self.rows) if self.rows else None,
+                "shares": list(self.shares) if isinstance(self.shares, tuple) else None}
+
+    def with_job_plan(self, job: dict) -> TrainConfig:
+        """This config running ``job`` (from ``job_plan``, e.g. a run's metrics)."""
+        if not isinstance(job, dict) or job.get("strategy") not in STRATEGIES[:-1]:
+            raise ConfigError(f"a plan names its strategy, one of {', '.join(STRATEGIES[:-1])}; got "
+                              f"{job.get('strategy') if isinstance(job, dict) else job!r}")
+        counts = {k: tuple(int(c) for c in v) for k, v in (job.get("layer_counts") or {}).items()} or None
+        return replace(self, strategy=job["strategy"], devices=job.get("devices") or self.devices,
+                       layer_counts=counts, modes=job.get("modes"),
+                       rows=tuple(float(r) for r in job["rows"]) if job.get("rows") else None,
+                       shares=tuple(float(w) for w in job["shares"]) if job.get("shares") else None,
+                       plan=job)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -343,6 +374,10 @@ def apply_plan(config: TrainConfig, job_plan: plan.Plan, *, can_drop: bool) -> T
     counts = job_plan.counts() if job_plan.strategy == "kernel" else None
     if job_plan.strategy == "ddp" and config.shares == "auto":  # DDP's batch split sized to the devices
         config = replace(config, shares=job_plan.ddp_shares)
+    if job_plan.strategy == "layers":  # every rank stays: its rows or kernels are planned
+        layers = job_plan.per_layer
+        return replace(config, strategy="layers", layer_counts=layers.kernel_counts(), modes=layers.modes,
+                       rows=tuple(float(r) for r in layers.rows), shares=None, plan=job_plan.to_json())
     if not can_drop:
         return replace(config, strategy=job_plan.strategy, layer_counts=counts, plan=job_plan.to_json())
     ranks = {"single": (job_plan.best_single,), "kernel": job_plan.ranks}.get(
@@ -360,7 +395,7 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
     wanted = config.strategy if config.strategy != "auto" else "auto"
     job_plan = plan.make_plan(job_profile, strategy=wanted, allow_drop=False)
     if job_plan.strategy == "single":
-        best = min(("kernel", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
+        best = min(("kernel", "layers", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
         log.warning("the plan prefers one device, which a running torchrun job cannot shrink to; using %s", best)
         job_plan = plan.make_plan(job_profile, strategy=best, allow_drop=False)
     for r in job_plan.idle() if job_plan.strategy == "kernel" else ():
@@ -421,7 +456,7 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
         load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
         log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
     model.to(device)
-    if config.strategy == "kernel":
+    if config.strategy in SHARDED:
         shares = config.shares if isinstance(config.shares, tuple) else None
         model = shard_model(model, shares, group=group, layer_shares=config.layer_counts, modes=config.modes,
                             rows=config.rows)
@@ -431,7 +466,7 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": []}
     run = _Run(config, dataset, model, optimizer, progress, device, rank, world, group,
                _StepClock(config.warmup_steps))
-    if config.strategy == "kernel" and config.rebalance_mode != "off":
+    if config.strategy in SHARDED and config.rebalance_mode != "off":
         run.rebalancer = Rebalancer(model, config.rebalance_mode, group=group)
     if saved is not None:
         checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"])
@@ -504,7 +539,7 @@ def _step(run: _Run, batch: torch.Tensor, part: slice) -> float:
     # world to get the mean over the global batch even when parts differ in size.
     scale = run.world / len(batch) if config.strategy == "ddp" else 1 / len(mine)
     (loss_sum * scale).backward()
-    if config.strategy == "kernel":
+    if config.strategy in SHARDED:
         sync_replicas(run.model, group=run.group)
     run.optimizer.step()
     return mean_loss
@@ -562,6 +597,7 @@ def _metrics(run: _Run, all_devices: list[str], seconds: float) -> dict:
         "strategy": config.strategy,
         "shares": {k: list(v) for k, v in layer_counts(run.net).items()},
         "plan": config.plan,
+        "job_plan": config.job_plan(),
         "rebalances": run.rebalancer.events if run.rebalancer else [],
         "step_seconds": list(run.clock.seconds),  # the last TIMELINE_STEPS steps
         "step_ends": list(run.clock.ends),
