@@ -59,13 +59,22 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads():
     # its gradient is reduce-scattered back to them, not all-reduced
     assert second_layer["input_grad_bytes"] == 0
     assert second_layer["input_grad_scatter_bytes"] == 8 * 4 * 6 * 6 * 4
-    assert set(first["links"]) == {"all_gather", "all_reduce", "reduce_scatter", "broadcast"}
+    assert set(first["links"]) == {"all_gather", "all_reduce", "reduce_scatter", "broadcast", "all_to_all"}
     assert first_layer["gather_bytes_per_kernel"] == 8 * 6 * 6 * 4  # 12x12 conv output pooled to 6x6
     for layer in first["layers"]:  # one fit per rank (its clamps: test_fit_line_recovers_a_line_and_clamps)
         assert len(layer["a"]) == len(layer["b"]) == 2
     assert len(first["rest_seconds"]) == 2 and min(first["rest_seconds"]) > 0
     assert {name: set(link) for name, link in first["links"].items()} == {
-        name: {"latency", "bandwidth"} for name in ("all_gather", "all_reduce", "reduce_scatter", "broadcast")}
+        name: {"latency", "bandwidth"} for name in ("all_gather", "all_reduce", "reduce_scatter", "broadcast",
+                                                    "all_to_all")}
+    # batch mode: each group timed with all its kernels on 4 of the 8 rows; the first group's
+    # pooled output is read by the second group's conv, the second's pooled output by the classifier
+    assert [layer["batch_rows"] for layer in first["layers"]] == [4, 4]
+    assert all(len(layer["batch_seconds"]) == 2 and min(layer["batch_seconds"]) > 0 for layer in first["layers"])
+    assert first_layer["outputs"] == [{"elements": 4 * 6 * 6, "convs": ["features.3"], "whole": False,
+                                       "bytes": 8 * 4 * 6 * 6 * 4}]
+    assert second_layer["outputs"][0]["convs"] == [] and second_layer["outputs"][0]["whole"]
+    assert first_layer["param_bytes"] == (4 * SHAPE[0] * 5 * 5 + 4) * 4  # weights and bias, float32
     assert first["param_bytes"] > first["replicated_param_bytes"] > 0
     assert plan.make_plan(first).strategy in plan.STRATEGIES
     text = profile.format_profile(first)
