@@ -4,10 +4,12 @@
 #   scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: runs/gpu
 #
 # 1. the CUDA exactness tests (a sharded layer on the GPU; a CPU rank and a GPU
-#    rank in one job, gloo with host staging);
+#    rank in one job, gloo with host staging, kernel split and per-layer plan);
 # 2. a CPU+GPU benchmark on the paper's CNN (kernels 500,1500, CIFAR-shaped
 #    synthetic input, batch 64): the plan for cpu@0,cuda:0, then per-step time of
-#    the GPU alone, the CPU core alone, and both with --shares auto.
+#    the GPU alone, the CPU core alone, and both with --shares auto;
+# 3. a per-layer plan (--strategy layers) for ResNet-18 on cuda:0 beside cpu@0,
+#    printed, trained, and timed against the GPU alone.
 # Needs a CUDA build of torch in .venv (or PYTHON=/path/to/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
 PY
 
 echo "== CUDA exactness tests"
-"$PYTHON" -m pytest -q -rs tests/test_sharded.py -k cuda
+"$PYTHON" -m pytest -q -rs tests/test_sharded.py tests/test_layouts.py tests/test_batch.py -k cuda
 
 echo "== CPU+GPU benchmark"
 JOB=(--dataset synthetic --synthetic-shape 3,32,32 --kernels 500,1500 --batch-size 64)
@@ -42,4 +44,20 @@ from pathlib import Path
 for name in ("gpu", "cpu", "mixed"):
     m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
     print(f"{name:6s} {1000 * m['mean_step_seconds']:9.1f} ms/step  devices {m['devices']}  shares {m['shares']}")
+PY
+
+echo "== a per-layer plan with the GPU beside the CPU: ResNet-18 (CIFAR form), batch 64"
+JOB=(--dataset synthetic --synthetic-shape 3,32,32 --model resnet18 --batch-size 64)
+"$PYTHON" -m convshard plan "${JOB[@]}" --devices cuda:0,cpu@0 --threads 1 \
+    --profile "$OUT/profile-resnet18.json"
+"$PYTHON" -m convshard train "${JOB[@]}" --devices cuda:0,cpu@0 --threads 1 --strategy layers \
+    --profile "$OUT/profile-resnet18.json" --max-steps 10 --quiet --metrics-out "$OUT/layers.json"
+"$PYTHON" -m convshard train "${JOB[@]}" --strategy single --devices cuda:0 --max-steps 10 --quiet \
+    --metrics-out "$OUT/layers-gpu.json"
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("layers-gpu", "layers"):
+    m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+    print(f"{name:10s} {1000 * m['mean_step_seconds']:9.1f} ms/step  devices {m['devices']}  plan {m['job_plan']}")
 PY

@@ -104,3 +104,35 @@ def test_per_layer_plans_train_like_one_device(world):
                 assert error < 1e-7, (rank, key, what, error)
     assert report["resnet18/batch/kinds"][1] == 0 and report["resnet18/batch/kinds"][0] > 0
     assert report["resnet18/alternate/kinds"][0] > 0 and report["resnet18/alternate/kinds"][1] > 0
+
+
+def _mixed_worker() -> float:
+    """Rank 0 on the GPU, rank 1 on the CPU (gloo, CUDA tensors staged through
+    host memory): a ResNet with alternating batch and kernel groups trains two
+    steps like the CPU reference."""
+    torch.set_num_threads(1)
+    rank, _, _ = init_from_env("gloo", timeout=120)
+    device = torch.device("cuda" if rank == 0 else "cpu")
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    reference = TinyResNet()
+    model = convshard.shard_model(copy.deepcopy(reference).to(device), [0.6, 0.4], rows=[0.7, 0.3],
+                                  modes=plan_modes(reference, "alternate"))
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x, y = torch.randn(6, *SHAPE, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+        for net, o, inp, target in ((reference, opt_ref, x, y), (model, opt, x.to(device), y.to(device))):
+            o.zero_grad()
+            nn.functional.cross_entropy(net(inp), target).backward()
+        convshard.sync_replicas(model)
+        opt_ref.step()
+        opt.step()
+    full = convshard.full_state_dict(model)
+    return max(_error(full[k], v) for k, v in reference.state_dict().items() if v.is_floating_point())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_ranks_train_a_per_layer_plan_like_one_device():
+    assert max(launch_local(_mixed_worker, 2, timeout=240)) < 1e-9

@@ -14,6 +14,7 @@ import convshard
 from convshard import rebalance
 from convshard.launch import init_from_env, launch_local
 from convshard.models import build_model
+from convshard.batch import RowSplit
 from convshard.sharded import ShardedConv2d, ShardSplit
 from convshard.train import TrainConfig, train_worker
 
@@ -75,10 +76,27 @@ def test_new_counts_follow_the_busy_times():
     """Rank 0 was busy twice as long for the same work: it gets about a third of each layer."""
     model = _split_model({"0": (6, 6), "1": (12, 12)})
     balancer = rebalance.Rebalancer(model, "auto")
-    new, gain = balancer._new_counts([2.0, 1.0])
-    assert new == {"0": (4, 8), "1": (8, 16)}
+    (new, rows), gain = balancer._new_counts([2.0, 1.0])
+    assert new == {"0": (4, 8), "1": (8, 16)} and rows == ()
     assert gain == pytest.approx(0.5)  # the slowest busy time predicted to fall from 2 to 4/3
-    assert balancer._new_counts([1.0, 1.0]) == ({"0": (6, 6), "1": (12, 12)}, 0.0)
+    assert balancer._new_counts([1.0, 1.0]) == (({"0": (6, 6), "1": (12, 12)}, ()), 0.0)
+
+
+def test_batch_rows_move_with_the_kernels():
+    """A model with a kernel group and a batch-mode conv: rank 0, busy twice as
+    long, gives away kernels and rows, each in proportion to its speed."""
+    model = _split_model({"0": (6, 6)})
+    model.add_module("b", nn.Conv2d(3, 8, 3))
+    model.batch_convs = ["b"]
+    model.row_split = RowSplit((1.0, 1.0), 0, None)
+    model.row_split.begin(16)
+    balancer = rebalance.Rebalancer(model, "auto")
+    (new, rows), gain = balancer._new_counts([2.0, 1.0])
+    # work per rank: 16 rows x 27 per kernel x 6 kernels + 216 per row x 8 rows = 4320
+    assert new == {"0": (4, 8)} and rows == (5, 11)
+    assert gain == pytest.approx(2.0 / ((16 * 27 * 8 + 216 * 11) / 4320) - 1)
+    decision = balancer.decide([2.0, 1.0])
+    assert decision[0] == ({"0": (4, 8)}, (5, 11))
 
 
 def test_auto_moves_kernels_only_for_a_real_gain():
@@ -87,16 +105,16 @@ def test_auto_moves_kernels_only_for_a_real_gain():
     model = _split_model({"0": (50, 50), "1": (100, 100)})
     auto = rebalance.Rebalancer(model, "auto")
     assert auto.decide([1.0, 1.02]) is None  # the best split gains 1%: noise
-    new, reason = auto.decide([1.0, 1.2])
+    (new, _), reason = auto.decide([1.0, 1.2])
     assert new == {"0": (55, 45), "1": (109, 91)}
     assert reason == "imbalance 9%, predicted gain 10%"  # 1.2 / (164 / 150) - 1
-    assert rebalance.Rebalancer(model, 5).decide([1.0, 1.02])[0] == {"0": (50, 50), "1": (101, 99)}
+    assert rebalance.Rebalancer(model, 5).decide([1.0, 1.02])[0][0] == {"0": (50, 50), "1": (101, 99)}
 
 
 def test_rank_without_kernels_keeps_none():
     """A rank the plan left out (its link may be what makes it slow) gets no kernels back."""
     model = _split_model({"0": (0, 4, 8), "1": (0, 6, 6)})
-    new, gain = rebalance.Rebalancer(model, 4)._new_counts([0.1, 1.0, 2.0])
+    (new, _), gain = rebalance.Rebalancer(model, 4)._new_counts([0.1, 1.0, 2.0])
     assert new == {"0": (0, 7, 5), "1": (0, 7, 5)}
     assert gain == pytest.approx(2.0 / (10 * 2.0 / 14) - 1)  # rank 2's busy time falls from 2.0 to 10/14 of it
 
@@ -119,11 +137,13 @@ def _train_with_uneven_busy(config: TrainConfig) -> dict | None:
     return train_worker(config)
 
 
-def test_train_with_periodic_rebalancing_is_exact(tmp_path):
+@pytest.mark.parametrize("strategy, modes", [("kernel", None), ("layers", {"features.0": "batch"})])
+def test_train_with_periodic_rebalancing_is_exact(tmp_path, strategy, modes):
     """Three workers; one run re-splits every 2 steps (forced by uneven busy times), the
-    other never: both train the same model."""
+    other never: both train the same model. With a batch-mode group the rows move too."""
     job = TrainConfig(devices="cpu@0,cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(3, 16, 16),
-                      synthetic_size=128, kernels=(12, 24), batch_size=32, threads=1, max_steps=8, quiet=True)
+                      synthetic_size=128, kernels=(12, 24), batch_size=32, threads=1, max_steps=8, quiet=True,
+                      strategy=strategy, modes=modes)
     moved_job = replace(job, rebalance="2", checkpoint_dir=str(tmp_path / "a"))
     still_job = replace(job, checkpoint_dir=str(tmp_path / "b"))
     moved = launch_local(_train_with_uneven_busy, 3, args=(moved_job,), timeout=180, env={"OMP_NUM_THREADS": "1"})[0]
@@ -131,6 +151,8 @@ def test_train_with_periodic_rebalancing_is_exact(tmp_path):
     assert moved["rebalances"], "no rebalance happened"
     for event in moved["rebalances"]:
         assert event["step"] % 2 == 0 and event["old"] != event["new"]
+        if modes:  # rank 2, busy 3x rank 0's, ends with the fewest rows
+            assert sum(event["new_rows"]) == 32 and event["new_rows"][2] < event["new_rows"][0]
         assert event["busy_seconds"] == [1.0, 2.0, 3.0]
         assert all(sum(event["new"][k]) == sum(event["old"][k]) for k in event["old"])
     assert moved["shares"] == moved["rebalances"][-1]["new"] != still["shares"]

@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         _job_options(p, d)
 
     b = sub.add_parser("bench", help="speedup against one device, one process on all cores and DDP: "
-                                     "sweeps over workers, batch size, network size, device mixes",
+                                     "sweeps over workers, batch size, network size, device mixes, "
+                                     "models, link bandwidth",
                        description="Reproduce the paper's analyses on this machine: every point against one "
                                    "device, one process on all cores, and DDP on the same workers.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -234,15 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweeps", metavar="S1,S2", default=",".join(bench.SWEEPS),
                    help=f"which sweeps: {', '.join(bench.SWEEPS)} (default: all)")
     b.add_argument("--size", choices=bench.SIZES, default="paper",
-                   help="paper: kernels 500,1500 as in the paper (about 40 minutes on 2 cores); smoke: tiny, "
-                        "seconds (default: %(default)s)")
+                   help="paper: kernels 500,1500 as in the paper (every sweep: hours on 2 cores; pick "
+                        "some with --sweeps); smoke: tiny, seconds (default: %(default)s)")
     b.add_argument("--steps", metavar="N", type=_positive(int, "--steps"),
                    help="steps per job, 3 of them warm-up (default: paper 6, smoke 4)")
     b.add_argument("--rounds", metavar="N", type=_positive(int, "--rounds"), default=1,
                    help="run each point's jobs N times, in turn, and report each job's median: the machine's "
                         "drift then falls on every job alike (default: %(default)s)")
     b.add_argument("--batches", metavar="B1,B2", type=_int_list("--batches"),
-                   help="batch sizes of the batch sweep (default: paper 16,32,64,128,256)")
+                   help="batch sizes of the batch, models and bandwidth sweeps (default: batch 16,32,64,128,256; "
+                        "models 16,64; bandwidth 64)")
     b.add_argument("--model", metavar="NAME", type=_model, default="paper",
                    help="the CNN every sweep trains: a built-in (the ResNets and VGG11/16 run at their "
                         "default width at --size paper, and the kernels sweep varies that width) or "

@@ -338,6 +338,8 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
     if batch:
         graph.register_forward_pre_hook(lambda _, args: rows.begin(args[0].size(0)))
         graph.gradient_sum = GradientSum(summed, rows.group)
+        graph.row_split = rows
+        graph.batch_convs = [str(node.target) for node in result.convs if result.group_of(node) in batch]
     for node in graph.graph.nodes:
         if node.op == "call_module" and isinstance(graph.get_submodule(node.target), nn.Conv2d) \
                 and node not in result.members and not (node in result.convs and result.group_of(node) in batch):

@@ -42,8 +42,11 @@ step = max_r (sum_l (a_{r,l} + b_{r,l} K_l) + rest_r) / W + t_reduce(P).
 ``make_plan`` splits every layer with ``choose_counts``, evaluates the kernel
 strategy on the m fastest ranks (by single-device step) for m = 1..W and
 keeps the fastest subset; the ranks outside it are dropped (no kernels).
-``auto`` picks the strategy with the smallest predicted step, ties going to
-kernel, then single, then ddp. Since m = 1 is the best single device, auto is
+Strategy ``layers`` is the best per-layer plan (``convshard.perlayer``:
+each channel group splits its kernels or the batch), predicted when the
+profile times batch mode (W > 1). ``auto`` picks the strategy with the
+smallest predicted step, ties going to kernel, then single, then layers,
+then ddp. Since m = 1 is the best single device, auto is
 never predicted slower than it; a kernel plan that keeps one rank is that
 device alone, so auto reports it as ``single``.
 """

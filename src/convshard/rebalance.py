@@ -1,15 +1,18 @@
-"""Online rebalancing: move kernels from ranks that have slowed to ranks that have not.
+"""Online rebalancing: move kernels and batch rows from ranks that have slowed to ranks that have not.
 
 Every step each rank records its busy time: the step's wall time minus the
 time it spent inside collectives (``comm.seconds_in_collectives``), which
 includes waiting for slower peers. Over a window of steps rank r was busy
-T_r seconds while holding work u_r = sum_l w_l c_{r,l} (c_{r,l} kernels of
-layer l, w_l = C_in * kh * kw the layer's multiply-adds per kernel and
-output pixel), so its cost per unit of work is s_r = T_r / u_r. The
-imbalance, reported with each move, is max_r T_r / mean_r T_r - 1.
+T_r seconds while holding work u_r = n sum_l w_l c_{r,l} + w_rows b_r
+(c_{r,l} kernels of layer l, w_l = sum over its convs of C_in * kh * kw * P
+the multiply-adds per kernel and sample, P a conv's output pixels; b_r rows
+of the batch of n in batch-mode groups, w_rows their convs' multiply-adds
+per row), so its cost per unit of work is s_r = T_r / u_r. The imbalance,
+reported with each move, is max_r T_r / mean_r T_r - 1.
 
 Mode ``auto`` checks every ``window`` steps: new counts per layer come from
-``plan.choose_counts`` with b_r = s_r * w_l, and they are taken when they cut
+``plan.choose_counts`` with b_r = s_r * w_l, new rows with b_r = s_r * w_rows
+(batch rows hold no state: the row split just changes), and they are taken when they cut
 the predicted slowest busy time max_r s_r u_r by at least ``min_gain`` (3%;
 smaller predicted gains are within the noise of the timings). Mode N
 re-splits every N steps. The first step of a run, which carries one-time
@@ -47,12 +50,22 @@ def parse_mode(text: str) -> str | int:
     raise ValueError(f"--rebalance takes off, auto or a positive number of steps, got {text!r}")
 
 
-def layer_weights(model: nn.Module) -> dict[str, float]:
+def layer_weights(model: nn.Module, pixels: Mapping[str, int] | None = None) -> dict[str, float]:
     """Relative cost of one kernel of each channel group: sum over its convs
-    of C_in * kh * kw, their multiply-adds per output pixel."""
-    return {name: float(sum(m.in_channels * math.prod(m.kernel_size)
-                            for _, m in members if isinstance(m, ShardedConv2d)))
+    of C_in * kh * kw * P, their multiply-adds per sample, with P a conv's
+    output pixels (from ``pixels`` by module name; 1 where unknown)."""
+    pixels = pixels or {}
+    return {name: float(sum(m.in_channels * math.prod(m.kernel_size) * pixels.get(n, 1)
+                            for n, m in members if isinstance(m, ShardedConv2d)))
             for name, members in channel_groups(model).items()}
+
+
+def row_weight(model: nn.Module, pixels: Mapping[str, int] | None = None) -> float:
+    """Relative cost of one row of the batch in the model's batch-mode
+    groups: their convs' C_out * C_in * kh * kw * P (0 without batch mode)."""
+    pixels, modules = pixels or {}, dict(model.named_modules())
+    return float(sum(modules[n].out_channels * modules[n].in_channels * math.prod(modules[n].kernel_size)
+                     * pixels.get(n, 1) for n in getattr(model, "batch_convs", ())))
 
 
 def reshard(model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[str, Sequence[int]]) -> None:
@@ -93,7 +106,12 @@ class Rebalancer:
                  window: int = 5) -> None:
         self.model, self.mode, self.group, self.min_gain = model, mode, group, min_gain
         self.window = mode if isinstance(mode, int) else window
-        self.weights = layer_weights(model)
+        self.rows = getattr(model, "row_split", None)  # the batch split of batch-mode groups, if any
+        self.pixels: dict[str, int] = {}  # each conv's output pixels, seen in the first forward
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d | ShardedConv2d):
+                module.register_forward_hook(
+                    lambda _, __, out, name=name: self.pixels.setdefault(name, out.size(-2) * out.size(-1)))
         self.busy: list[float] = []
         self.events: list[dict] = []
 
@@ -112,40 +130,64 @@ class Rebalancer:
         decision = self.decide(busy)
         if decision is None:
             return None
-        new, reason = decision
+        (new, rows), reason = decision
         old = layer_counts(self.model)
-        reshard(self.model, optimizer, new)
         event = {"step": step, "reason": reason, "busy_seconds": busy,
                  "old": {k: list(v) for k, v in old.items()}, "new": {k: list(v) for k, v in new.items()}}
+        reshard(self.model, optimizer, new)
+        if self.rows is not None:
+            event["old_rows"], event["new_rows"] = list(self.rows.counts), list(rows)
+            self.rows.shares = rows
         self.events.append(event)
-        log.info("step %d: rebalanced (%s): %s", step, reason, {k: list(v) for k, v in new.items()})
+        log.info("step %d: rebalanced (%s): %s%s", step, reason, {k: list(v) for k, v in new.items()},
+                 f", rows {list(rows)}" if self.rows is not None else "")
         return event
 
-    def decide(self, busy: Sequence[float]) -> tuple[dict[str, tuple[int, ...]], str] | None:
-        """New counts per layer and the reason to take them, given every rank's
+    def decide(self, busy: Sequence[float]) -> tuple[tuple[dict[str, tuple[int, ...]], tuple[int, ...]], str] | None:
+        """New counts per layer and rows per rank (of the last batch; empty
+        without batch mode), and the reason to take them, given every rank's
         mean busy time; None to keep the split."""
         imbalance = max(busy) / (sum(busy) / len(busy)) - 1
         new, gain = self._new_counts(busy)
-        if new == layer_counts(self.model) or (self.mode == "auto" and gain < self.min_gain):
+        rows = self.rows.counts if self.rows is not None else ()
+        if new == (layer_counts(self.model), rows) or (self.mode == "auto" and gain < self.min_gain):
             return None
         if self.mode == "auto":
             return new, f"imbalance {imbalance:.0%}, predicted gain {gain:.0%}"
         return new, f"imbalance {imbalance:.0%} (every {self.window} steps)"
 
-    def _new_counts(self, busy: Sequence[float]) -> tuple[dict[str, tuple[int, ...]], float]:
-        """New counts per layer, and the predicted gain: max_r u_r s_r before over after, minus 1."""
+    def _new_counts(self, busy: Sequence[float]) -> tuple[tuple[dict[str, tuple[int, ...]], tuple[int, ...]], float]:
+        """New counts per layer and rows per rank, and the predicted gain:
+        max_r u_r s_r before over after, minus 1. A rank's work u_r is its
+        kernels' and its rows' multiply-adds over the batch of n rows:
+        n sum_l w_l c_{r,l} + w_rows b_r."""
         counts = layer_counts(self.model)
-        world = len(busy)
+        rows = self.rows.counts if self.rows is not None else ()
+        weights, per_row = layer_weights(self.model, self.pixels), row_weight(self.model, self.pixels)
+        world, n = len(busy), sum(rows) or 1
 
-        def work(split: Mapping[str, Sequence[int]], r: int) -> float:
-            return sum(self.weights[n] * c[r] for n, c in split.items())
+        def work(split: Mapping[str, Sequence[int]], b: Sequence[int], r: int) -> float:
+            return n * sum(weights[name] * c[r] for name, c in split.items()) + (per_row * b[r] if b else 0.0)
 
-        active = [r for r in range(world) if work(counts, r) > 0]
-        cost = {r: busy[r] / work(counts, r) for r in active}
-        new = {}
-        for n, c in counts.items():
-            mine = choose_counts(sum(c), [0.0] * len(active), [cost[r] * self.weights[n] for r in active])
-            spread = dict(zip(active, mine))
-            new[n] = tuple(spread.get(r, 0) for r in range(world))
-        before, after = (max(cost[r] * work(split, r) for r in active) for split in (counts, new))
-        return new, before / after - 1
+        active = [r for r in range(world) if work(counts, rows, r) > 0]
+        cost = {r: busy[r] / work(counts, rows, r) for r in active}
+
+        def spread(total: int, weight: float) -> tuple[int, ...]:
+            mine = dict(zip(active, choose_counts(total, [0.0] * len(active), [cost[r] * weight for r in active])))
+            return tuple(mine.get(r, 0) for r in range(world))
+
+        new = {name: spread(sum(c), weights[name]) for name, c in counts.items()}
+        new_rows = _at_least_one(spread(sum(rows), per_row), active) if rows and per_row else rows
+        before, after = (max(cost[r] * work(split, b, r) for r in active)
+                         for split, b in ((counts, rows), (new, new_rows)))
+        return (new, new_rows), before / after - 1
+
+
+def _at_least_one(rows: tuple[int, ...], active: Sequence[int]) -> tuple[int, ...]:
+    """``rows`` with every active rank holding at least one row (taken from the largest)."""
+    rows = list(rows)
+    for r in active:
+        if rows[r] == 0 and max(rows) > 1:
+            rows[rows.index(max(rows))] -= 1
+            rows[r] = 1
+    return tuple(rows)

@@ -13,8 +13,9 @@ through a shared-memory file instead:
 - two sets of slots alternate, so a rank overwrites a set only after every
   rank has passed the next barrier, that is, finished reading the set;
 - ranks meet at a barrier in shared memory: each rank stores its turn in
-  its own cache line and waits, spinning and then yielding its core, until
-  every rank has stored it. A gloo barrier costs about 0.3 ms over
+  its own cache line and waits, spinning and then yielding its core
+  (yielding at once when another rank shares the core), until every rank
+  has stored it. A gloo barrier costs about 0.3 ms over
   loopback, and a ResNet step meets about a hundred times. The wait is
   bounded by ``--timeout`` and ends early, with the rank named, when a
   peer's process is gone. Where stores may be seen out of order (not
@@ -45,7 +46,7 @@ _ALIGN = 64
 _SHM_DIR = Path("/dev/shm")
 _slots: dict[object, SharedSlots | None] = {}
 _FLAG_STRIDE = 8  # int64s per rank's flag: one cache line each
-_SPINS = 2000  # polls before a waiting rank starts yielding its core
+_SPINS = 2000  # polls before a waiting rank yields its core (none when another rank shares the core)
 timeout_seconds = 300.0  # how long a rank waits at a barrier; the job's --timeout (``launch.init_from_env``)
 
 
@@ -77,10 +78,12 @@ def _open(group: dist.ProcessGroup) -> SharedSlots | None:
     except OSError:
         identity = None
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (identity, os.getpid()), group=group)
-    if identity is None or any(other != identity for other, _ in everyone):
+    dist.all_gather_object(everyone, (identity, os.getpid(), sorted(os.sched_getaffinity(0))), group=group)
+    if identity is None or any(other != identity for other, _, _ in everyone):
         return None
-    return SharedSlots(group, [pid for _, pid in everyone])
+    mine = set(everyone[dist.get_rank(group)][2])
+    shared_core = sum(bool(mine & set(cores)) for _, _, cores in everyone) > 1  # counting this rank
+    return SharedSlots(group, [pid for _, pid, _ in everyone], spins=0 if shared_core else _SPINS)
 
 
 def _alive(pid: int) -> bool:
@@ -114,11 +117,11 @@ def _reserve_file(nbytes: int) -> str | None:
 class SharedSlots:
     """Two sets of one slot per rank in a shared file; see the module docstring."""
 
-    def __init__(self, group: dist.ProcessGroup, pids: list[int]) -> None:
+    def __init__(self, group: dist.ProcessGroup, pids: list[int], spins: int = _SPINS) -> None:
         self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         self.capacity, self.buffer, self.turn = 0, torch.empty(0, dtype=torch.uint8), 0
         self.limit = MAX_SLOT_BYTES  # lowered when /dev/shm had no room for a larger slot
-        self.pids = pids
+        self.pids, self.spins = pids, spins
         self.flags = self._flags() if platform.machine() in ("x86_64", "AMD64") else None
 
     def _flags(self):
@@ -151,7 +154,7 @@ class SharedSlots:
             if not behind:
                 return
             polls += 1
-            if polls < _SPINS:
+            if polls < self.spins:
                 continue
             os.sched_yield()
             now = time.monotonic()

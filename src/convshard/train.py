@@ -115,11 +115,11 @@ class TrainConfig:
 
     @property
     def rebalance_mode(self) -> str | int:
-        """The ``--rebalance`` mode in effect: a planned kernel split is
-        corrected online (``auto``) unless the user said otherwise."""
+        """The ``--rebalance`` mode in effect: a planned split (kernels, batch
+        rows) is corrected online (``auto``) unless the user said otherwise."""
         if self.rebalance is not None:
             return parse_mode(self.rebalance)
-        return "auto" if self.plan is not None and self.strategy == "kernel" else "off"
+        return "auto" if self.plan is not None and self.strategy in SHARDED else "off"
 
     def threads_for(self, device: devices.Device) -> int:
         """Intra-op threads of ``device``'s worker."""
