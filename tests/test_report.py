@@ -94,8 +94,8 @@ def test_bench_table_keeps_a_job_missing_from_the_first_point():
               {"x": 2, "one device": job(100, "a"), "kernel": job(50, "c"), "ddp": job(60, "d")}]
     table = bench._markdown({"workers": points}, [0, 1]).splitlines()
     assert "| x | one device | kernel | ddp |" in table[4]
-    assert table[6].startswith("| 1 | 100 (1.00x) | 100 (1.00x) |  |")
-    assert table[7].startswith("| 2 | 100 (1.00x) | 50 (2.00x) | 60 (1.67x) |")
+    assert table[6] == "| 1 | 100 (1.00x) | 100 (1.00x) |  | 1 / 1 / - |"  # peak MiB of each job, same order
+    assert table[7] == "| 2 | 100 (1.00x) | 50 (2.00x) | 60 (1.67x) | 1 / 1 / 1 |"
 
 
 def test_bench_rounds_interleave_jobs_and_report_the_median(tmp_path, monkeypatch):

@@ -284,17 +284,14 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
              f"Milliseconds per step ({figure}), speedup over one device in brackets.", ""]
     for name, points in results.items():
         keys = list(dict.fromkeys(k for p in points for k in p if isinstance(p[k], dict)))
-        reference = "all cores" if all("all cores" in p for p in points) else "one device"
-        lines += [f"### {name}", "", "| x | " + " | ".join(keys) + f" | peak MiB (kernel worker / {reference}) |",
+        lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB per worker, same order |",
                   "|" + " --- |" * (len(keys) + 2)]
         for p in points:
             cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" if k in p else "" for k in keys]
-            main = p.get("kernel") or p.get("auto shares")
-            ref = p[reference]
             notes = [p.get("note"), f"(auto chose {p['auto']['strategy']})" if "auto" in p else ""]
             note = "".join(f" {n}" for n in notes if n)
-            lines.append(f"| {p['x']}{note} | " + " | ".join(cells)
-                         + f" | {main['peak_rss_mib']:.0f} / {ref['peak_rss_mib']:.0f} |")
+            memory = " / ".join(f"{p[k]['peak_rss_mib']:.0f}" if k in p else "-" for k in keys)
+            lines.append(f"| {p['x']}{note} | " + " | ".join(cells) + f" | {memory} |")
         predictions = [f"- {p['x']}, {k}{' (chose ' + p[k]['strategy'] + ')' if k == 'auto' else ''}: "
                        f"predicted {p[k]['predicted_ms']:.0f} ms, measured {p[k]['ms']:.0f} ms "
                        f"({100 * (p[k]['predicted_ms'] / p[k]['ms'] - 1):+.0f}% off)"
