@@ -85,3 +85,29 @@ def test_workers_plan_for_themselves_under_torchrun(tmp_path):
     planned = {layer["name"]: layer["counts"] for layer in metrics["plan"]["layers"]}
     assert metrics["shares"] == planned
     assert {name: sum(c) for name, c in metrics["shares"].items()} == {"features.0": 4, "features.3": 8}
+
+
+def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measured):
+    """Strategies predicted within 15% of the fastest run a few real steps each;
+    the fastest measured is chosen, whatever the prediction said."""
+    from dataclasses import replace
+
+    from convshard import plan, tune
+    from convshard.train import TrainConfig
+
+    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.1, "ddp": 1.14})
+    measured_ms = {"kernel": 0.9, "layers": 0.8, "ddp": 1.2}
+    ran = []
+
+    def trial(config, dataset):
+        ran.append((config.strategy, config.max_steps, config.metrics_out, config.rebalance))
+        return {"mean_step_seconds": measured_ms[config.strategy]}
+
+    monkeypatch.setattr(tune, "launch_job", trial)
+    config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
+                         strategy="auto", metrics_out="m.json")
+    chosen = tune._trials(config, None, job_plan)
+    assert ran == [("kernel", 6, None, "off"), ("layers", 6, None, "off"), ("ddp", 6, None, "off")]
+    assert chosen.strategy == "layers" and chosen.trials == measured_ms
+    alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4})
+    assert tune._trials(config, None, alone) is alone  # nothing near the fastest: no trial

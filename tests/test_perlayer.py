@@ -70,3 +70,13 @@ def test_make_plan_chooses_the_per_layer_plan_and_prints_it():
     assert [line.split()[:2] for line in text.splitlines() if line.strip().startswith(("A ", "B ", "C "))] == [
         ["A", "batch"], ["B", "batch"], ["C", "kernel"]]
     assert "strategy: layers" in text
+
+
+def test_the_optimizer_step_counts_the_weights_each_rank_holds():
+    """Batch-mode groups update their whole weights on every rank, kernel-mode
+    groups only the rank's own kernels: at 1 ns per byte, A and B whole (2e3
+    bytes) and half of C (5e7)."""
+    profile = {**_profile(), "update_seconds_per_byte": [1e-9, 1e-9]}
+    plan = perlayer.evaluate(profile, {"A": "batch", "B": "batch", "C": "kernel"})
+    assert plan.update == pytest.approx((2e3 + 5e7) * 1e-9)
+    assert plan.step == pytest.approx(perlayer.evaluate(_profile(), plan.modes).step + plan.update)

@@ -59,14 +59,15 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads():
     # its gradient is reduce-scattered back to them, not all-reduced
     assert second_layer["input_grad_bytes"] == 0
     assert second_layer["input_grad_scatter_bytes"] == 8 * 4 * 6 * 6 * 4
-    assert set(first["links"]) == {"all_gather", "all_reduce", "reduce_scatter", "broadcast", "all_to_all"}
+    assert set(first["links"]) == {"all_gather", "all_reduce", "reduce_scatter", "broadcast", "all_to_all",
+                                   "ddp_all_reduce"}
     assert first_layer["gather_bytes_per_kernel"] == 8 * 6 * 6 * 4  # 12x12 conv output pooled to 6x6
     for layer in first["layers"]:  # one fit per rank (its clamps: test_fit_line_recovers_a_line_and_clamps)
         assert len(layer["a"]) == len(layer["b"]) == 2
     assert len(first["rest_seconds"]) == 2 and min(first["rest_seconds"]) > 0
     assert {name: set(link) for name, link in first["links"].items()} == {
         name: {"latency", "bandwidth"} for name in ("all_gather", "all_reduce", "reduce_scatter", "broadcast",
-                                                    "all_to_all")}
+                                                    "all_to_all", "ddp_all_reduce")}
     # batch mode: each group timed with all its kernels on 4 of the 8 rows; the first group's
     # pooled output is read by the second group's conv, the second's pooled output by the classifier
     assert [layer["batch_rows"] for layer in first["layers"]] == [4, 4]

@@ -25,7 +25,7 @@ from .models import MODELS, is_model_name
 from .plan import format_plan, make_plan
 from .rebalance import parse_mode
 from .train import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, train_worker
-from .tune import prepare, profile_job
+from .tune import launch_job, prepare, profile_job
 
 log = logging.getLogger("convshard")
 
@@ -337,11 +337,7 @@ def run(config: TrainConfig) -> dict | None:
         return train_worker(config, dataset)
     if config.needs_plan:
         config = prepare(config, dataset)
-    if config.world_size == 1:
-        with devices.pinning_restored():
-            return train_worker(config, dataset)
-    labels = [str(dev) for dev in config.device_list]
-    return launch.launch_local(train_worker, config.world_size, args=(config,), labels=labels)[0]
+    return launch_job(config, dataset)
 
 
 def _profile_or_plan(config: TrainConfig, command: str) -> None:

@@ -32,9 +32,12 @@ BatchNorm meets the other ranks twice (its statistics forward, its sums
 backward). Then
 
     step = sum_g (compute_g + transitions_g) + max_r rest_r + t_ar(P_batch) + t_bc(P_rep)
+           + max_r u_r (P_batch + sum_{g kernel} P_g c_{r,g} / K_g)
 
 with P_batch the bytes of the batch-mode groups' weights (their gradients
-are summed) and P_rep those of the replicated rest (broadcast).
+are summed), P_rep those of the replicated rest (broadcast), and u_r the
+optimizer step's seconds per byte on rank r (a rank updates the whole
+weights of batch-mode groups, its own kernels' of the others).
 
 The search: every cut in graph order (the first j groups in batch mode,
 the rest in kernel mode, j = 0..G: all-kernel and all-batch included),
@@ -46,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .plan import _greedy_counts, _transfer, choose_counts
+from .plan import _greedy_counts, _transfer, _update, choose_counts
 
 KERNEL, BATCH = "kernel", "batch"
 
@@ -71,6 +74,7 @@ class LayersPlan:
     rows: tuple[int, ...]  # rows per rank of the global batch for the batch-mode groups
     rest: float
     sync: float  # the batch-mode weights' gradient sum and the replicated gradients' broadcast, seconds
+    update: float  # the slowest rank's optimizer step over the groups' weights it holds, seconds
     step: float
 
     @property
@@ -132,7 +136,10 @@ def evaluate(profile: Mapping, modes: Mapping[str, str], kernels: Mapping[str, S
     sync = (_transfer(profile, "all_reduce", summed) if summed else 0.0) + _transfer(
         profile, "broadcast", profile["replicated_param_bytes"])
     rest = max(profile["rest_seconds"])  # every rank runs it on the whole batch
-    return LayersPlan(tuple(groups), rows, rest, sync, sum(g.seconds for g in groups) + rest + sync)
+    held = [[layer["param_bytes"] * (1 if g.mode == BATCH else g.counts[r] / layer["kernels"])
+             for g, layer in zip(groups, layers)] for r in range(world)]  # weight bytes each rank updates
+    update = max(_update(profile, r, sum(held[r])) for r in range(world))
+    return LayersPlan(tuple(groups), rows, rest, sync, update, sum(g.seconds for g in groups) + rest + sync + update)
 
 
 def sized_rows(profile: Mapping, modes: Mapping[str, str]) -> tuple[int, ...]:
@@ -179,5 +186,5 @@ def format_layers(plan: LayersPlan, devices: Sequence[str]) -> str:
         lines.append(f"  {g.name:<{width}}  {g.mode:<6}  {str(list(g.counts)):<24}  {1e3 * max(g.compute):>10.2f}  "
                      f"{1e3 * g.comm:>8.2f}  {1e3 * g.seconds:>8.2f}")
     lines.append(f"  rest {1e3 * plan.rest:.2f} ms  gradient sum and broadcast {1e3 * plan.sync:.2f} ms  "
-                 f"step {1e3 * plan.step:.2f} ms on {', '.join(devices)}")
+                 f"optimizer {1e3 * plan.update:.2f} ms  step {1e3 * plan.step:.2f} ms on {', '.join(devices)}")
     return "\n".join(lines)

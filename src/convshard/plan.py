@@ -95,6 +95,7 @@ class Plan:
     ddp_shares: tuple[float, ...] = ()  # batch share per rank sized to its speed (``--strategy ddp --shares auto``)
     ddp_sized: float = 0.0  # predicted step seconds of ddp with those shares
     per_layer: LayersPlan | None = None  # the best per-layer plan (``convshard.perlayer``), for W > 1
+    trials: dict[str, float] | None = None  # measured seconds per step of the strategies ``auto`` tried
 
     def counts(self) -> dict[str, tuple[int, ...]]:
         """Layer name -> kernels per rank under the kernel plan."""
@@ -168,7 +169,9 @@ def kernel_step(
                     _rest_excess(profile, used) if i == last else None)
         for i, layer in enumerate(profile["layers"])
     )
-    return sum(layer.seconds for layer in layers) + _rest(profile, used) + _sync(profile, used), layers
+    update = max(sum(_update(profile, r, layer["param_bytes"] * counts[layer["name"]][r] / layer["kernels"])
+                     for layer in profile["layers"] if "param_bytes" in layer) for r in used)
+    return sum(layer.seconds for layer in layers) + _rest(profile, used) + _sync(profile, used) + update, layers
 
 
 def single_step(profile: Mapping, rank: int) -> float:
@@ -182,11 +185,21 @@ def single_step(profile: Mapping, rank: int) -> float:
 def ddp_step(profile: Mapping, shares: Sequence[float] | None = None) -> float:
     """Predicted step seconds of data parallelism over all ranks: rank r takes
     the fraction s_r of the batch (evenly when ``shares`` is None), so
-    step = max_r single_r * s_r + t_reduce(P)."""
+    step = max_r single_r * s_r + t_reduce(P), the all-reduce as DDP's
+    reducer runs it (the backend's own, ``ddp_all_reduce``, where profiled)."""
     world = _world(profile)
     fractions = [1 / world] * world if shares is None else [s / sum(shares) for s in shares]
-    compute = max(_single(profile, r) * fractions[r] for r in range(world))
-    return compute + (_transfer(profile, "all_reduce", profile["param_bytes"]) if world > 1 else 0.0)
+    grouped = profile["param_bytes"] - profile["replicated_param_bytes"]  # every rank updates all weights
+    compute = max((_single(profile, r) - _update(profile, r, grouped)) * fractions[r] + _update(profile, r, grouped)
+                  for r in range(world))
+    link = "ddp_all_reduce" if "ddp_all_reduce" in profile.get("links", {}) else "all_reduce"
+    return compute + (_transfer(profile, link, profile["param_bytes"]) if world > 1 else 0.0)
+
+
+def _update(profile: Mapping, rank: int, nbytes: float) -> float:
+    """Seconds of the optimizer step over ``nbytes`` of the groups' parameters
+    on ``rank`` (0 for a profile that does not time it)."""
+    return profile["update_seconds_per_byte"][rank] * nbytes if "update_seconds_per_byte" in profile else 0.0
 
 
 def ddp_shares(profile: Mapping) -> tuple[float, ...]:
@@ -372,7 +385,8 @@ def _transfer(profile: Mapping, kind: str, nbytes: float) -> float:
 
 def _single(profile: Mapping, rank: int) -> float:
     layers = sum(layer["a"][rank] + layer["b"][rank] * layer["kernels"] for layer in profile["layers"])
-    return layers + profile["rest_seconds"][rank]
+    return layers + profile["rest_seconds"][rank] + _update(profile, rank, profile["param_bytes"]
+                                                            - profile["replicated_param_bytes"])
 
 
 def _rest(profile: Mapping, used: tuple[int, ...]) -> float:

@@ -15,9 +15,12 @@ cost at the working point, contention between workers included.
 
 ``rest_seconds[r]`` is the replicated part: forward+backward of the model
 with every segment replaced by a constant of its output's shape, plus the
-optimizer step. ``batch_seconds[r]`` times each group in batch mode: all
-kernels, ``batch_rows`` = ceil(B / W) rows. Each collective the plans use
-(all-gather, all-reduce, reduce-scatter, all-to-all, broadcast) is timed at a small and a large size, giving
+optimizer step of its parameters; ``update_seconds_per_byte[r]`` the
+optimizer step (SGD with momentum) per byte of the groups' parameters.
+``batch_seconds[r]`` times each group in batch mode: all kernels,
+``batch_rows`` = ceil(B / W) rows. Each collective the plans use
+(all-gather, all-reduce, reduce-scatter, all-to-all, broadcast; and the
+backend's own all-reduce, as DDP runs it) is timed at a small and a large size, giving
 t(n bytes) = latency + n / bandwidth. The result is the dict that
 ``plan.make_plan`` reads (its module docstring gives the schema), plus a
 ``key`` naming what it was measured on: ``load`` returns a cached profile
@@ -149,6 +152,16 @@ def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats:
     return _median_seconds(once, device, repeats=repeats, group=group)
 
 
+def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, group: comm.Group) -> float:
+    """Seconds per parameter byte of an SGD-with-momentum step (the default
+    optimizer), over one tensor as large as the groups' parameters."""
+    flat = torch.zeros(max(elements, 1), device=device, requires_grad=True)
+    flat.grad = torch.zeros_like(flat)
+    optimizer = torch.optim.SGD([flat], lr=0.0, momentum=0.9)
+    optimizer.step()  # creates the momentum buffer
+    return _median_seconds(optimizer.step, device, repeats=repeats, group=group) / (flat.numel() * flat.element_size())
+
+
 def _rest_seconds(model_cut: Cut, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
                   repeats: int, group: comm.Group) -> float:
     rest = model_cut.rest(batch, device)
@@ -175,6 +188,8 @@ def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float
         "all_gather": lambda n: comm.all_gather_uneven(
             torch.zeros(n // 4 // world, device=device), [n // 4 // world] * world, dim=0, group=group),
         "all_reduce": lambda n: comm.all_reduce_sum_(torch.zeros(n // 4, device=device), group=group),
+        # DDP's reducer calls the backend itself (gloo over TCP even on one host)
+        "ddp_all_reduce": lambda n: dist.all_reduce(torch.zeros(n // 4, device=device), group=group),
         "reduce_scatter": lambda n: comm.reduce_scatter_uneven(
             torch.zeros(n // 4, device=device), [n // 4 // world] * world, dim=0, group=group),
         "broadcast": lambda n: comm.broadcast_([torch.zeros(n // 4, device=device)], group=group),
@@ -248,6 +263,8 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
         _calibrate(mine["fits"], model_cut.groups, batch_size, device, group)
         mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group) for layer in model_cut.groups]
     mine["rest"] = _rest_seconds(model_cut, input_shape, classes, batch_size, device, repeats, group)
+    mine["update"] = _update_seconds_per_byte(sum(layer.param_elements for layer in model_cut.groups), device,
+                                              repeats, group)
     links = _links(device, group) if world > 1 else {}
     everyone = comm.gather_objects(mine, group=group)
     for i, layer in enumerate(layers):
@@ -265,6 +282,7 @@ def measure(model: nn.Module, *, key: dict, input_shape: Sequence[int], classes:
         "devices": key["devices"],
         "layers": layers,
         "rest_seconds": [r["rest"] for r in everyone],
+        "update_seconds_per_byte": [r["update"] for r in everyone],
         "param_bytes": param_bytes,
         "replicated_param_bytes": param_bytes - sharded_bytes,
         "links": links,
