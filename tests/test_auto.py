@@ -111,3 +111,18 @@ def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measu
     assert chosen.strategy == "layers" and chosen.trials == measured_ms
     alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4})
     assert tune._trials(config, None, alone) is alone  # nothing near the fastest: no trial
+
+
+def test_auto_sizes_ddp_to_the_devices_only_for_a_predicted_gain(measured):
+    from dataclasses import replace
+
+    from convshard import plan
+    from convshard.train import TrainConfig, apply_plan
+
+    config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
+                         strategy="auto")
+    base = replace(plan.make_plan(measured), strategy="ddp", ddp_shares=(0.6, 0.4))
+    sized = apply_plan(config, replace(base, predicted={**base.predicted, "ddp": 1.0}, ddp_sized=0.9), can_drop=True)
+    assert sized.strategy == "ddp" and sized.shares == (0.6, 0.4)
+    even = apply_plan(config, replace(base, predicted={**base.predicted, "ddp": 1.0}, ddp_sized=0.99), can_drop=True)
+    assert even.strategy == "ddp" and even.shares is None  # PyTorch's even split: sizing would gain 1%

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
 SHARDED = ("kernel", "layers")  # strategies that run through ``shard_model``'s layouts
+SIZED_DDP_GAIN = 0.03  # auto gives ddp a batch split sized to the devices when predicted this much faster
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -368,12 +369,17 @@ def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> 
 
 def apply_plan(config: TrainConfig, job_plan: plan.Plan, *, can_drop: bool) -> TrainConfig:
     """The concrete job ``job_plan`` describes: its strategy, the kernels per
-    rank of every layer and, when ``can_drop`` (a local job, whose ranks are
+    rank of every layer (or, for ``layers``, each group's mode and the rows
+    per rank; for ``ddp`` under ``--shares auto``, or under ``--strategy
+    auto`` where sizing is predicted SIZED_DDP_GAIN faster, the batch shares)
+    and, when ``can_drop`` (a local job, whose ranks are
     the listed devices), only the devices it keeps. Otherwise (torchrun) every
     rank stays and the plan's dropped ranks hold no kernels."""
     counts = job_plan.counts() if job_plan.strategy == "kernel" else None
-    if job_plan.strategy == "ddp" and config.shares == "auto":  # DDP's batch split sized to the devices
-        config = replace(config, shares=job_plan.ddp_shares)
+    sized_gain = job_plan.predicted.get("ddp", 0.0) / max(job_plan.ddp_sized, 1e-12) - 1
+    if job_plan.strategy == "ddp" and (config.shares == "auto" or (config.strategy == "auto"
+                                                                   and sized_gain >= SIZED_DDP_GAIN)):
+        config = replace(config, shares=job_plan.ddp_shares)  # DDP's batch split sized to the devices
     if job_plan.strategy == "layers":  # every rank stays: its rows or kernels are planned
         layers = job_plan.per_layer
         return replace(config, strategy="layers", layer_counts=layers.kernel_counts(), modes=layers.modes,
