@@ -110,10 +110,15 @@ class Rebalancer:
         self.pixels: dict[str, int] = {}  # each conv's output pixels, seen in the first forward
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d | ShardedConv2d):
-                module.register_forward_hook(
-                    lambda _, __, out, name=name: self.pixels.setdefault(name, out.size(-2) * out.size(-1)))
+                module.register_forward_hook(self._seen(name))
         self.busy: list[float] = []
         self.events: list[dict] = []
+
+    def _seen(self, name: str):
+        """A forward hook keeping the output pixels of conv ``name`` (it returns None: the output stands)."""
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.pixels.setdefault(name, out.size(-2) * out.size(-1))
+        return hook
 
     def observe(self, step: int, busy_seconds: float, optimizer: torch.optim.Optimizer) -> dict | None:
         """Record this rank's busy time of optimizer step ``step`` (1-based);
