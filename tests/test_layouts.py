@@ -107,6 +107,58 @@ def _error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:
     return ((a - b).abs().max() / (b.abs().max() + floor)).item()
 
 
+def plan_modes(model: nn.Module, plan: str) -> dict[str, str] | None:
+    """A per-layer plan's modes by group name: "kernel" (none in batch mode),
+    "batch" (all of them) or "alternate" (batch and kernel in turn, graph order)."""
+    if plan == "kernel":
+        return None
+    names = list(layouts.analyse(layouts.trace(copy.deepcopy(model))).group_names().values())
+    return {name: "batch" if plan == "batch" or i % 2 == 0 else "kernel" for i, name in enumerate(names)}
+
+
+def side_by_side(factory, shape, shares, opt_name: str, *, rows=None, plan: str = "kernel",
+                 batch: int = 6) -> tuple[dict, nn.Module]:
+    """Train the unsharded reference and the planned model from the same seed
+    for STEPS steps, in the default dtype; the worst errors and the model."""
+    torch.manual_seed(0)
+    reference = factory()
+    model = convshard.shard_model(copy.deepcopy(reference), shares, rows=rows, modes=plan_modes(reference, plan))
+    make = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) if opt_name == "sgd" else (
+        lambda p: torch.optim.Adam(p, lr=1e-2))
+    opt_ref, opt = make(reference.parameters()), make(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    worst = {"forward": 0.0, "state": 0.0, "optimizer": 0.0}
+    for _ in range(STEPS):
+        x, y = torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+        torch.manual_seed(2)  # the same dropout masks on both
+        out_ref = reference(x)
+        torch.manual_seed(2)
+        out = model(x)
+        worst["forward"] = max(worst["forward"], _error(out, out_ref))
+        for o, loss_out in ((opt_ref, out_ref), (opt, out)):
+            o.zero_grad()
+            nn.functional.cross_entropy(loss_out, y).backward()
+        convshard.sync_replicas(model)
+        opt_ref.step()
+        opt.step()
+    full = convshard.full_state_dict(model)
+    for key, value in reference.state_dict().items():
+        assert full[key].shape == value.shape, key
+        if value.is_floating_point():
+            worst["state"] = max(worst["state"], _error(full[key], value))
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    full_opt = checkpoint.full_optimizer_state_dict(model, opt)["state"]
+    for i, state in opt_ref.state_dict()["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                worst["optimizer"] = max(worst["optimizer"], _error(full_opt[i][k], v))
+    model.eval()
+    reference.eval()
+    x = torch.randn(4, *shape, generator=gen)
+    worst["eval"] = _error(model(x), reference(x))
+    return worst, model
+
+
 def _exactness_worker(shares: list[float]) -> dict:
     """Train reference and sharded copies side by side in float64; report the worst errors."""
     torch.set_num_threads(1)
@@ -115,43 +167,7 @@ def _exactness_worker(shares: list[float]) -> dict:
     report = {}
     for model_name, factory in MODELS.items():
         for opt_name in ("sgd", "adam"):
-            torch.manual_seed(0)
-            reference = factory()
-            model = convshard.shard_model(copy.deepcopy(reference), shares)
-            make = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) if opt_name == "sgd" else (
-                lambda p: torch.optim.Adam(p, lr=1e-2))
-            opt_ref, opt = make(reference.parameters()), make(model.parameters())
-            gen = torch.Generator().manual_seed(1)
-            worst = {"forward": 0.0, "state": 0.0, "optimizer": 0.0}
-            for _ in range(STEPS):
-                x, y = torch.randn(6, *SHAPE, generator=gen), torch.randint(0, 10, (6,), generator=gen)
-                torch.manual_seed(2)  # the same dropout masks on both
-                out_ref = reference(x)
-                torch.manual_seed(2)
-                out = model(x)
-                worst["forward"] = max(worst["forward"], _error(out, out_ref))
-                for net, o, loss_out in ((reference, opt_ref, out_ref), (model, opt, out)):
-                    o.zero_grad()
-                    nn.functional.cross_entropy(loss_out, y).backward()
-                convshard.sync_replicas(model)
-                opt_ref.step()
-                opt.step()
-            full = convshard.full_state_dict(model)
-            for key, value in reference.state_dict().items():
-                assert full[key].shape == value.shape, key
-                if value.is_floating_point():
-                    worst["state"] = max(worst["state"], _error(full[key], value))
-            assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
-            full_opt = checkpoint.full_optimizer_state_dict(model, opt)["state"]
-            for i, state in opt_ref.state_dict()["state"].items():
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.dim() > 0:
-                        worst["optimizer"] = max(worst["optimizer"], _error(full_opt[i][k], v))
-            model.eval()
-            reference.eval()
-            x = torch.randn(4, *SHAPE, generator=gen)
-            worst["eval"] = _error(model(x), reference(x))
-            report[f"{model_name}/{opt_name}"] = worst
+            report[f"{model_name}/{opt_name}"], model = side_by_side(factory, SHAPE, shares, opt_name)
             report[f"{model_name}/counts"] = {n: list(c) for n, c in layer_counts(model).items()}
     return report
 
@@ -222,16 +238,18 @@ def test_untraceable_model_falls_back(caplog):
     assert not sharded_state(model).keys() - {"features.0.weight", "features.0.bias"}
 
 
-def _mixed_worker() -> float:
+def mixed_worker(plan: str = "kernel") -> float:
     """Rank 0 on the GPU, rank 1 on the CPU (gloo, CUDA tensors staged through
-    host memory): a ResNet trains two steps like the CPU reference."""
+    host memory): a ResNet under ``plan`` (``plan_modes``) trains two steps
+    like the CPU reference."""
     torch.set_num_threads(1)
     rank, _, _ = init_from_env("gloo", timeout=120)
     device = torch.device("cuda" if rank == 0 else "cpu")
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     reference = TinyResNet()
-    model = convshard.shard_model(copy.deepcopy(reference).to(device), [0.6, 0.4])
+    model = convshard.shard_model(copy.deepcopy(reference).to(device), [0.6, 0.4], rows=[0.7, 0.3],
+                                  modes=plan_modes(reference, plan))
     opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -249,4 +267,4 @@ def _mixed_worker() -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_ranks_train_a_resnet_like_one_device():
-    assert max(launch_local(_mixed_worker, 2, timeout=240)) < 1e-9
+    assert max(launch_local(mixed_worker, 2, timeout=240)) < 1e-9
