@@ -34,7 +34,9 @@ examples:
   convshard train                                   # the paper's CNN on MNIST, 2 CPU workers
   convshard train --devices cpu@0,cpu@1,cpu@1 --shares 2,1,1
   convshard train --devices cpu@0,cpu@1,cpu@1 --shares auto --profile runs/p.json  # planned, rebalanced online
-  convshard train --devices cpu@0,cuda:0 --strategy auto  # kernel, ddp or one device: the fastest planned
+  convshard train --devices cpu@0,cuda:0 --strategy auto  # kernels, per-layer plan, ddp or one device: fastest
+  convshard train --model resnet18 --strategy layers --metrics-out m.json   # each layer: split batch or kernels
+  convshard train --model resnet18 --plan m.json    # run a saved plan again
   convshard train --strategy single --devices cpu@0-1 --threads 2
   convshard train --strategy ddp --devices cpu@0,cpu@1
   convshard train --dataset synthetic --kernels 500,1500 --batch-size 64 --max-steps 20 \\
