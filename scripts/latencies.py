@@ -7,7 +7,11 @@
 - ``failure_seconds``: ``launch_local`` of 3 workers, one of which raises once
   joined: from the call to ``WorkerFailed`` (spawn and join included);
 - ``hang_limit_seconds``: 2 workers that never return under a 3 s limit:
-  from the call to ``WorkerFailed`` (each of ``--repeats`` runs).
+  from the call to ``WorkerFailed`` (each of ``--repeats`` runs);
+- ``meeting_us``: 2 workers on cores 0 and 1, mean microseconds over 200
+  calls of gloo's barrier, of a small all-gather through shared memory
+  (``comm.all_gather_uneven`` of 128 floats: what a batch-mode BatchNorm
+  sends) and of gloo's own all-reduce of 128 floats.
 
 The seconds from a SIGKILLed worker to the command's exit are recorded by
 ``pytest tests/test_launch.py -k sigkill --junitxml=r.xml``
@@ -39,6 +43,27 @@ def _hang() -> None:
     time.sleep(600)
 
 
+def _meetings() -> dict:
+    import torch
+
+    from convshard import comm
+
+    rank, _, _ = init_from_env("gloo", timeout=60)
+    os.sched_setaffinity(0, {rank % os.cpu_count()})
+    calls = {"gloo_barrier": lambda: dist.barrier(),
+             "shared_memory_all_gather": lambda: comm.all_gather_uneven(torch.zeros(1, 2, 64), (1, 1), dim=0),
+             "gloo_all_reduce": lambda: dist.all_reduce(torch.zeros(128))}
+    out = {}
+    for name, call in calls.items():
+        for _ in range(20):
+            call()
+        start = time.perf_counter()
+        for _ in range(200):
+            call()
+        out[name] = 1e6 * (time.perf_counter() - start) / 200
+    return out
+
+
 def _seconds_to_failure(fn, world_size: int, limit: float) -> float:
     start = time.monotonic()
     try:
@@ -64,6 +89,7 @@ def main() -> None:
         "choose_counts_ms": min(split),
         "failure_seconds": [_seconds_to_failure(_fail_on_rank_1, 3, 60) for _ in range(args.repeats)],
         "hang_limit_seconds": [_seconds_to_failure(_hang, 2, 3) for _ in range(args.repeats)],
+        "meeting_us": launch_local(_meetings, 2, timeout=120, env={"OMP_NUM_THREADS": "1"})[0],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
