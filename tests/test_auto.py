@@ -95,7 +95,8 @@ def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measu
     from convshard import plan, tune
     from convshard.train import TrainConfig
 
-    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.1, "ddp": 1.14})
+    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.1, "ddp": 1.14},
+                       ranks=(0, 1), dropped=())
     measured_ms = {"kernel": 0.9, "layers": 0.8, "ddp": 1.2}
     ran = []
 
@@ -111,6 +112,10 @@ def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measu
     assert chosen.strategy == "layers" and chosen.trials == measured_ms
     alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4})
     assert tune._trials(config, None, alone) is alone  # nothing near the fastest: no trial
+    one_rank = replace(job_plan, ranks=(1,), dropped=(0,))  # a kernel plan on one rank is that device alone
+    ran.clear()
+    assert tune._trials(config, None, one_rank).strategy == "layers"
+    assert [strategy for strategy, *_ in ran] == ["layers", "ddp"]
 
 
 def test_auto_sizes_ddp_to_the_devices_only_for_a_predicted_gain(measured):

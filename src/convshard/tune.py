@@ -66,7 +66,8 @@ def _trials(config: TrainConfig, dataset: data.Dataset, job_plan: plan.Plan) -> 
     """``job_plan`` choosing the fastest measured of the strategies predicted
     near the fastest (each run for TRIAL_STEPS steps); the trials' ms/step in ``trials``."""
     best = min(job_plan.predicted.values())
-    near = [s for s, t in job_plan.predicted.items() if t <= best * (1 + TRIAL_MARGIN)]
+    near = [s for s, t in job_plan.predicted.items() if t <= best * (1 + TRIAL_MARGIN)
+            and not (s == "kernel" and len(job_plan.ranks) == 1)]  # a kernel plan on one rank is ``single``
     if len(near) == 1:
         return job_plan
     trials = {}
