@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convshard import cli, launch
+from convshard import cli, launch, tune
 from convshard.cli import main
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
@@ -148,6 +148,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         pytest.fail("the bad input passed validation and training started")
     monkeypatch.setattr(cli, "train_worker", refuse)
+    monkeypatch.setattr(tune, "train_worker", refuse)
     monkeypatch.setattr(launch, "launch_local", refuse)
 
 
@@ -284,6 +285,21 @@ def test_bad_factory_exits_2_with_one_line(model: str, needle: str, capsys: pyte
     tiny = [arg for arg in TINY if arg not in ("--kernels", "4,8")]
     assert _main_exit_code(["train", *tiny, "--model", model]) == 2
     _assert_one_line_error(capsys.readouterr().err, f"'{model}'", needle)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (None, "No such file"),
+    ("not json", "Expecting value"),
+    ('{"job_plan": {"strategy": "fastest"}}', "a plan names its strategy, one of kernel, single, ddp, layers; "
+                                              "got 'fastest'"),
+])
+def test_bad_plan_file_exits_2_with_one_line(content: str | None, needle: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture, no_training: None) -> None:
+    path = tmp_path / "plan.json"
+    if content is not None:
+        path.write_text(content)
+    assert _main_exit_code(["train", *TINY, "--plan", str(path)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, needle)
 
 
 def test_help_lists_models_factories_folder_and_augment(capsys: pytest.CaptureFixture) -> None:
