@@ -25,7 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import comm
-from .sharded import ChannelGroup, split_counts
+from .sharded import ChannelGroup, _device_of, _dtype_of, split_counts
 
 BUCKET_BYTES = 4 << 20  # a gradient all-reduce starts once this many bytes of gradients are in
 
@@ -160,11 +160,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, bn: nn.BatchNorm2d, rows: RowSplit) -> None:
-        tensor = next(iter([*bn.parameters(), *bn.buffers()]), None)
-        kwargs = {} if tensor is None else {"device": tensor.device}
-        dtype = next((t.dtype for t in [*bn.parameters(), *bn.buffers()] if t.is_floating_point()), None)
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         dtype=dtype, **kwargs)
+                         device=_device_of(bn), dtype=_dtype_of(bn))
         self.rows = rows
         self.load_state_dict(bn.state_dict())
         self.train(bn.training)

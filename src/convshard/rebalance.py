@@ -108,16 +108,17 @@ class Rebalancer:
         self.window = mode if isinstance(mode, int) else window
         self.rows = getattr(model, "row_split", None)  # the batch split of batch-mode groups, if any
         self.pixels: dict[str, int] = {}  # each conv's output pixels, seen in the first forward
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d | ShardedConv2d):
-                module.register_forward_hook(self._seen(name))
+        self._hooks = {name: module.register_forward_hook(self._seen(name))
+                       for name, module in model.named_modules() if isinstance(module, nn.Conv2d | ShardedConv2d)}
         self.busy: list[float] = []
         self.events: list[dict] = []
 
     def _seen(self, name: str):
-        """A forward hook keeping the output pixels of conv ``name`` (it returns None: the output stands)."""
+        """A forward hook that records the output pixels of conv ``name`` once,
+        then removes itself (it returns None: the output stands)."""
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            self.pixels.setdefault(name, out.size(-2) * out.size(-1))
+            self.pixels[name] = out.size(-2) * out.size(-1)
+            self._hooks.pop(name).remove()
         return hook
 
     def observe(self, step: int, busy_seconds: float, optimizer: torch.optim.Optimizer) -> dict | None:

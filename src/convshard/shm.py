@@ -16,7 +16,8 @@ through a shared-memory file instead:
   its own cache line and waits, spinning and then yielding its core
   (yielding at once when another rank shares the core), until every rank
   has stored it. A gloo barrier costs about 0.3 ms over
-  loopback, and a ResNet step meets about a hundred times. The wait is
+  loopback (``scripts/latencies.py``), and a step meets twice per
+  kernel-split conv and twice per batch-mode BatchNorm. The wait is
   bounded by ``--timeout`` and ends early, with the rank named, when a
   peer's process is gone. Where stores may be seen out of order (not
   x86-64) or the flags cannot be made, the ranks meet at gloo's barrier.

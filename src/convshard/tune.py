@@ -48,8 +48,8 @@ def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
 
     With ``--strategy auto`` every strategy predicted within TRIAL_MARGIN of
     the fastest runs TRIAL_STEPS real steps first, and the fastest measured
-    wins: the cost model is within 5-20% of the measured step, which is as
-    close as strategies often are."""
+    wins: the cost model can be off the measured step by as much as
+    strategies often differ (docs/benchmarks.md gives the figures)."""
     planning = replace(config, strategy="auto", shares=None)
     job_plan = plan.make_plan(profile_job(planning, dataset), strategy=config.strategy)
     if config.strategy == "auto":
