@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from convshard import tune
 from convshard.cli import main
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
@@ -65,8 +66,11 @@ def test_strategy_auto_falls_back_to_one_device_on_slow_links(tmp_path, measured
         link["bandwidth"], link["latency"] = 1e3, 1.0
     metrics = _train(tmp_path, slow_links, "--strategy", "auto")
     assert metrics["strategy"] == "single" and metrics["world_size"] == 1
-    best = metrics["plan"]["best_single"]
-    assert metrics["devices"] == [measured["devices"][best]]
+    # single, the only strategy predicted near the fastest, against one process on both cores
+    trials = metrics["plan"]["trials"]
+    assert set(trials) == {"single", tune.ALL_CORES}
+    best = measured["devices"][metrics["plan"]["best_single"]]
+    assert metrics["devices"] == ([best] if trials["single"] < trials[tune.ALL_CORES] else ["cpu@0-1"])
     predicted = metrics["plan"]["predicted"]
     assert predicted["single"] <= predicted["kernel"] and predicted["single"] < predicted["ddp"]
 
@@ -88,34 +92,66 @@ def test_workers_plan_for_themselves_under_torchrun(tmp_path):
 
 
 def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measured):
-    """Strategies predicted within 15% of the fastest run a few real steps each;
-    the fastest measured is chosen, whatever the prediction said."""
+    """Strategies predicted within 15% of the fastest run a few real steps each,
+    and so does one process on every listed core; the fastest measured is
+    chosen, whatever the prediction said."""
     from dataclasses import replace
 
-    from convshard import plan, tune
+    from convshard import plan
     from convshard.train import TrainConfig
 
     job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.1, "ddp": 1.14},
                        ranks=(0, 1), dropped=())
-    measured_ms = {"kernel": 0.9, "layers": 0.8, "ddp": 1.2}
+    measured_ms = {("kernel", "cpu@0,cpu@1"): 0.9, ("layers", "cpu@0,cpu@1"): 0.8, ("ddp", "cpu@0,cpu@1"): 1.2,
+                   ("single", "cpu@0-1"): 0.85}
     ran = []
 
     def trial(config, dataset):
-        ran.append((config.strategy, config.max_steps, config.metrics_out, config.rebalance))
-        return {"mean_step_seconds": measured_ms[config.strategy]}
+        ran.append((config.strategy, config.devices, config.max_steps, config.metrics_out, config.rebalance))
+        return {"mean_step_seconds": measured_ms[config.strategy, config.devices]}
 
     monkeypatch.setattr(tune, "launch_job", trial)
     config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
-                         strategy="auto", metrics_out="m.json")
+                         strategy="auto", metrics_out="m.json", threads=1)
     chosen = tune._trials(config, None, job_plan)
-    assert ran == [("kernel", 6, None, "off"), ("layers", 6, None, "off"), ("ddp", 6, None, "off")]
-    assert chosen.strategy == "layers" and chosen.trials == measured_ms
+    both = "cpu@0,cpu@1"
+    assert ran == [("kernel", both, 6, None, "off"), ("layers", both, 6, None, "off"), ("ddp", both, 6, None, "off"),
+                   ("single", "cpu@0-1", 6, None, "off")]
+    assert chosen.strategy == "layers"
+    assert chosen.trials == {"kernel": 0.9, "layers": 0.8, "ddp": 1.2, tune.ALL_CORES: 0.85}
     alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4})
-    assert tune._trials(config, None, alone) is alone  # nothing near the fastest: no trial
-    one_rank = replace(job_plan, ranks=(1,), dropped=(0,))  # a kernel plan on one rank is that device alone
     ran.clear()
+    assert tune._trials(replace(config, devices="cpu@0,cpu@1,cpu@1"), None, alone) is alone  # nothing to try
+    assert ran == []
+    one_rank = replace(job_plan, ranks=(1,), dropped=(0,))  # a kernel plan on one rank is that device alone
     assert tune._trials(config, None, one_rank).strategy == "layers"
-    assert [strategy for strategy, *_ in ran] == ["layers", "ddp"]
+    assert [strategy for strategy, *_ in ran] == ["layers", "ddp", "single"]
+
+
+def test_auto_runs_one_process_on_all_cores_when_that_measures_fastest(monkeypatch, measured):
+    """Two pinned CPU workers that lose to one process on both cores: auto runs
+    that process, one thread per core, and saves it as a plan to run again."""
+    from dataclasses import replace
+
+    from convshard import plan
+    from convshard.train import TrainConfig
+
+    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4},
+                       ranks=(0, 1), dropped=())
+    monkeypatch.setattr(tune, "profile_job", lambda config, dataset: measured)
+    monkeypatch.setattr(tune.plan, "make_plan", lambda profile, strategy: job_plan)
+    monkeypatch.setattr(tune, "launch_job", lambda config, dataset: {"mean_step_seconds": {
+        "kernel": 0.9, "single": 0.6}[config.strategy]})
+    config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
+                         strategy="auto", threads=1)
+    prepared = tune.prepare(config, None)
+    assert (prepared.strategy, prepared.devices, prepared.threads, prepared.world_size) == ("single", "cpu@0-1", 2, 1)
+    assert prepared.plan["trials"] == {"kernel": 0.9, tune.ALL_CORES: 0.6}
+    again = replace(config, strategy="kernel", threads=None).with_job_plan(prepared.job_plan())
+    assert (again.strategy, again.devices, again.threads) == ("single", "cpu@0-1", 2)
+    assert tune.all_cores(replace(config, devices="cpu@0,cpu@1,cpu@1")) is None  # core 1 listed twice: shared
+    assert tune.all_cores(replace(config, devices="cpu,cpu")) is None  # unpinned
+    assert tune.all_cores(replace(config, devices="cpu@0")) is None
 
 
 def test_auto_sizes_ddp_to_the_devices_only_for_a_predicted_gain(measured):

@@ -157,6 +157,8 @@ def predicted_ms(metrics: dict) -> float | None:
     plan, strategy = metrics.get("plan"), metrics["strategy"]
     if not (isinstance(plan, dict) and strategy in plan.get("predicted", {})):
         return None
+    if strategy == "single" and metrics["devices"] != [plan["devices"][plan["best_single"]]]:
+        return None  # one process on all cores: measured in a trial, not predicted
     sized = strategy == "ddp" and plan.get("ddp_shares") and metrics["config"]["shares"] == plan["ddp_shares"]
     return 1000 * (plan["ddp_sized"] if sized else plan["predicted"][strategy])
 
@@ -278,6 +280,11 @@ def _plot(name: str, points: list[dict], path: Path, cores: int) -> None:
     plt.close(fig)
 
 
+def _chosen(job: dict) -> str:
+    """The strategy an auto job ran, with its device when it ran as one process."""
+    return f"{job['strategy']} on {','.join(job['devices'])}" if job["strategy"] == "single" else job["strategy"]
+
+
 def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
     figure = "mean after the warm-up" + (f"; median of {rounds} interleaved rounds" if rounds > 1 else "")
     lines = [f"Machine: {len(cores)} usable cores ({', '.join(map(str, cores))}). "
@@ -288,11 +295,11 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
                   "|" + " --- |" * (len(keys) + 2)]
         for p in points:
             cells = [f"{p[k]['ms']:.0f} ({p[k]['speedup']:.2f}x)" if k in p else "" for k in keys]
-            notes = [p.get("note"), f"(auto chose {p['auto']['strategy']})" if "auto" in p else ""]
+            notes = [p.get("note"), f"(auto chose {_chosen(p['auto'])})" if "auto" in p else ""]
             note = "".join(f" {n}" for n in notes if n)
             memory = " / ".join(f"{p[k]['peak_rss_mib']:.0f}" if k in p else "-" for k in keys)
             lines.append(f"| {p['x']}{note} | " + " | ".join(cells) + f" | {memory} |")
-        predictions = [f"- {p['x']}, {k}{' (chose ' + p[k]['strategy'] + ')' if k == 'auto' else ''}: "
+        predictions = [f"- {p['x']}, {k}{' (chose ' + _chosen(p[k]) + ')' if k == 'auto' else ''}: "
                        f"predicted {p[k]['predicted_ms']:.0f} ms, measured {p[k]['ms']:.0f} ms "
                        f"({100 * (p[k]['predicted_ms'] / p[k]['ms'] - 1):+.0f}% off)"
                        for p in points for k in keys if p.get(k, {}).get("predicted_ms") is not None]

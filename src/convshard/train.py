@@ -132,10 +132,10 @@ class TrainConfig:
         return 1 if self.strategy == "single" else len(self.device_list)
 
     def job_plan(self) -> dict:
-        """What this job runs, as data: the strategy, its devices and every
+        """What this job runs, as data: the strategy, its devices and threads, every
         split (kernels per rank per group, batch-mode groups and their rows,
         ddp's batch shares). ``--plan FILE`` runs it again."""
-        return {"strategy": self.strategy, "devices": self.devices,
+        return {"strategy": self.strategy, "devices": self.devices, "threads": self.threads,
                 "layer_counts": {k: list(v) for k, v in (self.layer_counts or {}).items()} or None,
                 "modes": self.modes, "rows": list(self.rows) if self.rows else None,
                 "shares": list(self.shares) if isinstance(self.shares, tuple) else None}
@@ -145,9 +145,12 @@ class TrainConfig:
         if not isinstance(job, dict) or job.get("strategy") not in STRATEGIES[:-1]:
             raise ConfigError(f"a plan names its strategy, one of {', '.join(STRATEGIES[:-1])}; got "
                               f"{job.get('strategy') if isinstance(job, dict) else job!r}")
+        threads = job.get("threads")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"a plan's threads are a count of at least 1; got {threads!r}")
         counts = {k: tuple(int(c) for c in v) for k, v in (job.get("layer_counts") or {}).items()} or None
         return replace(self, strategy=job["strategy"], devices=job.get("devices") or self.devices,
-                       layer_counts=counts, modes=job.get("modes"),
+                       threads=threads or self.threads, layer_counts=counts, modes=job.get("modes"),
                        rows=tuple(float(r) for r in job["rows"]) if job.get("rows") else None,
                        shares=tuple(float(w) for w in job["shares"]) if job.get("shares") else None,
                        plan=job)

@@ -41,6 +41,22 @@ def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
 
 TRIAL_STEPS = 6  # steps of each trial: 3 warm-up, 3 timed
 TRIAL_MARGIN = 0.15  # auto tries every strategy predicted within this much of the fastest
+ALL_CORES = "single, all cores"  # the trial of one process on every core the devices name
+
+
+def all_cores(config: TrainConfig) -> TrainConfig | None:
+    """``config`` as one process on every core its devices name, one intra-op
+    thread per core, where that is another job: two or more CPU devices
+    pinned to disjoint cores. On one host such a process can beat workers
+    that meet at every layer (the "all cores" column of docs/benchmarks.md);
+    a core listed twice asks for workers that share it, so such a listing has
+    no all-cores trial."""
+    job = config.device_list
+    cores = [c for d in job for c in d.cpus]
+    if len(job) < 2 or any(d.kind != "cpu" or not d.cpus for d in job) or len(set(cores)) != len(cores):
+        return None
+    return replace(config, strategy="single", devices=f"cpu@{devices.format_cores(cores)}", threads=len(cores),
+                   layer_counts=None, modes=None, rows=None, shares=None)
 
 
 def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
@@ -57,6 +73,11 @@ def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
     for r in job_plan.dropped if job_plan.strategy == "kernel" else ():
         log.warning(job_plan.idle_note(r))
     prepared = apply_plan(config, job_plan, can_drop=True)
+    if job_plan.trials and min(job_plan.trials, key=job_plan.trials.get) == ALL_CORES:
+        prepared = replace(all_cores(config), plan=prepared.plan)
+        log.info("plan: one process on %s, measured %.1f ms/step", prepared.devices,
+                 1000 * job_plan.trials[ALL_CORES])
+        return prepared
     log.info("plan: %s on %s, predicted %.1f ms/step", prepared.strategy, prepared.devices,
              1000 * job_plan.predicted[job_plan.strategy])
     return prepared
@@ -64,21 +85,25 @@ def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
 
 def _trials(config: TrainConfig, dataset: data.Dataset, job_plan: plan.Plan) -> plan.Plan:
     """``job_plan`` choosing the fastest measured of the strategies predicted
-    near the fastest (each run for TRIAL_STEPS steps); the trials' ms/step in ``trials``."""
+    near the fastest and of one process on all cores (ALL_CORES, see
+    ``all_cores``), each run for TRIAL_STEPS steps; the trials' seconds per
+    step in ``trials``. ALL_CORES chosen makes the plan ``single``."""
     best = min(job_plan.predicted.values())
     near = [s for s, t in job_plan.predicted.items() if t <= best * (1 + TRIAL_MARGIN)
             and not (s == "kernel" and len(job_plan.ranks) == 1)]  # a kernel plan on one rank is ``single``
-    if len(near) == 1:
+    jobs = {s: apply_plan(config, replace(job_plan, strategy=s), can_drop=True) for s in near}
+    if (merged := all_cores(config)) is not None:
+        jobs[ALL_CORES] = merged
+    if len(jobs) == 1:
         return job_plan
     trials = {}
-    for strategy in near:
-        trial = apply_plan(config, replace(job_plan, strategy=strategy), can_drop=True)
-        trial = replace(trial, max_steps=TRIAL_STEPS, warmup_steps=TRIAL_STEPS // 2, quiet=True, metrics_out=None,
+    for name, job in jobs.items():
+        trial = replace(job, max_steps=TRIAL_STEPS, warmup_steps=TRIAL_STEPS // 2, quiet=True, metrics_out=None,
                         checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off")
-        trials[strategy] = launch_job(trial, dataset)["mean_step_seconds"]
+        trials[name] = launch_job(trial, dataset)["mean_step_seconds"]
     chosen = min(trials, key=trials.get)
     log.info("trials (ms/step): %s: %s", ", ".join(f"{s} {1000 * t:.1f}" for s, t in trials.items()), chosen)
-    return replace(job_plan, strategy=chosen, trials=trials)
+    return replace(job_plan, strategy="single" if chosen == ALL_CORES else chosen, trials=trials)
 
 
 def launch_job(config: TrainConfig, dataset: data.Dataset) -> dict | None:
