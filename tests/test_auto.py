@@ -91,6 +91,28 @@ def test_workers_plan_for_themselves_under_torchrun(tmp_path):
     assert {name: sum(c) for name, c in metrics["shares"].items()} == {"features.0": 4, "features.3": 8}
 
 
+def test_under_torchrun_one_device_trains_alone_when_the_plan_prefers_it(tmp_path, measured):
+    """Links too slow for any split: torchrun's processes are fixed, so the
+    plan's best device trains in a group of its own and the other rank stands
+    by; the job ends when it is done, with its metrics."""
+    slow_links = json.loads(json.dumps(measured))
+    for link in slow_links["links"].values():
+        link["bandwidth"], link["latency"] = 1e3, 1.0
+    (tmp_path / "profile.json").write_text(json.dumps(slow_links))
+    out = tmp_path / "metrics.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "convshard", "train", *JOB, "--strategy", "auto", "--max-steps", "3", "--quiet",
+           "--profile", str(tmp_path / "profile.json"), "--metrics-out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    best = metrics["plan"]["best_single"]
+    assert (metrics["strategy"], metrics["world_size"], metrics["steps"]) == ("single", 1, 3)
+    assert metrics["devices"] == [measured["devices"][best]]
+    assert f"{measured['devices'][best]} (rank {best}) trains alone" in proc.stderr
+
+
 def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measured):
     """Strategies predicted within 15% of the fastest run a few real steps each,
     and so does one process on every listed core; the fastest measured is

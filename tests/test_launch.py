@@ -285,3 +285,68 @@ def test_sigkill_of_a_worker_ends_the_command(tmp_path: Path, record_property) -
             proc.wait()
         for pid in pids.values():
             _kill_worker_if_alive(pid)
+
+
+@pytest.fixture
+def job_store(monkeypatch: pytest.MonkeyPatch):
+    """A rendezvous store on loopback, named by the environment as torchrun names it."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    yield store
+
+
+def _lone_rank(work) -> threading.Thread:
+    """A thread playing the rank that trains alone, running ``work`` inside ``training_alone``."""
+    from convshard import alone
+
+    def run() -> None:
+        try:
+            with alone.training_alone(10):
+                work()
+        except ValueError:
+            pass  # the failure the standing-by rank must report
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_standing_by_rank_waits_until_the_lone_rank_is_done(job_store, monkeypatch) -> None:
+    from convshard import alone
+
+    monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
+    thread = _lone_rank(lambda: time.sleep(0.5))
+    alone.stand_by(1, "cpu@1", 10)
+    assert not thread.join(5) and not thread.is_alive()
+    keys = dist.PrefixStore("convshard/alone/0", job_store)  # this attempt's keys
+    assert keys.check(["done"]) and keys.get("done") == b"1"
+    assert keys.add("beats", 0) >= 3  # it beat while it trained
+
+
+def test_a_standing_by_rank_fails_with_the_lone_ranks_error(job_store, monkeypatch) -> None:
+    from convshard import alone
+    from convshard.errors import TrainingError
+
+    monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
+
+    def fail() -> None:
+        time.sleep(0.2)
+        raise ValueError("bad batch\nsecond line")
+
+    _lone_rank(fail)
+    with pytest.raises(TrainingError, match=r"^rank 1 \(cpu@1\), which trained alone, failed: ValueError: bad batch$"):
+        alone.stand_by(1, "cpu@1", 10)
+
+
+def test_a_standing_by_rank_fails_when_the_lone_rank_falls_silent(job_store, monkeypatch) -> None:
+    """No beat at all (the lone process was killed before or while training)."""
+    from convshard import alone
+    from convshard.errors import TrainingError
+
+    monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
+    monkeypatch.setattr(alone, "SILENCE_SECONDS", 0.5)
+    deadline = time.monotonic() + 10  # a hang guard: the wait must end by itself
+    with pytest.raises(TrainingError, match=r"rank 0 \(cuda:0\), which trained alone, fell silent"):
+        alone.stand_by(0, "cuda:0", 10)
+    assert time.monotonic() < deadline

@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel: shard conv kernels (the method); single: one process on the first "
                         "device; ddp: PyTorch DDP on the same devices; layers: a per-layer plan, each "
                         "group of convs splitting its kernels or the batch, whichever the profile says "
-                        "costs less there; auto: the one the plan predicts fastest (see convshard plan) "
-                        "(default: %(default)s)")
+                        "costs less there; auto: the fastest measured in 6-step trials of the strategies the "
+                        "plan predicts near the fastest (see convshard plan) and of one process on all the "
+                        "listed cores (default: %(default)s)")
     g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
                    help="kernel share per worker (with --strategy ddp: batch share): 'equal' (default), "
                         "'auto' (planned from a profile: a device that would slow the step gets no kernels; "

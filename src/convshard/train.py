@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import atomic, checkpoint, comm, data, devices, launch, plan, profile
+from . import alone, atomic, checkpoint, comm, data, devices, launch, plan, profile
 from .errors import ConfigError, TrainingError
 from .models import build_model
 from .rebalance import Rebalancer, parse_mode
@@ -298,9 +298,39 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
     threads = config.threads_for(device_spec)
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
+    group = job_group()
     if config.needs_plan:  # under torchrun: every rank plans from the same profile
         config = _plan_in_worker(config, dataset, device_spec)
-    run = _setup(config, dataset, device_spec.torch_device, rank, world)
+    if config.strategy == "single" and world > 1:  # torchrun, and the plan's one device trains alone
+        lone = config.plan["best_single"]
+        group = alone.group_of(lone)
+        if rank != lone:
+            alone.stand_by(lone, config.plan["devices"][lone], config.timeout)
+            launch.shutdown()
+            return None
+        rank, world = 0, 1  # its own group's
+        with alone.training_alone(config.timeout):
+            metrics = _train(config, dataset, device_spec, threads, group, rank, world)
+    else:
+        metrics = _train(config, dataset, device_spec, threads, group, rank, world)
+    launch.shutdown()
+    if rank != 0:
+        return None
+    if metrics["mean_step_seconds"] is not None:
+        log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",
+                 metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
+                 metrics["images_per_second"])
+    if config.metrics_out:
+        atomic.write_text(config.metrics_out, json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics written to %s", config.metrics_out)
+    return metrics
+
+
+def _train(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device, threads: int,
+           group: comm.Group, rank: int, world: int) -> dict:
+    """``train_worker`` once the job is planned: train as ``rank`` of
+    ``world`` in ``group`` to the end; the run's metrics."""
+    run = _setup(config, dataset, device_spec.torch_device, rank, world, group)
     all_devices = comm.gather_objects(str(device_spec), group=run.group)  # every rank's device, in rank order
     log.info("strategy %s: %d worker(s) on %s (rank 0: %d thread(s))", config.strategy, world,
              ", ".join(all_devices), threads)
@@ -320,16 +350,6 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
 
     metrics = _metrics(run, all_devices, time.perf_counter() - started)
     metrics["timeline"] = _timeline(run)
-    launch.shutdown()
-    if rank != 0:
-        return None
-    if metrics["mean_step_seconds"] is not None:
-        log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",
-                 metrics["test_accuracy"], metrics["train_loss"], 1000 * metrics["mean_step_seconds"],
-                 metrics["images_per_second"])
-    if config.metrics_out:
-        atomic.write_text(config.metrics_out, json.dumps(metrics, indent=2) + "\n")
-        log.info("metrics written to %s", config.metrics_out)
     return metrics
 
 
@@ -399,14 +419,15 @@ def apply_plan(config: TrainConfig, job_plan: plan.Plan, *, can_drop: bool) -> T
 
 def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> TrainConfig:
     """Plan under torchrun, where the job's processes are already fixed: no
-    rank leaves and ``single`` is not an option."""
+    rank leaves, and where the plan prefers one device (``single``) that
+    device trains alone while the other ranks stand by (``convshard.alone``)."""
     job_profile = measure_job(config, dataset, device_spec)
-    wanted = config.strategy if config.strategy != "auto" else "auto"
-    job_plan = plan.make_plan(job_profile, strategy=wanted, allow_drop=False)
+    job_plan = plan.make_plan(job_profile, strategy=config.strategy, allow_drop=False)
     if job_plan.strategy == "single":
-        best = min(("kernel", "layers", "ddp"), key=lambda s: job_plan.predicted.get(s, math.inf))
-        log.warning("the plan prefers one device, which a running torchrun job cannot shrink to; using %s", best)
-        job_plan = plan.make_plan(job_profile, strategy=best, allow_drop=False)
+        best = job_plan.best_single
+        log.warning("the plan prefers one device: %s (rank %d) trains alone, predicted %.1fx the fastest split",
+                    job_plan.devices[best], best, min(t for s, t in job_plan.predicted.items() if s != "single")
+                    / job_plan.predicted["single"])
     for r in job_plan.idle() if job_plan.strategy == "kernel" else ():
         log.warning(job_plan.idle_note(r))
     log.info("plan: %s, predicted %.1f ms/step", job_plan.strategy, 1000 * job_plan.predicted[job_plan.strategy])
@@ -455,11 +476,11 @@ def _resume_point(config: TrainConfig) -> dict | None:
     return saved
 
 
-def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, world: int) -> _Run:
+def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, world: int,
+           group: comm.Group) -> _Run:
     """The model for the strategy, its optimizer and the progress so far
     (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     model = make_model(config, dataset)
-    group = job_group()
     saved = _read_on_rank0(lambda: _resume_point(config), group=group) if config.checkpoint_dir is not None else None
     if saved is not None:
         load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
