@@ -189,3 +189,36 @@ def test_auto_sizes_ddp_to_the_devices_only_for_a_predicted_gain(measured):
     assert sized.strategy == "ddp" and sized.shares == (0.6, 0.4)
     even = apply_plan(config, replace(base, predicted={**base.predicted, "ddp": 1.0}, ddp_sized=0.99), can_drop=True)
     assert even.strategy == "ddp" and even.shares is None  # PyTorch's even split: sizing would gain 1%
+
+
+def _trial_worker(profile: dict) -> tuple[str, dict]:
+    """One rank of a two-rank job trying four strategies in-process, as a torchrun worker does."""
+    from dataclasses import replace
+
+    import torch
+
+    from convshard import devices, plan, train
+    from convshard.launch import init_from_env
+
+    init_from_env("gloo", timeout=120)
+    torch.set_num_threads(1)
+    config = train.TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16),
+                               synthetic_size=64, kernels=(4, 8), batch_size=16, strategy="auto")
+    job_plan = plan.make_plan(profile, allow_drop=False)
+    job_plan = replace(job_plan, predicted={"kernel": 1.0, "layers": 1.05, "ddp": 1.1, "single": 1.12})
+    chosen = train._trials_in_worker(config, train.load_data(config), devices.Device("cpu"), job_plan)
+    return chosen.strategy, chosen.trials
+
+
+def test_torchrun_workers_try_the_near_strategies_and_choose_alike(measured):
+    """Under torchrun auto's trials run inside the workers: every strategy
+    predicted near the fastest trains 6 steps (single on its device alone),
+    and every rank, from the slowest rank's times, chooses the same one."""
+    from convshard.launch import launch_local
+
+    results = launch_local(_trial_worker, 2, args=(measured,), timeout=240)
+    assert results[0] == results[1]  # one choice, one set of times, on every rank
+    chosen, trials = results[0]
+    assert set(trials) == {"kernel", "layers", "ddp", "single"}
+    assert all(0 < t < float("inf") for t in trials.values())  # each measured on the rank(s) that ran it
+    assert chosen == min(trials, key=trials.get)

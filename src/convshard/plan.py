@@ -97,6 +97,14 @@ class Plan:
     per_layer: LayersPlan | None = None  # the best per-layer plan (``convshard.perlayer``), for W > 1
     trials: dict[str, float] | None = None  # measured seconds per step of the strategies ``auto`` tried
 
+    def worth_trying(self) -> list[str]:
+        """The strategies predicted within TRIAL_MARGIN of the fastest, which
+        ``auto`` runs for TRIAL_STEPS before it chooses (a kernel plan on one
+        rank is that device alone, ``single``, and is left out)."""
+        best = min(self.predicted.values())
+        return [s for s, t in self.predicted.items() if t <= best * (1 + TRIAL_MARGIN)
+                and not (s == "kernel" and len(self.ranks) == 1)]
+
     def counts(self) -> dict[str, tuple[int, ...]]:
         """Layer name -> kernels per rank under the kernel plan."""
         return {layer.name: layer.counts for layer in self.layers}
@@ -206,6 +214,10 @@ def ddp_shares(profile: Mapping) -> tuple[float, ...]:
     """Batch shares that make every rank finish its part together: s_r proportional to 1 / single_r."""
     speeds = [1 / _single(profile, r) for r in range(_world(profile))]
     return tuple(s / sum(speeds) for s in speeds)
+
+
+TRIAL_STEPS = 6  # steps of each of auto's trials: 3 warm-up, 3 timed
+TRIAL_MARGIN = 0.15  # auto tries every strategy predicted within this much of the fastest
 
 
 def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = True) -> Plan:

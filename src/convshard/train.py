@@ -428,10 +428,48 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
         log.warning("the plan prefers one device: %s (rank %d) trains alone, predicted %.1fx the fastest split",
                     job_plan.devices[best], best, min(t for s, t in job_plan.predicted.items() if s != "single")
                     / job_plan.predicted["single"])
+    if config.strategy == "auto":
+        job_plan = _trials_in_worker(config, dataset, device_spec, job_plan)
     for r in job_plan.idle() if job_plan.strategy == "kernel" else ():
         log.warning(job_plan.idle_note(r))
     log.info("plan: %s, predicted %.1f ms/step", job_plan.strategy, 1000 * job_plan.predicted[job_plan.strategy])
     return apply_plan(config, job_plan, can_drop=False)
+
+
+def as_trial(config: TrainConfig) -> TrainConfig:
+    """``config`` cut to one of auto's trials: ``plan.TRIAL_STEPS`` quiet
+    steps, half of them warm-up, with nothing written and nothing moved."""
+    return replace(config, max_steps=plan.TRIAL_STEPS, warmup_steps=plan.TRIAL_STEPS // 2, quiet=True,
+                   metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off")
+
+
+def _trials_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device,
+                      job_plan: plan.Plan) -> plan.Plan:
+    """Under torchrun: ``job_plan`` choosing the fastest measured of the
+    strategies worth trying, each run here for ``plan.TRIAL_STEPS`` steps
+    (``single`` on its device alone, the others standing by). A strategy's
+    time is the slowest rank's mean step, all-reduced, so every rank chooses alike."""
+    tried = job_plan.worth_trying()
+    if len(tried) == 1:
+        return job_plan
+    rank, world = comm.rank(), comm.world_size()
+    seconds = torch.zeros(len(tried), dtype=torch.float64)
+    for i, strategy in enumerate(tried):
+        trial = as_trial(apply_plan(config, replace(job_plan, strategy=strategy), can_drop=False))
+        group, trial_rank, trial_world = job_group(), rank, world
+        if strategy == "single":
+            group, trial_rank, trial_world = alone.group_of(job_plan.best_single), 0, 1
+            if rank != job_plan.best_single:
+                continue
+        run = _setup(trial, dataset, device_spec.torch_device, trial_rank, trial_world, group)
+        while not _finished(run):
+            _train_epoch(run)
+        seconds[i] = run.clock.mean() or math.inf
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    trials = dict(zip(tried, seconds.tolist()))
+    chosen = min(trials, key=trials.get)
+    log.info("trials (ms/step): %s: %s", ", ".join(f"{s} {1000 * t:.1f}" for s, t in trials.items()), chosen)
+    return replace(job_plan, strategy=chosen, trials=trials)
 
 
 T = TypeVar("T")

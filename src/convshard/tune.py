@@ -15,7 +15,7 @@ import logging
 from dataclasses import replace
 
 from . import data, devices, launch, plan, profile
-from .train import TrainConfig, apply_plan, make_model, profile_worker, train_worker
+from .train import TrainConfig, apply_plan, as_trial, make_model, profile_worker, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
     return launch.launch_local(profile_worker, len(job), args=(config,), labels=[str(d) for d in job])[0]
 
 
-TRIAL_STEPS = 6  # steps of each trial: 3 warm-up, 3 timed
-TRIAL_MARGIN = 0.15  # auto tries every strategy predicted within this much of the fastest
 ALL_CORES = "single, all cores"  # the trial of one process on every core the devices name
 
 
@@ -62,8 +60,8 @@ def all_cores(config: TrainConfig) -> TrainConfig | None:
 def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
     """The job to run: ``config`` with strategy, devices and kernel counts planned.
 
-    With ``--strategy auto`` every strategy predicted within TRIAL_MARGIN of
-    the fastest runs TRIAL_STEPS real steps first, and the fastest measured
+    With ``--strategy auto`` every strategy predicted within
+    ``plan.TRIAL_MARGIN`` of the fastest runs ``plan.TRIAL_STEPS`` real steps first, and the fastest measured
     wins: the cost model can be off the measured step by as much as
     strategies often differ (docs/benchmarks.md gives the figures)."""
     planning = replace(config, strategy="auto", shares=None)
@@ -86,21 +84,16 @@ def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
 def _trials(config: TrainConfig, dataset: data.Dataset, job_plan: plan.Plan) -> plan.Plan:
     """``job_plan`` choosing the fastest measured of the strategies predicted
     near the fastest and of one process on all cores (ALL_CORES, see
-    ``all_cores``), each run for TRIAL_STEPS steps; the trials' seconds per
+    ``all_cores``), each run for ``plan.TRIAL_STEPS`` steps; the trials' seconds per
     step in ``trials``. ALL_CORES chosen makes the plan ``single``."""
-    best = min(job_plan.predicted.values())
-    near = [s for s, t in job_plan.predicted.items() if t <= best * (1 + TRIAL_MARGIN)
-            and not (s == "kernel" and len(job_plan.ranks) == 1)]  # a kernel plan on one rank is ``single``
-    jobs = {s: apply_plan(config, replace(job_plan, strategy=s), can_drop=True) for s in near}
+    jobs = {s: apply_plan(config, replace(job_plan, strategy=s), can_drop=True) for s in job_plan.worth_trying()}
     if (merged := all_cores(config)) is not None:
         jobs[ALL_CORES] = merged
     if len(jobs) == 1:
         return job_plan
     trials = {}
     for name, job in jobs.items():
-        trial = replace(job, max_steps=TRIAL_STEPS, warmup_steps=TRIAL_STEPS // 2, quiet=True, metrics_out=None,
-                        checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off")
-        trials[name] = launch_job(trial, dataset)["mean_step_seconds"]
+        trials[name] = launch_job(as_trial(job), dataset)["mean_step_seconds"]
     chosen = min(trials, key=trials.get)
     log.info("trials (ms/step): %s: %s", ", ".join(f"{s} {1000 * t:.1f}" for s, t in trials.items()), chosen)
     return replace(job_plan, strategy="single" if chosen == ALL_CORES else chosen, trials=trials)
