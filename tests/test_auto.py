@@ -125,7 +125,7 @@ def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measu
     job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.1, "ddp": 1.14},
                        ranks=(0, 1), dropped=())
     measured_ms = {("kernel", "cpu@0,cpu@1"): 0.9, ("layers", "cpu@0,cpu@1"): 0.8, ("ddp", "cpu@0,cpu@1"): 1.2,
-                   ("single", "cpu@0-1"): 0.85}
+                   ("single", "cpu@0-1"): 0.85, ("ddp", "cpu@0,cpu@1,cpu@1"): 1.0}
     ran = []
 
     def trial(config, dataset):
@@ -141,10 +141,14 @@ def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measu
                    ("single", "cpu@0-1", 6, None, "off")]
     assert chosen.strategy == "layers"
     assert chosen.trials == {"kernel": 0.9, "layers": 0.8, "ddp": 1.2, tune.ALL_CORES: 0.85}
-    alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4})
+    alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.6})
     ran.clear()
     assert tune._trials(replace(config, devices="cpu@0,cpu@1,cpu@1"), None, alone) is alone  # nothing to try
     assert ran == []
+    ddp_near = replace(alone, predicted={**alone.predicted, "ddp": 1.45})  # ddp is tried within 50%
+    assert tune._trials(replace(config, devices="cpu@0,cpu@1,cpu@1"), None, ddp_near).strategy == "kernel"
+    assert [(s, d) for s, d, *_ in ran] == [("kernel", "cpu@0,cpu@1"), ("ddp", "cpu@0,cpu@1,cpu@1")]  # its ranks
+    ran.clear()
     one_rank = replace(job_plan, ranks=(1,), dropped=(0,))  # a kernel plan on one rank is that device alone
     assert tune._trials(config, None, one_rank).strategy == "layers"
     assert [strategy for strategy, *_ in ran] == ["layers", "ddp", "single"]
@@ -158,7 +162,7 @@ def test_auto_runs_one_process_on_all_cores_when_that_measures_fastest(monkeypat
     from convshard import plan
     from convshard.train import TrainConfig
 
-    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.4},
+    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.6},
                        ranks=(0, 1), dropped=())
     monkeypatch.setattr(tune, "profile_job", lambda config, dataset: measured)
     monkeypatch.setattr(tune.plan, "make_plan", lambda profile, strategy: job_plan)
