@@ -57,14 +57,13 @@ def _exactness_worker(shares: list[float]) -> dict:
             gen = torch.Generator().manual_seed(1)
             for _ in range(STEPS):
                 x, y = torch.randn(6, *shape, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+                outs = []
                 for net, o in ((reference, opt_ref), (model, opt)):
                     o.zero_grad()
-                    out = net(x)
-                    nn.functional.cross_entropy(out, y).backward()
-                    if net is model:
-                        convshard.sync_replicas(model)
-                        errors["forward"] = max(errors["forward"], _rel(out, ref_out))
-                    ref_out = out.detach()
+                    outs.append(net(x))
+                    nn.functional.cross_entropy(outs[-1], y).backward()
+                convshard.sync_replicas(model)
+                errors["forward"] = max(errors["forward"], _rel(outs[1].detach(), outs[0].detach()))
                 ref_grads = dict(reference.named_parameters())
                 for name, p in model.named_parameters():
                     g = splits[name].gather(p.grad) if name in splits else p.grad
