@@ -423,13 +423,13 @@ def _plan_in_worker(config: TrainConfig, dataset: data.Dataset, device_spec: dev
     device trains alone while the other ranks stand by (``convshard.alone``)."""
     job_profile = measure_job(config, dataset, device_spec)
     job_plan = plan.make_plan(job_profile, strategy=config.strategy, allow_drop=False)
+    if config.strategy == "auto":
+        job_plan = _trials_in_worker(config, dataset, device_spec, job_plan)
     if job_plan.strategy == "single":
         best = job_plan.best_single
         log.warning("the plan prefers one device: %s (rank %d) trains alone, predicted %.1fx the fastest split",
                     job_plan.devices[best], best, min(t for s, t in job_plan.predicted.items() if s != "single")
                     / job_plan.predicted["single"])
-    if config.strategy == "auto":
-        job_plan = _trials_in_worker(config, dataset, device_spec, job_plan)
     for r in job_plan.idle() if job_plan.strategy == "kernel" else ():
         log.warning(job_plan.idle_note(r))
     log.info("plan: %s, predicted %.1f ms/step", job_plan.strategy, 1000 * job_plan.predicted[job_plan.strategy])
