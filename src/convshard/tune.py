@@ -60,10 +60,11 @@ def all_cores(config: TrainConfig) -> TrainConfig | None:
 def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
     """The job to run: ``config`` with strategy, devices and kernel counts planned.
 
-    With ``--strategy auto`` every strategy predicted within
-    ``plan.TRIAL_MARGIN`` of the fastest runs ``plan.TRIAL_STEPS`` real steps first, and the fastest measured
-    wins: the cost model can be off the measured step by as much as
-    strategies often differ (docs/benchmarks.md gives the figures)."""
+    With ``--strategy auto`` the strategies worth trying
+    (``plan.Plan.worth_trying``) and one process on all cores (``all_cores``)
+    run ``plan.TRIAL_STEPS`` real steps first, and the fastest measured wins:
+    the cost model can be off the measured step by as much as strategies
+    often differ (docs/benchmarks.md gives the figures)."""
     planning = replace(config, strategy="auto", shares=None)
     job_plan = plan.make_plan(profile_job(planning, dataset), strategy=config.strategy)
     if config.strategy == "auto":
