@@ -15,9 +15,9 @@ from .sharded import (
     full_state_dict,
     load_full_state_dict,
     shard_model,
-    split_counts,
     sync_replicas,
 )
+from .splits import split_counts
 
 __all__ = [
     "ConfigError",

@@ -25,7 +25,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import comm
-from .sharded import ChannelGroup, _device_of, _dtype_of, split_counts
+from .sharded import ChannelGroup, _device_of, _dtype_of
+from .splits import split_counts
 
 BUCKET_BYTES = 4 << 20  # a gradient all-reduce starts once this many bytes of gradients are in
 

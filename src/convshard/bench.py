@@ -152,15 +152,11 @@ class _Runner:
 
 
 def predicted_ms(metrics: dict) -> float | None:
-    """The plan's predicted ms/step for the strategy the run took (ddp on the
-    plan's batch shares: the sized prediction); None when the run made no plan."""
-    plan, strategy = metrics.get("plan"), metrics["strategy"]
-    if not (isinstance(plan, dict) and strategy in plan.get("predicted", {})):
-        return None
-    if strategy == "single" and metrics["devices"] != [plan["devices"][plan["best_single"]]]:
-        return None  # one process on all cores: measured in a trial, not predicted
-    sized = strategy == "ddp" and plan.get("ddp_shares") and metrics["config"]["shares"] == plan["ddp_shares"]
-    return 1000 * (plan["ddp_sized"] if sized else plan["predicted"][strategy])
+    """The cost model's ms/step for the plan the run took (``cost.predict``,
+    recorded when the run's plan was searched); None for a plan built from
+    flags and for one process on all cores, which is measured in its trial."""
+    seconds = metrics.get("predicted_seconds")
+    return None if seconds is None else 1000 * seconds
 
 
 def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:

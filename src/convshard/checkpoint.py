@@ -8,7 +8,8 @@ nothing is unpickled beyond that:
      "optimizer": the unsharded optimizer's state dict,
      "progress": {"epoch": epochs done, "batch": batches done in the current epoch,
                   "step": optimizer steps done, "history": [...]},
-     "config": the run's settings}
+     "config": the run's settings,
+     "job_plan": the plan it ran (``plan.Plan.to_json``)}
 
 The model and optimizer state are gathered from the shards, so a run can
 resume on any device list: ``load_full_state_dict`` and
@@ -28,52 +29,46 @@ from torch import nn
 
 from .atomic import atomic_writer
 from .errors import ConfigError
-from .sharded import sharded_parameters
+from .sharded import ShardSplit, sharded_parameters
+from .splits import is_per_kernel
 
 FILENAME = "checkpoint.pt"
 
 
-def _shards_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, Any]:
-    """Optimizer parameter index -> the split of that parameter, for sharded ones."""
-    splits = sharded_parameters(model)
-    by_param = {id(p): splits[n] for n, p in model.named_parameters() if n in splits}
+def _shards_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, tuple[ShardSplit, torch.Size]]:
+    """Optimizer parameter index -> (its split, its local shape), for sharded parameters."""
+    by_name = sharded_parameters(model)
+    by_param = {id(p): (by_name[n], p.shape) for n, p in model.named_parameters() if n in by_name}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return {i: by_param[id(p)] for i, p in enumerate(params) if id(p) in by_param}
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state of the unsharded model: per-kernel tensors (momentum,
-    Adam's moments) are gathered along dim 0. A collective on every rank."""
+    Adam's moments; ``splits.is_per_kernel``) are gathered along dim 0. A
+    collective on every rank."""
     state = optimizer.state_dict()  # its per-parameter dicts are the live ones: build new
     shards = _shards_of(model, optimizer)
     full = {}
     for index, per_param in state["state"].items():
-        split = shards.get(index)
-        full[index] = {
-            k: _cpu(split.gather(v) if split and _per_kernel(v, split.local) else v)
-            for k, v in per_param.items()
-        }
+        split, shape = shards.get(index, (None, None))
+        full[index] = {k: _cpu(split.gather(v) if split and is_per_kernel(v, shape) else v)
+                       for k, v in per_param.items()}
     return {"state": full, "param_groups": state["param_groups"]}
 
 
-def _per_kernel(value: Any, kernels: int) -> bool:
-    """Whether an optimizer state entry holds one slice per kernel (dim 0)."""
-    return torch.is_tensor(value) and value.dim() > 0 and value.size(0) == kernels
-
-
-def load_full_optimizer_state_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
-) -> None:
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an unsharded optimizer state into the optimizer of a sharded model."""
     shards = _shards_of(model, optimizer)
-    local = {
-        i: {
-            k: shards[i].take(v) if i in shards and _per_kernel(v, shards[i].total) else v
-            for k, v in s.items()
-        }
-        for i, s in state["state"].items()
-    }
-    optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})
+
+    def local(i: int, value: Any) -> Any:
+        if i not in shards:
+            return value
+        split, shape = shards[i]
+        return split.take(value) if is_per_kernel(value, (split.total, *shape[1:])) else value
+
+    optimizer.load_state_dict({"state": {i: {k: local(i, v) for k, v in s.items()} for i, s in state["state"].items()},
+                               "param_groups": state["param_groups"]})
 
 
 def _cpu(value: Any) -> Any:

@@ -1,424 +1,241 @@
-"""The cost model and the planner: how many kernels each rank gets, on which ranks, or whether to shard at all.
+"""The plan: one value that describes a whole training job.
 
-A profile (measured elsewhere, for W ranks at one batch size) gives, per rank
-r and sharded conv layer l with K_l kernels, a fixed cost a_{r,l} and a cost
-per kernel b_{r,l} (seconds of forward + backward); per rank the seconds
-rest_r of the replicated part (the other layers and the optimizer step); and
-per collective x a link model t_x(n) = latency_x + n / bandwidth_x for n bytes.
+A ``Plan`` names the engine that runs the job, its devices (one worker
+each) and their threads, and for every channel group (a conv, or convs
+whose outputs meet; ``convshard.layouts``) its mode and split:
 
-Strategy ``kernel`` on a set S of m ranks with integer counts c_{r,l} >= 0,
-sum_r c_{r,l} = K_l::
+- kernel mode: rank r holds c_r of the group's K kernels (sum_r c_r = K),
+  for the whole batch;
+- batch mode: every rank holds all K kernels and rows [p_r, p_r + b_r) of
+  the global batch of B images, (b_0, ..., b_{W-1}) = ``rows``.
 
-    compute_{r,l} = a_{r,l} + b_{r,l} * max(c_{r,l}, 1)
-    comm_l        = t_gather(m * max_r c_{r,l} * g_l) + max(t_reduce(d_l) - compute_{s,l} / 3, 0)
-                    + t_scatter(e_l)
-                    (s: the rank with the largest compute_{r,l} of the layer)
-    layer_l       = max_{r in S} compute_{r,l} + comm_l
-    wait_{r,l}    = max_{r' in S} compute_{r',l} - compute_{r,l}
-    step          = sum_l layer_l + min_{r in S} rest_r + t_broadcast(P_rep)
+The engines (``convshard.engines``):
 
-with g_l the bytes one kernel adds to the forward all-gathers, d_l the bytes
-of the backward all-reduce of the layer's input gradient where that input
-is replicated (the term is left out when d_l = 0: the input needs no
-gradient), e_l the bytes of the input gradients reduce-scattered back to
-the channel split they were gathered from (``convshard.layouts``), and
-P_rep the bytes of the replicated parameters' gradients. The all-reduce travels while the weight
-gradient is computed: a conv's forward, input gradient and weight gradient
-are one convolution each of the same multiply-adds, so the weight gradient
-is taken as a third of the layer's compute on its slowest rank, and only
-the transfer beyond it counts. Every rank runs the replicated part
-between the last conv layer's forward gather and its backward all-reduce,
-so a rank slower at it by e_r = rest_r - min_{S} rest gets that much added
-to its last-layer compute, and fewer kernels of that layer: the replicated
-part stays off the critical path as far as the last layer can absorb it.
-A rank with no kernels still runs one
-zero kernel, hence max(c, 1); the all-gather pads every rank's part to the
-largest count, hence m * max c. With m = 1 nothing is communicated:
-step = sum_l (a_{r,l} + b_{r,l} K_l) + rest_r, which is strategy ``single``
-on rank r. Strategy ``ddp`` splits the batch evenly over all W ranks and
-all-reduces the P bytes of all gradients:
-step = max_r (sum_l (a_{r,l} + b_{r,l} K_l) + rest_r) / W + t_reduce(P).
+- ``sharded``: convshard's own, any mix of modes at any world size; one
+  device alone (``single``), the paper's kernel split, all-batch and the
+  per-layer plans are all values of it. It trains the model one device
+  trains, BatchNorm over the global batch included.
+- ``ddp``: PyTorch's DistributedDataParallel as people run it, the
+  baseline: rank r trains on its ``rows[r]`` images, every group in batch
+  mode, BatchNorm over each rank's own rows.
 
-``make_plan`` splits every layer with ``choose_counts``, evaluates the kernel
-strategy on the m fastest ranks (by single-device step) for m = 1..W and
-keeps the fastest subset; the ranks outside it are dropped (no kernels).
-Strategy ``layers`` is the best per-layer plan (``convshard.perlayer``:
-each channel group splits its kernels or the batch), predicted when the
-profile times batch mode (W > 1). ``auto`` picks the strategy with the
-smallest predicted step, ties going to kernel, then single, then layers,
-then ddp. Since m = 1 is the best single device, auto is
-never predicted slower than it; a kernel plan that keeps one rank is that
-device alone, so auto reports it as ``single``.
+``rows`` are counts at ``batch_size``; a shorter batch of n (an epoch's
+last) is split ``splits.split_counts(n, rows)``. ``ranks`` names the
+started processes that train when a job's processes are fixed (torchrun):
+the others stand by (``convshard.alone``). The CLI's strategy flags,
+``--strategy auto`` and rebalancing only build values of this type;
+``cost.predict`` prices one, ``to_json`` / ``from_json`` save and replay it
+(``--plan FILE``, a run's ``job_plan``).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
+from . import splits
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .perlayer import LayersPlan
-
-STRATEGIES = ("kernel", "single", "layers", "ddp")  # auto's order of preference on a tie
-_REQUIRED = ("version", "devices", "layers", "rest_seconds", "param_bytes", "replicated_param_bytes")
+KERNEL, BATCH = "kernel", "batch"
+SHARDED, DDP = "sharded", "ddp"
+ENGINES = (SHARDED, DDP)
+FORMAT = 3  # the JSON layout written by ``to_json``; files without "format" are read as today's earlier ones
 
 
 @dataclass(frozen=True)
-class LayerPlan:
-    """One sharded conv layer under the kernel strategy."""
+class GroupSplit:
+    """One channel group: its mode and, in kernel mode, its kernels per rank."""
 
     name: str
-    counts: tuple[int, ...]  # kernels per rank, all W ranks (0 for ranks left out)
-    compute: tuple[float, ...]  # predicted fwd+bwd seconds per rank (0.0 for ranks left out)
-    wait: tuple[float, ...]  # seconds each rank waits for the slowest (0.0 for ranks left out)
-    comm: float  # all-gather plus the input-gradient all-reduce beyond the weight-gradient compute, seconds
-    seconds: float  # slowest rank's compute + comm
+    kernels: int  # K, the group's kernels
+    mode: str = KERNEL  # "kernel" | "batch"
+    counts: tuple[int, ...] = ()  # kernel mode: c_r per rank, summing to K; batch mode: () (all K on every rank)
+
+    def __post_init__(self) -> None:
+        if self.mode not in (KERNEL, BATCH):
+            raise ConfigError(f"group {self.name!r}: mode {self.mode!r} is not kernel or batch")
+        if self.mode == KERNEL and (sum(self.counts) != self.kernels or min(self.counts, default=-1) < 0):
+            raise ConfigError(f"group {self.name!r}: kernel counts {list(self.counts)} must be non-negative "
+                              f"and sum to its {self.kernels} kernels")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The chosen strategy, the kernel strategy's per-layer plan and every strategy's predicted step."""
+    """A whole job: engine, devices, every group's mode and split, the batch rows."""
 
-    strategy: str  # "kernel" | "single" | "ddp"
-    devices: tuple[str, ...]  # device spec per rank
-    ranks: tuple[int, ...]  # ranks the kernel plan uses, ascending
-    dropped: tuple[int, ...]  # ranks the kernel plan leaves out
-    layers: tuple[LayerPlan, ...]
-    rest: float  # fastest used rank's replicated part, seconds (the excess of slower ones is in the last layer)
-    sync: float  # replicated-gradient broadcast, seconds
-    predicted: dict[str, float]  # predicted step seconds per strategy ("ddp" only when W > 1)
-    best_single: int  # rank of the fastest single device
-    ddp_shares: tuple[float, ...] = ()  # batch share per rank sized to its speed (``--strategy ddp --shares auto``)
-    ddp_sized: float = 0.0  # predicted step seconds of ddp with those shares
-    per_layer: LayersPlan | None = None  # the best per-layer plan (``convshard.perlayer``), for W > 1
-    trials: dict[str, float] | None = None  # measured seconds per step of the strategies ``auto`` tried
+    engine: str  # "sharded" | "ddp"
+    devices: tuple[str, ...]  # one worker per device, in rank order (``convshard.devices`` specs)
+    groups: tuple[GroupSplit, ...]  # every channel group of the model, in graph order
+    rows: tuple[int, ...]  # rows of the global batch per rank (batch-mode groups; ddp: each rank's part)
+    batch_size: int  # B = sum(rows)
+    threads: int | None = None  # intra-op threads per worker; None: the cores its device names
+    ranks: tuple[int, ...] | None = None  # started processes that train (torchrun); None: all of them
 
-    def worth_trying(self) -> list[str]:
-        """The strategies predicted within TRIAL_MARGIN of the fastest (ddp:
-        DDP_TRIAL_MARGIN), which ``auto`` runs for TRIAL_STEPS before it
-        chooses (a kernel plan on one rank is that device alone, ``single``,
-        and is left out)."""
-        best = min(self.predicted.values())
-        return [s for s, t in self.predicted.items()
-                if t <= best * (1 + (DDP_TRIAL_MARGIN if s == "ddp" else TRIAL_MARGIN))
-                and not (s == "kernel" and len(self.ranks) == 1)]
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"a plan's engine is one of {', '.join(ENGINES)}; got {self.engine!r}")
+        world = len(self.devices)
+        if world == 0:
+            raise ConfigError("a plan names at least one device")
+        if len(self.rows) != world or sum(self.rows) != self.batch_size or min(self.rows) < 0:
+            raise ConfigError(f"a plan's rows {list(self.rows)} must be {world} counts summing to its batch "
+                              f"size {self.batch_size}")
+        for g in self.groups:
+            if g.mode == KERNEL and len(g.counts) != world:
+                raise ConfigError(f"group {g.name!r}: {len(g.counts)} kernel counts for {world} devices")
+        if self.engine == DDP and any(g.mode != BATCH for g in self.groups):
+            raise ConfigError("a ddp plan runs every group in batch mode")
+        if self.ranks is not None and len(self.ranks) != world:
+            raise ConfigError(f"a plan's ranks {list(self.ranks)} name {len(self.ranks)} processes for "
+                              f"{world} devices")
 
-    def counts(self) -> dict[str, tuple[int, ...]]:
-        """Layer name -> kernels per rank under the kernel plan."""
-        return {layer.name: layer.counts for layer in self.layers}
+    @property
+    def world(self) -> int:
+        return len(self.devices)
 
-    def speedup(self, over: str) -> float:
-        """How many times faster the chosen strategy's predicted step is than ``over``'s."""
-        return self.predicted[over] / self.predicted[self.strategy]
+    @property
+    def name(self) -> str:
+        """What the plan is, in the words of the CLI: single, kernel, batch (all
+        groups), layers (a mix) or ddp. For display only: nothing runs by it."""
+        if self.engine == DDP:
+            return "ddp"
+        if self.world == 1:
+            return "single"
+        modes = {g.mode for g in self.groups}
+        return "layers" if len(modes) > 1 else modes.pop() if modes else KERNEL
 
-    def idle(self) -> tuple[int, ...]:
-        """Ranks the kernel plan gives no kernels in any layer (the dropped ones among them)."""
-        return tuple(r for r in range(len(self.devices)) if not any(layer.counts[r] for layer in self.layers))
+    def kernel_counts(self) -> dict[str, tuple[int, ...]]:
+        """Kernels per rank of every kernel-mode group."""
+        return {g.name: g.counts for g in self.groups if g.mode == KERNEL}
 
-    def idle_note(self, rank: int) -> str:
-        return f"{self.devices[rank]} (rank {rank}) gets no kernels: it would slow the step"
+    def batch_groups(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups if g.mode == BATCH)
+
+    def rows_of(self, n: int) -> tuple[int, ...]:
+        """Rows per rank of a global batch of ``n`` images."""
+        return self.rows if n == self.batch_size else splits.split_counts(n, self.rows)
+
+    def resplit(self, counts: Mapping[str, Sequence[int]], rows: Sequence[int] | None = None) -> Plan:
+        """This plan with new kernel counts for the named groups and, when
+        given, new rows (online rebalancing)."""
+        groups = tuple(replace(g, counts=tuple(counts[g.name])) if g.name in counts and g.mode == KERNEL else g
+                       for g in self.groups)
+        return replace(self, groups=groups, rows=tuple(rows) if rows else self.rows)
 
     def to_json(self) -> dict:
-        """Every field, nested plans included, as plain dicts and lists."""
-        return _plain(self)
+        return {"format": FORMAT, "engine": self.engine, "devices": list(self.devices), "threads": self.threads,
+                "batch_size": self.batch_size, "rows": list(self.rows),
+                "groups": [{"name": g.name, "kernels": g.kernels, "mode": g.mode, "counts": list(g.counts)}
+                           for g in self.groups],
+                **({"ranks": list(self.ranks)} if self.ranks is not None else {})}
 
 
-def _plain(value):
-    if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def kernel_split(devices: Sequence[str], groups: Mapping[str, int], batch_size: int, *,
+                 shares: Sequence[float] | None = None, counts: Mapping[str, Sequence[int]] | None = None,
+                 modes: Mapping[str, str] | None = None, rows: Sequence[int] | None = None,
+                 threads: int | None = None) -> Plan:
+    """A sharded plan: each group in ``modes`` (default kernel), kernel
+    groups split by ``counts`` or else in proportion to ``shares`` (None:
+    equal), the batch by ``rows`` (None: even). One device is ``single``."""
+    world, counts, modes = len(devices), counts or {}, modes or {}
+    weights = [1.0] * world if shares is None else list(shares)
+    if len(weights) != world:
+        raise ConfigError(f"shares {list(weights)} has {len(weights)} weights for {world} devices")
+    plan_groups = tuple(
+        GroupSplit(name, k, BATCH) if modes.get(name, KERNEL) == BATCH else
+        GroupSplit(name, k, KERNEL, tuple(counts[name]) if name in counts else splits.split_counts(k, weights))
+        for name, k in groups.items())
+    return Plan(SHARDED, tuple(devices), plan_groups,
+                tuple(rows) if rows is not None else splits.even(batch_size, world), batch_size, threads)
 
 
-def choose_counts(total: int, a: Sequence[float], b: Sequence[float]) -> tuple[int, ...]:
-    """Kernels per rank, summing to ``total``, that minimise max_r a_r + b_r * max(c_r, 1).
-
-    Greedy: each kernel goes to the rank whose cost after taking it is
-    smallest (ties to the lower rank). This is optimal for a min-max of
-    non-decreasing costs: were a kernel given at a cost above the optimum T,
-    every rank would already hold as many kernels as it can within T, i.e. at
-    least the total. Comm is left out of the objective: it depends on the
-    split only through max_r c_r, and lowering that means moving kernels from
-    the rank that takes them cheapest to a slower one; the planner meets a
-    slow link by using fewer ranks instead.
-    """
-    if not a or len(a) != len(b):
-        raise ConfigError(f"a ({len(a)} entries) and b ({len(b)} entries) must give one cost per rank")
-    if total < 0:
-        raise ConfigError(f"kernel total {total} must be non-negative")
-    counts = [0] * len(a)
-    heap = [(a[r] + b[r], r) for r in range(len(a))]
-    heapq.heapify(heap)
-    for _ in range(total):
-        _, r = heapq.heappop(heap)
-        counts[r] += 1
-        heapq.heappush(heap, (a[r] + b[r] * (counts[r] + 1), r))
-    return tuple(counts)
+def single(device: str, groups: Mapping[str, int], batch_size: int, *, threads: int | None = None,
+           rank: int | None = None) -> Plan:
+    """One device trains the whole model (under torchrun: process ``rank``, the others standing by)."""
+    plan = kernel_split([device], groups, batch_size, threads=threads)
+    return replace(plan, ranks=(rank,)) if rank is not None else plan
 
 
-def kernel_step(
-    profile: Mapping, counts: Mapping[str, Sequence[int]], ranks: Sequence[int] | None = None
-) -> tuple[float, tuple[LayerPlan, ...]]:
-    """Predicted step seconds and per-layer plan of the kernel strategy with the given counts.
-
-    ``counts`` maps each layer name to kernels for all W ranks; ``ranks`` is
-    the participating subset (all ranks when None), outside which counts must be 0.
-    """
-    world = _world(profile)
-    used = _subset(ranks, world)
-    last = len(profile["layers"]) - 1
-    layers = tuple(
-        _layer_plan(profile, layer, _checked_counts(layer, counts, used, world), used,
-                    _rest_excess(profile, used) if i == last else None)
-        for i, layer in enumerate(profile["layers"])
-    )
-    update = max(sum(_update(profile, r, layer["param_bytes"] * counts[layer["name"]][r] / layer["kernels"])
-                     for layer in profile["layers"] if "param_bytes" in layer) for r in used)
-    return sum(layer.seconds for layer in layers) + _rest(profile, used) + _sync(profile, used) + update, layers
+def ddp(devices: Sequence[str], groups: Mapping[str, int], batch_size: int, *,
+        shares: Sequence[float] | None = None, threads: int | None = None) -> Plan:
+    """PyTorch DDP: rank r trains on ``split_counts(B, shares)[r]`` images (None: even)."""
+    rows = splits.split_counts(batch_size, shares) if shares is not None else splits.even(batch_size, len(devices))
+    if len(rows) != len(devices):
+        raise ConfigError(f"shares {list(shares or ())} has {len(rows)} weights for {len(devices)} devices")
+    if min(rows) == 0:
+        raise ConfigError(f"batch shares {list(shares or ())} leave a ddp worker no image of the {batch_size}")
+    return Plan(DDP, tuple(devices), tuple(GroupSplit(n, k, BATCH) for n, k in groups.items()), rows,
+                batch_size, threads)
 
 
-def single_step(profile: Mapping, rank: int) -> float:
-    """Predicted step seconds of the whole model on ``rank`` alone."""
-    world = _world(profile)
-    if not 0 <= rank < world:
-        raise ConfigError(f"rank {rank} is not in 0..{world - 1}")
-    return _single(profile, rank)
-
-
-def ddp_step(profile: Mapping, shares: Sequence[float] | None = None) -> float:
-    """Predicted step seconds of data parallelism over all ranks: rank r takes
-    the fraction s_r of the batch (evenly when ``shares`` is None), so
-    step = max_r single_r * s_r + t_reduce(P), the all-reduce as DDP's
-    reducer runs it (the backend's own, ``ddp_all_reduce``, where profiled)."""
-    world = _world(profile)
-    fractions = [1 / world] * world if shares is None else [s / sum(shares) for s in shares]
-    grouped = profile["param_bytes"] - profile["replicated_param_bytes"]  # every rank updates all weights
-    compute = max((_single(profile, r) - _update(profile, r, grouped)) * fractions[r] + _update(profile, r, grouped)
-                  for r in range(world))
-    link = "ddp_all_reduce" if "ddp_all_reduce" in profile.get("links", {}) else "all_reduce"
-    return compute + (_transfer(profile, link, profile["param_bytes"]) if world > 1 else 0.0)
-
-
-def _update(profile: Mapping, rank: int, nbytes: float) -> float:
-    """Seconds of the optimizer step over ``nbytes`` of the groups' parameters
-    on ``rank`` (0 for a profile that does not time it)."""
-    return profile["update_seconds_per_byte"][rank] * nbytes if "update_seconds_per_byte" in profile else 0.0
-
-
-def ddp_shares(profile: Mapping) -> tuple[float, ...]:
-    """Batch shares that make every rank finish its part together: s_r proportional to 1 / single_r."""
-    speeds = [1 / _single(profile, r) for r in range(_world(profile))]
-    return tuple(s / sum(speeds) for s in speeds)
-
-
-TRIAL_STEPS = 6  # steps of each of auto's trials: 3 warm-up, 3 timed
-TRIAL_MARGIN = 0.15  # auto tries every strategy predicted within this much of the fastest
-# ddp's prediction charges its all-reduce in full, but DDP's reducer overlaps it
-# with backward as far as the device is free to: across a 1 Gbit/s link ResNet-18
-# at batch 32 was predicted 953 ms and measured 736 (docs/benchmarks.md).
-DDP_TRIAL_MARGIN = 0.5
-
-
-def make_plan(profile: Mapping, *, strategy: str = "auto", allow_drop: bool = True) -> Plan:
-    """Plan the kernel strategy, predict every strategy and choose one.
-
-    ``strategy`` "auto" chooses the fastest predicted (a kernel plan on one
-    rank is reported as ``single``); a named strategy is chosen as given. With
-    ``allow_drop`` False the kernel plan uses every rank.
-    """
-    world = _world(profile)
-    if strategy != "auto" and strategy not in STRATEGIES:
-        raise ConfigError(f"strategy {strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
-    if strategy in ("ddp", "layers") and world == 1:
-        raise ConfigError(f"strategy {strategy!r} needs more than one device")
-    singles = [_single(profile, r) for r in range(world)]
-    order = sorted(range(world), key=lambda r: (singles[r], r))
-    subsets = [tuple(sorted(order[:m])) for m in (range(1, world + 1) if allow_drop else (world,))]
-    candidates = [(*kernel_step(profile, _greedy_counts(profile, used), used), used) for used in subsets]
-    step, layers, used = min(candidates, key=lambda c: c[0])
-    predicted = {"kernel": step, "single": singles[order[0]]}
-    per_layer = perlayer.search(profile) if perlayer.can_plan(profile) else None
-    if per_layer is not None:
-        predicted["layers"] = per_layer.step
-    if world > 1:
-        predicted["ddp"] = ddp_step(profile)
-    sized = ddp_shares(profile)
-    if strategy == "auto":
-        strategy = min(predicted, key=lambda s: (predicted[s], STRATEGIES.index(s)))
-        if strategy == "kernel" and len(used) == 1:
-            strategy = "single"
-    return Plan(
-        strategy=strategy,
-        devices=tuple(profile["devices"]),
-        ranks=used,
-        dropped=tuple(r for r in range(world) if r not in used),
-        layers=layers,
-        rest=_rest(profile, used),
-        sync=_sync(profile, used),
-        predicted=predicted,
-        best_single=order[0],
-        ddp_shares=sized,
-        ddp_sized=ddp_step(profile, sized),
-        per_layer=per_layer,
-    )
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as a plain-text table: per layer and device, then the step and the choice."""
-    width = max(len("device"), *(len(d) for d in plan.devices))
-    lines = ["kernel plan:"]
-    for layer in plan.layers:
-        lines.append(f"{layer.name}: {sum(layer.counts)} kernels")
-        lines.append(f"  {'rank':>4}  {'device':<{width}}  {'kernels':>7}  {'compute ms':>10}  {'wait ms':>8}")
-        for r, device in enumerate(plan.devices):
-            used = r in plan.ranks
-            compute = f"{layer.compute[r] * 1e3:.2f}" if used else "-"
-            wait = f"{layer.wait[r] * 1e3:.2f}" if used else "-"
-            lines.append(f"  {r:>4}  {device:<{width}}  {layer.counts[r]:>7}  {compute:>10}  {wait:>8}")
-        lines.append(f"  comm {_ms(layer.comm)}  time {_ms(layer.seconds)}")
-    lines.append(f"rest {_ms(plan.rest)}  sync {_ms(plan.sync)}")
-    if plan.per_layer is not None:
-        lines.append(perlayer.format_layers(plan.per_layer, plan.devices))
-    lines.append("predicted step: " + "  ".join(f"{s} {_ms(t)}" for s, t in plan.predicted.items()))
-    if "ddp" in plan.predicted:
-        lines.append(f"ddp with batch shares sized to the devices ({', '.join(f'{s:.2f}' for s in plan.ddp_shares)}): "
-                     f"{_ms(plan.ddp_sized)}")
-    best = plan.best_single
-    speedups = [f"{plan.speedup('single'):.2f}x over the best single device ({plan.devices[best]}, rank {best})"]
-    if "ddp" in plan.predicted:
-        speedups.append(f"{plan.speedup('ddp'):.2f}x over ddp")
-    lines.append(f"speedup of {plan.strategy}: " + ", ".join(speedups))
-    lines.extend(plan.idle_note(r) for r in plan.dropped)
-    lines.append(f"strategy: {plan.strategy}")
-    return "\n".join(lines)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms"
-
-
-def _world(profile: Mapping) -> int:
-    """W, after checking the profile has the shape the model reads."""
-    missing = [key for key in _REQUIRED if key not in profile]
-    if missing:
-        raise ConfigError(f"profile lacks {', '.join(missing)}")
-    if profile["version"] != 2:
-        raise ConfigError(f"profile version {profile['version']!r} is not supported (expected 2)")
-    world = len(profile["devices"])
-    if world == 0:
-        raise ConfigError("profile lists no devices")
-    _per_rank("profile rest_seconds", profile["rest_seconds"], world)
-    names = [layer["name"] for layer in profile["layers"]]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"profile layer names {names} are not unique")
-    for layer in profile["layers"]:
-        _per_rank(f"profile layer {layer['name']!r}: a", layer["a"], world)
-        _per_rank(f"profile layer {layer['name']!r}: b", layer["b"], world)
-    return world
-
-
-def _per_rank(what: str, values: Sequence[float], world: int) -> None:
-    if len(values) != world:
-        raise ConfigError(f"{what} has {len(values)} entries, expected {world} (one per device)")
-
-
-def _subset(ranks: Sequence[int] | None, world: int) -> tuple[int, ...]:
-    if ranks is None:
-        return tuple(range(world))
-    used = tuple(sorted(set(ranks)))
-    if not used or used[0] < 0 or used[-1] >= world:
-        raise ConfigError(f"ranks {list(ranks)} must be a non-empty subset of 0..{world - 1}")
-    return used
-
-
-def _checked_counts(
-    layer: Mapping, counts: Mapping[str, Sequence[int]], used: tuple[int, ...], world: int
-) -> tuple[int, ...]:
-    name = layer["name"]
-    if name not in counts:
-        raise ConfigError(f"no kernel counts for layer {name!r}")
-    given = tuple(int(c) for c in counts[name])
-    if len(given) != world or min(given) < 0 or sum(given) != layer["kernels"]:
-        raise ConfigError(
-            f"kernel counts {list(given)} for layer {name!r} must be {world} non-negative integers"
-            f" summing to {layer['kernels']}"
-        )
-    if any(given[r] for r in range(world) if r not in used):
-        raise ConfigError(f"kernel counts {list(given)} for layer {name!r} give kernels to ranks outside {list(used)}")
-    return given
-
-
-def _greedy_counts(profile: Mapping, used: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """``choose_counts`` over the ranks in ``used`` for every layer, as counts for all ranks."""
-    plan = {}
-    excess = _rest_excess(profile, used)
-    for i, layer in enumerate(profile["layers"]):
-        extra = excess if i == len(profile["layers"]) - 1 else [0.0] * len(excess)
-        part = choose_counts(layer["kernels"], [layer["a"][r] + extra[r] for r in used],
-                             [layer["b"][r] for r in used])
-        full = [0] * len(profile["devices"])
-        for r, count in zip(used, part):
-            full[r] = count
-        plan[layer["name"]] = tuple(full)
+def from_json(saved: object, *, groups: Mapping[str, int], batch_size: int, source: str = "plan") -> Plan:
+    """The plan saved in ``saved`` (``to_json``, or a job plan written before
+    the format had a number), checked against the model's ``groups``
+    (name -> kernels, graph order). ``batch_size`` serves files that predate
+    its record. Raises ConfigError naming ``source``."""
+    what = ("a plan file holds a run's metrics JSON (--metrics-out) or its 'job_plan' entry: "
+            "engine, devices, groups and rows")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source}: not a plan ({what}); got {type(saved).__name__}")
+    try:
+        plan = _current(saved) if "format" in saved else _earlier(saved, groups, batch_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc} ({what})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: not a plan ({what}): {type(exc).__name__} {exc}") from None
+    saved_groups = {g.name: g.kernels for g in plan.groups}
+    if saved_groups != dict(groups):
+        raise ConfigError(f"{source}: its groups {saved_groups} are not the model's {dict(groups)}")
     return plan
 
 
-def _layer_plan(profile: Mapping, layer: Mapping, counts: tuple[int, ...], used: tuple[int, ...],
-                extra: Sequence[float] | None = None) -> LayerPlan:
-    conv = [layer["a"][r] + layer["b"][r] * max(counts[r], 1) if r in used else 0.0 for r in range(len(counts))]
-    compute = [conv[r] + (extra[r] if extra and r in used else 0.0) for r in range(len(counts))]
-    s = max(used, key=lambda r: compute[r])
-    wait = tuple(compute[s] - compute[r] if r in used else 0.0 for r in range(len(counts)))
-    comm = _comm(profile, layer, max(counts), len(used), weight_grad=conv[s] / 3)
-    return LayerPlan(layer["name"], counts, tuple(compute), wait, comm, compute[s] + comm)
+def _current(saved: dict) -> Plan:
+    if saved["format"] != FORMAT:
+        raise ConfigError(f"plan format {saved['format']!r} is not {FORMAT}")
+    groups = tuple(GroupSplit(g["name"], int(g["kernels"]), g["mode"], tuple(int(c) for c in g["counts"]))
+                   for g in saved["groups"])
+    ranks = tuple(int(r) for r in saved["ranks"]) if saved.get("ranks") is not None else None
+    return Plan(saved["engine"], tuple(saved["devices"]), groups, tuple(int(r) for r in saved["rows"]),
+                int(saved["batch_size"]), _threads(saved.get("threads")), ranks)
 
 
-def _comm(profile: Mapping, layer: Mapping, largest: int, m: int, *, weight_grad: float) -> float:
-    """The layer's communication on the critical path: the all-gather, and the
-    input-gradient all-reduce beyond the ``weight_grad`` seconds it overlaps."""
-    if m == 1:
-        return 0.0
-    seconds = _transfer(profile, "all_gather", m * largest * layer["gather_bytes_per_kernel"])
-    if layer["input_grad_bytes"]:
-        seconds += max(_transfer(profile, "all_reduce", layer["input_grad_bytes"]) - weight_grad, 0.0)
-    if layer.get("input_grad_scatter_bytes"):
-        seconds += _transfer(profile, "reduce_scatter", layer["input_grad_scatter_bytes"])
-    return seconds
+def _earlier(saved: dict, groups: Mapping[str, int], batch_size: int) -> Plan:
+    """A job plan of the earlier layout: strategy, devices (a --devices
+    string), threads, layer_counts, modes, rows (weights), shares."""
+    from .devices import parse_devices  # a device string is split by its own grammar
+
+    strategies = ("kernel", "single", "ddp", "layers")
+    if saved.get("strategy") not in strategies:
+        raise ConfigError(f"it names no strategy (one of {', '.join(strategies)}); got {saved.get('strategy')!r}")
+    devices = [str(d) for d in parse_devices(saved["devices"])]
+    threads, shares = _threads(saved.get("threads")), saved.get("shares")
+    if saved["strategy"] == "single":
+        return single(devices[0], groups, batch_size, threads=threads)
+    if saved["strategy"] == "ddp":
+        return ddp(devices, groups, batch_size, shares=shares, threads=threads)
+    rows = splits.split_counts(batch_size, saved["rows"]) if saved.get("rows") else None
+    return kernel_split(devices, groups, batch_size, shares=shares, counts=saved.get("layer_counts"),
+                        modes=saved.get("modes"), rows=rows, threads=threads)
 
 
-def _transfer(profile: Mapping, kind: str, nbytes: float) -> float:
-    links = profile.get("links", {})
-    link = links.get(kind, links.get("all_gather") if kind == "reduce_scatter" else None)  # same bytes moved
-    if link is None:
-        raise ConfigError(f"profile has no {kind!r} link, which more than one device needs")
-    return link["latency"] + nbytes / link["bandwidth"]
+def _threads(value: object) -> int | None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"a plan's threads are a count of at least 1; got {value!r}")
+    return value
 
 
-def _single(profile: Mapping, rank: int) -> float:
-    layers = sum(layer["a"][rank] + layer["b"][rank] * layer["kernels"] for layer in profile["layers"])
-    return layers + profile["rest_seconds"][rank] + _update(profile, rank, profile["param_bytes"]
-                                                            - profile["replicated_param_bytes"])
-
-
-def _rest(profile: Mapping, used: tuple[int, ...]) -> float:
-    return min(profile["rest_seconds"][r] for r in used)
-
-
-def _rest_excess(profile: Mapping, used: tuple[int, ...]) -> list[float]:
-    """Per rank, how much longer its replicated part takes than the fastest used rank's (0 if unused)."""
-    base = _rest(profile, used)
-    return [profile["rest_seconds"][r] - base if r in used else 0.0 for r in range(len(profile["devices"]))]
-
-
-def _sync(profile: Mapping, used: tuple[int, ...]) -> float:
-    return _transfer(profile, "broadcast", profile["replicated_param_bytes"]) if len(used) > 1 else 0.0
-
-
-from . import perlayer  # noqa: E402  (the per-layer planner builds on the cost model above)
+def describe(plan: Plan) -> str:
+    """The plan as a table: engine and devices, then per group its mode and split."""
+    width = max([len("group"), *(len(g.name) for g in plan.groups)])
+    lines = [f"plan: {plan.name} ({plan.engine} engine) on {', '.join(plan.devices)}"
+             + (f", {plan.threads} thread(s) each" if plan.threads else "")
+             + (f", ranks {list(plan.ranks)}" if plan.ranks is not None else ""),
+             f"  batch {plan.batch_size}, rows per rank {list(plan.rows)}"]
+    if plan.groups:
+        lines.append(f"  {'group':<{width}}  {'mode':<6}  kernels per rank")
+        for g in plan.groups:
+            split = list(g.counts) if g.mode == KERNEL else f"all {g.kernels} on every rank"
+            lines.append(f"  {g.name:<{width}}  {g.mode:<6}  {split}")
+    else:
+        lines.append("  the model has no conv group: nothing is split")
+    return "\n".join(lines)

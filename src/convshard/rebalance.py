@@ -11,7 +11,7 @@ per row), so its cost per unit of work is s_r = T_r / u_r. The imbalance,
 reported with each move, is max_r T_r / mean_r T_r - 1.
 
 Mode ``auto`` checks every ``window`` steps: new counts per layer come from
-``plan.choose_counts`` with b_r = s_r * w_l, new rows with b_r = s_r * w_rows
+``splits.choose_counts`` with b_r = s_r * w_l, new rows with b_r = s_r * w_rows
 (batch rows hold no state: the row split just changes), and they are taken when they cut
 the predicted slowest busy time max_r s_r u_r by at least ``min_gain`` (3%;
 smaller predicted gains are within the noise of the timings). Mode N
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import comm
-from .plan import choose_counts
+from .splits import choose_counts, is_per_kernel
 from .sharded import ShardedConv2d, ShardSplit, channel_groups, layer_counts
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def reshard(model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[
             for param in module.parameters(recurse=False):
                 state = optimizer.state.get(param, {})
                 for key, value in state.items():
-                    if torch.is_tensor(value) and value.shape == param.shape:
+                    if is_per_kernel(value, param.shape):
                         state[key] = new.take(old.gather(value)).clone()
                 param.data = new.take(old.gather(param.data)).clone()
                 param.grad = None

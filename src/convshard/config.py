@@ -1,0 +1,137 @@
+"""A training run's configuration: what the user asked for, and the plan it runs.
+
+``TrainConfig`` is identical on every rank. Its flags say what to build
+(``strategy``, ``shares``, ``devices``, ...); ``job`` is the ``plan.Plan``
+the run executes, built from the flags by ``plan_from_flags``, searched
+and tried (``convshard.trials``), or read from ``--plan FILE``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import data, devices, plan
+from .errors import ConfigError
+from .models import build_model
+from .rebalance import parse_mode
+from .sharded import group_kernels
+
+STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; identical on every rank."""
+
+    devices: str = "cpu@0,cpu@1"  # this host's devices, one worker each; see convshard.devices for the grammar
+    threads: int | None = None  # intra-op threads per worker; None: the cores its device names
+    strategy: str = "kernel"  # how to build the plan: kernel | single | ddp | layers | auto
+    shares: tuple[float, ...] | str | None = None  # per rank: kernel share (ddp: batch share), "auto", or None: equal
+    profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
+    rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
+    job: plan.Plan | None = None  # the plan this run executes; None: still to be built from the flags
+    planning: dict | None = None  # how ``job`` was chosen: every candidate's predicted step, the trials
+    model: str = "paper"  # one of models.MODELS, or package.module:function
+    kernels: tuple[int, ...] | None = None  # kernels per conv layer (ResNet, VGG: base width); None: the default
+    dataset: str = "mnist"  # mnist | cifar10 | synthetic | folder
+    data_dir: str = "data"  # where cifar10 and folder live
+    image_size: int = 32  # side of the folder dataset's images
+    augment: bool = False  # random crop and flip of every training batch, drawn from seed and step
+    synthetic_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) of synthetic images
+    synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
+    epochs: int = 8
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    batch_size: int = 64  # global batch, the same for every plan
+    optimizer: str = "sgd"  # sgd (with momentum) | adam
+    lr: float = 0.05
+    momentum: float = 0.9  # SGD only
+    schedule: str = "cosine"  # cosine: lr decays to 0 over the run | constant
+    seed: int = 0
+    dtype: str = "float32"  # parameters and data; float64 serves exactness tests
+    warmup_steps: int = 3  # steps left out of mean_step_seconds
+    timeout: float = 300.0  # seconds any collective may wait before the job fails
+    quiet: bool = False  # no progress bar, warnings only
+    metrics_out: str | None = None  # write the metrics JSON here
+    checkpoint_dir: str | None = None  # save <dir>/checkpoint.pt after every epoch
+    checkpoint_every: int | None = None  # ... and also every this many optimizer steps
+    resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    device_list: tuple[devices.Device, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device_list = devices.parse_devices(self.devices)
+
+    @property
+    def needs_search(self) -> bool:
+        """Whether the plan is still to be searched for on a profile."""
+        return self.job is None and (self.strategy in ("auto", "layers") or self.shares == "auto")
+
+    @property
+    def rebalance_mode(self) -> str | int:
+        """The ``--rebalance`` mode in effect: a planned split is corrected
+        online (``auto``) unless the user said otherwise."""
+        if self.rebalance is not None:
+            return parse_mode(self.rebalance)
+        return "auto" if self.planning is not None else "off"
+
+    def threads_for(self, device: devices.Device) -> int:
+        """Intra-op threads of ``device``'s worker."""
+        threads = self.job.threads if self.job is not None and self.job.threads else self.threads
+        return threads or devices.default_threads(device, self.device_list[: self.world_size])
+
+    @property
+    def world_size(self) -> int:
+        """Processes this config starts on one host."""
+        if self.job is not None:
+            return self.job.world
+        return 1 if self.strategy == "single" else len(self.device_list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for key in ("device_list", "job", "planning"):  # the metrics JSON carries the plan on its own
+            out.pop(key)
+        return out
+
+
+def load_data(config: TrainConfig) -> data.Dataset:
+    """The run's dataset, the same on every rank."""
+    return data.load_dataset(
+        config.dataset, data_dir=config.data_dir, seed=config.seed,
+        synthetic_shape=config.synthetic_shape,
+        synthetic_sizes=(config.synthetic_size, max(1, config.synthetic_size // 4)),
+        image_size=config.image_size,
+    )
+
+
+def make_model(config: TrainConfig, dataset: data.Dataset) -> nn.Module:
+    """The unsharded model, initialised from the seed: identical on every rank."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, dataset.input_shape, dataset.classes, config.kernels)
+    return model.to(getattr(torch, config.dtype))
+
+
+def model_groups(config: TrainConfig, dataset: data.Dataset) -> dict[str, int]:
+    """The model's channel groups, name -> kernels: what a plan splits."""
+    return group_kernels(make_model(config, dataset))
+
+
+def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: list[str]) -> plan.Plan:
+    """The plan ``--strategy single|kernel|ddp`` with ``--shares`` weights
+    (or equal) describes on ``job_devices`` (every rank's device)."""
+    shares = config.shares if isinstance(config.shares, tuple) else None
+    if config.strategy == "single":
+        return plan.single(job_devices[0], groups, config.batch_size, threads=config.threads)
+    if config.strategy == "ddp":
+        return plan.ddp(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
+    if config.strategy == "kernel":
+        return plan.kernel_split(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
+    raise ConfigError(f"--strategy {config.strategy} is planned from a profile")
+
+
+def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
+    return math.ceil(n_train / config.batch_size)

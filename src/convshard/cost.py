@@ -1,0 +1,227 @@
+"""The cost model: ``predict(profile, plan)``, the step time of any plan with its breakdown.
+
+The profile (``convshard.profile``) was measured on the plan's devices, one
+rank each, at batch B. For channel group g on rank r it gives a fit
+t = a_{r,g} + b_{r,g} k of k kernels over the whole batch, T_{r,g}, the
+group with all its kernels over n_g rows (batch mode), the bytes of the
+values entering and leaving it; per rank the replicated rest rest_r and
+the optimizer's seconds per weight byte u_r; per collective x a link
+t_x(n bytes) = latency_x + n / bandwidth_x (nothing is sent at W = 1).
+
+**Sharded engine.** Group g's compute on rank r is
+
+    kernel mode: a_{r,g} + b_{r,g} max(c_{r,g}, 1)      (a rank without kernels runs a placeholder)
+    batch mode:  T_{r,g} b_r / n_g
+
+and the group takes its slowest rank's compute plus its collectives:
+
+- a replicated input that needs a gradient: in kernel mode its all-reduce
+  beyond a third of the group's compute (the weight gradient, one of the
+  three convolutions of a conv's step, runs while it travels); in batch
+  mode an all-gather of rows;
+- each batch-mode BatchNorm meets the ranks twice (statistics, sums);
+- each value leaving the group (n bytes over the batch), per kind of reader:
+
+      from kernel mode: whole    t_ag(n W max_r c_r / K)     (channels padded to the largest share)
+                        kernel   t_ag(...) + t_rs(n)          (input gradients summed back)
+                        batch    2 t_a2a(n / W)               (all-to-all each way)
+      from batch mode:  whole    t_ag(n)
+                        kernel   t_ag(n) + t_rs(n)
+                        batch    0
+
+Then
+
+    step = sum_g group_g + max_r rest_r + t_ar(P_batch) + t_bc(P_rep) + sum_g max_r u_r h_{r,g}
+
+with P_batch the bytes of the batch-mode groups' weights (their gradients
+are summed), P_rep those of the replicated rest (broadcast), h_{r,g} the
+weight bytes of group g that rank r updates (all of a batch-mode group,
+c_{r,g} / K_g of a kernel-mode one): each group's update is priced on its
+slowest rank, so that the step is a sum over groups and the search
+(``convshard.search``) can be exact. One device is the same formula at W = 1:
+sum_g (a + b K) + rest + u P_groups.
+
+**DDP engine.** Rank r runs the whole model on its b_r rows:
+
+    busy_r = sum_g T_{r,g} b_r / n_g + rest_r b_r / B + u_r P_groups
+    step   = max_r busy_r + t_ddp(P) - OVERLAP * min(t_ddp(P), 2/3 sum_g T_{r,g} b_r / n_g)
+
+DDP's reducer starts its all-reduce buckets while backward (two thirds of
+a conv's step) goes on. OVERLAP is the fraction of that window which hides
+the transfer, fitted by least squares to the bandwidth sweep of
+docs/benchmarks.md (ResNet-18, two namespace hosts, ms/step, DDP charged
+in full against measured): 10 Gbit/s b16 374/364 and b32 634/614, 1 Gbit/s
+b16 683/512 and b32 953/736. The hidden time h and the window
+m = min(t_ddp, backward) were h = 10, 20, 171, 217 and m = 90, 90, 189,
+362 ms, so OVERLAP = sum m h / sum m^2 = 0.62. On one CPU thread the
+transfer shares the core with backward, hence less than 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .plan import BATCH, DDP, KERNEL, Plan
+
+OVERLAP = 0.6  # the share of DDP's backward window that hides its all-reduce (fit in the module docstring)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A plan's predicted step, seconds, and where it goes."""
+
+    step: float
+    busy: tuple[float, ...]  # per rank: seconds computing (groups, rest, optimizer)
+    groups: dict[str, float]  # per group: slowest rank's compute plus its collectives
+    collectives: dict[str, float] = field(default_factory=dict)  # seconds per kind on the critical path
+    rest: float = 0.0  # the replicated rest (ddp: inside busy)
+    gradient_sum: float = 0.0  # batch-mode weights' gradient all-reduce (ddp: its exposed all-reduce)
+    broadcast: float = 0.0  # replicated gradients' broadcast
+    update: float = 0.0  # optimizer step over the groups' weights
+
+    @property
+    def wait(self) -> tuple[float, ...]:
+        """Per rank: seconds of the step it is not busy (waiting for peers or links)."""
+        return tuple(self.step - b for b in self.busy)
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "busy": list(self.busy), "groups": self.groups, "collectives": self.collectives,
+                "rest": self.rest, "gradient_sum": self.gradient_sum, "broadcast": self.broadcast,
+                "update": self.update}
+
+
+def predict(profile: Mapping, plan: Plan) -> Prediction:
+    """The predicted step of ``plan`` on the devices ``profile`` measured (one per rank)."""
+    world = len(profile["devices"])
+    if world != plan.world:
+        raise ConfigError(f"the profile measured {world} devices, the plan runs on {plan.world}")
+    names = sorted(layer["name"] for layer in profile["layers"])
+    if names != sorted(g.name for g in plan.groups):
+        raise ConfigError(f"the plan's groups {sorted(g.name for g in plan.groups)} are not the profile's {names}")
+    return _ddp(profile, plan) if plan.engine == DDP else _sharded(profile, plan)
+
+
+def transfer(profile: Mapping, kind: str, nbytes: float) -> float:
+    """Seconds of collective ``kind`` moving ``nbytes``; 0 on one device."""
+    if len(profile["devices"]) == 1:
+        return 0.0
+    links = profile.get("links", {})
+    link = links.get(kind, links.get("all_gather") if kind == "reduce_scatter" else None)  # same bytes moved
+    if link is None:
+        raise ConfigError(f"profile has no {kind!r} link, which more than one device needs")
+    return link["latency"] + nbytes / link["bandwidth"]
+
+
+def group_compute(layer: Mapping, mode: str, counts: Sequence[int], rows: Sequence[int]) -> tuple[float, ...]:
+    """Group ``layer``'s compute seconds per rank in ``mode``."""
+    if mode == BATCH:
+        return tuple(t * b / layer["batch_rows"] for t, b in zip(layer["batch_seconds"], rows))
+    return tuple(a + b * max(c, 1) for a, b, c in zip(layer["a"], layer["b"], counts))
+
+
+def group_own(profile: Mapping, layer: Mapping, mode: str, counts: Sequence[int],
+              rows: Sequence[int]) -> tuple[tuple[float, ...], dict[str, float]]:
+    """What group ``layer`` costs by its own mode alone: compute per rank, and
+    the collectives of its inputs, its BatchNorms and its values read whole."""
+    compute = group_compute(layer, mode, counts, rows)
+    comm: dict[str, float] = {}
+    if mode == BATCH and layer["batchnorms"]:
+        _add(comm, "all_gather", 2 * layer["batchnorms"] * transfer(profile, "all_gather", 0))
+    for value in layer["inputs"]:
+        if value["grad"] and mode == BATCH:
+            _add(comm, "all_gather", transfer(profile, "all_gather", value["bytes"]))
+        elif value["grad"]:
+            _add(comm, "all_reduce", max(transfer(profile, "all_reduce", value["bytes"]) - max(compute) / 3, 0.0))
+    for value in layer["outputs"]:
+        if value["whole"]:
+            _add(comm, "all_gather", transfer(profile, "all_gather", gathered_bytes(profile, layer, value, mode,
+                                                                                     counts)))
+    return compute, comm
+
+
+def gathered_bytes(profile: Mapping, layer: Mapping, value: Mapping, mode: str, counts: Sequence[int]) -> float:
+    """Bytes an all-gather of ``value`` moves: padded to the largest share in kernel mode."""
+    world = len(profile["devices"])
+    return value["bytes"] * (world * max(counts) / layer["kernels"] if mode == KERNEL else 1)
+
+
+def value_readers(profile: Mapping, layer: Mapping, value: Mapping, mode: str, counts: Sequence[int],
+                  kernel_readers: bool, batch_readers: bool) -> dict[str, float]:
+    """The collectives that carry ``value`` to conv readers in kernel and batch mode."""
+    comm: dict[str, float] = {}
+    if kernel_readers:
+        _add(comm, "all_gather", transfer(profile, "all_gather", gathered_bytes(profile, layer, value, mode, counts)))
+        _add(comm, "reduce_scatter", transfer(profile, "reduce_scatter", value["bytes"]))
+    if batch_readers and mode == KERNEL:
+        _add(comm, "all_to_all", 2 * transfer(profile, "all_to_all", value["bytes"] / len(profile["devices"])))
+    return comm
+
+
+def group_update(profile: Mapping, layer: Mapping, mode: str, counts: Sequence[int]) -> float:
+    """The optimizer step over the group's weights, on its slowest rank."""
+    per_byte = profile.get("update_seconds_per_byte")
+    if per_byte is None:
+        return 0.0
+    held = [c / layer["kernels"] for c in counts] if mode == KERNEL else [1.0] * len(per_byte)
+    return max(u * layer["param_bytes"] * h for u, h in zip(per_byte, held))
+
+
+def _sharded(profile: Mapping, plan: Plan) -> Prediction:
+    layers = profile["layers"]
+    mode = {g.name: g.mode for g in plan.groups}
+    counts = {g.name: g.counts for g in plan.groups}
+    world = plan.world
+    collectives: dict[str, float] = {}
+    groups: dict[str, float] = {}
+    busy = [0.0] * world
+    update = 0.0
+    for layer in layers:
+        name = layer["name"]
+        compute, comm = group_own(profile, layer, mode[name], counts[name], plan.rows)
+        for value in layer["outputs"]:
+            readers = {mode[reader] for reader in value["convs"]}
+            _merge(comm, value_readers(profile, layer, value, mode[name], counts[name], KERNEL in readers,
+                                       BATCH in readers))
+        groups[name] = max(compute) + sum(comm.values())
+        _merge(collectives, comm)
+        busy = [s + c for s, c in zip(busy, compute)]
+        update += group_update(profile, layer, mode[name], counts[name])
+    summed = sum(layer["param_bytes"] for layer in layers if mode[layer["name"]] == BATCH)
+    gradient_sum = transfer(profile, "all_reduce", summed) if summed else 0.0
+    broadcast = transfer(profile, "broadcast", profile["replicated_param_bytes"])
+    rest = max(profile["rest_seconds"])  # every rank runs it on the whole batch
+    busy = [s + r + update for s, r in zip(busy, profile["rest_seconds"])]
+    step = sum(groups.values()) + rest + gradient_sum + broadcast + update
+    return Prediction(step, tuple(busy), groups, collectives, rest, gradient_sum, broadcast, update)
+
+
+def _ddp(profile: Mapping, plan: Plan) -> Prediction:
+    layers, rows, batch = profile["layers"], plan.rows, plan.batch_size
+    all_reduce = transfer(profile, "ddp_all_reduce" if "ddp_all_reduce" in profile.get("links", {}) else
+                          "all_reduce", profile["param_bytes"])
+    grouped = profile["param_bytes"] - profile["replicated_param_bytes"]
+    per_byte = profile.get("update_seconds_per_byte", [0.0] * plan.world)
+    steps, busy, exposed = [], [], []
+    for r in range(plan.world):
+        conv = sum(group_compute(layer, BATCH, (), rows)[r] for layer in layers)
+        mine = conv + profile["rest_seconds"][r] * rows[r] / batch + per_byte[r] * grouped
+        hidden = OVERLAP * min(all_reduce, 2 / 3 * conv)
+        busy.append(mine)
+        exposed.append(all_reduce - hidden)
+        steps.append(mine + all_reduce - hidden)
+    slowest = max(range(plan.world), key=lambda r: steps[r])
+    groups = {layer["name"]: max(group_compute(layer, BATCH, (), rows)) for layer in layers}
+    return Prediction(steps[slowest], tuple(busy), groups, {"all_reduce": exposed[slowest]},
+                      gradient_sum=exposed[slowest])
+
+
+def _add(comm: dict[str, float], kind: str, seconds: float) -> None:
+    if seconds:
+        comm[kind] = comm.get(kind, 0.0) + seconds
+
+
+def _merge(into: dict[str, float], more: Mapping[str, float]) -> None:
+    for kind, seconds in more.items():
+        _add(into, kind, seconds)

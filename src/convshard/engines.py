@@ -1,0 +1,107 @@
+"""Engines: how a plan's model is built, fed and synchronised; what the training loop asks.
+
+An engine answers these questions for the loop, which never asks which plan
+it runs:
+
+- ``wrap(model)``: the model this rank trains (sharded, or DDP-wrapped);
+- ``rows(n)``, ``eval_rows(n)``: which images of a global batch of n (of
+  the n test images) this rank feeds;
+- ``loss_scale(n)``: the factor on the summed loss of its rows, so that
+  the gradients are those of the mean loss over the global batch;
+- ``after_backward(model)``: what must happen between ``backward()`` and
+  the optimizer step;
+- ``reduce(values)``: per-rank sums (loss, correct answers) made the job's.
+
+``ShardedEngine`` runs any sharded plan: every rank feeds the whole global
+batch (kernel-mode groups split kernels, batch-mode groups take their rows
+themselves), so each computes the whole loss: scale 1/n, nothing to reduce.
+``DDPEngine`` is PyTorch's DDP: rank r feeds its b_r images; DDP averages
+gradients over the W ranks, so the loss is scaled by W / n, which makes
+the mean over the global batch however the rows are split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import comm, splits
+from .plan import DDP, Plan
+from .rebalance import Rebalancer
+from .sharded import shard_model, sync_replicas
+
+
+class ShardedEngine:
+    """convshard's engine: ``shard_model`` with the plan's modes, counts and rows."""
+
+    def __init__(self, plan: Plan, rank: int, group: comm.Group) -> None:
+        self.plan, self.rank, self.group = plan, rank, group
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return shard_model(model, group=self.group, layer_shares=self.plan.kernel_counts(),
+                           modes={name: "batch" for name in self.plan.batch_groups()}, rows=self.plan.rows)
+
+    @staticmethod
+    def net(model: nn.Module) -> nn.Module:
+        return model
+
+    def rows(self, n: int) -> slice:
+        return slice(0, n)
+
+    def eval_rows(self, n: int) -> slice:
+        return slice(0, n)
+
+    def loss_scale(self, n: int) -> float:
+        return 1 / n
+
+    def after_backward(self, model: nn.Module) -> None:
+        sync_replicas(model, group=self.group)
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def rebalancer(self, model: nn.Module, mode: str | int) -> Rebalancer | None:
+        return None if mode == "off" else Rebalancer(model, mode, group=self.group)
+
+
+class DDPEngine:
+    """PyTorch's DistributedDataParallel over the plan's rows (one device: the plain model)."""
+
+    def __init__(self, plan: Plan, rank: int, group: comm.Group) -> None:
+        self.plan, self.rank, self.group = plan, rank, group
+        self.world = comm.world_size(group)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model, process_group=self.group)
+
+    @staticmethod
+    def net(model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def rows(self, n: int) -> slice:
+        return splits.part(self.plan.rows_of(n), self.rank)
+
+    def eval_rows(self, n: int) -> slice:
+        return splits.part(splits.even(n, self.world), self.rank)
+
+    def loss_scale(self, n: int) -> float:
+        return self.world / n
+
+    def after_backward(self, model: nn.Module) -> None:
+        pass  # DDP's reducer has averaged the gradients during backward
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(values, group=self.group)
+        return values
+
+    def rebalancer(self, model: nn.Module, mode: str | int) -> None:
+        return None  # DDP's rows stay as planned
+
+
+def engine_for(plan: Plan, rank: int, group: comm.Group) -> ShardedEngine | DDPEngine:
+    """The engine that runs ``plan`` as ``rank`` of ``group``."""
+    return (DDPEngine if plan.engine == DDP else ShardedEngine)(plan, rank, group)

@@ -1,0 +1,236 @@
+"""The planner: the plans worth running for a profile, each priced by ``cost.predict``.
+
+For the W profiled devices, taken as the m fastest (by their predicted
+step alone) for m = 1..W (or all W where a job's processes are fixed):
+
+- ``single``: the fastest device alone (m = 1);
+- ``kernel``: every group in kernel mode, each group's kernels split by
+  ``splits.choose_counts`` on its fits a + b k (the m devices finish the
+  group together);
+- ``layers``: the best mix of modes (``best_modes``), kernel counts as
+  above, the batch rows sized to the devices (``sized_rows``);
+- ``ddp``, ``ddp sized``: PyTorch DDP over all W, even rows or rows sized
+  to the devices. For a model with BatchNorm these are left out of
+  ``--strategy auto``: DDP normalises over each rank's rows, another
+  model's maths, and the all-batch plan among the ``layers`` candidates
+  is the same split with BatchNorm over the global batch.
+
+``best_modes`` is exact: a dynamic programme over the groups in graph
+order. ``cost.predict``'s step is a sum of terms of one group's mode
+(compute, inputs, BatchNorms, values read whole, update, its share of the
+gradient sum) and terms of a value's producer mode and whether any of its
+readers is in kernel or in batch mode, plus the gradient sum's latency once
+if any group is in batch mode. The state after deciding groups 0..i is the
+set of values still to be read (with their producer's mode and the reader
+modes seen so far) and whether a batch group has been seen; every state
+keeps its cheapest prefix. A ResNet keeps two or three values open at a
+time, so there are a few dozen states.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from . import cost, plan, splits
+from .errors import ConfigError
+from .plan import BATCH, KERNEL, Plan
+
+log = logging.getLogger(__name__)
+
+TRIAL_STEPS = 6  # steps of each of auto's trials: 3 warm-up, 3 timed
+TRIAL_MARGIN = 0.15  # auto tries every plan predicted within this much of the fastest
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan the planner considered, and its prediction."""
+
+    name: str  # single | kernel | layers | ddp | ddp sized
+    plan: Plan
+    prediction: cost.Prediction
+
+
+def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
+    """The profile of the devices ``ranks`` alone (links as measured)."""
+    def pick(values: Sequence) -> list:
+        return [values[r] for r in ranks]
+
+    layers = [{**layer, **{key: pick(layer[key]) for key in ("a", "b", "batch_seconds") if key in layer}}
+              for layer in profile["layers"]]
+    out = {**profile, "devices": pick(profile["devices"]), "layers": layers,
+           "rest_seconds": pick(profile["rest_seconds"])}
+    if "update_seconds_per_byte" in profile:
+        out["update_seconds_per_byte"] = pick(profile["update_seconds_per_byte"])
+    return out
+
+
+def groups_of(profile: Mapping) -> dict[str, int]:
+    """Group name -> kernels, in graph order."""
+    return {layer["name"]: layer["kernels"] for layer in profile["layers"]}
+
+
+def sized_counts(profile: Mapping) -> dict[str, tuple[int, ...]]:
+    """Per group, kernels per device that make the devices finish it together (``choose_counts``)."""
+    return {layer["name"]: splits.choose_counts(layer["kernels"], layer["a"], layer["b"])
+            for layer in profile["layers"]}
+
+
+def sized_rows(profile: Mapping) -> tuple[int, ...]:
+    """Rows per device in proportion to its batch-mode speed over all groups:
+    b_r minimising max_r b_r sum_g T_{r,g} / n_g (even without batch timings)."""
+    world, batch = len(profile["devices"]), profile["batch_size"]
+    if world == 1 or not all("batch_seconds" in layer for layer in profile["layers"]) or not profile["layers"]:
+        return splits.even(batch, world)
+    per_row = [sum(layer["batch_seconds"][r] / layer["batch_rows"] for layer in profile["layers"])
+               for r in range(world)]
+    return splits.choose_counts(batch, [0.0] * world, per_row)
+
+
+def speed_shares(profile: Mapping) -> tuple[float, ...]:
+    """Each device's share of the work, in proportion to 1 / its step alone (``--shares auto`` for ddp)."""
+    alone = [single_step(profile, r) for r in range(len(profile["devices"]))]
+    return tuple((1 / t) / sum(1 / s for s in alone) for t in alone)
+
+
+def single_step(profile: Mapping, rank: int) -> float:
+    """The predicted step of device ``rank`` alone."""
+    sub = restrict(profile, [rank])
+    return cost.predict(sub, plan.single(sub["devices"][0], groups_of(sub), sub["batch_size"])).step
+
+
+def best_modes(profile: Mapping, counts: Mapping[str, Sequence[int]], rows: Sequence[int]) -> dict[str, str]:
+    """The modes per group that minimise ``cost.predict`` for these kernel
+    counts and rows (exact; the module docstring gives the programme)."""
+    layers = profile["layers"]
+    index = {layer["name"]: i for i, layer in enumerate(layers)}
+    last_reader = {}  # (group, value) -> index of its last reading group
+    for i, layer in enumerate(layers):
+        for j, value in enumerate(layer["outputs"]):
+            readers = [index[name] for name in value["convs"]]
+            if any(r <= i for r in readers):
+                raise ConfigError(f"group {layer['name']!r} is read by a group before it: not in graph order")
+            if readers:
+                last_reader[(i, j)] = max(readers)
+    summed = [layer["param_bytes"] for layer in layers]
+    ar = profile.get("links", {}).get("all_reduce")
+    latency = ar["latency"] if ar and len(profile["devices"]) > 1 else 0.0
+    per_byte = 1 / ar["bandwidth"] if ar and len(profile["devices"]) > 1 else 0.0
+    # state: (any batch group so far, ((group, value, producer mode, kernel reader seen, batch reader seen), ...))
+    states: dict[tuple, tuple[float, tuple[str, ...]]] = {(False, ()): (0.0, ())}
+    for i, layer in enumerate(layers):
+        name = layer["name"]
+        options = {}
+        for mode in (KERNEL, BATCH):
+            c = counts[name]
+            compute, comm = cost.group_own(profile, layer, mode, c, rows)
+            options[mode] = (max(compute) + sum(comm.values()) + cost.group_update(profile, layer, mode, c)
+                             + (summed[i] * per_byte if mode == BATCH else 0.0))
+        nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
+        for (any_batch, open_values), (spent, modes) in states.items():
+            for mode in (KERNEL, BATCH):
+                total = spent + options[mode] + (latency if mode == BATCH and not any_batch else 0.0)
+                still = []
+                for (g, j, producer, k_seen, b_seen) in open_values:
+                    if name in layers[g]["outputs"][j]["convs"]:
+                        k_seen, b_seen = k_seen or mode == KERNEL, b_seen or mode == BATCH
+                    if last_reader[(g, j)] == i:
+                        total += sum(cost.value_readers(profile, layers[g], layers[g]["outputs"][j], producer,
+                                                        counts[layers[g]["name"]], k_seen, b_seen).values())
+                    else:
+                        still.append((g, j, producer, k_seen, b_seen))
+                still.extend((i, j, mode, False, False) for j in range(len(layer["outputs"])) if (i, j) in last_reader)
+                key = (any_batch or mode == BATCH, tuple(still))
+                if key not in nxt or total < nxt[key][0]:
+                    nxt[key] = (total, (*modes, mode))
+        states = nxt
+    _, modes = min(states.values(), key=lambda s: s[0])
+    return {layer["name"]: mode for layer, mode in zip(layers, modes)}
+
+
+def candidates(profile: Mapping, *, can_drop: bool = True, with_ddp: bool = True,
+               threads: int | None = None) -> list[Candidate]:
+    """Every plan the planner considers (module docstring), with its
+    prediction. Without ``can_drop`` (torchrun) the split plans use every
+    device, and ``single``'s plan names the process that trains alone."""
+    world = len(profile["devices"])
+    alone = [single_step(profile, r) for r in range(world)]
+    order = sorted(range(world), key=lambda r: (alone[r], r))
+    best = order[0]
+    sub = restrict(profile, [best])
+    single = plan.single(sub["devices"][0], groups_of(sub), sub["batch_size"], threads=threads,
+                         rank=None if can_drop else best)
+    out = [Candidate("single", single, cost.predict(sub, single))]
+    splits_by_name: dict[str, Candidate] = {}
+    for m in range(2, world + 1) if can_drop else ([world] if world > 1 else []):
+        ranks = sorted(order[:m])
+        sub = restrict(profile, ranks)
+        counts, rows = sized_counts(sub), sized_rows(sub)
+        kernel = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
+                                   threads=threads)
+        tries = [Candidate("kernel", kernel, cost.predict(sub, kernel))]
+        if all("batch_seconds" in layer for layer in sub["layers"]):
+            layers = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
+                                       modes=best_modes(sub, counts, rows), rows=rows, threads=threads)
+            tries.append(Candidate("layers", layers, cost.predict(sub, layers)))
+        for c in tries:
+            if c.name not in splits_by_name or c.prediction.step < splits_by_name[c.name].prediction.step:
+                splits_by_name[c.name] = c
+    out.extend(splits_by_name.values())
+    if with_ddp and world > 1 and all("batch_seconds" in layer for layer in profile["layers"]):
+        for name, shares in (("ddp", None), ("ddp sized", speed_shares(profile))):
+            try:
+                job = plan.ddp(profile["devices"], groups_of(profile), profile["batch_size"], shares=shares,
+                               threads=threads)
+            except ConfigError:  # a share too small for one image
+                continue
+            out.append(Candidate(name, job, cost.predict(profile, job)))
+    return out
+
+
+def has_batchnorm(profile: Mapping) -> bool:
+    """Whether the profiled model normalises batches (the profile's record, else its groups')."""
+    return bool(profile.get("batchnorm", any(layer["batchnorms"] for layer in profile["layers"])))
+
+
+def fastest(found: Sequence[Candidate]) -> Candidate:
+    """The candidate with the least predicted step (ties: the earlier one)."""
+    return min(found, key=lambda c: c.prediction.step)
+
+
+def worth_trying(found: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates predicted within TRIAL_MARGIN of the fastest, which
+    ``--strategy auto`` runs for TRIAL_STEPS before it chooses."""
+    best = fastest(found).prediction.step
+    return [c for c in found if c.prediction.step <= best * (1 + TRIAL_MARGIN)]
+
+
+def format_candidates(found: Sequence[Candidate], chosen: Candidate, *, trials: Mapping[str, float] | None = None,
+                      baseline: Candidate | None = None) -> str:
+    """Every candidate's predicted step (and measured trial), then the chosen
+    plan, its speedup over the best single device and each device's busy
+    and waiting time."""
+    trials = trials or {}
+    lines = ["predicted step per plan:"]
+    for c in found:
+        tried = f", measured {1e3 * trials[c.name]:.1f} ms in its trial" if c.name in trials else ""
+        lines.append(f"  {c.name:<10} {1e3 * c.prediction.step:9.2f} ms on {', '.join(c.plan.devices)}{tried}")
+    for name, seconds in trials.items():
+        if name not in {c.name for c in found}:
+            lines.append(f"  {name:<10} {'':>9}    measured {1e3 * seconds:.1f} ms in its trial")
+    single = next((c for c in found if c.name == "single"), None)
+    chosen_line = f"chosen: {chosen.name}, predicted {1e3 * chosen.prediction.step:.2f} ms"
+    if single is not None and chosen is not single:
+        chosen_line += f", {single.prediction.step / chosen.prediction.step:.2f}x over the best single device " \
+                       f"({single.plan.devices[0]})"
+    lines.append(chosen_line)
+    lines.append(plan.describe(chosen.plan))
+    p = chosen.prediction
+    lines.append("  per device: " + ", ".join(
+        f"{d} busy {1e3 * b:.1f} ms, waiting {1e3 * w:.1f} ms" for d, b, w in zip(chosen.plan.devices, p.busy,
+                                                                                 p.wait)))
+    breakdown = {"rest": p.rest, "gradient sum": p.gradient_sum, "broadcast": p.broadcast, "optimizer": p.update,
+                 **p.collectives}
+    lines.append("  breakdown: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in breakdown.items() if v))
+    return "\n".join(lines)
