@@ -2,7 +2,7 @@
 
     python scripts/latencies.py --out runs/latencies.json
 
-- ``choose_counts_ms``: ``plan.choose_counts`` splitting 1500 kernels over 8
+- ``choose_counts_ms``: ``splits.choose_counts`` splitting 1500 kernels over 8
   ranks (best of ``--repeats``);
 - ``failure_seconds``: ``launch_local`` of 3 workers, one of which raises once
   joined: from the call to ``WorkerFailed`` (spawn and join included);
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from convshard.launch import WorkerFailed, init_from_env, launch_local
-from convshard.plan import choose_counts
+from convshard.splits import choose_counts
 
 
 def _fail_on_rank_1() -> None:

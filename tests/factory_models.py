@@ -94,3 +94,14 @@ def widths(input_shape: tuple[int, int, int], classes: int, kernels: tuple[int, 
     """A factory that takes ``--kernels``: one conv of kernels[0] kernels."""
     return nn.Sequential(nn.Conv2d(input_shape[0], kernels[0], 3, padding=1), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(kernels[0], classes))
+
+
+def no_classifier(input_shape: tuple[int, int, int], classes: int) -> nn.Module:
+    """A factory that forgets the classifier: conv3x3 (4) + flatten gives 4 * H * W logits, not ``classes``."""
+    return nn.Sequential(nn.Conv2d(input_shape[0], 4, 3, padding=1), nn.Flatten())
+
+
+def mlp(input_shape: tuple[int, int, int], classes: int) -> nn.Module:
+    """A factory with no conv layer: flatten -> linear (32) -> ReLU -> linear, (B, C, H, W) -> (B, classes)."""
+    c, h, w = input_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 32), nn.ReLU(), nn.Linear(32, classes))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from convshard import tune
+from convshard import plan, search, trials
 from convshard.cli import main
+from convshard.config import TrainConfig
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
        "--batch-size", "16", "--threads", "1", "--devices", "cpu@0,cpu@1"]
@@ -40,23 +41,20 @@ def _train(tmp: Path, profile: dict, *extra: str) -> dict:
 
 def test_shares_auto_trains_the_planned_split(tmp_path, measured):
     metrics = _train(tmp_path, measured, "--shares", "auto")
-    assert metrics["strategy"] == "kernel" and metrics["plan"]["strategy"] == "kernel"
-    planned = {layer["name"]: layer["counts"] for layer in metrics["plan"]["layers"]}
-    kept = metrics["plan"]["ranks"]
-    assert metrics["shares"] == {name: [counts[r] for r in kept] for name, counts in planned.items()}
-    assert {name: sum(c) for name, c in metrics["shares"].items()} == {"features.0": 4, "features.3": 8}
+    assert metrics["plan"]["chosen"] in ("kernel", "single") and metrics["strategy"] == metrics["plan"]["chosen"]
+    job = plan.from_json(metrics["job_plan"], groups={"features.0": 4, "features.3": 8}, batch_size=16)
+    assert metrics["shares"] == {name: list(counts) for name, counts in job.kernel_counts().items()}
+    assert metrics["predicted_seconds"] == metrics["plan"]["predicted"][metrics["plan"]["chosen"]]
 
 
-def test_a_device_that_would_slow_the_step_is_dropped(tmp_path, measured, caplog):
+def test_a_device_that_would_slow_the_step_is_left_out(tmp_path, measured):
     slow = json.loads(json.dumps(measured))
     for layer in slow["layers"]:
-        layer["a"][1] *= 1000
-        layer["b"][1] *= 1000
-    with caplog.at_level(logging.WARNING):
-        metrics = _train(tmp_path, slow, "--shares", "auto")
-    assert "cpu@1 (rank 1) gets no kernels: it would slow the step" in caplog.text
-    assert metrics["devices"] == ["cpu@0"] and metrics["world_size"] == 1
-    assert metrics["plan"]["dropped"] == [1]
+        for key in ("a", "b", "batch_seconds"):
+            layer[key][1] *= 1000
+    slow["rest_seconds"][1] *= 1000
+    metrics = _train(tmp_path, slow, "--shares", "auto")
+    assert metrics["devices"] == ["cpu@0"] and metrics["world_size"] == 1 and metrics["strategy"] == "single"
     assert metrics["shares"] == {"features.0": [4], "features.3": [8]}
 
 
@@ -66,13 +64,12 @@ def test_strategy_auto_falls_back_to_one_device_on_slow_links(tmp_path, measured
         link["bandwidth"], link["latency"] = 1e3, 1.0
     metrics = _train(tmp_path, slow_links, "--strategy", "auto")
     assert metrics["strategy"] == "single" and metrics["world_size"] == 1
-    # single, the only strategy predicted near the fastest, against one process on both cores
-    trials = metrics["plan"]["trials"]
-    assert set(trials) == {"single", tune.ALL_CORES}
-    best = measured["devices"][metrics["plan"]["best_single"]]
-    assert metrics["devices"] == ([best] if trials["single"] < trials[tune.ALL_CORES] else ["cpu@0-1"])
+    tried = metrics["plan"]["trials"]  # single, the only plan predicted near the fastest, and both cores
+    assert set(tried) == {"single", trials.ALL_CORES}
+    assert metrics["devices"] == (["cpu@0-1"] if tried[trials.ALL_CORES] < tried["single"] else
+                                  [metrics["job_plan"]["devices"][0]])
     predicted = metrics["plan"]["predicted"]
-    assert predicted["single"] <= predicted["kernel"] and predicted["single"] < predicted["ddp"]
+    assert predicted["single"] == min(predicted.values())
 
 
 def test_workers_plan_for_themselves_under_torchrun(tmp_path):
@@ -85,10 +82,12 @@ def test_workers_plan_for_themselves_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(out.read_text())
-    assert metrics["world_size"] == 2 and metrics["strategy"] == "kernel"
-    planned = {layer["name"]: layer["counts"] for layer in metrics["plan"]["layers"]}
-    assert metrics["shares"] == planned
-    assert {name: sum(c) for name, c in metrics["shares"].items()} == {"features.0": 4, "features.3": 8}
+    job = plan.from_json(metrics["job_plan"], groups={"features.0": 4, "features.3": 8}, batch_size=16)
+    assert metrics["strategy"] == job.name
+    if job.ranks is None:  # the split on both ranks
+        assert metrics["world_size"] == 2 and metrics["shares"] == {k: list(v) for k, v in job.kernel_counts().items()}
+    else:  # one device alone, the other rank standing by
+        assert metrics["world_size"] == 1 and job.name == "single"
 
 
 def test_under_torchrun_one_device_trains_alone_when_the_plan_prefers_it(tmp_path, measured):
@@ -107,122 +106,114 @@ def test_under_torchrun_one_device_trains_alone_when_the_plan_prefers_it(tmp_pat
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(out.read_text())
-    best = metrics["plan"]["best_single"]
+    lone = metrics["job_plan"]["ranks"][0]
     assert (metrics["strategy"], metrics["world_size"], metrics["steps"]) == ("single", 1, 3)
-    assert metrics["devices"] == [measured["devices"][best]]
-    assert f"{measured['devices'][best]} (rank {best}) trains alone" in proc.stderr
+    assert metrics["devices"] == [measured["devices"][lone]] == metrics["job_plan"]["devices"]
 
 
-def test_auto_tries_the_strategies_predicted_near_the_fastest(monkeypatch, measured):
-    """Strategies predicted within 15% of the fastest run a few real steps each,
-    and so does one process on every listed core; the fastest measured is
-    chosen, whatever the prediction said."""
-    from dataclasses import replace
+def _config(**changes) -> TrainConfig:
+    return TrainConfig(**{"devices": "cpu@0,cpu@1", "dataset": "synthetic", "synthetic_shape": (1, 16, 16),
+                          "synthetic_size": 64, "kernels": (4, 8), "batch_size": 16, "strategy": "auto",
+                          "threads": 1, **changes})
 
-    from convshard import plan
-    from convshard.train import TrainConfig
 
-    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.1, "ddp": 1.14},
-                       ranks=(0, 1), dropped=())
-    measured_ms = {("kernel", "cpu@0,cpu@1"): 0.9, ("layers", "cpu@0,cpu@1"): 0.8, ("ddp", "cpu@0,cpu@1"): 1.2,
-                   ("single", "cpu@0-1"): 0.85, ("ddp", "cpu@0,cpu@1,cpu@1"): 1.0}
+def _resolve(config: TrainConfig, profile: dict, seconds: dict[str, float]) -> tuple[TrainConfig, list]:
+    """``trials.resolve`` on ``profile`` with trials that take ``seconds[plan name]`` (ALL_CORES: one
+    process on more than one core), recording what ran."""
     ran = []
 
-    def trial(config, dataset):
-        ran.append((config.strategy, config.devices, config.max_steps, config.metrics_out, config.rebalance))
-        return {"mean_step_seconds": measured_ms[config.strategy, config.devices]}
+    def run_trial(job: plan.Plan) -> float:
+        name = trials.ALL_CORES if job.threads and job.threads > 1 else job.name
+        ran.append(name)
+        return seconds[name]
 
-    monkeypatch.setattr(tune, "launch_job", trial)
-    config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
-                         strategy="auto", metrics_out="m.json", threads=1)
-    chosen = tune._trials(config, None, job_plan)
-    both = "cpu@0,cpu@1"
-    assert ran == [("kernel", both, 6, None, "off"), ("layers", both, 6, None, "off"), ("ddp", both, 6, None, "off"),
-                   ("single", "cpu@0-1", 6, None, "off")]
-    assert chosen.strategy == "layers"
-    assert chosen.trials == {"kernel": 0.9, "layers": 0.8, "ddp": 1.2, tune.ALL_CORES: 0.85}
-    alone = replace(job_plan, predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.6})
-    ran.clear()
-    assert tune._trials(replace(config, devices="cpu@0,cpu@1,cpu@1"), None, alone) is alone  # nothing to try
-    assert ran == []
-    ddp_near = replace(alone, predicted={**alone.predicted, "ddp": 1.45})  # ddp is tried within 50%
-    assert tune._trials(replace(config, devices="cpu@0,cpu@1,cpu@1"), None, ddp_near).strategy == "kernel"
-    assert [(s, d) for s, d, *_ in ran] == [("kernel", "cpu@0,cpu@1"), ("ddp", "cpu@0,cpu@1,cpu@1")]  # its ranks
-    ran.clear()
-    one_rank = replace(job_plan, ranks=(1,), dropped=(0,))  # a kernel plan on one rank is that device alone
-    assert tune._trials(config, None, one_rank).strategy == "layers"
-    assert [strategy for strategy, *_ in ran] == ["layers", "ddp", "single"]
+    listed = [str(d) for d in config.device_list]
+    resolved = trials.resolve(config, None, job_devices=listed, can_drop=True, measure=lambda c: profile,
+                              run_trial=run_trial)
+    return resolved, ran
+
+
+def test_auto_trains_the_fastest_measured_of_the_plans_worth_trying(monkeypatch, measured):
+    """Plans predicted within the margin of the fastest run a few real steps each,
+    and so does one process on every listed core; the fastest measured trains,
+    whatever the prediction said."""
+    monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)  # every candidate is worth a trial
+    flat = {**json.loads(json.dumps(measured)), "batchnorm": False}
+    resolved, ran = _resolve(_config(), flat, {"single": 0.9, "kernel": 0.8, "layers": 0.7, "batch": 0.7,
+                                                "ddp": 0.6, trials.ALL_CORES: 0.95})
+    found = search.candidates(flat, threads=1)
+    assert {"single", "kernel", "layers", "ddp", "ddp sized"} == {c.name for c in found}
+    assert len(ran) == len(found) + 1 and trials.ALL_CORES in ran  # every candidate, and both cores
+    assert resolved.job.engine == plan.DDP and resolved.planning["chosen"] in ("ddp", "ddp sized")
+    assert resolved.planning["trials"][resolved.planning["chosen"]] == 0.6
+    assert resolved.rebalance_mode == "auto"
+
+
+def test_auto_never_chooses_ddp_for_a_batchnorm_model(monkeypatch, measured):
+    """DDP normalises each rank's rows alone: another model's maths. For a
+    BatchNorm model it is no candidate, however fast it would measure; the
+    all-batch plan is the same split with BatchNorm over the global batch."""
+    monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)
+    with_bn = {**json.loads(json.dumps(measured)), "batchnorm": True}
+    resolved, ran = _resolve(_config(), with_bn, {"single": 0.9, "kernel": 0.8, "layers": 0.7, "batch": 0.7,
+                                                   "ddp": 0.01, trials.ALL_CORES: 0.95})
+    assert "ddp" not in ran and resolved.job.engine == plan.SHARDED
+    assert all(not name.startswith("ddp") for name in resolved.planning["trials"])
+    explicit, _ = _resolve(_config(strategy="ddp", shares="auto"), with_bn, {})  # asked for: PyTorch's DDP
+    assert explicit.job.engine == plan.DDP and explicit.planning["chosen"] == "ddp sized"
 
 
 def test_auto_runs_one_process_on_all_cores_when_that_measures_fastest(monkeypatch, measured):
     """Two pinned CPU workers that lose to one process on both cores: auto runs
     that process, one thread per core, and saves it as a plan to run again."""
-    from dataclasses import replace
-
-    from convshard import plan
-    from convshard.train import TrainConfig
-
-    job_plan = replace(plan.make_plan(measured), predicted={"kernel": 1.0, "single": 2.0, "layers": 1.3, "ddp": 1.6},
-                       ranks=(0, 1), dropped=())
-    monkeypatch.setattr(tune, "profile_job", lambda config, dataset: measured)
-    monkeypatch.setattr(tune.plan, "make_plan", lambda profile, strategy: job_plan)
-    monkeypatch.setattr(tune, "launch_job", lambda config, dataset: {"mean_step_seconds": {
-        "kernel": 0.9, "single": 0.6}[config.strategy]})
-    config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
-                         strategy="auto", threads=1)
-    prepared = tune.prepare(config, None)
-    assert (prepared.strategy, prepared.devices, prepared.threads, prepared.world_size) == ("single", "cpu@0-1", 2, 1)
-    assert prepared.plan["trials"] == {"kernel": 0.9, tune.ALL_CORES: 0.6}
-    again = replace(config, strategy="kernel", threads=None).with_job_plan(prepared.job_plan())
-    assert (again.strategy, again.devices, again.threads) == ("single", "cpu@0-1", 2)
-    assert tune.all_cores(replace(config, devices="cpu@0,cpu@1,cpu@1")) is None  # core 1 listed twice: shared
-    assert tune.all_cores(replace(config, devices="cpu,cpu")) is None  # unpinned
-    assert tune.all_cores(replace(config, devices="cpu@0")) is None
+    monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)
+    resolved, _ = _resolve(_config(), measured, {"single": 0.9, "kernel": 0.9, "layers": 0.9, "ddp": 0.9,
+                                                  "batch": 0.9, trials.ALL_CORES: 0.6})
+    job = resolved.job
+    assert (job.name, job.devices, job.threads, resolved.world_size) == ("single", ("cpu@0-1",), 2, 1)
+    assert resolved.planning["chosen"] == trials.ALL_CORES and resolved.planning["breakdown"] is None
+    assert plan.from_json(job.to_json(), groups={"features.0": 4, "features.3": 8}, batch_size=16) == job
+    groups = {"features.0": 4}
+    assert trials.all_cores(_config(devices="cpu@0,cpu@1,cpu@1"), groups) is None  # core 1 listed twice: shared
+    assert trials.all_cores(_config(devices="cpu,cpu"), groups) is None  # unpinned
+    assert trials.all_cores(_config(devices="cpu@0"), groups) is None
 
 
-def test_auto_sizes_ddp_to_the_devices_only_for_a_predicted_gain(measured):
-    from dataclasses import replace
-
-    from convshard import plan
-    from convshard.train import TrainConfig, apply_plan
-
-    config = TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16), kernels=(4, 8),
-                         strategy="auto")
-    base = replace(plan.make_plan(measured), strategy="ddp", ddp_shares=(0.6, 0.4))
-    sized = apply_plan(config, replace(base, predicted={**base.predicted, "ddp": 1.0}, ddp_sized=0.9), can_drop=True)
-    assert sized.strategy == "ddp" and sized.shares == (0.6, 0.4)
-    even = apply_plan(config, replace(base, predicted={**base.predicted, "ddp": 1.0}, ddp_sized=0.99), can_drop=True)
-    assert even.strategy == "ddp" and even.shares is None  # PyTorch's even split: sizing would gain 1%
+def test_nothing_is_tried_when_one_plan_stands_out(measured):
+    slow_links = json.loads(json.dumps(measured))
+    for link in slow_links["links"].values():
+        link["bandwidth"], link["latency"] = 1e3, 1.0
+    resolved, ran = _resolve(_config(devices="cpu@0,cpu@1,cpu@1"), slow_links, {})  # no all-cores trial either
+    assert ran == [] and resolved.job.name == "single" and resolved.planning["trials"] is None
 
 
-def _trial_worker(profile: dict) -> tuple[str, dict]:
-    """One rank of a two-rank job trying four strategies in-process, as a torchrun worker does."""
-    from dataclasses import replace
-
+def _trial_worker(profile_path: str) -> tuple[dict, dict]:
+    """One rank of a two-rank job resolving auto's plan in-process, as a torchrun worker does."""
     import torch
 
-    from convshard import devices, plan, train
+    from convshard import search, train
     from convshard.launch import init_from_env
 
     init_from_env("gloo", timeout=120)
     torch.set_num_threads(1)
-    config = train.TrainConfig(devices="cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(1, 16, 16),
-                               synthetic_size=64, kernels=(4, 8), batch_size=16, strategy="auto")
-    job_plan = plan.make_plan(profile, allow_drop=False)
-    job_plan = replace(job_plan, predicted={"kernel": 1.0, "layers": 1.05, "ddp": 1.1, "single": 1.12})
-    chosen = train._trials_in_worker(config, train.load_data(config), devices.Device("cpu"), job_plan)
-    return chosen.strategy, chosen.trials
+    search.TRIAL_MARGIN = 100.0  # every candidate is worth a trial
+    config = _config(profile=profile_path)
+    resolved = train._resolve_here(config, train.load_data(config), config.device_list[int(os.environ["RANK"])])
+    return resolved.job.to_json(), resolved.planning["trials"]
 
 
-def test_torchrun_workers_try_the_near_strategies_and_choose_alike(measured):
-    """Under torchrun auto's trials run inside the workers: every strategy
-    predicted near the fastest trains 6 steps (single on its device alone),
-    and every rank, from the slowest rank's times, chooses the same one."""
+def test_torchrun_workers_try_the_near_plans_and_choose_alike(tmp_path, measured):
+    """Under torchrun auto's trials run inside the workers: every plan worth a
+    trial trains 6 steps (single on its device alone), and every rank, from the
+    slowest rank's times, chooses the same one."""
     from convshard.launch import launch_local
 
-    results = launch_local(_trial_worker, 2, args=(measured,), timeout=240)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(measured))
+    results = launch_local(_trial_worker, 2, args=(str(path),), timeout=240, env={"OMP_NUM_THREADS": "1"})
     assert results[0] == results[1]  # one choice, one set of times, on every rank
-    chosen, trials = results[0]
-    assert set(trials) == {"kernel", "layers", "ddp", "single"}
-    assert all(0 < t < float("inf") for t in trials.values())  # each measured on the rank(s) that ran it
-    assert chosen == min(trials, key=trials.get)
+    job, tried = results[0]
+    assert {"single", "kernel", "layers", "ddp"} <= set(tried)
+    assert all(0 < t < float("inf") for t in tried.values())  # each measured on the rank(s) that ran it
+    fastest = min(tried, key=tried.get)
+    assert job["engine"] == ("ddp" if fastest.startswith("ddp") else "sharded")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from convshard.batch import SyncBatchNorm2d
-from convshard.launch import init_from_env, launch_local
+from convshard.launch import launch_local
 from convshard.models import build_model
 from convshard.sharded import ShardedConv2d
+from helpers import join_gloo
 from test_layouts import SHARES, SHAPE, SqueezeDepthwise, TinyResNet, mixed_worker, side_by_side
 
 ROWS = {1: [1.0], 2: [0.3, 0.7], 3: [0.2, 0.5, 0.3], 4: [0.1, 0.2, 0.3, 0.4]}
@@ -33,8 +34,7 @@ MODELS = {  # name -> (factory, input shape)
 def _worker(shares: list[float], rows: list[float]) -> dict:
     """Every model under both plans, SGD and Adam, in float64: the worst errors
     and, per plan, how many BatchNorms sync and how many convs split kernels."""
-    torch.set_num_threads(1)
-    init_from_env("gloo", timeout=120)
+    join_gloo()
     torch.set_default_dtype(torch.float64)
     report = {}
     for model_name, (factory, shape) in MODELS.items():

@@ -351,3 +351,47 @@ def test_augmented_strategies_agree(model: str, other: str, augmented_runs: dict
     single, run = augmented_runs[model, "single"], augmented_runs[model, other]
     assert run["steps"] == single["steps"] == 2 and run["config"]["augment"] is True
     assert abs(run["train_loss"] - single["train_loss"]) / single["train_loss"] < 1e-4
+
+
+# --- the model meets the data: one image through it before any worker starts ---
+
+
+def _tiny_without_kernels() -> list[str]:
+    return [arg for arg in TINY if arg not in ("--kernels", "4,8")]
+
+
+def test_model_with_wrong_output_size_exits_2_naming_the_shape(capsys: pytest.CaptureFixture,
+                                                               no_training: None) -> None:
+    """A factory whose logits do not match the classes (conv + flatten: 4 * 16 * 16 outputs for 10
+    classes) is refused by validate: code 2, one line naming the model, the shape and the classes."""
+    model = "factory_models:no_classifier"
+    assert _main_exit_code(["train", *_tiny_without_kernels(), "--model", model]) == 2
+    _assert_one_line_error(capsys.readouterr().err, f"'{model}'", "shape (1, 1024)", "10 classes")
+
+
+def test_model_that_fails_on_the_data_exits_2_naming_the_input(capsys: pytest.CaptureFixture,
+                                                              no_training: None) -> None:
+    """A model built for 1-channel images, fed 3-channel ones: code 2, one line naming the model,
+    the input shape and the exception."""
+    model = "factory_models:takes_nothing"
+    argv = ["train", *_tiny_without_kernels(), "--model", model, "--synthetic-shape", "3,16,16"]
+    assert _main_exit_code(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, f"'{model}'", "input of shape (1, 3, 16, 16)", "RuntimeError")
+
+
+@pytest.mark.parametrize(("strategy", "warned"), [("kernel", True), ("ddp", False)])
+def test_model_without_convs_warns_that_nothing_is_sharded(strategy: str, warned: bool,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A conv-less model under --strategy kernel validates with one warning line
+    suggesting single or ddp; under ddp, which splits the batch, it says nothing."""
+    argv = ["train", *_tiny_without_kernels(), *TWO_CPUS, "--model", "factory_models:mlp", "--strategy", strategy]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    with caplog.at_level(logging.WARNING, logger="convshard"):
+        cli.validate(config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if not warned:
+        assert warnings == []
+        return
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    for needle in ("'factory_models:mlp'", "no conv layers", "nothing is sharded", "--strategy single or ddp"):
+        assert needle in warnings[0]

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor.debug import CommDebugMode
 
 from convshard import comm
-from convshard.launch import init_from_env, launch_local
+from convshard.launch import launch_local
+from helpers import join_gloo
 
 # Kernels per rank for each world size: uneven, and from world 2 on one set gives a rank none.
 COUNTS = {1: [(5,)], 2: [(5, 0), (2, 3)], 3: [(0, 4, 1), (3, 3, 2)], 4: [(2, 0, 5, 1), (1, 1, 1, 4)]}
@@ -111,8 +112,7 @@ def _partial_sums(log: dict, errors: dict, counts: tuple[int, ...], rank: int, w
 
 def _count_worker() -> tuple[dict, dict]:
     """Run every helper once per count set; returns (collectives per call, max errors)."""
-    torch.set_num_threads(1)
-    rank, world, _ = init_from_env("gloo", timeout=60)
+    rank, world = join_gloo(timeout=60)
     group = dist.group.WORLD
     log: dict[str, dict[str, int]] = {}
     errors: dict[str, float] = {}
@@ -200,8 +200,7 @@ def _no_room_worker() -> dict:
     refused): a larger collective takes gloo's own path, on every rank alike."""
     from convshard import shm
 
-    torch.set_num_threads(1)
-    rank, world, _ = init_from_env("gloo", timeout=60)
+    rank, world = join_gloo(timeout=60)
     reserve = shm._reserve_file
     shm._reserve_file = lambda nbytes: reserve(nbytes) if nbytes <= 2 * world * (1 << 20) else None
     shm.slots_for(dist.group.WORLD)  # the ranks find they share a host (two all-gathers of objects)
@@ -230,8 +229,7 @@ def _meet_worker() -> dict:
 
     from convshard import shm
 
-    torch.set_num_threads(1)
-    rank, _, _ = init_from_env("gloo", timeout=60)
+    rank, _ = join_gloo(timeout=60)
     slots = shm.slots_for(None)
     answers = {"flags": slots.flags is not None}
     if rank == 0:

@@ -10,24 +10,20 @@ profile cached on the first host only must be used by both ranks, without
 the second measuring on its own (which would leave the ranks in different
 collectives until the timeout).
 
-Needs root (mount) and ``unshare``; skips with the reason otherwise.
+Needs root (mount) and ``unshare``; skips with the reason otherwise, and
+fails instead under ``CI=true`` (``helpers.require_mount_namespaces``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import torchrun_procs
+import helpers
 from convshard import checkpoint
 from convshard.cli import main
 
@@ -41,28 +37,15 @@ AGENT_TIMEOUT = 180  # seconds: guards against a hang; a run takes seconds
 
 @pytest.fixture(scope="module")
 def mount_namespaces() -> None:
-    """Skip unless this process may mount a tmpfs inside a private mount namespace."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs in a mount namespace")
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs none /mnt"],
-                           capture_output=True, text=True, timeout=20)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a mount namespace here: {probe.stderr.strip()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Skip (fail under CI) unless this process may mount a tmpfs inside a private mount namespace."""
+    helpers.require_mount_namespaces()
 
 
 def _two_hosts(args: list[str], hidden: list[Path]) -> list[str]:
     """Run ``convshard ARGS`` under two torchrun agents; the second sees an empty
     tmpfs over each of ``hidden``. Returns both agents' output."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    port = helpers.free_port()
+    env = helpers.torchrun_env()
 
     def agent(node: int) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -73,21 +56,8 @@ def _two_hosts(args: list[str], hidden: list[Path]) -> list[str]:
                          for d in hidden)
     second = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
               f"{mounts} && exec {shlex.join(agent(1))}"]
-    procs = [torchrun_procs.start(agent(0), env), torchrun_procs.start(second, env)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(torchrun_procs.finish(p, timeout=AGENT_TIMEOUT))
-    finally:
-        for p in procs:  # one agent failing leaves the other waiting for it: stop that one too
-            if p.poll() is None:
-                try:
-                    torchrun_procs.finish(p, timeout=1)
-                except AssertionError:
-                    pass
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, f"agent exited {p.returncode}:\n{out[-3000:]}"
-    return outputs
+    procs = [helpers.start(agent(0), env), helpers.start(second, env)]
+    return helpers.finish_all(procs, timeout=AGENT_TIMEOUT, what="agent")
 
 
 def test_resume_needs_the_checkpoint_on_rank_0s_host_only(mount_namespaces, tmp_path):
@@ -106,8 +76,7 @@ def test_resume_needs_the_checkpoint_on_rank_0s_host_only(mount_namespaces, tmp_
     expected = checkpoint.load_checkpoint(straight)
     resumed = checkpoint.load_checkpoint(split)
     assert resumed["progress"]["step"] == expected["progress"]["step"] == STEPS
-    for key, value in expected["model"].items():
-        assert torch.equal(resumed["model"][key], value), key
+    helpers.assert_same_weights(resumed["model"], expected["model"])
 
 
 def test_profile_cached_on_rank_0s_host_only_is_used_by_every_rank(mount_namespaces, tmp_path):

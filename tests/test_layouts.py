@@ -18,8 +18,9 @@ import convshard
 from convshard.models import build_model
 from factory_models import se_depthwise_net
 from convshard import checkpoint, layouts
-from convshard.launch import init_from_env, launch_local
+from convshard.launch import launch_local
 from convshard.sharded import ShardedBatchNorm2d, ShardedChannelwiseConv2d, ShardedConv2d, layer_counts, sharded_state
+from helpers import join_gloo, worst_state_error
 
 SHARES = {1: [1.0], 2: [0.6, 0.4], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
 STEPS = 3
@@ -141,11 +142,7 @@ def side_by_side(factory, shape, shares, opt_name: str, *, rows=None, plan: str 
         convshard.sync_replicas(model)
         opt_ref.step()
         opt.step()
-    full = convshard.full_state_dict(model)
-    for key, value in reference.state_dict().items():
-        assert full[key].shape == value.shape, key
-        if value.is_floating_point():
-            worst["state"] = max(worst["state"], _error(full[key], value))
+    worst["state"] = worst_state_error(convshard.full_state_dict(model), reference.state_dict(), _error)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
     full_opt = checkpoint.full_optimizer_state_dict(model, opt)["state"]
     for i, state in opt_ref.state_dict()["state"].items():
@@ -161,8 +158,7 @@ def side_by_side(factory, shape, shares, opt_name: str, *, rows=None, plan: str 
 
 def _exactness_worker(shares: list[float]) -> dict:
     """Train reference and sharded copies side by side in float64; report the worst errors."""
-    torch.set_num_threads(1)
-    init_from_env("gloo", timeout=120)
+    join_gloo()
     torch.set_default_dtype(torch.float64)
     report = {}
     for model_name, factory in MODELS.items():
@@ -242,8 +238,7 @@ def mixed_worker(plan: str = "kernel") -> float:
     """Rank 0 on the GPU, rank 1 on the CPU (gloo, CUDA tensors staged through
     host memory): a ResNet under ``plan`` (``plan_modes``) trains two steps
     like the CPU reference."""
-    torch.set_num_threads(1)
-    rank, _, _ = init_from_env("gloo", timeout=120)
+    rank, _ = join_gloo()
     device = torch.device("cuda" if rank == 0 else "cpu")
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
@@ -261,8 +256,7 @@ def mixed_worker(plan: str = "kernel") -> float:
         convshard.sync_replicas(model)
         opt_ref.step()
         opt.step()
-    full = convshard.full_state_dict(model)
-    return max(_error(full[k], v) for k, v in reference.state_dict().items() if v.is_floating_point())
+    return worst_state_error(convshard.full_state_dict(model), reference.state_dict(), _error)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -14,6 +14,7 @@ from torch import nn
 
 from convshard.errors import ConfigError
 from convshard.models import DEFAULT_KERNELS, MODELS, build_model, is_model_name
+from helpers import assert_same_weights
 
 CIFAR_MODELS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg16")
 SMALL_KERNELS = {"paper": (4, 8), "vgg": (4, 8, 8)}  # the others: base width 4
@@ -119,7 +120,7 @@ def test_same_seed_same_model(name: str) -> None:
     for _ in range(2):
         torch.manual_seed(3)
         states.append(build_model(name, (1, 28, 28), 10, SMALL_KERNELS.get(name, (4,))).state_dict())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert_same_weights(states[1], states[0])
 
 
 @pytest.mark.parametrize(("name", "kernels", "needle"), [
@@ -141,7 +142,7 @@ def test_factory_builds_the_se_depthwise_net() -> None:
         torch.manual_seed(0)
         models.append(build_model("factory_models:se_depthwise_net", (3, 16, 16), 5))
     model, again = models
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert_same_weights(again.state_dict(), model.state_dict())
     assert model(torch.randn(4, 3, 16, 16)).shape == (4, 5)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert any(c.groups == c.in_channels > 1 for c in convs), "no depthwise conv"

@@ -9,7 +9,8 @@ few steps with every conv layer's kernels split across the three hosts (c10d
 rendezvous, the recipe in the README), and the result must equal a one-device
 run from the same seed.
 
-Needs root and iproute2 (``ip``, ``tc``); skips with the reason otherwise.
+Needs root and iproute2 (``ip``, ``tc``); skips with the reason otherwise,
+and fails instead under ``CI=true`` (``helpers.require_namespaces``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import pytest
 import torch
 
-import torchrun_procs
+import helpers
 from convshard import checkpoint, netns
 from convshard.cli import main
 
@@ -34,14 +35,24 @@ TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-s
 @pytest.fixture
 def hosts():
     """Three namespaces on one bridge, the third one's link shaped to SHAPED_RATE."""
-    reason = netns.unavailable()
-    if reason:
-        pytest.skip(reason)
+    helpers.require_namespaces()
     try:
         with netns.hosts(3, rate=SHAPED_RATE, shaped=[2]) as built:
             yield built
     except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot build network namespaces here: {(exc.stderr or '').strip()}")
+        helpers.cannot_run_here(f"cannot build network namespaces here: {(exc.stderr or '').strip()}")
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_namespaces_skip_here_and_fail_under_ci(monkeypatch, ci):
+    """The rule every namespace test follows: skip with the reason, but fail with it under CI=true."""
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(netns, "unavailable", lambda: "needs root to create network namespaces")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    for require in (helpers.require_namespaces, helpers.require_mount_namespaces):
+        with pytest.raises(outcome, match="needs root"):
+            require()
 
 
 def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
@@ -54,17 +65,7 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
                             args=["train", *TINY, "--devices", devices[i], "--checkpoint-dir", str(sharded_dir),
                                   "--metrics-out", str(metrics)])
              for i, host in enumerate(hosts)]
-    try:
-        for p in procs:
-            out = torchrun_procs.finish(p, timeout=90)
-            assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{out[-3000:]}"
-    finally:
-        for p in procs:  # a failed host leaves the others waiting: stop them too
-            if p.poll() is None:
-                try:
-                    torchrun_procs.finish(p, timeout=1)
-                except AssertionError:
-                    pass
+    helpers.finish_all(procs, timeout=90)
 
     sent = netns.bytes_sent(hosts[2])
     assert sent > 100_000, f"the shaped link carried only {sent} bytes"  # the gathers did cross it
@@ -77,13 +78,12 @@ def test_kernels_sharded_across_three_hosts(hosts, tmp_path):
     assert got["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
     expected = torch.load(reference_dir / checkpoint.FILENAME, weights_only=True)["model"]
     sharded = torch.load(sharded_dir / checkpoint.FILENAME, weights_only=True)["model"]
-    for key, value in expected.items():
-        torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    helpers.assert_same_weights(sharded, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_torchrun_process_count_must_match_devices(tmp_path):
     """torchrun starting 2 processes for a host whose --devices lists 1 is refused, naming both."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env = helpers.torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "convshard", "train", *TINY, "--devices", "cpu@0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -99,7 +99,7 @@ def test_port_in_use_fails_fast(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        env = helpers.torchrun_env()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(port),
                "-m", "convshard", "train", *TINY, "--devices", "cpu@0,cpu@1"]

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 import convshard
-from convshard import rebalance
+from convshard import engines, plan, rebalance
 from convshard.launch import init_from_env, launch_local
 from convshard.models import build_model
 from convshard.batch import RowSplit
 from convshard.sharded import ShardedConv2d, ShardSplit
-from convshard.train import TrainConfig, train_worker
+from convshard.config import TrainConfig
+from convshard.train import train_worker
 
 SHAPE = (3, 16, 16)
 KERNELS = (6, 10)
@@ -141,9 +142,12 @@ def _train_with_uneven_busy(config: TrainConfig) -> dict | None:
 def test_train_with_periodic_rebalancing_is_exact(tmp_path, strategy, modes):
     """Three workers; one run re-splits every 2 steps (forced by uneven busy times), the
     other never: both train the same model. With a batch-mode group the rows move too."""
-    job = TrainConfig(devices="cpu@0,cpu@0,cpu@1", dataset="synthetic", synthetic_shape=(3, 16, 16),
+    devices = ["cpu@0", "cpu@0", "cpu@1"]
+    job_plan = plan.kernel_split(devices, {"features.0": 12, "features.3": 24}, 32, modes=modes, threads=1)
+    assert job_plan.name == strategy
+    job = TrainConfig(devices=",".join(devices), dataset="synthetic", synthetic_shape=(3, 16, 16),
                       synthetic_size=128, kernels=(12, 24), batch_size=32, threads=1, max_steps=8, quiet=True,
-                      strategy=strategy, modes=modes)
+                      job=job_plan)
     moved_job = replace(job, rebalance="2", checkpoint_dir=str(tmp_path / "a"))
     still_job = replace(job, checkpoint_dir=str(tmp_path / "b"))
     moved = launch_local(_train_with_uneven_busy, 3, args=(moved_job,), timeout=180, env={"OMP_NUM_THREADS": "1"})[0]
@@ -156,6 +160,9 @@ def test_train_with_periodic_rebalancing_is_exact(tmp_path, strategy, modes):
         assert event["busy_seconds"] == [1.0, 2.0, 3.0]
         assert all(sum(event["new"][k]) == sum(event["old"][k]) for k in event["old"])
     assert moved["shares"] == moved["rebalances"][-1]["new"] != still["shares"]
+    rebalanced = plan.from_json(moved["rebalanced_plan"], groups={"features.0": 12, "features.3": 24}, batch_size=32)
+    assert rebalanced.kernel_counts() == {k: tuple(v) for k, v in moved["rebalances"][-1]["new"].items()}
+    assert moved["job_plan"] == job_plan.to_json() and "rebalanced_plan" not in still
     assert still["rebalances"] == []
     assert moved["train_loss"] == pytest.approx(still["train_loss"], rel=1e-5)
     a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["model"] for n in "ab")
@@ -163,9 +170,10 @@ def test_train_with_periodic_rebalancing_is_exact(tmp_path, strategy, modes):
 
 
 def test_planned_split_is_corrected_online_by_default():
-    planned = {"strategy": "kernel"}
-    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned).rebalance_mode == "auto"
-    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned, rebalance="off").rebalance_mode == "off"
-    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned, rebalance="7").rebalance_mode == 7
+    planned = {"chosen": "kernel"}
+    assert TrainConfig(devices="cpu@0,cpu@0", planning=planned).rebalance_mode == "auto"
+    assert TrainConfig(devices="cpu@0,cpu@0", planning=planned, rebalance="off").rebalance_mode == "off"
+    assert TrainConfig(devices="cpu@0,cpu@0", planning=planned, rebalance="7").rebalance_mode == 7
     assert TrainConfig(devices="cpu@0,cpu@0").rebalance_mode == "off"  # equal or user-given shares stay
-    assert TrainConfig(devices="cpu@0,cpu@0", plan=planned, strategy="ddp").rebalance_mode == "off"
+    ddp = plan.ddp(["cpu@0", "cpu@0"], {"features.0": 4}, 8)
+    assert engines.engine_for(ddp, 0, None).rebalancer(torch.nn.Linear(1, 1), "auto") is None  # DDP's rows stay

@@ -12,7 +12,7 @@ import pytest
 from convshard import bench, report
 from convshard.cli import main
 from convshard.errors import ConfigError
-from test_cli import _main_exit_code
+from helpers import main_exit_code
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet"]
@@ -80,7 +80,7 @@ def test_bench_smoke_writes_json_plots_and_commands(tmp_path):
 @pytest.mark.parametrize("args, named", [(["--sweeps", "colour"], "'colour'"), (["--rounds", "0"], "--rounds")])
 def test_bench_refuses_bad_input(tmp_path, capsys, args, named):
     """Refused in one line with code 2, whether by argparse (SystemExit) or by the bench."""
-    code = _main_exit_code(["bench", *args, "--out-dir", str(tmp_path)])
+    code = main_exit_code(["bench", *args, "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and named in err and len(err.strip().splitlines()) == 1
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import torchrun_procs
+import helpers
 from convshard import checkpoint
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "8192",
@@ -21,16 +21,15 @@ STEPS = 2 * 8192 // 16
 def _torchrun(directory: Path, *extra: str):
     # The workaround for PyTorch issue 135712: without it a restarted job may
     # read the previous attempt's addresses from torchrun's shared store.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = helpers.torchrun_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *extra,
            "-m", "convshard", "train", *JOB, "--checkpoint-dir", str(directory)]
-    return torchrun_procs.start(cmd, env)
+    return helpers.start(cmd, env)
 
 
 def _worker_pid(agent: int, local_rank: int) -> int | None:
     """The PID of the agent's worker with LOCAL_RANK == local_rank, if it runs."""
-    for pid in torchrun_procs.children(agent):
+    for pid in helpers.children(agent):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -44,21 +43,20 @@ def test_restarted_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     """SIGKILL one worker after the first checkpoint: torchrun restarts the job,
     which resumes from that checkpoint and ends bitwise equal to a run never interrupted."""
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
-    out = torchrun_procs.finish(_torchrun(straight, "--max-restarts", "0"), timeout=240)
+    out = helpers.finish(_torchrun(straight, "--max-restarts", "0"), timeout=240)
     assert checkpoint.load_checkpoint(straight)["progress"]["step"] == STEPS, out[-2000:]
 
     proc = _torchrun(restarted, "--max-restarts", "1")
     try:
-        torchrun_procs.wait_for(lambda: checkpoint.load_checkpoint(restarted) is not None
+        helpers.wait_for(lambda: checkpoint.load_checkpoint(restarted) is not None
                                 and _worker_pid(proc.pid, 1) is not None, 120, "the first checkpoint")
         killed_at = checkpoint.load_checkpoint(restarted)["progress"]["step"]
         os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
     finally:
-        out = torchrun_procs.finish(proc, timeout=240)
+        out = helpers.finish(proc, timeout=240)
     assert proc.returncode == 0, out[-3000:]
     assert f"resuming from {restarted}" in out and killed_at < STEPS, out[-3000:]
     final = checkpoint.load_checkpoint(restarted)
     assert final["progress"]["step"] == STEPS
     expected = torch.load(straight / checkpoint.FILENAME, weights_only=True)["model"]
-    for key, value in expected.items():
-        assert torch.equal(final["model"][key], value), key
+    helpers.assert_same_weights(final["model"], expected)

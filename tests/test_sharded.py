@@ -10,6 +10,7 @@ run here, in the test process.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -18,9 +19,10 @@ from torch import nn
 
 import convshard
 from convshard import comm
-from convshard.launch import WorkerFailed, init_from_env, launch_local
+from convshard.launch import WorkerFailed, launch_local
 from convshard.models import build_model
 from convshard.sharded import ShardedConv2d, ShardSplit, sharded_parameters, sharded_state, split_counts
+from helpers import join_gloo, worst_state_error
 
 # Uneven shares per world size; world 4 also puts a rank at 10%.
 SHARES = {1: [1.0], 2: [0.7, 0.3], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
@@ -34,15 +36,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _join() -> tuple[int, int]:
-    torch.set_num_threads(1)
-    rank, world, _ = init_from_env("gloo", timeout=120)
-    return rank, world
-
-
 def _exactness_worker(shares: list[float]) -> dict:
     """Train reference and sharded copies side by side; report the worst errors."""
-    rank, world = _join()
+    rank, world = join_gloo()
     report: dict = {}
     for model_name, (shape, kernels) in MODELS.items():
         for opt_name in ("sgd", "adam"):
@@ -70,11 +66,8 @@ def _exactness_worker(shares: list[float]) -> dict:
                     errors["grad"] = max(errors["grad"], _rel(g, ref_grads[name].grad))
                 opt_ref.step()
                 opt.step()
-            full = convshard.full_state_dict(model)
-            for key, value in reference.state_dict().items():
-                assert full[key].shape == value.shape, key
-                if value.is_floating_point():
-                    errors["weights"] = max(errors["weights"], (full[key] - value).abs().max().item())
+            errors["weights"] = worst_state_error(convshard.full_state_dict(model), reference.state_dict(),
+                                                  lambda a, b: (a - b).abs().max().item())
             report[f"{model_name}/{opt_name}"] = errors
             report[f"{model_name}/{opt_name}/replicas"] = _replicas_identical(model, sharded_state(model), world)
             report[f"{model_name}/counts"] = {n: list(c) for n, c in convshard.sharded.layer_counts(model).items()}
@@ -111,7 +104,7 @@ def test_sharded_training_matches_one_device(world):
 
 def _gradcheck_worker() -> bool:
     """float64 gradcheck of ShardedConv2d with respect to its input, uneven split."""
-    rank, world = _join()
+    rank, world = join_gloo()
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1).double()
     layer = ShardedConv2d(conv, ShardSplit(split_counts(5, [0.6, 0.4][:world] if world == 2 else [1.0]), rank))
@@ -141,7 +134,7 @@ def test_gradcheck_world_2_input():
 
 def _count_collectives_worker() -> dict:
     """Count torch.distributed calls in one training step of the paper's CNN."""
-    rank, world = _join()
+    rank, world = join_gloo()
     counts = {"all_gather": 0, "all_reduce": 0, "reduce_scatter": 0, "broadcast": 0}
     gathered: list[tuple[int, ...]] = []
     for name in counts:
@@ -157,7 +150,9 @@ def _count_collectives_worker() -> dict:
 
         setattr(dist, name, counted)
     torch.manual_seed(0)
-    model = convshard.shard_model(build_model("paper", (1, 28, 28), 10, (6, 8)), [2, 1])
+    # check_batch=False: the first forward's one-time batch check (one more
+    # all-gather) is counted in test_ranks_feeding_different_batches_are_refused
+    model = convshard.shard_model(build_model("paper", (1, 28, 28), 10, (6, 8)), [2, 1], check_batch=False)
     setup = dict(counts)
     x = torch.randn(4, 1, 28, 28)
     out = model(x)
@@ -186,7 +181,7 @@ def test_collectives_per_step():
 def _zero_kernel_worker() -> tuple[float, float, dict]:
     """A rank whose share is 0 holds no kernels and still trains the same model;
     ``layer_shares`` gives the second layer a split of its own."""
-    rank, world = _join()
+    rank, world = join_gloo()
     torch.manual_seed(0)
     reference = build_model("paper", (1, 28, 28), 10, (6, 8))
     model = convshard.shard_model(copy.deepcopy(reference), [0.6, 0.4, 0.0], layer_shares={"features.3": [1, 1, 1]})
@@ -209,7 +204,7 @@ def test_rank_with_zero_kernels():
 
 def _state_roundtrip_worker(shares: list[float]) -> dict:
     """full_state_dict is identical on every rank and load_full_state_dict inverts it."""
-    rank, world = _join()
+    rank, world = join_gloo()
     torch.manual_seed(rank)  # different local inits: shard_model must take rank 0's
     model = build_model("vgg", (3, 16, 16), 10, (8, 12, 10))
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -292,7 +287,7 @@ def test_cuda_layer_matches_cpu():
 
 def _mixed_worker() -> float:
     """Rank 0 on the GPU, rank 1 on the CPU, gloo staging CUDA tensors through host memory."""
-    rank, world = _join()
+    rank, world = join_gloo()
     device = torch.device("cuda" if rank == 0 else "cpu")
     torch.manual_seed(0)
     reference = build_model("paper", (1, 28, 28), 10, (6, 8))
@@ -311,7 +306,7 @@ def test_cpu_and_cuda_ranks_in_one_job():
 
 
 def _different_models_worker() -> None:
-    _join()
+    join_gloo()
     kernels = (4, 6) if comm.rank() == 0 else (4, 8)
     convshard.shard_model(build_model("paper", (1, 28, 28), 10, kernels))
 
@@ -335,3 +330,65 @@ def test_channelwise_layers_on_the_shard_are_exact_and_optional():
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(traced(x), reference(x)) and torch.equal(plain(x), reference(x))
     assert list(convshard.full_state_dict(traced)) == list(reference.state_dict())
+
+
+def _batch_check_worker() -> dict:
+    """Rank 1 feeds the same batch, then a different one, then the same rows
+    in another order; with the check and without it (keyword, environment).
+    Returns each case's error message (None when the forward ran) and the
+    all-gathers of the first and second forward of the same batch."""
+    rank, _ = join_gloo()
+    torch.manual_seed(0)
+    reference = build_model("paper", (1, 28, 28), 10, (6, 8))
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    batches = {"same": x, "different": x + rank, "reordered": x.flip(0) if rank else x}
+    gathers = []
+    original = dist.all_gather
+
+    def counted(*args, **kwargs):
+        gathers.append(tuple(args[1].shape))
+        return original(*args, **kwargs)
+
+    def forward(case: str, **options) -> str | None:
+        model = convshard.shard_model(copy.deepcopy(reference), [2, 1], **options)
+        try:
+            model(batches[case])
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    report: dict = {"gathers": []}
+    dist.all_gather = counted
+    try:
+        model = convshard.shard_model(copy.deepcopy(reference), [2, 1])
+        for _ in range(2):
+            gathers.clear()
+            model(x)
+            report["gathers"].append(list(gathers))
+    finally:
+        dist.all_gather = original
+    for case in ("same", "different", "reordered"):
+        report[case] = forward(case)
+    report["not traced"] = forward("different", fuse_channelwise=False)  # the model itself, not a GraphModule
+    report["keyword off"] = forward("different", check_batch=False)
+    os.environ["CONVSHARD_CHECK_BATCH"] = "0"
+    report["environment off"] = forward("different")
+    return report
+
+
+def test_ranks_feeding_different_batches_are_refused():
+    """The first forward at world size 2 all-gathers one fingerprint of the
+    input (once): the same batch passes, a different or reordered one
+    raises on every rank naming rank 1, traced or not; check_batch=False and
+    CONVSHARD_CHECK_BATCH=0 turn the check off."""
+    reports = launch_local(_batch_check_worker, 2, timeout=120, env={"CONVSHARD_SHM": "0"})  # gloo's own path
+    for report in reports:
+        first, second = report["gathers"]
+        assert len(first) == len(second) + 1 and first[1:] == second, report["gathers"]
+        assert report["same"] is None
+        for case in ("different", "reordered", "not traced"):
+            assert report[case] is not None and "\n" not in report[case], report[case]
+            assert "every rank must feed the same global batch to a sharded model" in report[case]
+            assert "rank 1's batch differs from rank 0's" in report[case]
+        assert "shape (4, 1, 28, 28)" in report["different"]
+        assert report["keyword off"] is None and report["environment off"] is None

@@ -14,7 +14,8 @@ import torch
 from convshard import checkpoint
 from convshard.cli import main
 from convshard.models import build_model
-from convshard.train import TrainConfig, learning_rate
+from convshard.config import TrainConfig
+from convshard.train import learning_rate
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet"]

@@ -15,16 +15,17 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
-from . import bench, data, devices, launch, profile, report
+from . import bench, data, devices, launch, plan, profile, report, search
+from .config import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, model_groups
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
-from .plan import format_plan, make_plan
 from .rebalance import parse_mode
-from .train import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, train_worker
+from .train import train_worker
 from .tune import launch_job, prepare, profile_job
 
 log = logging.getLogger("convshard")
@@ -130,8 +131,8 @@ def _device_list(text: str) -> str:
 def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     """Options that define a job: devices, model, data, batch (train, profile, plan)."""
     g = p.add_argument_group("devices")
-    g.add_argument("--devices", metavar="SPEC", type=_device_list, default=d.devices,
-                   help="one worker per device (default: %(default)s)")
+    g.add_argument("--devices", metavar="SPEC", type=_device_list,
+                   help=f"one worker per device (default: {d.devices})")
     g.add_argument("--threads", metavar="N", type=_positive(int, "--threads"),
                    help="intra-op threads per worker (default: the cores its device names)")
     g.add_argument("--profile", metavar="PATH",
@@ -163,8 +164,9 @@ def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="C,H,W of synthetic images (default: 3,32,32)")
     g.add_argument("--synthetic-size", metavar="N", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
                    help="synthetic training images (default: %(default)s)")
-    g.add_argument("--batch-size", metavar="N", type=_positive(int, "--batch-size"), default=d.batch_size,
-                   help="global batch, the same for every strategy (default: %(default)s)")
+    g.add_argument("--batch-size", metavar="N", type=_positive(int, "--batch-size"),
+                   help=f"global batch, the same for every strategy; at most the training set "
+                        f"(default: {d.batch_size})")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
 
@@ -181,20 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a CNN; kernels of every conv layer split across --devices.")
     _job_options(t, d)
     g = t.add_argument_group("strategy")
-    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+    g.add_argument("--strategy", choices=STRATEGIES,
                    help="kernel: shard conv kernels (the method); single: one process on the first "
-                        "device; ddp: PyTorch DDP on the same devices; layers: a per-layer plan, each "
-                        "group of convs splitting its kernels or the batch, whichever the profile says "
-                        "costs less there; auto: the fastest measured in 6-step trials of the strategies the "
-                        "plan predicts near the fastest (see convshard plan) and of one process on all the "
-                        "listed cores (default: %(default)s)")
+                        "device; ddp: PyTorch DDP on the same devices, as people run it: the baseline, "
+                        "BatchNorm over each worker's own rows (a BatchNorm model trains another model than "
+                        "on one device); layers: a per-layer plan, each group of convs splitting its kernels "
+                        "or the batch, whichever the profile says costs less there; auto: the fastest measured "
+                        "in 6-step trials of the plans predicted near the fastest (see convshard plan) and of "
+                        "one process on all the listed cores; every plan auto can choose trains the model one "
+                        f"device trains, so ddp is no candidate for a BatchNorm model (default: {d.strategy})")
     g.add_argument("--shares", metavar="W1,W2,...", type=_shares, default=None,
                    help="kernel share per worker (with --strategy ddp: batch share): 'equal' (default), "
                         "'auto' (planned from a profile: a device that would slow the step gets no kernels; "
                         "ddp's batch split in proportion to each device's speed) or weights such as 2,1,1")
     g.add_argument("--plan", metavar="FILE",
                    help="run the plan saved in FILE: a run's metrics JSON (--metrics-out) or its 'job_plan' "
-                        "entry alone; strategy, devices, kernels and rows per rank come from it")
+                        "entry alone; engine, devices, threads, batch size, kernels and rows per rank come from "
+                        "it, and --strategy, --shares, --devices, --threads or --batch-size that differ are an "
+                        "error")
     g.add_argument("--rebalance", metavar="MODE", type=_rebalance, default=d.rebalance,
                    help="re-split the kernels while training: off, auto (checked every 5 steps: when a "
                         "new split is predicted to cut the slowest worker's busy time by 3%% or more) or N "
@@ -268,34 +274,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLANNED = ("strategy", "devices", "threads", "batch_size", "shares")  # flags a --plan FILE answers
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's config; ``profile`` and ``plan`` take the training defaults."""
+    """The run's config; ``profile`` and ``plan`` take the training defaults
+    and plan as ``--strategy auto`` would."""
+    d = TrainConfig()
     train_only = {name: getattr(args, name) for name in (
-        "strategy", "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
+        "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
         "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment") if hasattr(args, name)}
-    if args.command != "train":
-        train_only["strategy"] = "auto"
-    config = TrainConfig(
-        devices=args.devices, threads=args.threads, profile=args.profile, model=args.model, kernels=args.kernels,
-        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, synthetic_shape=args.synthetic_shape,
-        synthetic_size=args.synthetic_size, batch_size=args.batch_size, seed=args.seed, timeout=args.timeout,
+    strategy = getattr(args, "strategy", None) or (d.strategy if args.command == "train" else "auto")
+    return TrainConfig(
+        devices=args.devices or d.devices, threads=args.threads, profile=args.profile, model=args.model,
+        kernels=args.kernels, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+        synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
+        batch_size=args.batch_size or d.batch_size, seed=args.seed, timeout=args.timeout, strategy=strategy,
         **train_only,
     )
-    return config.with_job_plan(_read_plan(args.plan)) if getattr(args, "plan", None) else config
 
 
-def _read_plan(path: str) -> dict:
-    """The job plan in ``path``: a metrics JSON's ``job_plan``, or the plan alone."""
+def with_saved_plan(config: TrainConfig, path: str, args: argparse.Namespace) -> TrainConfig:
+    """``config`` running the plan saved in ``path``; a flag of PLANNED given
+    with another value than the plan's is an error naming both."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--plan {path}: {exc}") from None
-    return saved.get("job_plan", saved) if isinstance(saved, dict) else saved
+    saved = saved.get("job_plan", saved) if isinstance(saved, dict) else saved
+    dataset = load_data(config)
+    job = plan.from_json(saved, groups=model_groups(config, dataset), source=f"--plan {path}",
+                         batch_size=args.batch_size or config.batch_size)
+    given = {"strategy": args.strategy, "devices": args.devices, "threads": args.threads,
+             "batch_size": args.batch_size, "shares": args.shares}
+    held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,
+            "batch_size": job.batch_size, "shares": None}
+    for name in PLANNED:
+        mine = given[name]
+        if name == "devices" and mine is not None:
+            if launch.in_torchrun():
+                continue  # --devices lists this host's devices, the plan every rank's
+            mine = ",".join(str(dev) for dev in devices.parse_devices(mine))
+        if name == "threads" and held[name] is None:
+            continue  # the plan leaves threads to the flag
+        if mine is not None and mine != held[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {_shown(given[name])} conflicts with --plan {path}, which "
+                              f"{'holds the split' if name == 'shares' else f'runs {flag} {_shown(held[name])}'}; "
+                              f"leave {flag} out or write a new plan")
+    devices_here = config.devices if launch.in_torchrun() else ",".join(job.devices)
+    strategy = {"ddp": "ddp", "single": "single"}.get(job.name, "layers")  # for the checks in ``validate``
+    return replace(config, job=job, devices=devices_here, batch_size=job.batch_size, strategy=strategy,
+                   threads=job.threads or config.threads, shares=None)
+
+
+def _shown(value: object) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def cap_batch(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
+    """``config`` with a global batch of at most the training set, and a warning when that cut it."""
+    n = len(dataset.train_y)
+    if config.batch_size <= n:
+        return config
+    log.warning("--batch-size %d is more than the %d training images: training at batch %d",
+                config.batch_size, n, n)
+    return replace(config, batch_size=n)
 
 
 def validate(config: TrainConfig) -> data.Dataset:
     """Everything that can be checked before a worker starts; raises ConfigError.
-    Returns the dataset, which it loads to check the data and the model."""
+    Returns the dataset, which it loads to check the data and the model (one
+    training image through it must give (1, classes) logits)."""
     job = config.device_list[: config.world_size]
     devices.check_available(job)
     for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every)):
@@ -311,7 +361,7 @@ def validate(config: TrainConfig) -> data.Dataset:
     if config.shares == "auto" and config.strategy == "single":
         raise ConfigError("--shares auto plans kernel or batch shares: it needs --strategy kernel, ddp or auto, "
                           "not single")
-    if isinstance(config.shares, tuple) and config.strategy in ("auto", "layers") and config.plan is None:
+    if isinstance(config.shares, tuple) and config.strategy in ("auto", "layers") and config.job is None:
         raise ConfigError(f"--strategy {config.strategy} plans the shares itself: give --shares auto or leave it out")
     if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "layers", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
@@ -325,35 +375,63 @@ def validate(config: TrainConfig) -> data.Dataset:
                           f"{len(config.shares)} weights for {world} workers")
     dataset = load_data(config)
     model = make_model(config, dataset)
+    # One image through the model, so that a model that does not fit the data
+    # (input channels, class count) fails here, in one line, not in every worker.
+    import torch
+
+    sample = dataset.train_x[:1]  # (1, C, H, W), on CPU
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as exc:  # the user's model: any exception is its error
+        first = next(iter(str(exc).strip().splitlines()), "").strip()
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise ConfigError(f"model {config.model!r} fails on an input of shape {tuple(sample.shape)}: "
+                          f"{detail}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, dataset.classes):
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ConfigError(f"model {config.model!r} outputs {got} for one image, not (1, {dataset.classes}): "
+                          f"the dataset has {dataset.classes} classes")
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if config.strategy in ("kernel", "layers", "auto"):
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d) and module.out_channels < world:
+        for name, module in convs:
+            if module.out_channels < world:
                 raise ConfigError(f"layer {name} has {module.out_channels} kernels for {world} workers; "
                                   f"use more --kernels or fewer --devices")
+    if not convs and config.strategy in ("kernel", "layers") and world > 1 and os.environ.get("RANK", "0") == "0":
+        log.warning("model %r has no conv layers: nothing is sharded and every worker runs the whole model on "
+                    "the whole batch; use --strategy single or ddp", config.model)
     return dataset
 
 
 def run(config: TrainConfig) -> dict | None:
-    """Train locally (spawning one worker per device) or as this torchrun rank."""
+    """Train locally (spawning one worker per planned device) or as this torchrun rank."""
     dataset = validate(config)
+    config = cap_batch(config, dataset)
     if launch.in_torchrun():
         return train_worker(config, dataset)
-    if config.needs_plan:
-        config = prepare(config, dataset)
-    return launch_job(config, dataset)
+    return launch_job(prepare(config, dataset), dataset)
 
 
 def _profile_or_plan(config: TrainConfig, command: str) -> None:
-    """``convshard profile`` and ``convshard plan``: print the profile or the plan."""
+    """``convshard profile`` and ``convshard plan``: print the profile, or
+    every candidate plan's prediction and the one auto would run."""
     if launch.in_torchrun():
         raise ConfigError(f"convshard {command} starts its own workers: run it without torchrun")
-    job_profile = profile_job(config, validate(config))
+    dataset = validate(config)
+    job_profile = profile_job(cap_batch(config, dataset), dataset)
     if command == "profile":
         print(profile.format_profile(job_profile))
         if config.profile:
             print(f"written to {config.profile}")
-    else:
-        print(format_plan(make_plan(job_profile)))
+        return
+    found = search.candidates(job_profile, threads=config.threads)
+    pool = found if not search.has_batchnorm(job_profile) else [c for c in found if c.plan.engine != plan.DDP]
+    print(search.format_candidates(found, search.fastest(pool)))
+    if len(pool) < len(found):
+        print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
+              "worker's rows alone)")
 
 
 def _report(metrics_path: str, png: str | None, steps: int) -> None:
@@ -398,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)
         elif args.command == "train":
-            run(config_from_args(args))
+            config = config_from_args(args)
+            run(with_saved_plan(config, args.plan, args) if args.plan else config)
         else:
             _profile_or_plan(config_from_args(args), args.command)
     except ConfigError as exc:

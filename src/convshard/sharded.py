@@ -19,8 +19,9 @@ sees the same gathered activations on every rank. ``sync_replicas`` keeps those 
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,28 +32,9 @@ from torch.nn.utils import parametrize
 
 from . import comm
 from .errors import ConfigError
+from .splits import split_counts
 
 log = logging.getLogger(__name__)
-
-
-def split_counts(total: int, shares: Sequence[float]) -> tuple[int, ...]:
-    """Integer kernel counts proportional to ``shares`` that sum to ``total``.
-
-    Largest-remainder apportionment: c_r = floor(total * w_r / sum(w)), then
-    the kernels left over go one each to the largest fractional parts (ties
-    to the lower rank). A share of 0 gives 0 kernels.
-    """
-    weights = [float(w) for w in shares]
-    if not weights:
-        raise ConfigError("shares must name at least one rank")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"shares {list(shares)} must be finite, non-negative and not all zero")
-    exact = [total * w / sum(weights) for w in weights]
-    counts = [math.floor(e) for e in exact]
-    by_remainder = sorted(range(len(exact)), key=lambda r: (counts[r] - exact[r], r))
-    for r in by_remainder[: total - sum(counts)]:
-        counts[r] += 1
-    return tuple(counts)
 
 
 @dataclass(frozen=True)
@@ -336,6 +318,7 @@ def shard_model(
     fuse_channelwise: bool = True,
     modes: Mapping[str, str] | None = None,
     rows: Sequence[float] | None = None,
+    check_batch: bool = True,
 ) -> nn.Module:
     """Shard every ``nn.Conv2d`` of ``model`` by its kernels; returns the sharded model.
 
@@ -365,6 +348,16 @@ def shard_model(
     ``rows`` (None = equal; ``convshard.batch``), BatchNorm normalises over
     the global batch, and the weights' gradients are summed over the ranks
     during backward (``sync_replicas`` waits for them).
+
+    .. warning::
+        Every rank must feed the model the same global batch, in the same
+        order (seed the order; no ``DistributedSampler``): kernel-mode
+        groups split kernels, not data, and batch-mode groups take their
+        rows of the batch themselves. With ``check_batch`` (and unless the
+        environment sets ``CONVSHARD_CHECK_BATCH=0``) the first forward at
+        world size > 1 all-gathers a fingerprint of the input and raises
+        ``ValueError`` when a rank's differs from rank 0's; later forwards
+        are not checked.
     """
     world, me = comm.world_size(group), comm.rank(group)
     shares = [1.0] * world if shares is None else list(shares)
@@ -389,7 +382,80 @@ def shard_model(
             log.warning("batch mode needs a traceable model: every group splits its kernels")
         sharded = _shard_in_place(model, split_for, fuse_channelwise)
     log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(sharded).items()})
+    if world > 1 and check_batch and os.environ.get("CONVSHARD_CHECK_BATCH", "1") != "0":
+        _check_batch_on_first_forward(sharded, group)
     return sharded
+
+
+_SHAPE_SLOTS = 6  # input dimensions the fingerprint records; more are folded into numel
+
+
+def _batch_fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """A float64 vector that summarises a batch (B, ...) on its own device:
+    ndim, numel, the first ``_SHAPE_SLOTS`` sizes (-1 pads), sum x,
+    sum x^2, sum |x| and sum_i (i + 1) * sum(x[i]), the last so that
+    reordered rows differ."""
+    with torch.no_grad():
+        n = x.size(0) if x.dim() else 1
+        rows = x.detach().reshape(n, x.numel() // n if n else 0)  # (B, rest)
+        shape = [*x.shape[:_SHAPE_SLOTS], *[-1] * (_SHAPE_SLOTS - min(x.dim(), _SHAPE_SLOTS))]
+        head = torch.tensor([x.dim(), x.numel(), *shape], dtype=torch.float64, device=x.device)
+        row_sums = rows.sum(1, dtype=torch.float64)  # (B,)
+        position = torch.arange(1, rows.size(0) + 1, dtype=torch.float64, device=x.device)
+        sums = torch.stack([row_sums.sum(), rows.double().square().sum(), rows.abs().sum(dtype=torch.float64),
+                            (position * row_sums).sum()])
+        return torch.cat([head, sums])
+
+
+def _same_batch(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two fingerprints (``_batch_fingerprint``, on CPU) describe the
+    same batch: equal shapes, and sums equal up to rounding (ranks on
+    different devices add in different orders), NaN matching NaN."""
+    head = 2 + _SHAPE_SLOTS
+    if not torch.equal(a[:head], b[:head]):
+        return False
+    batch = max(a[2].item(), 1.0)  # B (-1 for a 0-dim input): weights the position-weighted sum
+    a, b = a[head:], b[head:]  # sum, sum of squares, sum of |x|, position-weighted sum
+    abs_sum = torch.maximum(a[2], b[2])
+    scale = torch.stack([abs_sum, torch.maximum(a[1], b[1]), abs_sum, abs_sum * batch])
+    close = (a == b) | ((a - b).abs() <= 1e-5 * scale + 1e-12) | (a.isnan() & b.isnan())
+    return bool(close.all())
+
+
+def _describe_batch(fingerprint: torch.Tensor) -> str:
+    ndim = int(fingerprint[0])
+    shape = tuple(int(s) for s in fingerprint[2 : 2 + min(ndim, _SHAPE_SLOTS)])
+    return f"shape {shape}, sum {fingerprint[2 + _SHAPE_SLOTS].item():.6g}"
+
+
+def _check_batch_on_first_forward(model: nn.Module, group: comm.Group) -> None:
+    """Register a forward pre-hook on ``model`` that, once, all-gathers a
+    fingerprint of the input (its first tensor argument) over ``group`` and
+    raises ``ValueError`` on every rank when a rank's batch differs from
+    rank 0's. One small all-gather on the first forward; the hook then
+    removes itself (a copy made before that checks its own first forward)."""
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        handle.remove()
+        if getattr(module, "_convshard_batch_checked", False):
+            return
+        module._convshard_batch_checked = True
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None:  # still join the collective, so that no rank waits alone
+            device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
+            x = torch.zeros(1, device=device)
+        mine = _batch_fingerprint(x).unsqueeze(0)  # (1, n), on the input's device
+        world = comm.world_size(group)
+        everyone = comm.all_gather_uneven(mine, [1] * world, dim=0, group=group).cpu()  # (world, n)
+        for r in range(1, world):
+            if not _same_batch(everyone[r], everyone[0]):
+                raise ValueError(
+                    "every rank must feed the same global batch to a sharded model (convshard splits kernels, "
+                    f"not data); rank {r}'s batch differs from rank 0's ({_describe_batch(everyone[r])} vs "
+                    f"{_describe_batch(everyone[0])}); shard_model(..., check_batch=False) or "
+                    "CONVSHARD_CHECK_BATCH=0 turns this check off"
+                )
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def _shard_in_place(model: nn.Module, split_for, fuse_channelwise: bool) -> nn.Module:
@@ -425,6 +491,18 @@ def channel_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
 def layer_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Kernels per rank for each channel group (a sharded conv, or convs tied together), by name."""
     return {name: members[0][1].group.split.counts for name, members in channel_groups(model).items()}
+
+
+def group_kernels(model: nn.Module) -> dict[str, int]:
+    """The channel groups ``shard_model`` makes of an unsharded ``model``:
+    name -> kernels, in graph order (a plan names these)."""
+    quiet = log.level
+    log.setLevel(logging.WARNING)  # the one-rank split's "kernels per rank" line says nothing here
+    try:
+        one_rank = shard_model(copy.deepcopy(model).cpu())
+    finally:
+        log.setLevel(quiet)
+    return {name: sum(counts) for name, counts in layer_counts(one_rank).items()}
 
 
 def sharded_state(model: nn.Module) -> dict[str, ShardSplit]:

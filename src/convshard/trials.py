@@ -59,10 +59,10 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     """``config`` with its ``job`` (and, when searched, ``planning``) set."""
     if config.job is not None:
         return config
-    groups = model_groups(config, dataset)
     if not config.needs_search:
-        return replace(config, job=plan_from_flags(config, groups, job_devices))
+        return replace(config, job=plan_from_flags(config, model_groups(config, dataset), job_devices))
     profile = measure(config)
+    groups = search.groups_of(profile)
     with_ddp = config.strategy == "ddp" or not search.has_batchnorm(profile)
     found = search.candidates(profile, can_drop=can_drop, with_ddp=with_ddp, threads=config.threads)
     by_name = {c.name: c for c in found}

@@ -1,0 +1,106 @@
+"""The one cost model: ``cost.predict`` on hand-made profiles, its formulas and its invariants."""
+
+from __future__ import annotations
+
+import pytest
+
+from convshard import cost, plan, search
+from convshard.errors import ConfigError
+from profiles import make_profile
+
+
+def _groups(profile) -> dict[str, int]:
+    return {layer["name"]: layer["kernels"] for layer in profile["layers"]}
+
+
+def test_kernel_mode_follows_the_formula():
+    profile = make_profile((1.0, 0.5), kernels=(10,), a=0.1, per_kernel=0.01, gather_bytes=100, rest=0.2,
+                           replicated_param_bytes=1000, bandwidth=1e4, latency=0.001)
+    profile["layers"][0]["inputs"] = [{"bytes": 5000, "grad": True}]
+    job = plan.kernel_split(profile["devices"], _groups(profile), 64, counts={"conv0": (6, 4)})
+    p = cost.predict(profile, job)
+    compute = (0.1 + 0.01 * 6, 0.2 + 0.02 * 4)  # rank 1 is half as fast
+    gather = 0.001 + 2 * 6 * 100 * 10 / 10 / 1e4  # the output, padded to the largest share, read whole
+    reduce = 0.001 + 5000 / 1e4 - max(compute) / 3  # beyond the weight gradient, a third of the slowest compute
+    assert p.groups["conv0"] == pytest.approx(max(compute) + gather + reduce)
+    assert p.collectives == pytest.approx({"all_gather": gather, "all_reduce": reduce})
+    assert p.rest == pytest.approx(0.4)  # every rank runs the rest; the slower one sets the pace
+    assert p.broadcast == pytest.approx(0.001 + 1000 / 1e4)
+    assert p.step == pytest.approx(max(compute) + gather + reduce + 0.4 + p.broadcast)
+    assert p.busy == pytest.approx((compute[0] + 0.2, compute[1] + 0.4))
+
+
+def test_rank_with_no_kernels_still_pays_one():
+    profile = make_profile((1.0, 1.0), kernels=(10,), a=0.0, per_kernel=0.5)
+    job = plan.kernel_split(profile["devices"], _groups(profile), 64, counts={"conv0": (10, 0)})
+    assert cost.predict(profile, job).busy[1] == pytest.approx(0.5 + profile["rest_seconds"][1])
+
+
+def test_batch_mode_and_the_gradient_sum():
+    profile = make_profile((1.0, 1.0), kernels=(8, 8), a=0.0, per_kernel=1e-3, update=1e-9, batchnorms=1,
+                           latency=1e-3, bandwidth=1e9, param_bytes=2e6 + 10_000)
+    modes = {"conv0": "batch", "conv1": "batch"}
+    job = plan.kernel_split(profile["devices"], _groups(profile), 64, modes=modes, rows=(40, 24))
+    p = cost.predict(profile, job)
+    t = profile["layers"][0]["batch_seconds"][0]
+    assert p.groups["conv0"] == pytest.approx(t * 40 / 32 + 2 * 1e-3)  # rows 40 of the timed 32, two BN meetings
+    assert p.gradient_sum == pytest.approx(1e-3 + 2e6 / 1e9)  # both groups' weights, one all-reduce
+    assert p.update == pytest.approx(2 * 1e-9 * 1e6)  # every rank updates every batch-mode weight
+
+
+def test_one_device_is_the_same_formula_without_links():
+    profile = make_profile((0.5,), kernels=(10, 20), a=0.1, per_kernel=0.01, rest=0.2, update=1e-9)
+    p = cost.predict(profile, plan.single("cpu@0", _groups(profile), 64))
+    groups = (0.2 + 0.02 * 10) + (0.2 + 0.02 * 20)
+    assert p.step == pytest.approx(groups + 0.4 + 2e-9 * profile["layers"][0]["param_bytes"] * 2)
+    assert p.collectives == {} and p.broadcast == 0.0
+
+
+def test_equal_plans_get_equal_predictions_however_written():
+    profile = make_profile((1.0, 0.5, 0.25), kernels=(12, 24))
+    groups, devices = _groups(profile), profile["devices"]
+    by_shares = plan.kernel_split(devices, groups, 64, shares=[4, 2, 1])
+    by_counts = plan.kernel_split(devices, groups, 64, counts=by_shares.kernel_counts())
+    as_modes = plan.kernel_split(devices, groups, 64, shares=[4, 2, 1], modes={"conv0": "kernel"})
+    from_file = plan.from_json({"strategy": "kernel", "devices": ",".join(devices), "shares": [4, 2, 1]},
+                               groups=groups, batch_size=64)
+    steps = {cost.predict(profile, p).step for p in (by_shares, by_counts, as_modes, from_file)}
+    assert len(steps) == 1
+    ddp = cost.predict(profile, plan.ddp(devices, groups, 64)).step
+    assert ddp == cost.predict(profile, plan.from_json(plan.ddp(devices, groups, 64).to_json(), groups=groups,
+                                                       batch_size=64)).step
+
+
+def test_ddp_overlaps_its_all_reduce_with_backward():
+    profile = make_profile((1.0, 0.5), kernels=(10,), a=0.1, per_kernel=0.01, rest=0.2, param_bytes=1e6,
+                           bandwidth=1e7, latency=0.001)
+    groups = _groups(profile)
+    job = plan.ddp(profile["devices"], groups, 64)
+    t = profile["layers"][0]["batch_seconds"]
+    conv = [t[r] * 32 / 32 for r in range(2)]
+    busy = [conv[r] + profile["rest_seconds"][r] * 32 / 64 for r in range(2)]
+    all_reduce = 0.001 + 1e6 / 1e7
+    steps = [busy[r] + all_reduce - cost.OVERLAP * min(all_reduce, 2 / 3 * conv[r]) for r in range(2)]
+    p = cost.predict(profile, job)
+    assert p.step == pytest.approx(max(steps))
+    assert p.busy == pytest.approx(tuple(busy))
+    assert p.gradient_sum < all_reduce  # the part of the all-reduce backward does not hide
+
+
+def test_a_plan_that_does_not_fit_the_profile_is_refused():
+    profile = make_profile((1.0, 1.0), kernels=(10,))
+    with pytest.raises(ConfigError, match="measured 2 devices, the plan runs on 1"):
+        cost.predict(profile, plan.single("cpu@0", _groups(profile), 64))
+    with pytest.raises(ConfigError, match="groups"):
+        cost.predict(profile, plan.kernel_split(profile["devices"], {"other": 10}, 64))
+    no_links = {**profile, "links": {}}
+    with pytest.raises(ConfigError, match="no 'all_gather' link"):
+        cost.predict(no_links, plan.kernel_split(profile["devices"], _groups(profile), 64))
+
+
+def test_single_step_is_the_one_device_plan_on_the_restricted_profile():
+    profile = make_profile((1.0, 0.3, 2.0))
+    for r in range(3):
+        sub = search.restrict(profile, [r])
+        assert search.single_step(profile, r) == cost.predict(sub, plan.single(f"cpu@{r}", _groups(profile),
+                                                                              64)).step
