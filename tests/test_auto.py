@@ -8,7 +8,6 @@ job, so the edited profile is what the run plans from.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys

@@ -256,12 +256,12 @@ def test_strategy_trains_and_writes_metrics(strategy: str, strategy_runs: dict) 
     assert metrics["world_size"] == world
     assert metrics["devices"] == devices
     assert metrics["strategy"] == strategy.split()[0]
-    if strategy == "kernel":
+    if metrics["job_plan"]["engine"] == "sharded":  # kernels per rank of every group, as the plan splits them
         counts = list(metrics["shares"].values())
         assert [len(c) for c in counts] == [world] * len(TINY_KERNELS)
         assert [sum(c) for c in counts] == list(TINY_KERNELS)
-    else:
-        assert metrics["shares"] == {}
+    else:  # DDP holds every kernel on every rank
+        assert metrics["shares"] == {} and metrics["job_plan"]["rows"] == ([12, 4] if "3,1" in strategy else [8, 8])
 
 
 def test_strategies_agree_on_train_loss(strategy_runs: dict) -> None:
@@ -290,8 +290,9 @@ def test_bad_factory_exits_2_with_one_line(model: str, needle: str, capsys: pyte
 @pytest.mark.parametrize(("content", "needle"), [
     (None, "No such file"),
     ("not json", "Expecting value"),
-    ('{"job_plan": {"strategy": "fastest"}}', "a plan names its strategy, one of kernel, single, ddp, layers; "
+    ('{"job_plan": {"strategy": "fastest"}}', "it names no strategy (one of kernel, single, ddp, layers); "
                                               "got 'fastest'"),
+    ('[1, 2]', "not a plan (a plan file holds a run's metrics JSON"),
 ])
 def test_bad_plan_file_exits_2_with_one_line(content: str | None, needle: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture, no_training: None) -> None:

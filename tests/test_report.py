@@ -118,19 +118,13 @@ def test_bench_rounds_interleave_jobs_and_report_the_median(tmp_path, monkeypatc
     assert result["a"]["rounds_ms"] == [30.0, 10.0, 20.0] and result["a"]["peak_rss_mib"] == 12.0
 
 
-PLAN = {"predicted": {"kernel": 0.09, "ddp": 0.125, "single": 0.2}, "ddp_shares": [0.5, 0.5], "ddp_sized": 0.08}
+PREDICTED = {"kernel": 0.09, "ddp": 0.125, "ddp sized": 0.08}  # seconds the made-up plans predict
 
 
-def test_predicted_ms_is_the_plans_step_for_the_strategy_taken():
-    def metrics(strategy, plan, shares=None):
-        return {"strategy": strategy, "plan": plan, "config": {"shares": shares}}
-
-    assert bench.predicted_ms(metrics("kernel", PLAN)) == pytest.approx(90.0)
-    assert bench.predicted_ms(metrics("ddp", PLAN)) == pytest.approx(125.0)  # even batch split
-    assert bench.predicted_ms(metrics("ddp", PLAN, shares=[0.5, 0.5])) == pytest.approx(80.0)  # the plan's split
-    assert bench.predicted_ms(metrics("kernel", None)) is None  # no plan made
-    assert bench.predicted_ms(metrics("kernel", {"predicted": {"ddp": 0.1}})) is None
-    assert bench.predicted_ms(metrics("kernel", {"strategy": "kernel"})) is None
+def test_predicted_ms_is_the_run_plans_predicted_step():
+    assert bench.predicted_ms({"predicted_seconds": 0.09}) == pytest.approx(90.0)
+    assert bench.predicted_ms({"predicted_seconds": None}) is None  # built from flags: nothing predicted
+    assert bench.predicted_ms({}) is None
 
 
 @pytest.fixture
@@ -150,7 +144,7 @@ def fake_train(monkeypatch):
         out.write_text(json.dumps({
             "mean_step_seconds": 0.1, "timeline": {"peak_rss_mib": [100.0]}, "train_loss": 1.0, "shares": {},
             "devices": args[args.index("--devices") + 1].split(","), "strategy": strategy,
-            "plan": PLAN if planned else None, "config": {"shares": PLAN["ddp_shares"] if sized and strategy == "ddp" else None}}))
+            "predicted_seconds": PREDICTED["ddp sized" if sized else strategy] if planned else None}))
 
     def run(command, **_):
         write(command[4:-2], Path(command[-1]))

@@ -373,6 +373,8 @@ def validate(config: TrainConfig) -> data.Dataset:
     if isinstance(config.shares, tuple) and config.strategy in ("kernel", "ddp") and len(config.shares) != world:
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)} has "
                           f"{len(config.shares)} weights for {world} workers")
+    if config.profile and Path(config.profile).exists():
+        profile.load(config.profile, key={})  # a cache that is there must read as a profile (ConfigError)
     dataset = load_data(config)
     model = make_model(config, dataset)
     # One image through the model, so that a model that does not fit the data
