@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from convshard.launch import WorkerFailed, init_from_env, launch_local
-from convshard.splits import choose_counts
+from convshard.run.launch import WorkerFailed, init_from_env, launch_local
+from convshard.plan.splits import choose_counts
 
 
 def _fail_on_rank_1() -> None:
@@ -46,7 +46,7 @@ def _hang() -> None:
 def _meetings() -> dict:
     import torch
 
-    from convshard import comm
+    from convshard.parallel import comm
 
     rank, _, _ = init_from_env("gloo", timeout=60)
     os.sched_setaffinity(0, {rank % os.cpu_count()})

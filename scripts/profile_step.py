@@ -22,7 +22,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import convshard
-from convshard.launch import init_from_env, launch_local
+from convshard.run.launch import init_from_env, launch_local
 from convshard.models import build_model
 
 

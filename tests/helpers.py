@@ -27,7 +27,7 @@ from typing import NoReturn
 import pytest
 import torch
 
-from convshard import netns
+from convshard.tools import netns
 
 # --- machine requirements ----------------------------------------------------
 
@@ -93,7 +93,7 @@ def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
     """Wait up to ``timeout`` s for ``proc``; stop it and its workers if still running
-    (``convshard.netns.finish``), failing the test then. Returns its output."""
+    (``convshard.tools.netns.finish``), failing the test then. Returns its output."""
     code, out = netns.finish(proc, timeout)
     if code is None:
         raise AssertionError(f"torchrun still running after {timeout} s:\n{out[-3000:]}")
@@ -144,7 +144,7 @@ def main_exit_code(argv: list[str]) -> int:
 
 def join_gloo(timeout: float = 120) -> tuple[int, int]:
     """In a ``launch_local`` worker: one intra-op thread, join the gloo group; (rank, world size)."""
-    from convshard.launch import init_from_env
+    from convshard.run.launch import init_from_env
 
     torch.set_num_threads(1)
     rank, world, _ = init_from_env("gloo", timeout=timeout)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from convshard import plan, search, trials
+from convshard import plan
+from convshard.plan import search
+from convshard.run import trials
 from convshard.cli import main
-from convshard.config import TrainConfig
+from convshard.run.config import TrainConfig
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
        "--batch-size", "16", "--threads", "1", "--devices", "cpu@0,cpu@1"]
@@ -190,8 +192,9 @@ def _trial_worker(profile_path: str) -> tuple[dict, dict]:
     """One rank of a two-rank job resolving auto's plan in-process, as a torchrun worker does."""
     import torch
 
-    from convshard import search, train
-    from convshard.launch import init_from_env
+    from convshard.plan import search
+    from convshard.run import train
+    from convshard.run.launch import init_from_env
 
     init_from_env("gloo", timeout=120)
     torch.set_num_threads(1)
@@ -205,7 +208,7 @@ def test_torchrun_workers_try_the_near_plans_and_choose_alike(tmp_path, measured
     """Under torchrun auto's trials run inside the workers: every plan worth a
     trial trains 6 steps (single on its device alone), and every rank, from the
     slowest rank's times, chooses the same one."""
-    from convshard.launch import launch_local
+    from convshard.run.launch import launch_local
 
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(measured))

@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convshard.batch import SyncBatchNorm2d
-from convshard.launch import launch_local
+from convshard.parallel.batch import SyncBatchNorm2d
+from convshard.run.launch import launch_local
 from convshard.models import build_model
-from convshard.sharded import ShardedConv2d
+from convshard.parallel.sharded import ShardedConv2d
 from helpers import join_gloo
 from test_layouts import SHARES, SHAPE, SqueezeDepthwise, TinyResNet, mixed_worker, side_by_side
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from convshard import checkpoint
+from convshard.run import checkpoint
 from convshard.errors import ConfigError
 
 SAVER = """
 import sys, torch
-from convshard import checkpoint
+from convshard.run import checkpoint
 big = {"w": torch.full((64, 1024, 1024), 2.0)}  # 256 MiB: a save takes a while
 while True:
     checkpoint.save_checkpoint(sys.argv[1], {"model": big, "optimizer": {}, "progress": {"step": 2}})

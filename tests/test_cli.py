@@ -23,7 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from convshard import cli, launch, tune
+from convshard import cli
+from convshard.run import launch, local
 from convshard.cli import main
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
@@ -148,7 +149,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         pytest.fail("the bad input passed validation and training started")
     monkeypatch.setattr(cli, "train_worker", refuse)
-    monkeypatch.setattr(tune, "train_worker", refuse)
+    monkeypatch.setattr(local, "train_worker", refuse)
     monkeypatch.setattr(launch, "launch_local", refuse)
 
 

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor.debug import CommDebugMode
 
-from convshard import comm
-from convshard.launch import launch_local
+from convshard.parallel import comm
+from convshard.run.launch import launch_local
 from helpers import join_gloo
 
 # Kernels per rank for each world size: uneven, and from world 2 on one set gives a rank none.
@@ -198,7 +198,7 @@ def test_shared_memory_path_delivers_the_same_values(world: int) -> None:
 def _no_room_worker() -> dict:
     """/dev/shm without room for slots above 1 MiB (rank 0's reservation is
     refused): a larger collective takes gloo's own path, on every rank alike."""
-    from convshard import shm
+    from convshard.parallel import shm
 
     rank, world = join_gloo(timeout=60)
     reserve = shm._reserve_file
@@ -227,7 +227,7 @@ def _meet_worker() -> dict:
     once with the rank's process gone, once with it alive past the timeout."""
     import subprocess
 
-    from convshard import shm
+    from convshard.parallel import shm
 
     rank, _ = join_gloo(timeout=60)
     slots = shm.slots_for(None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from convshard import cost, plan, search
+from convshard.plan import cost, search
+from convshard import plan
 from convshard.errors import ConfigError
 from profiles import make_profile
 

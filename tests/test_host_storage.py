@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from convshard import checkpoint
+from convshard.run import checkpoint
 from convshard.cli import main
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "128",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import helpers
 from convshard.errors import ConfigError
-from convshard.launch import WorkerFailed, init_from_env, launch_local
+from convshard.run.launch import WorkerFailed, init_from_env, launch_local
 
 PID_LINE = re.compile(r"worker rank (\d+) \((.+?)\) pid (\d+)")
 JOB_TIMEOUT = 60  # seconds: the launcher's limit for jobs expected to end much sooner
@@ -38,7 +38,7 @@ JOB_TIMEOUT = 60  # seconds: the launcher's limit for jobs expected to end much 
 def one_thread_workers(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Spawned workers inherit OMP_NUM_THREADS=1; the launcher's PID lines are captured."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    caplog.set_level(logging.DEBUG, logger="convshard.launch")
+    caplog.set_level(logging.DEBUG, logger="convshard.run.launch")
 
 
 def _running(pid: int) -> bool:
@@ -157,7 +157,7 @@ _STOPPABLE_LAUNCHER = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import test_launch
-from convshard.launch import WorkerFailed, launch_local
+from convshard.run.launch import WorkerFailed, launch_local
 try:
     launch_local(test_launch._boom_on_rank_1, 3, args=(sys.argv[2], True),
                  labels=["cpu@0", "cpu@1", "cpu@1"], timeout=60)
@@ -296,7 +296,7 @@ def job_store(monkeypatch: pytest.MonkeyPatch):
 
 def _lone_rank(work) -> threading.Thread:
     """A thread playing the rank that trains alone, running ``work`` inside ``training_alone``."""
-    from convshard import alone
+    from convshard.run import alone
 
     def run() -> None:
         try:
@@ -311,7 +311,7 @@ def _lone_rank(work) -> threading.Thread:
 
 
 def test_a_standing_by_rank_waits_until_the_lone_rank_is_done(job_store, monkeypatch) -> None:
-    from convshard import alone
+    from convshard.run import alone
 
     monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
     thread = _lone_rank(lambda: time.sleep(0.5))
@@ -324,7 +324,7 @@ def test_a_standing_by_rank_waits_until_the_lone_rank_is_done(job_store, monkeyp
 
 
 def test_a_standing_by_rank_fails_with_the_lone_ranks_error(job_store, monkeypatch) -> None:
-    from convshard import alone
+    from convshard.run import alone
     from convshard.errors import TrainingError
 
     monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
@@ -340,7 +340,7 @@ def test_a_standing_by_rank_fails_with_the_lone_ranks_error(job_store, monkeypat
 
 def test_a_standing_by_rank_fails_when_the_lone_rank_falls_silent(job_store, monkeypatch) -> None:
     """No beat at all (the lone process was killed before or while training)."""
-    from convshard import alone
+    from convshard.run import alone
     from convshard.errors import TrainingError
 
     monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)

@@ -1,6 +1,6 @@
 """Every kind of plan, trained through the real loop, trains the model one device trains.
 
-Each job runs ``convshard``'s own loop (``tune.launch_job``: one process per
+Each job runs ``convshard``'s own loop (``local.launch_job``: one process per
 device, gloo) for 3 steps in float64 from the same seed, and saves a
 checkpoint: the unsharded weights, BatchNorm statistics and optimizer
 state, which are compared with those of the same job on one device.
@@ -14,9 +14,10 @@ import random
 import pytest
 import torch
 
-from convshard import plan, search
-from convshard.config import TrainConfig, load_data, model_groups
-from convshard.tune import launch_job
+from convshard import plan
+from convshard.plan import search
+from convshard.run.config import TrainConfig, load_data, model_groups
+from convshard.run.local import launch_job
 from profiles import random_profile
 
 DEVICES = ("cpu@0", "cpu@1")

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import helpers
-from convshard import checkpoint, netns
+from convshard.run import checkpoint
+from convshard.tools import netns
 from convshard.cli import main
 
 SHAPED_RATE = "20mbit"

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from convshard import profile
+from convshard.profile import timings
 from convshard.errors import ConfigError
-from convshard.launch import init_from_env, launch_local
+from convshard.run.launch import init_from_env, launch_local
 from convshard.models import build_model
 
 SHAPE = (1, 16, 16)
@@ -20,8 +21,8 @@ TINY_JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthet
 
 
 def test_fit_line_recovers_a_line_and_clamps():
-    assert profile._fit_line([1, 2, 4], [0.3, 0.5, 0.9]) == pytest.approx((0.1, 0.2))
-    a, b = profile._fit_line([2, 4], [0.5, 0.4])  # noise made it fall: b stays positive, a >= 0
+    assert timings._fit_line([1, 2, 4], [0.3, 0.5, 0.9]) == pytest.approx((0.1, 0.2))
+    a, b = timings._fit_line([2, 4], [0.5, 0.4])  # noise made it fall: b stays positive, a >= 0
     assert b > 0 and a >= 0
 
 
@@ -32,11 +33,11 @@ def test_fit_layer_grows_k_until_runs_are_long_enough():
         asked.append(k)
         return 0.001 + 0.004 * k
 
-    a, b = profile._fit_layer(time_k, total=400, world=2, group=None)
+    a, b = timings._fit_layer(time_k, total=400, world=2, group=None)
     assert asked == [25, 50]  # 0.101 s at k = 25 is long enough: two sizes
     assert (a, b) == pytest.approx((0.001, 0.004))
     asked.clear()
-    profile._fit_layer(lambda k: (asked.append(k), 1e-4 * k)[1], total=64, world=2, group=None)
+    timings._fit_layer(lambda k: (asked.append(k), 1e-4 * k)[1], total=64, world=2, group=None)
     assert asked == [4, 8, 16, 32]  # short runs: double up to the equal share
 
 
@@ -87,7 +88,7 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads(measured):
     assert first["param_bytes"] > first["replicated_param_bytes"] > 0
     text = profile.format_profile(first)
     assert "features.3 (8 kernels)" in text and "all_gather: latency" in text
-    from convshard import search
+    from convshard.plan import search
 
     assert {c.name for c in search.candidates(first)} == {"single", "kernel", "layers", "ddp", "ddp sized"}
 

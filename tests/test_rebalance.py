@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 import convshard
-from convshard import engines, plan, rebalance
-from convshard.launch import init_from_env, launch_local
+from convshard.run import engines
+from convshard import plan
+from convshard.parallel import rebalance
+from convshard.run.launch import init_from_env, launch_local
 from convshard.models import build_model
-from convshard.batch import RowSplit
-from convshard.sharded import ShardedConv2d, ShardSplit
-from convshard.config import TrainConfig
-from convshard.train import train_worker
+from convshard.parallel.batch import RowSplit
+from convshard.parallel.sharded import ShardedConv2d, ShardSplit
+from convshard.run.config import TrainConfig
+from convshard.run.train import train_worker
 
 SHAPE = (3, 16, 16)
 KERNELS = (6, 10)
@@ -47,7 +49,7 @@ def _reshard_worker(optimizer_name: str, new_counts: dict) -> dict:
     _train(reference, opt_ref, range(6), sharded=False)
     _train(model, opt, range(3), sharded=True)
     rebalance.reshard(model, opt, new_counts)
-    counts = convshard.sharded.layer_counts(model)
+    counts = convshard.parallel.sharded.layer_counts(model)
     local = {n: tuple(p.shape) for n, p in model.named_parameters()}
     _train(model, opt, range(3, 6), sharded=True)
     full = convshard.full_state_dict(model)

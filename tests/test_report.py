@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from convshard import bench, report
+from convshard.tools import bench, report
 from convshard.cli import main
 from convshard.errors import ConfigError
 from helpers import main_exit_code

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import helpers
-from convshard import checkpoint
+from convshard.run import checkpoint
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "8192",
        "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--epochs", "2",

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from convshard import cost, plan, search
+from convshard.plan import cost, search
+from convshard import plan
 from profiles import make_profile, random_profile
 
 

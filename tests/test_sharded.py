@@ -18,10 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 import convshard
-from convshard import comm
-from convshard.launch import WorkerFailed, launch_local
+from convshard.parallel import comm
+from convshard.run.launch import WorkerFailed, launch_local
 from convshard.models import build_model
-from convshard.sharded import ShardedConv2d, ShardSplit, sharded_parameters, sharded_state, split_counts
+from convshard.parallel.sharded import ShardedConv2d, ShardSplit, sharded_parameters, sharded_state
+from convshard.plan.splits import split_counts
 from helpers import join_gloo, worst_state_error
 
 # Uneven shares per world size; world 4 also puts a rank at 10%.
@@ -70,7 +71,7 @@ def _exactness_worker(shares: list[float]) -> dict:
                                                   lambda a, b: (a - b).abs().max().item())
             report[f"{model_name}/{opt_name}"] = errors
             report[f"{model_name}/{opt_name}/replicas"] = _replicas_identical(model, sharded_state(model), world)
-            report[f"{model_name}/counts"] = {n: list(c) for n, c in convshard.sharded.layer_counts(model).items()}
+            report[f"{model_name}/counts"] = {n: list(c) for n, c in convshard.parallel.sharded.layer_counts(model).items()}
     return report
 
 
@@ -193,7 +194,7 @@ def _zero_kernel_worker() -> tuple[float, float, dict]:
     grads = dict(reference.named_parameters())
     worst = max(_rel(splits[n].gather(p.grad) if n in splits else p.grad, grads[n].grad)
                 for n, p in model.named_parameters())
-    return _rel(out, ref_out), worst, convshard.sharded.layer_counts(model)
+    return _rel(out, ref_out), worst, convshard.parallel.sharded.layer_counts(model)
 
 
 def test_rank_with_zero_kernels():

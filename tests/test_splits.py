@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convshard.errors import ConfigError
-from convshard.splits import choose_counts, even, is_per_kernel, part, split_counts
+from convshard.plan.splits import choose_counts, even, is_per_kernel, part, split_counts
 
 
 def _objective(counts, a, b) -> float:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from convshard import checkpoint
+from convshard.run import checkpoint
 from convshard.cli import main
 from convshard.models import build_model
-from convshard.config import TrainConfig
-from convshard.train import learning_rate
+from convshard.run.config import TrainConfig
+from convshard.run.train import learning_rate
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet"]

@@ -9,15 +9,15 @@ Inside an initialised torch.distributed process group::
 """
 
 from .errors import ConfigError
-from .sharded import (
+from .parallel.shard import shard_model
+from .parallel.sharded import (
     ShardedConv2d,
     ShardSplit,
     full_state_dict,
     load_full_state_dict,
-    shard_model,
     sync_replicas,
 )
-from .splits import split_counts
+from .plan.splits import split_counts
 
 __all__ = [
     "ConfigError",

@@ -20,13 +20,16 @@ from pathlib import Path
 
 from torch import nn
 
-from . import bench, data, devices, launch, plan, profile, report, search
-from .config import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, model_groups
+from .tools import bench, report
+from . import data, devices, plan, profile
+from .run import launch
+from .plan import search
+from .run.config import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, model_groups
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
-from .rebalance import parse_mode
-from .train import train_worker
-from .tune import launch_job, prepare, profile_job
+from .parallel.rebalance import parse_mode
+from .run.train import train_worker
+from .run.local import launch_job, prepare, profile_job
 
 log = logging.getLogger("convshard")
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def split_counts(total: int, shares: Sequence[float]) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ The profile times a model in the pieces the planner splits:
   first op that needs more (a gather, an add, a second user). ``build(k)``
   makes it again with k kernels: (B, C_in, H, W) -> (B, k, H', W');
 - a **group** is the segments whose convs are split alike (tied by a
-  residual add or a gate; ``convshard.layouts``), with the bytes per kernel
+  residual add or a gate; ``convshard.parallel.layouts``), with the bytes per kernel
   and per sample that its gathers send, and the values that leave its
   layout with the groups that read them (what a per-layer plan's
   transitions move);
@@ -30,8 +30,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import layouts
-from .sharded import conv_sites
+from ..parallel import layouts
+from ..parallel.shard import conv_sites
 
 Op = Callable[[int, torch.device], nn.Module]  # (k, device) -> the op at k channels
 

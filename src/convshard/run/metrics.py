@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from . import comm
+from ..parallel import comm
 
 TIMELINE_STEPS = 2000  # the metrics keep every rank's timings of the last this many steps
 

@@ -12,7 +12,7 @@ the whole batch is handled here:
 - ``GradientSum``: the weights' gradients are partial sums over each rank's
   rows; their sum travels, bucketed, while backward goes on;
 - the transitions into and out of ``B`` (``SliceRows``, ``GatherRows``,
-  ``ChannelsToRows``), one autograd Function each (``convshard.comm``).
+  ``ChannelsToRows``), one autograd Function each (``convshard.parallel.comm``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import comm
-from .sharded import ChannelGroup, _device_of, _dtype_of
-from .splits import split_counts
+from .sharded import ChannelGroup, device_of, dtype_of
+from ..plan.splits import split_counts
 
 BUCKET_BYTES = 4 << 20  # a gradient all-reduce starts once this many bytes of gradients are in
 
@@ -162,7 +162,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, bn: nn.BatchNorm2d, rows: RowSplit) -> None:
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=_device_of(bn), dtype=_dtype_of(bn))
+                         device=device_of(bn), dtype=dtype_of(bn))
         self.rows = rows
         self.load_state_dict(bn.state_dict())
         self.train(bn.training)

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_writer
-from .errors import ConfigError
-from .sharded import ShardSplit, sharded_parameters
-from .splits import is_per_kernel
+from ..atomic import atomic_writer
+from ..errors import ConfigError
+from ..parallel.sharded import ShardSplit, sharded_parameters
+from ..plan.splits import is_per_kernel
 
 FILENAME = "checkpoint.pt"
 

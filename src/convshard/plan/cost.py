@@ -38,7 +38,7 @@ are summed), P_rep those of the replicated rest (broadcast), h_{r,g} the
 weight bytes of group g that rank r updates (all of a batch-mode group,
 c_{r,g} / K_g of a kernel-mode one): each group's update is priced on its
 slowest rank, so that the step is a sum over groups and the search
-(``convshard.search``) can be exact. One device is the same formula at W = 1:
+(``convshard.plan.search``) can be exact. One device is the same formula at W = 1:
 sum_g (a + b K) + rest + u P_groups.
 
 **DDP engine.** Rank r runs the whole model on its b_r rows:
@@ -53,7 +53,7 @@ docs/benchmarks.md (ResNet-18, two namespace hosts, ms/step, DDP charged
 in full against measured): 10 Gbit/s b16 374/364 and b32 634/614, 1 Gbit/s
 b16 683/512 and b32 953/736. The hidden time h and the window
 m = min(t_ddp, backward) were h = 10, 20, 171, 217 and m = 90, 90, 189,
-362 ms, so OVERLAP = sum m h / sum m^2 = 0.62. On one CPU thread the
+362 ms, so OVERLAP = sum m h / sum m^2 = 0.62, taken as 0.6. On one CPU thread the
 transfer shares the core with backward, hence less than 1.
 """
 
@@ -62,8 +62,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
-from .plan import BATCH, DDP, KERNEL, Plan
+from ..errors import ConfigError
+from . import BATCH, DDP, KERNEL, Plan
 
 OVERLAP = 0.6  # the share of DDP's backward window that hides its all-reduce (fit in the module docstring)
 

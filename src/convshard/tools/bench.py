@@ -39,8 +39,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import atomic, devices, netns
-from .errors import ConfigError
+from .. import atomic, devices
+from . import netns
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

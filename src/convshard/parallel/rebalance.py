@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import comm
-from .splits import choose_counts, is_per_kernel
+from ..plan.splits import choose_counts, is_per_kernel
 from .sharded import ShardedConv2d, ShardSplit, channel_groups, layer_counts
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 ``TrainConfig`` is identical on every rank. Its flags say what to build
 (``strategy``, ``shares``, ``devices``, ...); ``job`` is the ``plan.Plan``
 the run executes, built from the flags by ``plan_from_flags``, searched
-and tried (``convshard.trials``), or read from ``--plan FILE``.
+and tried (``convshard.run.trials``), or read from ``--plan FILE``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import data, devices, plan
-from .errors import ConfigError
-from .models import build_model
-from .rebalance import parse_mode
-from .sharded import group_kernels
+from .. import data, devices, plan
+from ..errors import ConfigError
+from ..models import build_model
+from ..parallel.rebalance import parse_mode
+from ..parallel.shard import group_kernels
 
 STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")

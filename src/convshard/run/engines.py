@@ -26,10 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm, splits
-from .plan import DDP, Plan
-from .rebalance import Rebalancer
-from .sharded import shard_model, sync_replicas
+from ..parallel import comm
+from ..plan import splits
+from ..plan import DDP, Plan
+from ..parallel.rebalance import Rebalancer
+from ..parallel.shard import shard_model
+from ..parallel.sharded import sync_replicas
 
 
 class ShardedEngine:

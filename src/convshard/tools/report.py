@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _parts(metrics: Mapping) -> tuple[list[str], list[list[tuple[float, float, float]]]]:

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .batch import ChannelsToRows, GatherRows, GradientSum, RowSplit, SliceRows, SyncBatchNorm2d
-from .errors import ConfigError
+from ..errors import ConfigError
 from .sharded import (
     ChannelGroup,
     ShardedBatchNorm2d,

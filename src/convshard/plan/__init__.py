@@ -2,14 +2,14 @@
 
 A ``Plan`` names the engine that runs the job, its devices (one worker
 each) and their threads, and for every channel group (a conv, or convs
-whose outputs meet; ``convshard.layouts``) its mode and split:
+whose outputs meet; ``convshard.parallel.layouts``) its mode and split:
 
 - kernel mode: rank r holds c_r of the group's K kernels (sum_r c_r = K),
   for the whole batch;
 - batch mode: every rank holds all K kernels and rows [p_r, p_r + b_r) of
   the global batch of B images, (b_0, ..., b_{W-1}) = ``rows``.
 
-The engines (``convshard.engines``):
+The engines (``convshard.run.engines``):
 
 - ``sharded``: convshard's own, any mix of modes at any world size; one
   device alone (``single``), the paper's kernel split, all-batch and the
@@ -22,7 +22,7 @@ The engines (``convshard.engines``):
 ``rows`` are counts at ``batch_size``; a shorter batch of n (an epoch's
 last) is split ``splits.split_counts(n, rows)``. ``ranks`` names the
 started processes that train when a job's processes are fixed (torchrun):
-the others stand by (``convshard.alone``). The CLI's strategy flags,
+the others stand by (``convshard.run.alone``). The CLI's strategy flags,
 ``--strategy auto`` and rebalancing only build values of this type;
 ``cost.predict`` prices one, ``to_json`` / ``from_json`` save and replay it
 (``--plan FILE``, a run's ``job_plan``).
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from . import splits
-from .errors import ConfigError
+from ..errors import ConfigError
 
 KERNEL, BATCH = "kernel", "batch"
 SHARDED, DDP = "sharded", "ddp"
@@ -202,7 +202,7 @@ def _current(saved: dict) -> Plan:
 def _earlier(saved: dict, groups: Mapping[str, int], batch_size: int) -> Plan:
     """A job plan of the earlier layout: strategy, devices (a --devices
     string), threads, layer_counts, modes, rows (weights), shares."""
-    from .devices import parse_devices  # a device string is split by its own grammar
+    from ..devices import parse_devices  # a device string is split by its own grammar
 
     strategies = ("kernel", "single", "ddp", "layers")
     if saved.get("strategy") not in strategies:

@@ -6,7 +6,7 @@ process. It joins the job (``launch.init_from_env``), pins itself to its
 device and loads the data (every rank sees the same batches: the order is a
 pure function of seed and epoch, so no image crosses the network). Then it
 runs ``config.job``, a ``plan.Plan``, through that plan's engine
-(``convshard.engines``): the model from the seed, wrapped by the engine,
+(``convshard.run.engines``): the model from the seed, wrapped by the engine,
 and one loop, the same for every plan. Under torchrun, where no launcher
 planned the job, every rank first resolves it alike (``trials.resolve``).
 
@@ -33,12 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import alone, atomic, checkpoint, comm, data, devices, launch, metrics, plan, profile, trials
+from . import alone, checkpoint, launch, metrics, trials
+from .. import atomic, data, devices, plan, profile
+from ..parallel import comm
 from .config import SCHEDULES, TrainConfig, load_data, make_model
 from .engines import engine_for
-from .errors import ConfigError, TrainingError
-from .rebalance import Rebalancer
-from .sharded import full_state_dict, layer_counts, load_full_state_dict
+from ..errors import ConfigError, TrainingError
+from ..parallel.rebalance import Rebalancer
+from ..parallel.sharded import full_state_dict, layer_counts, load_full_state_dict
 
 log = logging.getLogger(__name__)
 

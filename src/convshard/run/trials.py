@@ -1,8 +1,8 @@
 """From flags to the plan a run executes: built, searched, or tried for a few steps.
 
 ``resolve`` is the one implementation, whoever runs it: the local launcher
-before it starts the job (``convshard.tune``), or every rank of a torchrun
-job (``convshard.train``), whose processes are fixed. The caller hands it
+before it starts the job (``convshard.run.local``), or every rank of a torchrun
+job (``convshard.run.train``), whose processes are fixed. The caller hands it
 two runners: ``measure`` (the job's profile) and ``run_trial`` (a plan's
 seconds per step over ``search.TRIAL_STEPS`` real steps).
 
@@ -25,10 +25,11 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from . import devices, plan, search
+from .. import devices, plan
+from ..plan import search
 from .config import TrainConfig, model_groups, plan_from_flags
-from .data import Dataset
-from .errors import ConfigError
+from ..data import Dataset
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Three layers, read top to bottom:
    uneven reduce-scatter, an uneven all-to-all, an in-place sum all-reduce,
    a coalesced broadcast. They stage CUDA tensors through host memory when the group's
    backend is gloo, move the bytes through shared memory when its ranks
-   share a host (``convshard.shm``), and do nothing when it has one rank.
+   share a host (``convshard.parallel.shm``), and do nothing when it has one rank.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
 3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards``,

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import shm
-from .errors import ConfigError, TrainingError
+from ..parallel import shm
+from ..errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The planner: the plans worth running for a profile, each priced by ``cost.predict``.
 
-For the W profiled devices, taken as the m fastest (by their predicted
-step alone) for m = 1..W (or all W where a job's processes are fixed):
+For the W profiled devices, on every subset of two or more (for W up to
+EVERY_SUBSET; beyond, the m fastest by their step alone for m = 2..W; all
+W where a job's processes are fixed):
 
 - ``single``: the fastest device alone (m = 1);
 - ``kernel``: every group in kernel mode, each group's kernels split by
@@ -29,18 +30,21 @@ time, so there are a few dozen states.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import cost, plan, splits
-from .errors import ConfigError
-from .plan import BATCH, KERNEL, Plan
+from . import cost, splits
+from .. import plan
+from ..errors import ConfigError
+from . import BATCH, KERNEL, Plan
 
 log = logging.getLogger(__name__)
 
 TRIAL_STEPS = 6  # steps of each of auto's trials: 3 warm-up, 3 timed
 TRIAL_MARGIN = 0.15  # auto tries every plan predicted within this much of the fastest
+EVERY_SUBSET = 6  # up to this many devices, the splits are tried on every subset of them
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,7 @@ def candidates(profile: Mapping, *, can_drop: bool = True, with_ddp: bool = True
                          rank=None if can_drop else best)
     out = [Candidate("single", single, cost.predict(sub, single))]
     splits_by_name: dict[str, Candidate] = {}
-    for m in range(2, world + 1) if can_drop else ([world] if world > 1 else []):
-        ranks = sorted(order[:m])
+    for ranks in _subsets(order, can_drop):
         sub = restrict(profile, ranks)
         counts, rows = sized_counts(sub), sized_rows(sub)
         kernel = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
@@ -187,6 +190,18 @@ def candidates(profile: Mapping, *, can_drop: bool = True, with_ddp: bool = True
                 continue
             out.append(Candidate(name, job, cost.predict(profile, job)))
     return out
+
+
+def _subsets(order: Sequence[int], can_drop: bool) -> list[list[int]]:
+    """The device subsets of two or more that a split may run on: every one
+    for up to EVERY_SUBSET devices, else the m fastest for each m; all of
+    them alone where the processes are fixed."""
+    world = len(order)
+    if not can_drop:
+        return [list(range(world))] if world > 1 else []
+    if world <= EVERY_SUBSET:
+        return [list(c) for m in range(2, world + 1) for c in itertools.combinations(range(world), m)]
+    return [sorted(order[:m]) for m in range(2, world + 1)]
 
 
 def has_batchnorm(profile: Mapping) -> bool:

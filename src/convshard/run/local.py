@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import data, devices, launch, plan, trials
+from .. import data, devices, plan
+from . import launch, trials
 from .config import TrainConfig
 from .train import profile_worker, train_worker
 

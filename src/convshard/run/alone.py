@@ -31,7 +31,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from . import launch
-from .errors import TrainingError
+from ..errors import TrainingError
 
 BEAT_SECONDS = 1.0
 SILENCE_SECONDS = 15.0

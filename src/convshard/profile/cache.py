@@ -1,0 +1,61 @@
+"""The profile cache: ``load`` a profile measured for the same key, ``save`` one atomically, print one."""
+
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+
+from .. import atomic
+from ..errors import ConfigError
+
+from .schema import VERSION, Profile, ProfileKey, check
+
+log = logging.getLogger(__name__)
+
+def load(path: str | os.PathLike, key: ProfileKey) -> Profile | None:
+    """The profile cached at ``path`` if it was measured for ``key``, else None
+    (also for another version); a cache that breaks the schema is a ``ConfigError``."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc}") from None
+    if not isinstance(profile, dict) or "version" not in profile:
+        raise ConfigError(f"{path} is not a convshard profile (version {VERSION})")
+    if profile["version"] != VERSION:
+        log.info("profile: %s is of version %s, measuring anew (version %d)", path, profile["version"], VERSION)
+        return None
+    check(profile, f"profile {path}")
+    if profile["key"] != key:
+        return None
+    log.info("profile: reusing %s", path)
+    return profile
+
+
+def save(path: str | os.PathLike, profile: Profile) -> None:
+    """Write ``profile`` to ``path`` atomically (``convshard.atomic``)."""
+    atomic.write_text(path, json.dumps(profile, indent=1) + "\n")
+
+
+def format_profile(profile: Profile) -> str:
+    """The profile as a plain-text table: per layer and device the fit
+    t(k) = a + b k, per device the replicated part, then the links."""
+    width = max(len("device"), *(len(d) for d in profile["devices"]))
+    lines = [f"profile at batch {profile['batch_size']}: t(k kernels) = a + b*k, forward+backward"]
+    for layer in profile["layers"]:
+        lines.append(f"{layer['name']} ({layer['kernels']} kernels)")
+        lines.append(f"  rank  {'device':<{width}}  {'a ms':>8}  {'b ms/kernel':>11}  {'all kernels ms':>14}")
+        for r, device in enumerate(profile["devices"]):
+            a, b = layer["a"][r], layer["b"][r]
+            lines.append(f"  {r:>4}  {device:<{width}}  {1000 * a:>8.2f}  {1000 * b:>11.4f}  "
+                         f"{1000 * (a + b * layer['kernels']):>14.1f}")
+    lines.append("replicated part (ms): " + ", ".join(
+        f"{d} {1000 * t:.1f}" for d, t in zip(profile["devices"], profile["rest_seconds"])))
+    for name, link in profile["links"].items():
+        lines.append(f"{name}: latency {1e6 * link['latency']:.0f} us, bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
+    return "\n".join(lines)

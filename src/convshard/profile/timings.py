@@ -1,0 +1,289 @@
+"""Profiling: how fast each device runs each conv layer, and how fast the links are.
+
+``measure`` is a collective: every rank of the job calls it at once, on its
+own device, so that workers sharing a core are measured while they share it.
+For every channel group l (its convs with the ops that run on their shard,
+as ``shard_model`` runs them; ``convshard.profile.segments``) and rank r it times
+forward+backward at the run's batch size B for a few kernel counts k
+around K_l / W, takes the median of ``repeats`` runs after a warm-up, and fits
+
+    t_{r,l}(k) = a_{r,l} + b_{r,l} * k       (least squares, a >= 0, b > 0).
+
+A second pass times each rank once more at the count the split of these
+fits gives it, all ranks at once, and sets b_{r,l} = (t - a_{r,l}) / k: the
+cost at the working point, contention between workers included.
+
+``rest_seconds[r]`` is the replicated part: forward+backward of the model
+with every segment replaced by a constant of its output's shape, plus the
+optimizer step of its parameters; ``update_seconds_per_byte[r]`` the
+optimizer step (SGD with momentum) per byte of the groups' parameters.
+``batch_seconds[r]`` times each group in batch mode: all kernels,
+``batch_rows`` = ceil(B / W) rows. Each collective the plans use
+(all-gather, all-reduce, reduce-scatter, all-to-all, broadcast; and the
+backend's own all-reduce, as DDP runs it) is timed at a small and a large size, giving
+t(n bytes) = latency + n / bandwidth. ``batchnorm`` says whether the model
+holds a BatchNorm anywhere.
+
+The result is a ``Profile`` (``convshard.profile.schema``), which
+``measure`` checks before it returns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel import comm
+from ..plan.splits import choose_counts
+from .segments import Cut, Group, cut
+
+from .schema import VERSION, Profile, ProfileKey, check
+
+log = logging.getLogger(__name__)
+
+LINK_SIZES = (1 << 10, 1 << 24)  # bytes: one for the latency, one for the bandwidth
+MIN_SECONDS = 0.05  # a layer's timed runs grow until one takes this long
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, group: comm.Group) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up.
+    Ranks start each run together, so co-located workers contend as in training."""
+    times = []
+    for i in range(repeats + 1):
+        if comm.world_size(group) > 1:
+            dist.barrier(group=group)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fit_line(ks: Sequence[int], ts: Sequence[float]) -> tuple[float, float]:
+    """Least-squares (a, b) of t = a + b k, with a >= 0 and b > 0."""
+    mk, mt = statistics.fmean(ks), statistics.fmean(ts)
+    var = sum((k - mk) ** 2 for k in ks)
+    b = sum((k - mk) * (t - mt) for k, t in zip(ks, ts)) / var if var else mt / max(mk, 1)
+    b = max(b, 1e-9)
+    return max(mt - b * mk, 0.0), b
+
+
+def _slowest_agrees(flag: bool, group: comm.Group) -> bool:
+    """Whether ``flag`` holds on every rank (a collective: all ranks decide alike)."""
+    if comm.world_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: comm.Group) -> tuple[float, float]:
+    """(a, b) of t(k) = a + b k for one layer of ``total`` kernels over ``world`` ranks.
+
+    Starts at an eighth of an equal share and doubles k until one run takes
+    ``MIN_SECONDS`` on every rank (so that noise is small against it) or k reaches the
+    share; fits the last three sizes. Big layers stop after two sizes,
+    which keeps profiling to seconds; the fit extrapolates.
+    """
+    share = max(2, -(-total // max(world, 1)))
+    ks, ts = [], []
+    k = max(1, share // 8)
+    while True:
+        ks.append(k)
+        ts.append(time_k(k))
+        if len(ks) >= 2 and (_slowest_agrees(ts[-1] >= MIN_SECONDS, group) or k >= share):
+            break
+        k = min(2 * k, share) if k < share else k + 1
+    return _fit_line(ks[-3:], ts[-3:])
+
+
+def _calibrate(fits: list[tuple[float, float]], groups: list[Group], batch: int,
+               device: torch.device, group: comm.Group) -> None:
+    """Re-measure every group where it will run: each rank at the kernel count
+    the greedy split of the first fits gives it, all ranks at once (workers on
+    a shared core contend as in training), once after a warm-up. b becomes
+    (t - a) / k; ``fits`` (this rank's, per group) is updated in place."""
+    everyone = comm.gather_objects(fits, group=group)
+    me = comm.rank(group)
+    for i, layer in enumerate(groups):
+        a = [r[i][0] for r in everyone]
+        counts = choose_counts(layer.kernels, a, [r[i][1] for r in everyone])
+        k = counts[me]
+        seconds = _time_group(layer, max(k, 1), batch, device, 1, group)
+        if k >= 2 and seconds > a[me]:
+            fits[i] = (a[me], (seconds - a[me]) / k)
+
+
+def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats: int, group: comm.Group) -> float:
+    """Forward+backward seconds of the group's segments with k kernels each."""
+    runs = []
+    for segment in layer.segments:
+        run = segment.build(k, device)
+        x = torch.randn(batch, *segment.input_shape, device=device, requires_grad=segment.input_grad)
+        runs.append((run, x))
+
+    def once() -> None:
+        for run, x in runs:
+            y = run(x)
+            y.backward(torch.ones_like(y))
+            for p in run.parameters():
+                p.grad = None
+            x.grad = None
+
+    return _median_seconds(once, device, repeats=repeats, group=group)
+
+
+def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, group: comm.Group) -> float:
+    """Seconds per parameter byte of an SGD-with-momentum step (the default
+    optimizer), over one tensor as large as the groups' parameters."""
+    flat = torch.zeros(max(elements, 1), device=device, requires_grad=True)
+    flat.grad = torch.zeros_like(flat)
+    optimizer = torch.optim.SGD([flat], lr=0.0, momentum=0.9)
+    optimizer.step()  # creates the momentum buffer
+    return _median_seconds(optimizer.step, device, repeats=repeats, group=group) / (flat.numel() * flat.element_size())
+
+
+def _rest_seconds(model_cut: Cut, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
+                  repeats: int, group: comm.Group) -> float:
+    rest = model_cut.rest(batch, device)
+    params = [p for p in rest.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
+    x = torch.randn(batch, *input_shape, device=device)
+    y = torch.randint(classes, (batch,), device=device)
+
+    def run() -> None:
+        loss = F.cross_entropy(rest(x), y)
+        if loss.requires_grad:
+            loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return _median_seconds(run, device, repeats=repeats, group=group)
+
+
+def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float]]:
+    """Latency (s) and bandwidth (bytes/s) of each collective, over the group."""
+    world = comm.world_size(group)
+    ops = {
+        "all_gather": lambda n: comm.all_gather_uneven(
+            torch.zeros(n // 4 // world, device=device), [n // 4 // world] * world, dim=0, group=group),
+        "all_reduce": lambda n: comm.all_reduce_sum_(torch.zeros(n // 4, device=device), group=group),
+        # DDP's reducer calls the backend itself (gloo over TCP even on one host)
+        "ddp_all_reduce": lambda n: dist.all_reduce(torch.zeros(n // 4, device=device), group=group),
+        "reduce_scatter": lambda n: comm.reduce_scatter_uneven(
+            torch.zeros(n // 4, device=device), [n // 4 // world] * world, dim=0, group=group),
+        "broadcast": lambda n: comm.broadcast_([torch.zeros(n // 4, device=device)], group=group),
+        "all_to_all": lambda n: comm.all_to_all_uneven(  # n bytes sent by each rank, n / world to each
+            torch.zeros(n // 4 // world * world, device=device), [[n // 4 // world] * world] * world, group=group),
+    }
+    links = {}
+    for name, op in ops.items():
+        small, large = (_median_seconds(lambda n=n: op(n), device, repeats=5, group=group) for n in LINK_SIZES)
+        bandwidth = (LINK_SIZES[1] - LINK_SIZES[0]) / max(large - small, 1e-9)
+        links[name] = {"latency": max(small - LINK_SIZES[0] / bandwidth, 0.0), "bandwidth": bandwidth}
+    return comm.gather_objects(links, group=group)[0]  # every rank plans from the same figures: rank 0's
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def model_signature(model: nn.Module) -> str:
+    """A short hash of the model's class and parameter shapes."""
+    text = json.dumps([type(model).__name__, [(k, list(v.shape)) for k, v in model.state_dict().items()]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def profile_key(*, devices: Sequence[str], threads: Sequence[int], hosts: Sequence[str], model: nn.Module,
+                input_shape: Sequence[int], batch_size: int) -> ProfileKey:
+    """What a profile was measured on; a cached profile is reused only for the same key."""
+    return {"devices": list(devices), "threads": list(threads), "hosts": list(hosts),
+            "model": model_signature(model), "input_shape": list(input_shape), "batch_size": batch_size,
+            "torch": torch.__version__}
+
+
+def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], batch_size: int,
+            group: comm.Group = None) -> ProfileKey:
+    """``profile_key`` of the running job (a collective: every rank names its device, threads and host)."""
+    everyone = comm.gather_objects((device_spec, torch.get_num_threads(), hostname()), group=group)
+    return profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
+                       hosts=[e[2] for e in everyone], model=model, input_shape=input_shape, batch_size=batch_size)
+
+
+def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], classes: int, batch_size: int,
+            repeats: int = 2, group: comm.Group = None) -> Profile:
+    """Profile this job (a collective; ``model`` unsharded, on this rank's
+    device, the same on every rank; ``key`` from ``job_key``). Returns the
+    same profile on every rank."""
+    device = next(model.parameters()).device
+    world = comm.world_size(group)
+    model_cut = cut(model, input_shape)
+    elem = next(model.parameters()).element_size()
+    mine: dict = {"fits": [], "batch": []}
+    layers = []
+    rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
+    for layer in model_cut.groups:
+        mine["fits"].append(_fit_layer(
+            lambda k: _time_group(layer, k, batch_size, device, repeats, group), layer.kernels, world, group))
+        layers.append({
+            "name": layer.name, "kernels": layer.kernels,
+            "gather_bytes_per_kernel": batch_size * layer.gather_elements_per_kernel * elem,
+            "input_grad_bytes": sum(batch_size * elem * math.prod(s.input_shape)
+                                    for s in layer.segments if s.input_grad and not s.input_split),
+            "input_grad_scatter_bytes": sum(batch_size * elem * math.prod(s.input_shape)
+                                            for s in layer.segments if s.input_split),
+            "param_bytes": layer.param_elements * elem,
+            "batchnorms": layer.batchnorms,
+            "outputs": [{**out, "bytes": batch_size * out["elements"] * elem} for out in layer.outputs],
+            "inputs": [{"bytes": batch_size * elem * math.prod(s.input_shape), "grad": s.input_grad}
+                       for s in layer.segments if not s.input_split],
+            "batch_rows": rows,
+        })
+    if world > 1:
+        _calibrate(mine["fits"], model_cut.groups, batch_size, device, group)
+        mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group) for layer in model_cut.groups]
+    mine["rest"] = _rest_seconds(model_cut, input_shape, classes, batch_size, device, repeats, group)
+    mine["update"] = _update_seconds_per_byte(sum(layer.param_elements for layer in model_cut.groups), device,
+                                              repeats, group)
+    links = _links(device, group) if world > 1 else {}
+    everyone = comm.gather_objects(mine, group=group)
+    for i, layer in enumerate(layers):
+        layer["a"] = [r["fits"][i][0] for r in everyone]
+        layer["b"] = [r["fits"][i][1] for r in everyone]
+        if world > 1:  # the group in batch mode: all kernels, ``batch_rows`` rows
+            layer["batch_seconds"] = [r["batch"][i] for r in everyone]
+    params = list(model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    sharded_bytes = sum(layer.param_elements for layer in model_cut.groups) * params[0].element_size()
+    return check({
+        "version": VERSION,
+        "key": key,
+        "batch_size": batch_size,
+        "devices": key["devices"],
+        "layers": layers,
+        "rest_seconds": [r["rest"] for r in everyone],
+        "update_seconds_per_byte": [r["update"] for r in everyone],
+        "param_bytes": param_bytes,
+        "replicated_param_bytes": param_bytes - sharded_bytes,
+        "links": links,
+        "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+    }, "measured profile")
