@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from convshard.run.launch import WorkerFailed, init_from_env, launch_local
 from convshard.plan.splits import choose_counts
+from convshard.run.launch import WorkerFailed, init_from_env, launch_local
 
 
 def _fail_on_rank_1() -> None:

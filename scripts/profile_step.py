@@ -22,8 +22,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import convshard
-from convshard.run.launch import init_from_env, launch_local
 from convshard.models import build_model
+from convshard.run.launch import init_from_env, launch_local
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:

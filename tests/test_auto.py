@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from convshard import plan
+from convshard.cli import main
 from convshard.plan import search
 from convshard.run import trials
-from convshard.cli import main
 from convshard.run.config import TrainConfig
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",

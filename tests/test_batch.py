@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from convshard.parallel.batch import SyncBatchNorm2d
-from convshard.run.launch import launch_local
-from convshard.models import build_model
-from convshard.parallel.sharded import ShardedConv2d
 from helpers import join_gloo
-from test_layouts import SHARES, SHAPE, SqueezeDepthwise, TinyResNet, mixed_worker, side_by_side
+from test_layouts import SHAPE, SHARES, SqueezeDepthwise, TinyResNet, mixed_worker, side_by_side
+
+from convshard.models import build_model
+from convshard.parallel.batch import SyncBatchNorm2d
+from convshard.parallel.sharded import ShardedConv2d
+from convshard.run.launch import launch_local
 
 ROWS = {1: [1.0], 2: [0.3, 0.7], 3: [0.2, 0.5, 0.3], 4: [0.1, 0.2, 0.3, 0.4]}
 PAPER_SHAPE = (3, 16, 16)  # the paper's CNN needs 16x16 inputs

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from convshard.run import checkpoint
 from convshard.errors import ConfigError
+from convshard.run import checkpoint
 
 SAVER = """
 import sys, torch

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from convshard import cli
-from convshard.run import launch, local
 from convshard.cli import main
+from convshard.run import launch, local
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--max-steps", "2", "--quiet"]

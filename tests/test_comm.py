@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import join_gloo
 from torch.distributed.tensor.debug import CommDebugMode
 
 from convshard.parallel import comm
 from convshard.run.launch import launch_local
-from helpers import join_gloo
 
 # Kernels per rank for each world size: uneven, and from world 2 on one set gives a rank none.
 COUNTS = {1: [(5,)], 2: [(5, 0), (2, 3)], 3: [(0, 4, 1), (3, 3, 2)], 4: [(2, 0, 5, 1), (1, 1, 1, 4)]}

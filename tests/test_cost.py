@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from helpers import make_profile
 
-from convshard.plan import cost, search
 from convshard import plan
 from convshard.errors import ConfigError
-from profiles import make_profile
+from convshard.plan import cost, search
 
 
 def _groups(profile) -> dict[str, int]:

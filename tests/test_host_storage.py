@@ -21,11 +21,11 @@ import shlex
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
-import helpers
-from convshard.run import checkpoint
 from convshard.cli import main
+from convshard.run import checkpoint
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "128",
        "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--timeout", "60"]

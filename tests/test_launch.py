@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch.distributed as dist
 
-import helpers
 from convshard.errors import ConfigError
 from convshard.run.launch import WorkerFailed, init_from_env, launch_local
 
@@ -324,8 +324,8 @@ def test_a_standing_by_rank_waits_until_the_lone_rank_is_done(job_store, monkeyp
 
 
 def test_a_standing_by_rank_fails_with_the_lone_ranks_error(job_store, monkeypatch) -> None:
-    from convshard.run import alone
     from convshard.errors import TrainingError
+    from convshard.run import alone
 
     monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
 
@@ -340,8 +340,8 @@ def test_a_standing_by_rank_fails_with_the_lone_ranks_error(job_store, monkeypat
 
 def test_a_standing_by_rank_fails_when_the_lone_rank_falls_silent(job_store, monkeypatch) -> None:
     """No beat at all (the lone process was killed before or while training)."""
-    from convshard.run import alone
     from convshard.errors import TrainingError
+    from convshard.run import alone
 
     monkeypatch.setattr(alone, "BEAT_SECONDS", 0.05)
     monkeypatch.setattr(alone, "SILENCE_SECONDS", 0.5)

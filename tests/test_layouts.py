@@ -12,16 +12,22 @@ import copy
 
 import pytest
 import torch
+from factory_models import se_depthwise_net
+from helpers import join_gloo, worst_state_error
 from torch import nn
 
 import convshard
 from convshard.models import build_model
-from factory_models import se_depthwise_net
-from convshard.run import checkpoint
 from convshard.parallel import layouts
+from convshard.parallel.sharded import (
+    ShardedBatchNorm2d,
+    ShardedChannelwiseConv2d,
+    ShardedConv2d,
+    layer_counts,
+    sharded_state,
+)
+from convshard.run import checkpoint
 from convshard.run.launch import launch_local
-from convshard.parallel.sharded import ShardedBatchNorm2d, ShardedChannelwiseConv2d, ShardedConv2d, layer_counts, sharded_state
-from helpers import join_gloo, worst_state_error
 
 SHARES = {1: [1.0], 2: [0.6, 0.4], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}
 STEPS = 3

@@ -13,12 +13,12 @@ import random
 
 import pytest
 import torch
+from helpers import random_profile
 
 from convshard import plan
 from convshard.plan import search
 from convshard.run.config import TrainConfig, load_data, model_groups
 from convshard.run.local import launch_job
-from profiles import random_profile
 
 DEVICES = ("cpu@0", "cpu@1")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_weights
 from torch import nn
 
 from convshard.errors import ConfigError
 from convshard.models import DEFAULT_KERNELS, MODELS, build_model, is_model_name
-from helpers import assert_same_weights
 
 CIFAR_MODELS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg16")
 SMALL_KERNELS = {"paper": (4, 8), "vgg": (4, 8, 8)}  # the others: base width 4

@@ -20,13 +20,13 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 import torch
 
-import helpers
+from convshard.cli import main
 from convshard.run import checkpoint
 from convshard.tools import netns
-from convshard.cli import main
 
 SHAPED_RATE = "20mbit"
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from convshard import profile
-from convshard.profile import timings
 from convshard.errors import ConfigError
-from convshard.run.launch import init_from_env, launch_local
 from convshard.models import build_model
+from convshard.profile import timings
+from convshard.run.launch import init_from_env, launch_local
 
 SHAPE = (1, 16, 16)
 TINY_JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 import convshard
-from convshard.run import engines
 from convshard import plan
-from convshard.parallel import rebalance
-from convshard.run.launch import init_from_env, launch_local
 from convshard.models import build_model
+from convshard.parallel import rebalance
 from convshard.parallel.batch import RowSplit
 from convshard.parallel.sharded import ShardedConv2d, ShardSplit
+from convshard.run import engines
 from convshard.run.config import TrainConfig
+from convshard.run.launch import init_from_env, launch_local
 from convshard.run.train import train_worker
 
 SHAPE = (3, 16, 16)

@@ -8,11 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import main_exit_code
 
-from convshard.tools import bench, report
 from convshard.cli import main
 from convshard.errors import ConfigError
-from helpers import main_exit_code
+from convshard.tools import bench, report
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet"]

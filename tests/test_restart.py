@@ -7,9 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
+import helpers
 import torch
 
-import helpers
 from convshard.run import checkpoint
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "8192",

@@ -6,10 +6,10 @@ import itertools
 import random
 
 import pytest
+from helpers import make_profile, random_profile
 
-from convshard.plan import cost, search
 from convshard import plan
-from profiles import make_profile, random_profile
+from convshard.plan import cost, search
 
 
 def _chain(speeds=(1.0, 1.0)) -> dict:

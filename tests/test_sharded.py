@@ -15,15 +15,15 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import join_gloo, worst_state_error
 from torch import nn
 
 import convshard
-from convshard.parallel import comm
-from convshard.run.launch import WorkerFailed, launch_local
 from convshard.models import build_model
+from convshard.parallel import comm
 from convshard.parallel.sharded import ShardedConv2d, ShardSplit, sharded_parameters, sharded_state
 from convshard.plan.splits import split_counts
-from helpers import join_gloo, worst_state_error
+from convshard.run.launch import WorkerFailed, launch_local
 
 # Uneven shares per world size; world 4 also puts a rank at 10%.
 SHARES = {1: [1.0], 2: [0.7, 0.3], 3: [0.5, 0.3, 0.2], 4: [0.4, 0.3, 0.2, 0.1]}

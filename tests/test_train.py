@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from convshard.run import checkpoint
 from convshard.cli import main
 from convshard.models import build_model
+from convshard.run import checkpoint
 from convshard.run.config import TrainConfig
 from convshard.run.train import learning_rate
 

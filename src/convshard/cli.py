@@ -15,21 +15,30 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
-from .tools import bench, report
 from . import data, devices, plan, profile
-from .run import launch
-from .plan import search
-from .run.config import OPTIMIZERS, SCHEDULES, STRATEGIES, TrainConfig, load_data, make_model, model_groups
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
 from .parallel.rebalance import parse_mode
-from .run.train import train_worker
+from .plan import search
+from .run import launch
+from .run.config import (
+    OPTIMIZERS,
+    PLANNED,
+    SCHEDULES,
+    STRATEGIES,
+    TrainConfig,
+    cap_batch,
+    load_data,
+    make_model,
+    with_saved_plan,
+)
 from .run.local import launch_job, prepare, profile_job
+from .run.train import train_worker
+from .tools import bench, report
 
 log = logging.getLogger("convshard")
 
@@ -277,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PLANNED = ("strategy", "devices", "threads", "batch_size", "shares")  # flags a --plan FILE answers
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -295,54 +303,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size or d.batch_size, seed=args.seed, timeout=args.timeout, strategy=strategy,
         **train_only,
     )
-
-
-def with_saved_plan(config: TrainConfig, path: str, args: argparse.Namespace) -> TrainConfig:
-    """``config`` running the plan saved in ``path``; a flag of PLANNED given
-    with another value than the plan's is an error naming both."""
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--plan {path}: {exc}") from None
-    saved = saved.get("job_plan", saved) if isinstance(saved, dict) else saved
-    dataset = load_data(config)
-    job = plan.from_json(saved, groups=model_groups(config, dataset), source=f"--plan {path}",
-                         batch_size=args.batch_size or config.batch_size)
-    given = {"strategy": args.strategy, "devices": args.devices, "threads": args.threads,
-             "batch_size": args.batch_size, "shares": args.shares}
-    held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,
-            "batch_size": job.batch_size, "shares": None}
-    for name in PLANNED:
-        mine = given[name]
-        if name == "devices" and mine is not None:
-            if launch.in_torchrun():
-                continue  # --devices lists this host's devices, the plan every rank's
-            mine = ",".join(str(dev) for dev in devices.parse_devices(mine))
-        if name == "threads" and held[name] is None:
-            continue  # the plan leaves threads to the flag
-        if mine is not None and mine != held[name]:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {_shown(given[name])} conflicts with --plan {path}, which "
-                              f"{'holds the split' if name == 'shares' else f'runs {flag} {_shown(held[name])}'}; "
-                              f"leave {flag} out or write a new plan")
-    devices_here = config.devices if launch.in_torchrun() else ",".join(job.devices)
-    strategy = {"ddp": "ddp", "single": "single"}.get(job.name, "layers")  # for the checks in ``validate``
-    return replace(config, job=job, devices=devices_here, batch_size=job.batch_size, strategy=strategy,
-                   threads=job.threads or config.threads, shares=None)
-
-
-def _shown(value: object) -> str:
-    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
-
-
-def cap_batch(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
-    """``config`` with a global batch of at most the training set, and a warning when that cut it."""
-    n = len(dataset.train_y)
-    if config.batch_size <= n:
-        return config
-    log.warning("--batch-size %d is more than the %d training images: training at batch %d",
-                config.batch_size, n, n)
-    return replace(config, batch_size=n)
 
 
 def validate(config: TrainConfig) -> data.Dataset:
@@ -482,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report(args.metrics, args.png, args.steps)
         elif args.command == "train":
             config = config_from_args(args)
-            run(with_saved_plan(config, args.plan, args) if args.plan else config)
+            given = {name: getattr(args, name) for name in PLANNED}
+            run(with_saved_plan(config, args.plan, given) if args.plan else config)
         else:
             _profile_or_plan(config_from_args(args), args.command)
     except ConfigError as exc:

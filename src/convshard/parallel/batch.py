@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..plan.splits import split_counts
 from . import comm
 from .sharded import ChannelGroup, device_of, dtype_of
-from ..plan.splits import split_counts
 
 BUCKET_BYTES = 4 << 20  # a gradient all-reduce starts once this many bytes of gradients are in
 

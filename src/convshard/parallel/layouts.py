@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .batch import ChannelsToRows, GatherRows, GradientSum, RowSplit, SliceRows, SyncBatchNorm2d
 from ..errors import ConfigError
+from .batch import ChannelsToRows, GatherRows, GradientSum, RowSplit, SliceRows, SyncBatchNorm2d
 from .sharded import (
     ChannelGroup,
     ShardedBatchNorm2d,

@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from . import comm
 from ..plan.splits import choose_counts, is_per_kernel
+from . import comm
 from .sharded import ShardedConv2d, ShardSplit, channel_groups, layer_counts
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import batch, comm, layouts
 from ..errors import ConfigError
-from .sharded import ChannelGroup, ShardedConv2d, ShardSplit, is_channelwise, layer_counts
 from ..plan.splits import split_counts
+from . import batch, comm, layouts
+from .sharded import ChannelGroup, ShardedConv2d, ShardSplit, is_channelwise, layer_counts
 
 log = logging.getLogger(__name__)
 

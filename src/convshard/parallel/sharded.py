@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
 from ..errors import ConfigError
+from . import comm
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from . import splits
 from ..errors import ConfigError
+from . import splits
 
 KERNEL, BATCH = "kernel", "batch"
 SHARDED, DDP = "sharded", "ddp"

@@ -35,10 +35,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import cost, splits
 from .. import plan
 from ..errors import ConfigError
-from . import BATCH, KERNEL, Plan
+from . import BATCH, KERNEL, Plan, cost, splits
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-
 from .. import atomic
 from ..errors import ConfigError
-
 from .schema import VERSION, Profile, ProfileKey, check
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, TypedDict, get_args, get_origin, get_type_hints, is_typeddict
 
-
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -46,9 +46,8 @@ from torch import nn
 
 from ..parallel import comm
 from ..plan.splits import choose_counts
-from .segments import Cut, Group, cut
-
 from .schema import VERSION, Profile, ProfileKey, check
+from .segments import Cut, Group, cut
 
 log = logging.getLogger(__name__)
 

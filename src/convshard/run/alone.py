@@ -30,8 +30,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from . import launch
 from ..errors import TrainingError
+from . import launch
 
 BEAT_SECONDS = 1.0
 SILENCE_SECONDS = 15.0

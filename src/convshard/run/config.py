@@ -8,8 +8,11 @@ and tried (``convshard.run.trials``), or read from ``--plan FILE``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,8 +22,12 @@ from ..errors import ConfigError
 from ..models import build_model
 from ..parallel.rebalance import parse_mode
 from ..parallel.shard import group_kernels
+from . import launch
+
+log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
+PLANNED = ("strategy", "devices", "threads", "batch_size", "shares")  # flags a --plan FILE answers
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -133,5 +140,48 @@ def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: li
     raise ConfigError(f"--strategy {config.strategy} is planned from a profile")
 
 
-def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
-    return math.ceil(n_train / config.batch_size)
+def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object]) -> TrainConfig:
+    """``config`` running the plan saved in ``path`` (``--plan``). ``given``
+    holds the flags of PLANNED the user set (None: not given); one with
+    another value than the plan's is an error naming both."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--plan {path}: {exc}") from None
+    saved = saved.get("job_plan", saved) if isinstance(saved, dict) else saved
+    dataset = load_data(config)
+    job = plan.from_json(saved, groups=model_groups(config, dataset), source=f"--plan {path}",
+                         batch_size=given.get("batch_size") or config.batch_size)
+    held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,
+            "batch_size": job.batch_size, "shares": None}
+    for name in PLANNED:
+        mine = given.get(name)
+        if name == "devices" and mine is not None:
+            if launch.in_torchrun():
+                continue  # --devices lists this host's devices, the plan every rank's
+            mine = ",".join(str(dev) for dev in devices.parse_devices(mine))
+        if name == "threads" and held[name] is None:
+            continue  # the plan leaves threads to the flag
+        if mine is not None and mine != held[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {_shown(mine)} conflicts with --plan {path}, which "
+                              f"{'holds the split' if name == 'shares' else f'runs {flag} {_shown(held[name])}'}; "
+                              f"leave {flag} out or write a new plan")
+    devices_here = config.devices if launch.in_torchrun() else ",".join(job.devices)
+    strategy = {"ddp": "ddp", "single": "single"}.get(job.name, "layers")  # for the checks in ``validate``
+    return replace(config, job=job, devices=devices_here, batch_size=job.batch_size, strategy=strategy,
+                   threads=job.threads or config.threads, shares=None)
+
+
+def _shown(value: object) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def cap_batch(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
+    """``config`` with a global batch of at most the training set, and a warning when that cut it."""
+    n = len(dataset.train_y)
+    if config.batch_size <= n:
+        return config
+    log.warning("--batch-size %d is more than the %d training images: training at batch %d",
+                config.batch_size, n, n)
+    return replace(config, batch_size=n)

@@ -27,11 +27,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel import comm
-from ..plan import splits
-from ..plan import DDP, Plan
 from ..parallel.rebalance import Rebalancer
 from ..parallel.shard import shard_model
 from ..parallel.sharded import sync_replicas
+from ..plan import DDP, Plan, splits
 
 
 class ShardedEngine:

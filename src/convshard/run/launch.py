@@ -35,8 +35,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..parallel import shm
 from ..errors import ConfigError, TrainingError
+from ..parallel import shm
 
 log = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import alone, checkpoint, launch, metrics, trials
 from .. import atomic, data, devices, plan, profile
-from ..parallel import comm
-from .config import SCHEDULES, TrainConfig, load_data, make_model
-from .engines import engine_for
 from ..errors import ConfigError, TrainingError
+from ..parallel import comm
 from ..parallel.rebalance import Rebalancer
 from ..parallel.sharded import full_state_dict, layer_counts, load_full_state_dict
+from . import alone, checkpoint, launch, metrics, trials
+from .config import SCHEDULES, TrainConfig, load_data, make_model
+from .engines import engine_for
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from .. import devices, plan
-from ..plan import search
-from .config import TrainConfig, model_groups, plan_from_flags
 from ..data import Dataset
 from ..errors import ConfigError
+from ..plan import search
+from .config import TrainConfig, model_groups, plan_from_flags
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import atomic, devices
-from . import netns
 from ..errors import ConfigError
+from . import netns
 
 log = logging.getLogger(__name__)
 
