@@ -228,13 +228,16 @@ def make_profile(speeds=(1.0, 1.0, 1.0), *, kernels=(512, 1024), a=1e-3, per_ker
 
 def random_profile(rng: random.Random, *, groups: int, world: int) -> dict:
     """``groups`` groups in graph order; each value is read by one to three later
-    groups (skips included), or by the classifier; costs, bytes and links drawn at random."""
+    groups (skips included), now and then by an earlier one (a tied group), or by
+    the classifier; costs, bytes and links drawn at random."""
     speeds = [rng.uniform(0.2, 1.0) for _ in range(world)]
     names = [f"g{i}" for i in range(groups)]
     layers = []
     for i, name in enumerate(names):
         later = names[i + 1:]
         readers = rng.sample(later, min(len(later), rng.randint(1, 3))) if later else []
+        if i and rng.random() < 0.3:  # a tied group that spans ahead: an earlier group reads this one
+            readers.append(names[rng.randrange(i)])
         k = rng.randint(world, 64)
         work = rng.uniform(1e-3, 5e-2)
         layers.append({

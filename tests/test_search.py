@@ -59,7 +59,7 @@ def test_rows_follow_the_devices_speed():
     assert search.sized_rows(_chain(speeds=(3.0, 1.0))) == (48, 16)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_the_programme_finds_the_plan_exhaustive_enumeration_finds(seed):
     rng = random.Random(seed)
     profile = random_profile(rng, groups=rng.randint(1, 7), world=rng.randint(2, 3))

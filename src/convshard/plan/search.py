@@ -19,13 +19,14 @@ W where a job's processes are fixed):
 ``best_modes`` is exact: a dynamic programme over the groups in graph
 order. ``cost.predict``'s step is a sum of terms of one group's mode
 (compute, inputs, BatchNorms, values read whole, update, its share of the
-gradient sum) and terms of a value's producer mode and whether any of its
-readers is in kernel or in batch mode, plus the gradient sum's latency once
-if any group is in batch mode. The state after deciding groups 0..i is the
-set of values still to be read (with their producer's mode and the reader
-modes seen so far) and whether a batch group has been seen; every state
-keeps its cheapest prefix. A ResNet keeps two or three values open at a
-time, so there are a few dozen states.
+gradient sum), terms of a value's scope (its producer's mode and whether
+any of its readers is in kernel or in batch mode), and the gradient sum's
+latency once if any group is in batch mode. A value's term is added at the
+last group of its scope; readers may come before the producer (tied
+groups span a ResNet stage). The state after deciding groups 0..i is the
+modes of the decided groups that a later term still needs, and whether a
+batch group has been seen; each state keeps its cheapest prefix. A ResNet
+keeps a few groups active at a time, so there are a few dozen states.
 """
 
 from __future__ import annotations
@@ -108,45 +109,42 @@ def best_modes(profile: Mapping, counts: Mapping[str, Sequence[int]], rows: Sequ
     counts and rows (exact; the module docstring gives the programme)."""
     layers = profile["layers"]
     index = {layer["name"]: i for i, layer in enumerate(layers)}
-    last_reader = {}  # (group, value) -> index of its last reading group
+    values = []  # (producer, value, its scope: producer and readers, the last group of the scope)
     for i, layer in enumerate(layers):
         for j, value in enumerate(layer["outputs"]):
-            readers = [index[name] for name in value["convs"]]
-            if any(r <= i for r in readers):
-                raise ConfigError(f"group {layer['name']!r} is read by a group before it: not in graph order")
-            if readers:
-                last_reader[(i, j)] = max(readers)
+            scope = sorted({i, *(index[name] for name in value["convs"])})
+            if len(scope) > 1 or value["convs"]:
+                values.append((i, j, scope, scope[-1]))
+    closing = {i: [v for v in values if v[3] == i] for i in range(len(layers))}
+    active = [sorted({g for (_, _, scope, last) in values if last > i for g in scope if g <= i})
+              for i in range(len(layers))]  # groups decided by i whose mode a later cost needs
     summed = [layer["param_bytes"] for layer in layers]
     ar = profile.get("links", {}).get("all_reduce")
     latency = ar["latency"] if ar and len(profile["devices"]) > 1 else 0.0
     per_byte = 1 / ar["bandwidth"] if ar and len(profile["devices"]) > 1 else 0.0
-    # state: (any batch group so far, ((group, value, producer mode, kernel reader seen, batch reader seen), ...))
+    # state: (any batch group so far, the modes of the active groups) -> (cost so far, every mode so far)
     states: dict[tuple, tuple[float, tuple[str, ...]]] = {(False, ()): (0.0, ())}
     for i, layer in enumerate(layers):
-        name = layer["name"]
-        options = {}
+        own = {}
         for mode in (KERNEL, BATCH):
-            c = counts[name]
-            compute, comm = cost.group_own(profile, layer, mode, c, rows)
-            options[mode] = (max(compute) + sum(comm.values()) + cost.group_update(profile, layer, mode, c)
-                             + (summed[i] * per_byte if mode == BATCH else 0.0))
+            compute, comm = cost.group_own(profile, layer, mode, counts[layer["name"]], rows)
+            own[mode] = (max(compute) + sum(comm.values()) + cost.group_update(profile, layer, mode,
+                                                                             counts[layer["name"]])
+                         + (summed[i] * per_byte if mode == BATCH else 0.0))
         nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
-        for (any_batch, open_values), (spent, modes) in states.items():
+        for (any_batch, _), (spent, modes) in states.items():
             for mode in (KERNEL, BATCH):
-                total = spent + options[mode] + (latency if mode == BATCH and not any_batch else 0.0)
-                still = []
-                for (g, j, producer, k_seen, b_seen) in open_values:
-                    if name in layers[g]["outputs"][j]["convs"]:
-                        k_seen, b_seen = k_seen or mode == KERNEL, b_seen or mode == BATCH
-                    if last_reader[(g, j)] == i:
-                        total += sum(cost.value_readers(profile, layers[g], layers[g]["outputs"][j], producer,
-                                                        counts[layers[g]["name"]], k_seen, b_seen).values())
-                    else:
-                        still.append((g, j, producer, k_seen, b_seen))
-                still.extend((i, j, mode, False, False) for j in range(len(layer["outputs"])) if (i, j) in last_reader)
-                key = (any_batch or mode == BATCH, tuple(still))
+                chosen = (*modes, mode)
+                total = spent + own[mode] + (latency if mode == BATCH and not any_batch else 0.0)
+                for producer, j, _, _ in closing[i]:
+                    value = layers[producer]["outputs"][j]
+                    readers = {chosen[index[name]] for name in value["convs"]}
+                    total += sum(cost.value_readers(profile, layers[producer], value, chosen[producer],
+                                                    counts[layers[producer]["name"]], KERNEL in readers,
+                                                    BATCH in readers).values())
+                key = (any_batch or mode == BATCH, tuple(chosen[g] for g in active[i]))
                 if key not in nxt or total < nxt[key][0]:
-                    nxt[key] = (total, (*modes, mode))
+                    nxt[key] = (total, chosen)
         states = nxt
     _, modes = min(states.values(), key=lambda s: s[0])
     return {layer["name"]: mode for layer, mode in zip(layers, modes)}
