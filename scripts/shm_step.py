@@ -26,7 +26,6 @@ from pathlib import Path
 JOBS = {  # name -> convshard train arguments
     "resnet18 b16 kernel": ["--model", "resnet18", "--batch-size", "16", "--strategy", "kernel"],
     "vgg11 b16 kernel": ["--model", "vgg11", "--batch-size", "16", "--strategy", "kernel"],
-    "paper b16 kernel": ["--kernels", "500,1500", "--batch-size", "16", "--strategy", "kernel"],
 }
 
 
@@ -43,8 +42,8 @@ def _step_ms(args: list[str], shm: bool, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/shm_step.json")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
     opts = parser.parse_args()
     rounds = {name: {"shm": [], "gloo": []} for name in JOBS}
     for _ in range(opts.rounds):

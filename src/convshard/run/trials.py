@@ -22,6 +22,7 @@ seconds per step over ``search.TRIAL_STEPS`` real steps).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -80,13 +81,13 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
         chosen = search.fastest([c for c in found if c.name in ("single", "kernel")])
     job = chosen if isinstance(chosen, plan.Plan) else chosen.plan
     name = ALL_CORES if isinstance(chosen, plan.Plan) else chosen.name
-    for d, idle in zip(job.devices, zip(*(g.counts for g in job.groups if g.mode == plan.KERNEL))):
-        if not any(idle) and job.world > 1 and not job.batch_groups():
-            log.warning("%s gets no kernels: it would slow the step", d)
     planning = {"chosen": name, "predicted": {c.name: c.prediction.step for c in found},
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
                 "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
                                                  trials=trials)}
+    left_out = Counter(job_devices) - Counter(job.devices) if job.ranks is None and name != ALL_CORES else Counter()
+    for device in left_out.elements():
+        log.warning("%s gets no work: the plan predicts it would slow the step", device)
     if name == ALL_CORES:
         log.info("plan: one process on %s, measured %.1f ms/step", job.devices[0], 1000 * trials[ALL_CORES])
     else:
