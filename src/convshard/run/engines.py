@@ -103,6 +103,9 @@ class DDPEngine:
         return None  # DDP's rows stay as planned
 
 
-def engine_for(plan: Plan, rank: int, group: comm.Group) -> ShardedEngine | DDPEngine:
+Engine = ShardedEngine | DDPEngine
+
+
+def engine_for(plan: Plan, rank: int, group: comm.Group) -> Engine:
     """The engine that runs ``plan`` as ``rank`` of ``group``."""
     return (DDPEngine if plan.engine == DDP else ShardedEngine)(plan, rank, group)

@@ -40,7 +40,7 @@ from ..parallel.rebalance import Rebalancer
 from ..parallel.sharded import full_state_dict, layer_counts, load_full_state_dict
 from . import alone, checkpoint, launch, metrics, trials
 from .config import SCHEDULES, TrainConfig, load_data, make_model
-from .engines import engine_for
+from .engines import Engine, engine_for
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _Run:
     config: TrainConfig
     job: plan.Plan  # the plan as it stands (rebalancing re-splits it)
     dataset: data.Dataset
-    engine: object  # ``engines.ShardedEngine`` or ``engines.DDPEngine``
+    engine: Engine  # how the plan's model is built, fed and synchronised
     model: nn.Module  # as the engine wrapped it
     optimizer: torch.optim.Optimizer
     progress: dict  # epoch, batch (within the epoch), step, history: what a checkpoint restores
