@@ -105,7 +105,7 @@ def test_every_plan_auto_can_choose_trains_the_one_device_model(tmp_path, refere
             for value in layer["outputs"]:
                 value["convs"] = [list(groups)[int(r[1:])] for r in value["convs"]]
         profile["batch_size"], profile["batchnorm"] = 12, True
-        for candidate in search.candidates(profile, with_ddp=not search.has_batchnorm(profile), threads=1):
+        for candidate in search.auto_candidates(search.candidates(profile, threads=1), profile):
             job = candidate.plan
             key = json.dumps(job.to_json(), sort_keys=True)
             if key in seen:

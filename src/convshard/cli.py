@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import data, devices, plan, profile
+from . import data, devices, profile
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
 from .parallel.rebalance import parse_mode
@@ -305,10 +305,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def validate(config: TrainConfig) -> data.Dataset:
+def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.Dataset:
     """Everything that can be checked before a worker starts; raises ConfigError.
-    Returns the dataset, which it loads to check the data and the model (one
-    training image through it must give (1, classes) logits)."""
+    Returns the dataset, which it loads (unless given) to check the data and
+    the model (one training image through it must give (1, classes) logits)."""
     job = config.device_list[: config.world_size]
     devices.check_available(job)
     for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every)):
@@ -336,9 +336,9 @@ def validate(config: TrainConfig) -> data.Dataset:
     if isinstance(config.shares, tuple) and config.strategy in ("kernel", "ddp") and len(config.shares) != world:
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)} has "
                           f"{len(config.shares)} weights for {world} workers")
-    if config.profile and Path(config.profile).exists():
-        profile.load(config.profile, key={})  # a cache that is there must read as a profile (ConfigError)
-    dataset = load_data(config)
+    if config.profile:
+        profile.read(config.profile)  # a cache that is there must be a profile (ConfigError)
+    dataset = dataset if dataset is not None else load_data(config)
     model = make_model(config, dataset)
     # One image through the model, so that a model that does not fit the data
     # (input channels, class count) fails here, in one line, not in every worker.
@@ -370,9 +370,9 @@ def validate(config: TrainConfig) -> data.Dataset:
     return dataset
 
 
-def run(config: TrainConfig) -> dict | None:
+def run(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
     """Train locally (spawning one worker per planned device) or as this torchrun rank."""
-    dataset = validate(config)
+    dataset = validate(config, dataset)
     config = cap_batch(config, dataset)
     if launch.in_torchrun():
         return train_worker(config, dataset)
@@ -392,7 +392,7 @@ def _profile_or_plan(config: TrainConfig, command: str) -> None:
             print(f"written to {config.profile}")
         return
     found = search.candidates(job_profile, threads=config.threads)
-    pool = found if not search.has_batchnorm(job_profile) else [c for c in found if c.plan.engine != plan.DDP]
+    pool = search.auto_candidates(found, job_profile)
     print(search.format_candidates(found, search.fastest(pool)))
     if len(pool) < len(found):
         print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
@@ -442,8 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report(args.metrics, args.png, args.steps)
         elif args.command == "train":
             config = config_from_args(args)
-            given = {name: getattr(args, name) for name in PLANNED}
-            run(with_saved_plan(config, args.plan, given) if args.plan else config)
+            if args.plan:  # the data gives the model's groups, which the plan must name
+                dataset = load_data(config)
+                given = {name: getattr(args, name) for name in PLANNED}
+                run(with_saved_plan(config, args.plan, given, dataset), dataset)
+            else:
+                run(config)
         else:
             _profile_or_plan(config_from_args(args), args.command)
     except ConfigError as exc:

@@ -51,9 +51,12 @@ a conv's step) goes on. OVERLAP is the fraction of that window which hides
 the transfer, fitted by least squares to the bandwidth sweep of
 docs/benchmarks.md (ResNet-18, two namespace hosts, ms/step, DDP charged
 in full against measured): 10 Gbit/s b16 374/364 and b32 634/614, 1 Gbit/s
-b16 683/512 and b32 953/736. The hidden time h and the window
-m = min(t_ddp, backward) were h = 10, 20, 171, 217 and m = 90, 90, 189,
-362 ms, so OVERLAP = sum m h / sum m^2 = 0.62, taken as 0.6. On one CPU thread the
+b16 683/512 and b32 953/736. The hidden time is h = predicted - measured
+= 10, 20, 171, 217 ms. Taking each rank's compute as half the one-device
+step (567 ms at b16, 1087 at b32, the same sweep), t_ddp is the rest of
+the full-charge prediction (91, 91, 400, 410 ms) and the window
+m = min(t_ddp, 2/3 compute) = 91, 91, 189, 362 ms, so OVERLAP =
+sum m h / sum m^2 = 0.62, taken as 0.6. On one CPU thread the
 transfer shares the core with backward, hence less than 1.
 """
 
@@ -203,18 +206,13 @@ def _ddp(profile: Mapping, plan: Plan) -> Prediction:
                           "all_reduce", profile["param_bytes"])
     grouped = profile["param_bytes"] - profile["replicated_param_bytes"]
     per_byte = profile.get("update_seconds_per_byte", [0.0] * plan.world)
-    steps, busy, exposed = [], [], []
-    for r in range(plan.world):
-        conv = sum(group_compute(layer, BATCH, (), rows)[r] for layer in layers)
-        mine = conv + profile["rest_seconds"][r] * rows[r] / batch + per_byte[r] * grouped
-        hidden = OVERLAP * min(all_reduce, 2 / 3 * conv)
-        busy.append(mine)
-        exposed.append(all_reduce - hidden)
-        steps.append(mine + all_reduce - hidden)
-    slowest = max(range(plan.world), key=lambda r: steps[r])
-    groups = {layer["name"]: max(group_compute(layer, BATCH, (), rows)) for layer in layers}
-    return Prediction(steps[slowest], tuple(busy), groups, {"all_reduce": exposed[slowest]},
-                      gradient_sum=exposed[slowest])
+    per_group = {layer["name"]: group_compute(layer, BATCH, (), rows) for layer in layers}  # seconds per rank
+    conv = [sum(t[r] for t in per_group.values()) for r in range(plan.world)]
+    busy = [conv[r] + profile["rest_seconds"][r] * rows[r] / batch + per_byte[r] * grouped for r in range(plan.world)]
+    exposed = [all_reduce - OVERLAP * min(all_reduce, 2 / 3 * conv[r]) for r in range(plan.world)]
+    slowest = max(range(plan.world), key=lambda r: busy[r] + exposed[r])
+    return Prediction(busy[slowest] + exposed[slowest], tuple(busy), {n: max(t) for n, t in per_group.items()},
+                      {"all_reduce": exposed[slowest]}, gradient_sum=exposed[slowest])
 
 
 def _add(comm: dict[str, float], kind: str, seconds: float) -> None:

@@ -92,12 +92,6 @@ def sized_rows(profile: Mapping) -> tuple[int, ...]:
     return splits.choose_counts(batch, [0.0] * world, per_row)
 
 
-def speed_shares(profile: Mapping) -> tuple[float, ...]:
-    """Each device's share of the work, in proportion to 1 / its step alone (``--shares auto`` for ddp)."""
-    alone = [single_step(profile, r) for r in range(len(profile["devices"]))]
-    return tuple((1 / t) / sum(1 / s for s in alone) for t in alone)
-
-
 def single_step(profile: Mapping, rank: int) -> float:
     """The predicted step of device ``rank`` alone."""
     sub = restrict(profile, [rank])
@@ -150,7 +144,7 @@ def best_modes(profile: Mapping, counts: Mapping[str, Sequence[int]], rows: Sequ
     return {layer["name"]: mode for layer, mode in zip(layers, modes)}
 
 
-def candidates(profile: Mapping, *, can_drop: bool = True, with_ddp: bool = True,
+def candidates(profile: Mapping, *, can_drop: bool = True,
                threads: int | None = None) -> list[Candidate]:
     """Every plan the planner considers (module docstring), with its
     prediction. Without ``can_drop`` (torchrun) the split plans use every
@@ -178,8 +172,9 @@ def candidates(profile: Mapping, *, can_drop: bool = True, with_ddp: bool = True
             if c.name not in splits_by_name or c.prediction.step < splits_by_name[c.name].prediction.step:
                 splits_by_name[c.name] = c
     out.extend(splits_by_name.values())
-    if with_ddp and world > 1 and all("batch_seconds" in layer for layer in profile["layers"]):
-        for name, shares in (("ddp", None), ("ddp sized", speed_shares(profile))):
+    if world > 1 and all("batch_seconds" in layer for layer in profile["layers"]):
+        speeds = [1 / t for t in alone]  # ``--shares auto`` for ddp: rows in proportion to each device's speed
+        for name, shares in (("ddp", None), ("ddp sized", [s / sum(speeds) for s in speeds])):
             try:
                 job = plan.ddp(profile["devices"], groups_of(profile), profile["batch_size"], shares=shares,
                                threads=threads)
@@ -204,6 +199,13 @@ def _subsets(order: Sequence[int], can_drop: bool) -> list[list[int]]:
 def has_batchnorm(profile: Mapping) -> bool:
     """Whether the profiled model normalises batches (the profile's record, else its groups')."""
     return bool(profile.get("batchnorm", any(layer["batchnorms"] for layer in profile["layers"])))
+
+
+def auto_candidates(found: Sequence[Candidate], profile: Mapping) -> list[Candidate]:
+    """The candidates ``--strategy auto`` may choose: all of them, less DDP for
+    a model with BatchNorm (it normalises each rank's rows alone: another
+    model's maths; the all-batch plan is the same split, exact)."""
+    return [c for c in found if not (c.plan.engine == plan.DDP and has_batchnorm(profile))]
 
 
 def fastest(found: Sequence[Candidate]) -> Candidate:

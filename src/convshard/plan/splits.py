@@ -76,12 +76,6 @@ def part(counts: Sequence[int], rank: int) -> slice:
     return slice(start, start + counts[rank])
 
 
-def rescale(counts: Sequence[int], total: int) -> tuple[int, ...]:
-    """A split planned for sum(counts) units applied to ``total`` (an epoch's
-    shorter last batch): ``split_counts(total, counts)``."""
-    return split_counts(total, counts)
-
-
 def is_per_kernel(value: object, shape: Sequence[int]) -> bool:
     """Whether an optimizer state entry (momentum, Adam's moments) is split
     with the kernels of a parameter of ``shape`` (local or full): a tensor of

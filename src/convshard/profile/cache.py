@@ -1,4 +1,4 @@
-"""The profile cache: ``load`` a profile measured for the same key, ``save`` one atomically, print one."""
+"""The profile cache: ``read`` a cached profile, ``load`` one measured for the same key, ``save`` one atomically, print one."""
 
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from .schema import VERSION, Profile, ProfileKey, check
 
 log = logging.getLogger(__name__)
 
-def load(path: str | os.PathLike, key: ProfileKey) -> Profile | None:
-    """The profile cached at ``path`` if it was measured for ``key``, else None
-    (also for another version); a cache that breaks the schema is a ``ConfigError``."""
+def read(path: str | os.PathLike) -> Profile | None:
+    """The profile cached at ``path``, checked against the schema; None when
+    there is none or it is of another version (measured anew). A file that
+    is no profile, or breaks the schema, is a ``ConfigError``."""
     try:
         profile = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -28,8 +29,13 @@ def load(path: str | os.PathLike, key: ProfileKey) -> Profile | None:
     if profile["version"] != VERSION:
         log.info("profile: %s is of version %s, measuring anew (version %d)", path, profile["version"], VERSION)
         return None
-    check(profile, f"profile {path}")
-    if profile["key"] != key:
+    return check(profile, f"profile {path}")
+
+
+def load(path: str | os.PathLike, key: ProfileKey) -> Profile | None:
+    """The profile cached at ``path`` (``read``) if it was measured for ``key``, else None."""
+    profile = read(path)
+    if profile is None or profile["key"] != key:
         return None
     log.info("profile: reusing %s", path)
     return profile

@@ -140,16 +140,17 @@ def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: li
     raise ConfigError(f"--strategy {config.strategy} is planned from a profile")
 
 
-def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object]) -> TrainConfig:
+def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
+                    dataset: data.Dataset) -> TrainConfig:
     """``config`` running the plan saved in ``path`` (``--plan``). ``given``
     holds the flags of PLANNED the user set (None: not given); one with
-    another value than the plan's is an error naming both."""
+    another value than the plan's is an error naming both. ``dataset`` is
+    the run's data, which gives the model's groups."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--plan {path}: {exc}") from None
     saved = saved.get("job_plan", saved) if isinstance(saved, dict) else saved
-    dataset = load_data(config)
     job = plan.from_json(saved, groups=model_groups(config, dataset), source=f"--plan {path}",
                          batch_size=given.get("batch_size") or config.batch_size)
     held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,

@@ -65,12 +65,12 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
         return replace(config, job=plan_from_flags(config, model_groups(config, dataset), job_devices))
     profile = measure(config)
     groups = search.groups_of(profile)
-    with_ddp = config.strategy == "ddp" or not search.has_batchnorm(profile)
-    found = search.candidates(profile, can_drop=can_drop, with_ddp=with_ddp, threads=config.threads)
+    found = search.candidates(profile, can_drop=can_drop, threads=config.threads)
     by_name = {c.name: c for c in found}
     trials: dict[str, float] = {}
     if config.strategy == "auto":
-        chosen, trials = _try(config, found, all_cores(config, groups) if can_drop else None, run_trial)
+        chosen, trials = _try(search.auto_candidates(found, profile), all_cores(config, groups) if can_drop else None,
+                              run_trial)
     elif config.strategy == "layers":
         if "layers" not in by_name:
             raise ConfigError("--strategy layers needs more than one device")
@@ -96,7 +96,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     return replace(config, job=job, planning=planning)
 
 
-def _try(config: TrainConfig, found: list[search.Candidate], merged: plan.Plan | None,
+def _try(found: list[search.Candidate], merged: plan.Plan | None,
          run_trial: Callable[[plan.Plan], float]) -> tuple[search.Candidate | plan.Plan, dict[str, float]]:
     """The fastest measured of the candidates worth trying and ``merged``
     (one process on all cores), each run by ``run_trial``; their seconds per step."""
