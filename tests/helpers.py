@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -224,6 +225,18 @@ def make_profile(speeds=(1.0, 1.0, 1.0), *, kernels=(512, 1024), a=1e-3, per_ker
         "replicated_param_bytes": replicated_param_bytes,
         "links": {kind: dict(link) for kind in LINKS} if world > 1 else {},
     }
+
+
+def write_profile(path, speeds=(1.0,), batch=64, model="m1") -> dict:
+    """A profile file as ``convshard profile --profile`` writes it (``make_profile``
+    of ``len(speeds)`` devices, with its key), for a cluster file to name."""
+    measured = make_profile(speeds, kernels=(64, 128))
+    world = len(speeds)
+    measured["key"] = {"devices": measured["devices"], "threads": [1] * world, "hosts": ["x"] * world,
+                       "model": model, "input_shape": [3, 32, 32], "batch_size": batch, "torch": "2"}
+    measured["batch_size"] = batch
+    path.write_text(json.dumps(measured))
+    return measured
 
 
 def random_profile(rng: random.Random, *, groups: int, world: int) -> dict:

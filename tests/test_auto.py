@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from convshard import plan
 from convshard.cli import main
 from convshard.plan import search
 from convshard.run import trials
-from convshard.run.config import TrainConfig
+from convshard.run.config import TrainConfig, load_data
 
 JOB = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
        "--batch-size", "16", "--threads", "1", "--devices", "cpu@0,cpu@1"]
@@ -129,8 +130,8 @@ def _resolve(config: TrainConfig, profile: dict, seconds: dict[str, float]) -> t
         return seconds[name]
 
     listed = [str(d) for d in config.device_list]
-    resolved = trials.resolve(config, None, job_devices=listed, can_drop=True, measure=lambda c: profile,
-                              run_trial=run_trial)
+    resolved = trials.resolve(config, load_data(config), job_devices=listed, can_drop=True,
+                              measure=lambda c: profile, run_trial=run_trial)
     return resolved, ran
 
 
@@ -175,9 +176,43 @@ def test_auto_runs_one_process_on_all_cores_when_that_measures_fastest(monkeypat
     assert resolved.planning["chosen"] == trials.ALL_CORES and resolved.planning["breakdown"] is None
     assert plan.from_json(job.to_json(), groups={"features.0": 4, "features.3": 8}, batch_size=16) == job
     groups = {"features.0": 4}
-    assert trials.all_cores(_config(devices="cpu@0,cpu@1,cpu@1"), groups) is None  # core 1 listed twice: shared
-    assert trials.all_cores(_config(devices="cpu,cpu"), groups) is None  # unpinned
-    assert trials.all_cores(_config(devices="cpu@0"), groups) is None
+    assert trials.all_cores(_config(devices="cpu@0,cpu@1,cpu@1"), groups, "contiguous") is None  # core 1 listed twice: shared
+    assert trials.all_cores(_config(devices="cpu,cpu"), groups, "contiguous") is None  # unpinned
+    assert trials.all_cores(_config(devices="cpu@0"), groups, "contiguous") is None
+
+
+def test_auto_prints_its_trials_and_why_it_chose(monkeypatch, measured, caplog):
+    """A table of every trial, fastest first, with its predicted and measured ms/step; then the choice
+    and why: where the cost model disagreed, it says so."""
+    monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)
+    caplog.set_level("INFO", logger="convshard.run.trials")
+    with_bn = {**json.loads(json.dumps(measured)), "batchnorm": True}
+    found = {c.name: c for c in search.candidates(with_bn, threads=1)}
+    by_prediction = sorted(("single", "kernel", "layers"), key=lambda n: found[n].prediction.step)
+    seconds = {by_prediction[2]: 0.5, trials.ALL_CORES: 0.6, by_prediction[0]: 0.7, by_prediction[1]: 0.8}
+    _resolve(_config(epochs=50), with_bn, {(found[n].plan.name if n in found else n): t for n, t in seconds.items()})
+    (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy auto tried")]
+    lines = table.splitlines()
+    assert lines[0] == "--strategy auto tried 4 plans, 6 steps each (3 timed):"
+    for line, name in zip(lines[2:-1], sorted(seconds, key=seconds.get), strict=True):
+        predicted = "-" if name == trials.ALL_CORES else f"{1e3 * found[name].prediction.step:.1f}"
+        assert re.fullmatch(rf"  {re.escape(name)} +{re.escape(predicted)} +{1e3 * seconds[name]:.1f}  \S.*", line), line
+    assert lines[-1] == (f"chosen: {by_prediction[2]}, the fastest measured, {1 - 0.5 / 0.6:.1%} less per step "
+                         f"than {trials.ALL_CORES}; the cost model predicted {by_prediction[0]} fastest")
+
+
+def test_auto_says_when_planning_costs_more_than_the_training(monkeypatch, measured, caplog):
+    monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)
+    caplog.set_level("INFO", logger="convshard.run.trials")
+    seconds = {"single": 0.9, "kernel": 0.8, "layers": 0.7, "batch": 0.7, "ddp": 0.6, "ddp sized": 0.6,
+               trials.ALL_CORES: 0.95}
+    _resolve(_config(max_steps=5), measured, seconds)  # fewer steps than one trial: said before profiling
+    _resolve(_config(max_steps=20), measured, seconds)  # six trials of 6 steps: more than the 20
+    _resolve(_config(max_steps=None, epochs=500), measured, seconds)  # 2,000 steps: worth it
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 2, said
+    assert said[0].startswith("--strategy auto: the 5 training steps are fewer than one of its trials")
+    assert said[1].startswith("--strategy auto: profiling took") and "than the 20 training steps" in said[1]
 
 
 def test_nothing_is_tried_when_one_plan_stands_out(measured):

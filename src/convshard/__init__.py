@@ -6,6 +6,10 @@ Inside an initialised torch.distributed process group::
     ...                                  # train as usual, calling
     convshard.sync_replicas(model)       # between backward() and step()
     state = convshard.full_state_dict(model)   # unsharded, identical on every rank
+
+After ``convshard train --checkpoint-dir D``, in any process::
+
+    model = convshard.load_model("D")    # the plain nn.Module, eval mode, float32, CPU
 """
 
 from .errors import ConfigError
@@ -18,6 +22,7 @@ from .parallel.sharded import (
     sync_replicas,
 )
 from .plan.splits import split_counts
+from .run.inference import load_model
 
 __all__ = [
     "ConfigError",
@@ -25,6 +30,7 @@ __all__ = [
     "ShardedConv2d",
     "full_state_dict",
     "load_full_state_dict",
+    "load_model",
     "shard_model",
     "split_counts",
     "sync_replicas",

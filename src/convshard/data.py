@@ -17,11 +17,13 @@
   (class ``i`` is the ``i``-th sub-folder in sorted name order), decoded with
   Pillow. Each image is scaled so that its shorter side is ``image_size`` and
   centre-cropped to ``image_size`` x ``image_size``; it is read as RGB, or as
-  grayscale (one channel) when every image of the dataset is grayscale. In
-  each class, in file name order, every 5th image (the 5th, 10th, ...) is a
-  test image and the rest train: the split depends on the files only, never
-  on the seed. Both sets are normalised per channel with the mean and
-  standard deviation of the training images.
+  grayscale (one channel) when every image of the dataset is grayscale.
+  With ``train/`` and ``val/`` sub-folders (each one sub-folder per class)
+  those are the training and test images; otherwise a share
+  ``val_fraction`` of each class, spread over it in file name order (0.2:
+  the 5th, 10th, ... image), is held out for test: the split depends on the
+  files only, never on the seed. Both sets are normalised per channel with
+  the mean and standard deviation of the training images.
 
 Every rank of a job loads the full dataset and walks it in the order given by
 ``epoch_permutation``, so ranks agree on each batch without exchanging images.
@@ -44,6 +46,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +81,8 @@ _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR_PIXELS = 3 * 32 * 32
 _CIFAR_CLASSES = 10
+_CIFAR_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-_FOLDER_TEST_EVERY = 5  # in each class, every 5th image (in name order) is a test image
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})  # Pillow modes without colour
 
 
@@ -89,7 +92,9 @@ class Dataset:
 
     ``train_x`` (N_train, C, H, W) and ``test_x`` (N_test, C, H, W) are float32
     and normalised; ``train_y`` (N_train,) and ``test_y`` (N_test,) are int64
-    labels in ``0..classes-1``.
+    labels in ``0..classes-1``. ``class_names`` names each label; an image's
+    pixels p in [0, 1] became (p - mean[c]) / std[c] in channel c (both
+    empty for synthetic data, which has no pixels): what inference repeats.
     """
 
     name: str
@@ -98,6 +103,9 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: int
+    class_names: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -115,13 +123,18 @@ def load_dataset(
     synthetic_sizes: tuple[int, int] = (1024, 256),
     classes: int = 10,
     image_size: int = 32,
+    val_fraction: float = 0.2,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Dataset:
     """Load dataset ``name`` (one of ``DATASETS``).
 
     ``data_dir`` is where ``cifar10`` and ``folder`` live. ``seed``,
     ``synthetic_shape`` (C, H, W), ``synthetic_sizes`` (N_train, N_test) and
     ``classes`` only affect ``synthetic``; ``mnist`` and ``cifar10`` have 10
-    classes and fixed splits. ``image_size`` is the side of ``folder``'s images.
+    classes and fixed splits. ``image_size`` is the side of ``folder``'s
+    images; ``val_fraction`` the share of each class it holds out for test
+    when it has no ``train/`` and ``val/``; ``normalisation`` (mean, std per
+    channel) replaces its training images' own (a checkpoint's, at inference).
     """
     if name == "mnist":
         dataset = _load_mnist()
@@ -130,7 +143,7 @@ def load_dataset(
     elif name == "synthetic":
         dataset = _make_synthetic(synthetic_shape, synthetic_sizes, classes, seed)
     elif name == "folder":
-        dataset = _load_folder(data_dir, image_size)
+        dataset = _load_folder(data_dir, image_size, val_fraction, normalisation)
     else:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     log.debug(
@@ -250,7 +263,8 @@ def _load_mnist() -> Dataset:
     labels = torch.from_numpy(table[:, -1].astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_MNIST_SPLIT_SEED))
     train, test = order[_MNIST_TEST_SIZE:], order[:_MNIST_TEST_SIZE]
-    return Dataset("mnist", images[train], labels[train], images[test], labels[test], 10)
+    return Dataset("mnist", images[train], labels[train], images[test], labels[test], 10,
+                   tuple(str(d) for d in range(10)), (_MNIST_MEAN,), (_MNIST_STD,))
 
 
 def _mnist_path() -> Path:
@@ -287,7 +301,7 @@ def _load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
         "cifar10",
         _normalise_cifar(train_x), torch.from_numpy(train_y),
         _normalise_cifar(test_x), torch.from_numpy(test_y),
-        _CIFAR_CLASSES,
+        _CIFAR_CLASSES, _CIFAR_NAMES, _CIFAR_MEAN, _CIFAR_STD,
     )
 
 
@@ -374,7 +388,8 @@ def _read_cifar10_batch(path: Path, root: Path) -> tuple[np.ndarray, np.ndarray]
     return pixels, labels
 
 
-def _load_folder(data_dir: str | os.PathLike | None, size: int) -> Dataset:
+def _load_folder(data_dir: str | os.PathLike | None, size: int, val_fraction: float,
+                 normalisation: tuple[Sequence[float], Sequence[float]] | None) -> Dataset:
     if data_dir is None:
         raise ConfigError("dataset 'folder' needs a data directory: pass --data-dir DIR (one sub-folder per class)")
     if size <= 0:
@@ -382,29 +397,66 @@ def _load_folder(data_dir: str | os.PathLike | None, size: int) -> Dataset:
     root = Path(data_dir)
     if not root.is_dir():
         raise ConfigError(f"folder dataset {root} is not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise ConfigError(f"folder dataset {root} has no class sub-folders (one per class, holding its images)")
-    extensions = Image.registered_extensions()
     files: list[tuple[Path, int, bool]] = []  # (path, label, is a test image)
-    for label, folder in enumerate(class_dirs):
-        images = sorted(p for p in folder.iterdir()
-                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
-        if not images:
-            raise ConfigError(f"class folder {folder} holds no images")
-        files += [(path, label, i % _FOLDER_TEST_EVERY == _FOLDER_TEST_EVERY - 1) for i, path in enumerate(images)]
-    if not any(test for _, _, test in files):
-        raise ConfigError(f"folder dataset {root} has no test images: every {_FOLDER_TEST_EVERY}th image of a "
-                          f"class is one, so some class needs at least {_FOLDER_TEST_EVERY} images")
-    mode = "L" if all(_image_mode(path) in _GRAYSCALE_MODES for path, _, _ in files) else "RGB"
-    pixels = torch.from_numpy(np.stack([_decode_image(path, mode, size) for path, _, _ in files]))
-    pixels = (pixels.unsqueeze(1) if mode == "L" else pixels.permute(0, 3, 1, 2)).contiguous()  # (N, C, size, size)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train = _class_images(root / "train")
+        names = list(train)
+        val = _class_images(root / "val", allow_empty=True)
+        extra = sorted(val.keys() - train.keys())
+        if extra:
+            raise ConfigError(f"class folder {root / 'val' / extra[0]} has no counterpart in {root / 'train'}")
+        files = [(path, names.index(name), False) for name, paths in train.items() for path in paths]
+        files += [(path, names.index(name), True) for name, paths in val.items() for path in paths]
+        if not any(val.values()):
+            raise ConfigError(f"folder dataset {root}: {root / 'val'} holds no images")
+    else:
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be between 0 and 1, got {val_fraction:g}")
+        by_class = _class_images(root)
+        names = list(by_class)
+        for label, paths in enumerate(by_class.values()):
+            files += [(path, label, _held_out(i, val_fraction)) for i, path in enumerate(paths)]
+        if not any(test for _, _, test in files):
+            raise ConfigError(f"folder dataset {root} has no test images at --val-fraction {val_fraction:g}: "
+                              f"a class needs at least {math.ceil(1 / val_fraction - 1e-9)} images, or give "
+                              f"{root}/train and {root}/val")
+    if normalisation is not None:
+        mode = "L" if len(normalisation[0]) == 1 else "RGB"
+    else:
+        mode = "L" if all(_image_mode(path) in _GRAYSCALE_MODES for path, _, _ in files) else "RGB"
+    pixels = torch.stack([decode_image(path, channels=1 if mode == "L" else 3, size=size) for path, _, _ in files])
     labels = torch.tensor([label for _, label, _ in files])
     test = torch.tensor([is_test for _, _, is_test in files])
-    mean, std = _channel_stats(pixels[~test])
+    if normalisation is None:
+        mean, std = _channel_stats(pixels[~test])
+    else:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalisation)
     images = pixels.float().div_(255).sub_(mean).div_(std)
-    log.debug("folder dataset %s: classes %s, mode %s", root, [p.name for p in class_dirs], mode)
-    return Dataset("folder", images[~test], labels[~test], images[test], labels[test], len(class_dirs))
+    log.debug("folder dataset %s: classes %s, mode %s", root, names, mode)
+    return Dataset("folder", images[~test], labels[~test], images[test], labels[test], len(names), tuple(names),
+                   tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()))
+
+
+def _held_out(i: int, fraction: float) -> bool:
+    """Whether the ``i``-th image of a class (name order) is a test image:
+    when floor((i + 1) f) passes an integer, so that a share f of every
+    class is held out, spread over it (f = 0.2: the 5th, 10th, ...)."""
+    return math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9)
+
+
+def _class_images(root: Path, *, allow_empty: bool = False) -> dict[str, list[Path]]:
+    """Class name -> its images in name order, for every sub-folder of ``root`` (sorted by name)."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs and not allow_empty:
+        raise ConfigError(f"folder dataset {root} has no class sub-folders (one per class, holding its images)")
+    extensions = Image.registered_extensions()
+    out = {}
+    for folder in class_dirs:
+        out[folder.name] = sorted(p for p in folder.iterdir()
+                                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+        if not out[folder.name] and not allow_empty:
+            raise ConfigError(f"class folder {folder} holds no images")
+    return out
 
 
 def _channel_stats(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,13 +483,19 @@ def _image_mode(path: Path) -> str:
         raise ConfigError(f"cannot read image {path}: {_one_line(exc)}") from exc
 
 
-def _decode_image(path: Path, mode: str, size: int) -> np.ndarray:
-    """Decode, convert to ``mode`` and fit to size x size: (size, size) or (size, size, 3) uint8."""
+def decode_image(path: str | os.PathLike, *, channels: int, size: int) -> torch.Tensor:
+    """The image at ``path`` as the folder dataset reads it: converted to
+    grayscale (``channels`` 1) or RGB (3), scaled so that its shorter side is
+    ``size`` and centre-cropped: (channels, size, size) uint8. A file that
+    does not decode is a ConfigError naming it."""
     try:
         with Image.open(path) as image:
-            return np.asarray(ImageOps.fit(image.convert(mode), (size, size), Image.Resampling.BILINEAR))
+            fitted = np.asarray(ImageOps.fit(image.convert("L" if channels == 1 else "RGB"), (size, size),
+                                             Image.Resampling.BILINEAR))
     except Exception as exc:  # a damaged file can fail with almost any exception type
         raise ConfigError(f"cannot decode image {path}: {_one_line(exc)}") from exc
+    pixels = torch.from_numpy(fitted.copy())
+    return pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1).contiguous()
 
 
 def _make_synthetic(shape: tuple[int, int, int], sizes: tuple[int, int], classes: int, seed: int) -> Dataset:

@@ -157,7 +157,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     statistics of the whole global batch, on any backend (``_SyncBatchNorm``).
     The running variance takes the unbiased var * m / (m - 1), as
     ``nn.BatchNorm2d`` does. Parameters and buffers are whole on every rank,
-    with the original keys; in eval mode it is plain BatchNorm.
+    with the original keys; in eval mode it is plain BatchNorm. A bf16 or
+    fp16 input (mixed precision) is normalised in float32, statistics and
+    all, and the result returned in the input's dtype.
     """
 
     def __init__(self, bn: nn.BatchNorm2d, rows: RowSplit) -> None:
@@ -170,11 +172,14 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and self.track_running_stats:
             return super().forward(x)
+        low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
+        if low is not None:
+            x = x.float()
         y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps, self.rows)
         if self.training and self.track_running_stats:
             total = sum(self.rows.counts) * x.size(2) * x.size(3)
             self._update_running(mean, var * total / max(total - 1, 1))
-        return y
+        return y if low is None else y.to(low)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..precision import for_compute
 from . import shm
 
 Group = dist.ProcessGroup | None
@@ -251,6 +252,14 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
             offset += n
 
 
+def _in_format_of(like: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``like``'s memory format: a gathered activation stays channels_last when its shards were."""
+    if like.dim() == 4 and out.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+            and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 # --- 2. one autograd Function per pattern --------------------------------
 
 
@@ -310,7 +319,7 @@ class _GatherFromShards(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group, partial: bool, dim: int):
         ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(dim)
         ctx.counts, ctx.group, ctx.partial, ctx.dim = counts, group, partial, dim
-        return all_gather_uneven(y.narrow(dim, 0, ctx.count), counts, dim=dim, group=group)
+        return _in_format_of(y, all_gather_uneven(y.narrow(dim, 0, ctx.count), counts, dim=dim, group=group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -341,7 +350,8 @@ class _ChannelsToRows(torch.autograd.Function):
         sizes = [[b * c * ctx.inner for b in rows] for c in channels]
         pieces = all_to_all_uneven(send, sizes, group=group)
         shape = y.shape[2:]
-        return torch.cat([piece.view(rows[rank_], c, *shape) for piece, c in zip(pieces, channels)], dim=1)
+        return _in_format_of(y, torch.cat([piece.view(rows[rank_], c, *shape) for piece, c in zip(pieces, channels)],
+                                          dim=1))
 
     @staticmethod
     @once_differentiable
@@ -396,6 +406,7 @@ def conv2d_on_shards(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     False: this rank's partial input gradient, for a gather that sums it)."""
     if world_size(group) == 1:
         return F.conv2d(x, weight, bias, stride, padding, dilation)
+    x, weight, bias = for_compute(x, weight, bias)  # under autocast: one dtype forward and backward
     return _ConvOnShards.apply(x, weight, bias, stride, padding, dilation, group, reduce)
 
 

@@ -231,10 +231,10 @@ class SharedSlots:
         rank receives its slice [o_r, o_r + counts[r]) of the sum."""
         turn = self._exchange(tensor.contiguous())
         start, count = sum(counts[: self.rank]), counts[self.rank]
-        out = self._slot(turn, 0, tensor).narrow(dim, start, count).clone()
+        out = self._slot(turn, 0, tensor).narrow(dim, start, count).to(_accumulator(tensor), copy=True)
         for s in range(1, self.world):
             out += self._slot(turn, s, tensor).narrow(dim, start, count)
-        return out
+        return out.to(tensor.dtype)
 
     def all_to_all(self, send: torch.Tensor, sizes: list[list[int]]) -> list[torch.Tensor]:
         """Rank s's ``send`` holds its pieces for ranks 0..p-1 (``sizes[s][t]``
@@ -247,10 +247,10 @@ class SharedSlots:
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place (every rank adds in rank order: equal results)."""
         turn = self._exchange(tensor)
-        tensor.copy_(self._slot(turn, 0, tensor))
+        total = self._slot(turn, 0, tensor).to(_accumulator(tensor), copy=True)
         for s in range(1, self.world):
-            tensor += self._slot(turn, s, tensor)
-        return tensor
+            total += self._slot(turn, s, tensor)
+        return tensor.copy_(total)
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Group rank 0's ``tensor`` on every rank, in place."""
@@ -261,3 +261,9 @@ class SharedSlots:
         if self.rank != 0:
             tensor.copy_(self._slot(turn, 0, tensor))
         return tensor
+
+
+def _accumulator(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a sum of ``tensor``s runs in: float32 for bf16 and fp16, so
+    that a sum over many ranks rounds once; the tensor's own otherwise."""
+    return torch.float32 if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.dtype

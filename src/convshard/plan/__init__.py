@@ -22,7 +22,9 @@ The engines (``convshard.run.engines``):
 ``rows`` are counts at ``batch_size``; a shorter batch of n (an epoch's
 last) is split ``splits.split_counts(n, rows)``. ``ranks`` names the
 started processes that train when a job's processes are fixed (torchrun):
-the others stand by (``convshard.run.alone``). The CLI's strategy flags,
+the others stand by (``convshard.run.alone``). ``precision`` (32, bf16,
+fp16) and ``memory_format`` say what every rank computes in
+(``convshard.precision``). The CLI's strategy flags,
 ``--strategy auto`` and rebalancing only build values of this type;
 ``cost.predict`` prices one, ``to_json`` / ``from_json`` save and replay it
 (``--plan FILE``, a run's ``job_plan``).
@@ -34,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
+from ..precision import MEMORY_FORMATS, PRECISIONS
 from . import splits
 
 KERNEL, BATCH = "kernel", "batch"
@@ -70,6 +73,8 @@ class Plan:
     batch_size: int  # B = sum(rows)
     threads: int | None = None  # intra-op threads per worker; None: the cores its device names
     ranks: tuple[int, ...] | None = None  # started processes that train (torchrun); None: all of them
+    precision: str = "32"  # compute: 32 | bf16 | fp16 (weights and optimizer state stay float32)
+    memory_format: str = "contiguous"  # contiguous | channels_last
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -85,6 +90,11 @@ class Plan:
                 raise ConfigError(f"group {g.name!r}: {len(g.counts)} kernel counts for {world} devices")
         if self.engine == DDP and any(g.mode != BATCH for g in self.groups):
             raise ConfigError("a ddp plan runs every group in batch mode")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"a plan's precision is one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ConfigError(f"a plan's memory format is one of {', '.join(MEMORY_FORMATS)}; "
+                              f"got {self.memory_format!r}")
         if self.ranks is not None and len(self.ranks) != world:
             raise ConfigError(f"a plan's ranks {list(self.ranks)} name {len(self.ranks)} processes for "
                               f"{world} devices")
@@ -124,7 +134,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "engine": self.engine, "devices": list(self.devices), "threads": self.threads,
-                "batch_size": self.batch_size, "rows": list(self.rows),
+                "batch_size": self.batch_size, "rows": list(self.rows), "precision": self.precision,
+                "memory_format": self.memory_format,
                 "groups": [{"name": g.name, "kernels": g.kernels, "mode": g.mode, "counts": list(g.counts)}
                            for g in self.groups],
                 **({"ranks": list(self.ranks)} if self.ranks is not None else {})}
@@ -196,7 +207,8 @@ def _current(saved: dict) -> Plan:
                    for g in saved["groups"])
     ranks = tuple(int(r) for r in saved["ranks"]) if saved.get("ranks") is not None else None
     return Plan(saved["engine"], tuple(saved["devices"]), groups, tuple(int(r) for r in saved["rows"]),
-                int(saved["batch_size"]), _threads(saved.get("threads")), ranks)
+                int(saved["batch_size"]), _threads(saved.get("threads")), ranks,
+                str(saved.get("precision", "32")), saved.get("memory_format", "contiguous"))
 
 
 def _earlier(saved: dict, groups: Mapping[str, int], batch_size: int) -> Plan:
@@ -230,7 +242,8 @@ def describe(plan: Plan) -> str:
     lines = [f"plan: {plan.name} ({plan.engine} engine) on {', '.join(plan.devices)}"
              + (f", {plan.threads} thread(s) each" if plan.threads else "")
              + (f", ranks {list(plan.ranks)}" if plan.ranks is not None else ""),
-             f"  batch {plan.batch_size}, rows per rank {list(plan.rows)}"]
+             f"  batch {plan.batch_size}, rows per rank {list(plan.rows)}, precision {plan.precision}, "
+             f"{plan.memory_format}"]
     if plan.groups:
         lines.append(f"  {'group':<{width}}  {'mode':<6}  kernels per rank")
         for g in plan.groups:

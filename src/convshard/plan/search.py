@@ -16,6 +16,14 @@ W where a job's processes are fixed):
   model's maths, and the all-batch plan among the ``layers`` candidates
   is the same split with BatchNorm over the global batch.
 
+Every plan stays within each device's memory where the profile records it
+(``device_memory``; ``convshard.plan.memory``): kernel counts and rows are
+capped by ``memory.caps`` (the greedy split stays optimal under caps), and a
+candidate whose peak bytes (``memory.peak_bytes``) overflow a device is
+dropped; ``single`` is the fastest device that holds the model alone. When
+no plan fits, ``candidates`` refuses the job in one line naming the plan
+that comes closest, the device it overflows and the bytes.
+
 ``best_modes`` is exact: a dynamic programme over the groups in graph
 order. ``cost.predict``'s step is a sum of terms of one group's mode
 (compute, inputs, BatchNorms, values read whole, update, its share of the
@@ -33,12 +41,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import plan
 from ..errors import ConfigError
-from . import BATCH, KERNEL, Plan, cost, splits
+from . import BATCH, KERNEL, Plan, cost, memory, splits
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +63,12 @@ class Candidate:
     name: str  # single | kernel | layers | ddp | ddp sized
     plan: Plan
     prediction: cost.Prediction
+    memory: tuple[float, ...] = ()  # per rank of the plan: peak bytes (``memory.peak_bytes``)
 
 
 def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
-    """The profile of the devices ``ranks`` alone (links as measured)."""
+    """The profile of the devices ``ranks`` alone: links as measured, or,
+    for a cluster, priced on its topology for these devices (``cost.ring_links``)."""
     def pick(values: Sequence) -> list:
         return [values[r] for r in ranks]
 
@@ -65,8 +76,12 @@ def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
               for layer in profile["layers"]]
     out = {**profile, "devices": pick(profile["devices"]), "layers": layers,
            "rest_seconds": pick(profile["rest_seconds"])}
-    if "update_seconds_per_byte" in profile:
-        out["update_seconds_per_byte"] = pick(profile["update_seconds_per_byte"])
+    for key in ("update_seconds_per_byte", "device_memory"):
+        if key in profile:
+            out[key] = pick(profile[key])
+    if "topology" in profile:
+        out["topology"] = {**profile["topology"], "hosts": pick(profile["topology"]["hosts"])}
+        out["links"] = cost.ring_links(out["topology"], range(len(ranks)))
     return out
 
 
@@ -75,21 +90,34 @@ def groups_of(profile: Mapping) -> dict[str, int]:
     return {layer["name"]: layer["kernels"] for layer in profile["layers"]}
 
 
-def sized_counts(profile: Mapping) -> dict[str, tuple[int, ...]]:
-    """Per group, kernels per device that make the devices finish it together (``choose_counts``)."""
-    return {layer["name"]: splits.choose_counts(layer["kernels"], layer["a"], layer["b"])
-            for layer in profile["layers"]}
+def sized_counts(profile: Mapping) -> dict[str, tuple[int, ...]] | None:
+    """Per group, kernels per device that make the devices finish it together
+    (``choose_counts``), each device's share within its memory
+    (``memory.caps``); None when the devices' memory cannot hold a group."""
+    shares, _ = memory.caps(profile)
+    out = {}
+    for layer in profile["layers"]:
+        k = layer["kernels"]
+        caps = [max(0, math.floor(f * k)) for f in shares]
+        if sum(caps) < k:
+            return None
+        out[layer["name"]] = splits.choose_counts(k, layer["a"], layer["b"], caps=caps)
+    return out
 
 
-def sized_rows(profile: Mapping) -> tuple[int, ...]:
+def sized_rows(profile: Mapping) -> tuple[int, ...] | None:
     """Rows per device in proportion to its batch-mode speed over all groups:
-    b_r minimising max_r b_r sum_g T_{r,g} / n_g (even without batch timings)."""
+    b_r minimising max_r b_r sum_g T_{r,g} / n_g (even without batch timings),
+    within each device's memory (``memory.caps``); None when they cannot hold the batch."""
     world, batch = len(profile["devices"]), profile["batch_size"]
-    if world == 1 or not all("batch_seconds" in layer for layer in profile["layers"]) or not profile["layers"]:
-        return splits.even(batch, world)
-    per_row = [sum(layer["batch_seconds"][r] / layer["batch_rows"] for layer in profile["layers"])
-               for r in range(world)]
-    return splits.choose_counts(batch, [0.0] * world, per_row)
+    _, caps = memory.caps(profile)
+    if sum(max(c, 0) for c in caps) < batch:
+        return None
+    per_row = [1.0] * world  # equal costs: the even split (the lower ranks take the remainder)
+    if world > 1 and profile["layers"] and all("batch_seconds" in layer for layer in profile["layers"]):
+        per_row = [sum(layer["batch_seconds"][r] / layer["batch_rows"] for layer in profile["layers"])
+                   for r in range(world)]
+    return splits.choose_counts(batch, [0.0] * world, per_row, caps=caps)
 
 
 def single_step(profile: Mapping, rank: int) -> float:
@@ -152,24 +180,33 @@ def candidates(profile: Mapping, *, can_drop: bool = True,
     world = len(profile["devices"])
     alone = [single_step(profile, r) for r in range(world)]
     order = sorted(range(world), key=lambda r: (alone[r], r))
-    best = order[0]
-    sub = restrict(profile, [best])
-    single = plan.single(sub["devices"][0], groups_of(sub), sub["batch_size"], threads=threads,
-                         rank=None if can_drop else best)
-    out = [Candidate("single", single, cost.predict(sub, single))]
+    out, too_big = [], []  # plans within every device's memory; the others
+    for r in order:  # the fastest device that holds the model alone
+        sub = restrict(profile, [r])
+        single = plan.single(sub["devices"][0], groups_of(sub), sub["batch_size"], threads=threads,
+                             rank=None if can_drop else r)
+        c = _priced(sub, "single", single)
+        if _fits(sub, c):
+            out.append(c)
+            break
+        too_big.append(c)
     splits_by_name: dict[str, Candidate] = {}
     for ranks in _subsets(order, can_drop):
         sub = restrict(profile, ranks)
         counts, rows = sized_counts(sub), sized_rows(sub)
+        if counts is None or rows is None:
+            continue
         kernel = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                    threads=threads)
-        tries = [Candidate("kernel", kernel, cost.predict(sub, kernel))]
+        tries = [_priced(sub, "kernel", kernel)]
         if all("batch_seconds" in layer for layer in sub["layers"]):
             layers = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                        modes=best_modes(sub, counts, rows), rows=rows, threads=threads)
-            tries.append(Candidate("layers", layers, cost.predict(sub, layers)))
+            tries.append(_priced(sub, "layers", layers))
         for c in tries:
-            if c.name not in splits_by_name or c.prediction.step < splits_by_name[c.name].prediction.step:
+            if not _fits(sub, c):
+                too_big.append(c)
+            elif c.name not in splits_by_name or c.prediction.step < splits_by_name[c.name].prediction.step:
                 splits_by_name[c.name] = c
     out.extend(splits_by_name.values())
     if world > 1 and all("batch_seconds" in layer for layer in profile["layers"]):
@@ -180,8 +217,52 @@ def candidates(profile: Mapping, *, can_drop: bool = True,
                                threads=threads)
             except ConfigError:  # a share too small for one image
                 continue
-            out.append(Candidate(name, job, cost.predict(profile, job)))
+            c = _priced(profile, name, job)
+            if not _fits(profile, c) and name == "ddp sized" and (rows := _ddp_rows(profile, alone)):
+                c = _priced(profile, name, plan.ddp(profile["devices"], groups_of(profile),
+                                                    profile["batch_size"], shares=rows, threads=threads))
+            (out if _fits(profile, c) else too_big).append(c)
+    if not out:
+        raise ConfigError(_refusal(profile, too_big))
     return out
+
+
+def _priced(profile: Mapping, name: str, job: Plan) -> Candidate:
+    """A candidate with its predicted step and peak bytes per rank, computing
+    in the precision and memory format the profile was timed in."""
+    job = replace(job, precision=profile.get("precision", "32"),
+                  memory_format=profile.get("memory_format", "contiguous"))
+    return Candidate(name, job, cost.predict(profile, job), memory.peak_bytes(profile, job))
+
+
+def _fits(profile: Mapping, c: Candidate) -> bool:
+    """Whether every rank of ``c`` stays within its device's memory (always, without ``device_memory``)."""
+    limits = profile.get("device_memory")
+    return limits is None or all(need <= limit for need, limit in zip(c.memory, limits))
+
+
+def _ddp_rows(profile: Mapping, alone: Sequence[float]) -> tuple[int, ...] | None:
+    """DDP's rows sized to the devices' speed within their memory; None if they cannot hold the batch."""
+    world, batch = len(profile["devices"]), profile["batch_size"]
+    _, caps = memory.caps(profile)
+    if sum(max(c, 0) for c in caps) < batch or min(caps) < 1:
+        return None
+    return splits.choose_counts(batch, [0.0] * world, list(alone), caps=caps)
+
+
+def _refusal(profile: Mapping, too_big: Sequence[Candidate]) -> str:
+    """One line for a job no plan fits: the plan that comes closest, and the device it overflows."""
+    names = profile["devices"]
+    limits = dict(zip(names, profile.get("device_memory", ())))
+
+    def overflow(c: Candidate) -> tuple[float, str, float]:
+        return max((need / limits[d], d, need) for d, need in zip(c.plan.devices, c.memory))
+
+    closest = min(too_big, key=overflow)
+    _, device, need = overflow(closest)
+    return (f"no plan fits the devices' memory: the closest, {closest.name} on {', '.join(closest.plan.devices)}, "
+            f"needs {memory.format_bytes(need)} ({need:.0f} bytes) on {device}, which holds "
+            f"{memory.format_bytes(limits[device])} ({limits[device]:.0f} bytes)")
 
 
 def _subsets(order: Sequence[int], can_drop: bool) -> list[list[int]]:
@@ -241,9 +322,11 @@ def format_candidates(found: Sequence[Candidate], chosen: Candidate, *, trials: 
     lines.append(chosen_line)
     lines.append(plan.describe(chosen.plan))
     p = chosen.prediction
+    peaks = chosen.memory or (None,) * len(p.busy)
     lines.append("  per device: " + ", ".join(
-        f"{d} busy {1e3 * b:.1f} ms, waiting {1e3 * w:.1f} ms" for d, b, w in zip(chosen.plan.devices, p.busy,
-                                                                                 p.wait)))
+        f"{d} busy {1e3 * b:.1f} ms, waiting {1e3 * w:.1f} ms"
+        + (f", peak memory {memory.format_bytes(m)}" if m is not None else "")
+        for d, b, w, m in zip(chosen.plan.devices, p.busy, p.wait, peaks)))
     breakdown = {"rest": p.rest, "gradient sum": p.gradient_sum, "broadcast": p.broadcast, "optimizer": p.update,
                  **p.collectives}
     lines.append("  breakdown: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in breakdown.items() if v))

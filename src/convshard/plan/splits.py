@@ -47,26 +47,32 @@ def even(total: int, world: int) -> tuple[int, ...]:
     return split_counts(total, [1.0] * world)
 
 
-def choose_counts(total: int, a: Sequence[float], b: Sequence[float]) -> tuple[int, ...]:
-    """Counts per rank, summing to ``total``, that minimise max_r a_r + b_r * max(c_r, 1).
+def choose_counts(total: int, a: Sequence[float], b: Sequence[float], *,
+                  caps: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Counts per rank, summing to ``total``, that minimise max_r a_r + b_r * max(c_r, 1)
+    subject to c_r <= caps[r] (a device's memory; None: no limit).
 
     Greedy: each unit goes to the rank whose cost after taking it is
-    smallest (ties to the lower rank). This is optimal for a min-max of
-    non-decreasing costs: were a unit given at a cost above the optimum T,
-    every rank would already hold as many units as it can within T, i.e. at
-    least the total.
+    smallest (ties to the lower rank) among those below their cap. This is
+    optimal for a min-max of non-decreasing costs: were a unit given at a
+    cost above the optimum T, every rank would already hold as many units as
+    it can within T and its cap, i.e. at least the total.
     """
     if not a or len(a) != len(b):
         raise ConfigError(f"a ({len(a)} entries) and b ({len(b)} entries) must give one cost per rank")
     if total < 0:
         raise ConfigError(f"total {total} must be non-negative")
+    limit = [total] * len(a) if caps is None else list(caps)
+    if sum(max(c, 0) for c in limit) < total:
+        raise ConfigError(f"caps {limit} hold fewer than the {total} units to split")
     counts = [0] * len(a)
-    heap = [(a[r] + b[r], r) for r in range(len(a))]
+    heap = [(a[r] + b[r], r) for r in range(len(a)) if limit[r] > 0]
     heapq.heapify(heap)
     for _ in range(total):
         _, r = heapq.heappop(heap)
         counts[r] += 1
-        heapq.heappush(heap, (a[r] + b[r] * (counts[r] + 1), r))
+        if counts[r] < limit[r]:
+            heapq.heappush(heap, (a[r] + b[r] * (counts[r] + 1), r))
     return tuple(counts)
 
 

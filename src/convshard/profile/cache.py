@@ -60,6 +60,9 @@ def format_profile(profile: Profile) -> str:
                          f"{1000 * (a + b * layer['kernels']):>14.1f}")
     lines.append("replicated part (ms): " + ", ".join(
         f"{d} {1000 * t:.1f}" for d, t in zip(profile["devices"], profile["rest_seconds"])))
+    if "device_memory" in profile:
+        lines.append("memory (GiB): " + ", ".join(
+            f"{d} {m / 2 ** 30:.1f}" for d, m in zip(profile["devices"], profile["device_memory"])))
     for name, link in profile["links"].items():
         lines.append(f"{name}: latency {1e6 * link['latency']:.0f} us, bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     return "\n".join(lines)

@@ -47,8 +47,8 @@ PositiveSize = Annotated[int, _Bound(1)]
 PerDevice = Annotated[list[NonNegative], _PER_DEVICE]
 
 
-class ProfileKey(TypedDict):
-    """What a profile was measured on (``profile_key``); ``load`` reuses a cache only for an equal key."""
+class _RequiredKey(TypedDict):
+    """The fields of ``ProfileKey`` that every version-2 profile has."""
 
     devices: Annotated[list[str], _PER_DEVICE]  # each rank's device spec, e.g. "cpu@0", "cuda:1"
     threads: Annotated[list[PositiveSize], _PER_DEVICE]  # each rank's torch intra-op threads
@@ -59,11 +59,28 @@ class ProfileKey(TypedDict):
     torch: str  # torch.__version__
 
 
+class ProfileKey(_RequiredKey, total=False):
+    """What a profile was measured on (``profile_key``); ``load`` reuses a cache only for an equal key."""
+
+    precision: str  # the compute precision it was timed in: 32 | bf16 | fp16
+    memory_format: str  # as asked: contiguous | channels_last | auto (timed in the faster)
+
+
 class Link(TypedDict):
     """One collective over all ranks: t(n bytes) = latency + n / bandwidth."""
 
     latency: NonNegative  # seconds at zero bytes
     bandwidth: Annotated[float, _Bound(0, strict=True)]  # bytes per second
+
+
+class Topology(TypedDict):
+    """Where a cluster's devices sit (``convshard.plan.cluster``): collectives
+    are priced on it (``convshard.plan.cost.ring_links``)."""
+
+    hosts: Annotated[list[Size], _PER_DEVICE]  # each device's host, an index into the lists below
+    names: list[str]  # each host's name
+    within: list[Link]  # each host's link between its own devices
+    between: list[Link]  # each host's link to the switch that joins the hosts
 
 
 class Output(TypedDict):
@@ -126,6 +143,11 @@ class Profile(_RequiredProfile, total=False):
     """What ``measure`` returns, ``save`` writes and ``load`` reads."""
 
     batchnorm: bool  # whether the model holds a BatchNorm anywhere; absent from profiles cached before it
+    precision: str  # compute precision of every timing, and of the activation bytes (absent: 32)
+    memory_format: str  # contiguous | channels_last: the format every timing ran in (absent: contiguous)
+    format_seconds: dict[str, PerDevice]  # the whole model's step in each memory format (memory_format auto)
+    device_memory: PerDevice  # bytes each device can hold (``convshard.plan.memory``); absent: unbounded
+    topology: Topology  # a cluster's hosts and links; absent: ``links`` as measured, for any subset
 
 
 class _Invalid(Exception):
@@ -157,6 +179,16 @@ def check(profile: object, source: str) -> Profile:
         if profile["replicated_param_bytes"] > profile["param_bytes"]:
             raise _Invalid("replicated_param_bytes", f"is {profile['replicated_param_bytes']}, "
                            f"more than param_bytes {profile['param_bytes']}")
+        topology = profile.get("topology")
+        if topology is not None:
+            count = len(topology["names"])
+            for name in ("within", "between"):
+                if len(topology[name]) != count:
+                    raise _Invalid(f"topology.{name}", f"has {len(topology[name])} links, expected {count} "
+                                   f"(one per host)")
+            for r, h in enumerate(topology["hosts"]):
+                if h >= count:
+                    raise _Invalid(f"topology.hosts[{r}]", f"is {h}, expected a host index below {count}")
         first: dict[str, int] = {}  # layer name -> its index
         for i, layer in enumerate(profile["layers"]):
             if layer["name"] in first:

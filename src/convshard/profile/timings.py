@@ -22,7 +22,17 @@ optimizer step (SGD with momentum) per byte of the groups' parameters.
 (all-gather, all-reduce, reduce-scatter, all-to-all, broadcast; and the
 backend's own all-reduce, as DDP runs it) is timed at a small and a large size, giving
 t(n bytes) = latency + n / bandwidth. ``batchnorm`` says whether the model
-holds a BatchNorm anywhere.
+holds a BatchNorm anywhere; ``device_memory[r]`` the bytes rank r's device
+can hold (``convshard.plan.memory.device_memory``: a GPU's free memory, a
+CPU host's RAM), which the planner keeps every plan within.
+
+Every timing runs in the job's compute: ``precision`` (under autocast, as
+training runs) and memory format. With memory format ``auto`` the whole
+model's step is first timed in both formats on every rank
+(``format_seconds``) and the profile is taken in the one whose slowest rank
+is faster. Activation bytes count the precision's element size (2 bytes in
+bf16 and fp16), parameter bytes the model's dtype: weights, their gradients
+and the optimizer state stay float32.
 
 The result is a ``Profile`` (``convshard.profile.schema``), which
 ``measure`` checks before it returns it.
@@ -30,6 +40,7 @@ The result is a ``Profile`` (``convshard.profile.schema``), which
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -38,13 +49,16 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import precision as compute
 from ..parallel import comm
+from ..plan.memory import device_memory
 from ..plan.splits import choose_counts
 from .schema import VERSION, Profile, ProfileKey, check
 from .segments import Cut, Group, cut
@@ -114,8 +128,25 @@ def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: co
     return _fit_line(ks[-3:], ts[-3:])
 
 
+@dataclass(frozen=True)
+class _Compute:
+    """What every timing runs in: the job's precision and (resolved) memory format."""
+
+    precision: str = "32"
+    memory_format: str = "contiguous"
+
+    def module(self, module: nn.Module) -> nn.Module:
+        return module.to(memory_format=compute.memory_format(self.memory_format))
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=compute.memory_format(self.memory_format)) if x.dim() == 4 else x
+
+    def autocast(self, device: torch.device):
+        return compute.autocast(device, self.precision)
+
+
 def _calibrate(fits: list[tuple[float, float]], groups: list[Group], batch: int,
-               device: torch.device, group: comm.Group) -> None:
+               device: torch.device, group: comm.Group, how: _Compute) -> None:
     """Re-measure every group where it will run: each rank at the kernel count
     the greedy split of the first fits gives it, all ranks at once (workers on
     a shared core contend as in training), once after a warm-up. b becomes
@@ -126,22 +157,24 @@ def _calibrate(fits: list[tuple[float, float]], groups: list[Group], batch: int,
         a = [r[i][0] for r in everyone]
         counts = choose_counts(layer.kernels, a, [r[i][1] for r in everyone])
         k = counts[me]
-        seconds = _time_group(layer, max(k, 1), batch, device, 1, group)
+        seconds = _time_group(layer, max(k, 1), batch, device, 1, group, how)
         if k >= 2 and seconds > a[me]:
             fits[i] = (a[me], (seconds - a[me]) / k)
 
 
-def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats: int, group: comm.Group) -> float:
+def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats: int, group: comm.Group,
+                how: _Compute) -> float:
     """Forward+backward seconds of the group's segments with k kernels each."""
     runs = []
     for segment in layer.segments:
-        run = segment.build(k, device)
-        x = torch.randn(batch, *segment.input_shape, device=device, requires_grad=segment.input_grad)
+        run = how.module(segment.build(k, device))
+        x = how.input(torch.randn(batch, *segment.input_shape, device=device)).requires_grad_(segment.input_grad)
         runs.append((run, x))
 
     def once() -> None:
         for run, x in runs:
-            y = run(x)
+            with how.autocast(device):
+                y = run(x)
             y.backward(torch.ones_like(y))
             for p in run.parameters():
                 p.grad = None
@@ -160,16 +193,19 @@ def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, 
     return _median_seconds(optimizer.step, device, repeats=repeats, group=group) / (flat.numel() * flat.element_size())
 
 
-def _rest_seconds(model_cut: Cut, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
-                  repeats: int, group: comm.Group) -> float:
-    rest = model_cut.rest(batch, device)
-    params = [p for p in rest.parameters() if p.requires_grad]
+def _step_seconds(model: nn.Module, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
+                  repeats: int, group: comm.Group, how: _Compute) -> float:
+    """Seconds of one training step of ``model`` (forward, backward, SGD step) in ``how``."""
+    model = how.module(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
-    x = torch.randn(batch, *input_shape, device=device)
+    x = how.input(torch.randn(batch, *input_shape, device=device))
     y = torch.randint(classes, (batch,), device=device)
 
     def run() -> None:
-        loss = F.cross_entropy(rest(x), y)
+        with how.autocast(device):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
         if loss.requires_grad:
             loss.backward()
         if optimizer is not None:
@@ -177,6 +213,17 @@ def _rest_seconds(model_cut: Cut, input_shape: Sequence[int], classes: int, batc
             optimizer.zero_grad(set_to_none=True)
 
     return _median_seconds(run, device, repeats=repeats, group=group)
+
+
+def _faster_format(model: nn.Module, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
+                   group: comm.Group, precision: str) -> tuple[str, dict[str, list[float]]]:
+    """The memory format whose whole-model step is faster on the slowest
+    rank, and every rank's step seconds in each (a collective)."""
+    mine = {fmt: _step_seconds(copy.deepcopy(model), input_shape, classes, batch, device, 2, group,
+                               _Compute(precision, fmt)) for fmt in compute.MEMORY_FORMATS}
+    everyone = comm.gather_objects(mine, group=group)
+    seconds = {fmt: [r[fmt] for r in everyone] for fmt in compute.MEMORY_FORMATS}
+    return min(compute.MEMORY_FORMATS, key=lambda fmt: max(seconds[fmt])), seconds
 
 
 def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float]]:
@@ -213,19 +260,21 @@ def model_signature(model: nn.Module) -> str:
 
 
 def profile_key(*, devices: Sequence[str], threads: Sequence[int], hosts: Sequence[str], model: nn.Module,
-                input_shape: Sequence[int], batch_size: int) -> ProfileKey:
+                input_shape: Sequence[int], batch_size: int, precision: str = "32",
+                memory_format: str = "contiguous") -> ProfileKey:
     """What a profile was measured on; a cached profile is reused only for the same key."""
     return {"devices": list(devices), "threads": list(threads), "hosts": list(hosts),
             "model": model_signature(model), "input_shape": list(input_shape), "batch_size": batch_size,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "precision": precision, "memory_format": memory_format}
 
 
 def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], batch_size: int,
-            group: comm.Group = None) -> ProfileKey:
+            precision: str = "32", memory_format: str = "contiguous", group: comm.Group = None) -> ProfileKey:
     """``profile_key`` of the running job (a collective: every rank names its device, threads and host)."""
     everyone = comm.gather_objects((device_spec, torch.get_num_threads(), hostname()), group=group)
     return profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
-                       hosts=[e[2] for e in everyone], model=model, input_shape=input_shape, batch_size=batch_size)
+                       hosts=[e[2] for e in everyone], model=model, input_shape=input_shape, batch_size=batch_size,
+                       precision=precision, memory_format=memory_format)
 
 
 def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], classes: int, batch_size: int,
@@ -236,13 +285,18 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     device = next(model.parameters()).device
     world = comm.world_size(group)
     model_cut = cut(model, input_shape)
-    elem = next(model.parameters()).element_size()
+    precision, fmt = key.get("precision", "32"), key.get("memory_format", "contiguous")
+    format_seconds = None
+    if fmt == "auto":
+        fmt, format_seconds = _faster_format(model, input_shape, classes, batch_size, device, group, precision)
+    how = _Compute(precision, fmt)
+    elem = compute.activation_bytes(precision, next(model.parameters()).dtype)  # per activation element
     mine: dict = {"fits": [], "batch": []}
     layers = []
     rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     for layer in model_cut.groups:
         mine["fits"].append(_fit_layer(
-            lambda k: _time_group(layer, k, batch_size, device, repeats, group), layer.kernels, world, group))
+            lambda k: _time_group(layer, k, batch_size, device, repeats, group, how), layer.kernels, world, group))
         layers.append({
             "name": layer.name, "kernels": layer.kernels,
             "gather_bytes_per_kernel": batch_size * layer.gather_elements_per_kernel * elem,
@@ -250,7 +304,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
                                     for s in layer.segments if s.input_grad and not s.input_split),
             "input_grad_scatter_bytes": sum(batch_size * elem * math.prod(s.input_shape)
                                             for s in layer.segments if s.input_split),
-            "param_bytes": layer.param_elements * elem,
+            "param_bytes": layer.param_elements * next(model.parameters()).element_size(),
             "batchnorms": layer.batchnorms,
             "outputs": [{**out, "bytes": batch_size * out["elements"] * elem} for out in layer.outputs],
             "inputs": [{"bytes": batch_size * elem * math.prod(s.input_shape), "grad": s.input_grad}
@@ -258,12 +312,15 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
             "batch_rows": rows,
         })
     if world > 1:
-        _calibrate(mine["fits"], model_cut.groups, batch_size, device, group)
-        mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group) for layer in model_cut.groups]
-    mine["rest"] = _rest_seconds(model_cut, input_shape, classes, batch_size, device, repeats, group)
+        _calibrate(mine["fits"], model_cut.groups, batch_size, device, group, how)
+        mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group, how)
+                         for layer in model_cut.groups]
+    mine["rest"] = _step_seconds(model_cut.rest(batch_size, device), input_shape, classes, batch_size, device,
+                                 repeats, group, how)
     mine["update"] = _update_seconds_per_byte(sum(layer.param_elements for layer in model_cut.groups), device,
                                               repeats, group)
     links = _links(device, group) if world > 1 else {}
+    mine["memory"] = device_memory(device)
     everyone = comm.gather_objects(mine, group=group)
     for i, layer in enumerate(layers):
         layer["a"] = [r["fits"][i][0] for r in everyone]
@@ -284,5 +341,9 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         "param_bytes": param_bytes,
         "replicated_param_bytes": param_bytes - sharded_bytes,
         "links": links,
+        "device_memory": [r["memory"] for r in everyone],
         "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        "precision": precision,
+        "memory_format": fmt,
+        **({"format_seconds": format_seconds} if format_seconds else {}),
     }, "measured profile")

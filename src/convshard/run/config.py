@@ -27,8 +27,8 @@ from . import launch
 log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
-PLANNED = ("strategy", "devices", "threads", "batch_size", "shares")  # flags a --plan FILE answers
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+PLANNED = ("strategy", "devices", "threads", "batch_size", "shares", "precision", "memory_format")  # flags a --plan FILE answers
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
@@ -49,25 +49,37 @@ class TrainConfig:
     dataset: str = "mnist"  # mnist | cifar10 | synthetic | folder
     data_dir: str = "data"  # where cifar10 and folder live
     image_size: int = 32  # side of the folder dataset's images
+    val_fraction: float = 0.2  # folder dataset without train/ and val/: the share of each class held out for test
     augment: bool = False  # random crop and flip of every training batch, drawn from seed and step
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) of synthetic images
     synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
     epochs: int = 8
     max_steps: int | None = None  # stop after this many optimizer steps in total
     batch_size: int = 64  # global batch, the same for every plan
-    optimizer: str = "sgd"  # sgd (with momentum) | adam
+    optimizer: str = "sgd"  # sgd (with momentum) | adam | adamw
     lr: float = 0.05
     momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) decay of the weights of 2 or more dims
+    decay_all: bool = False  # decay biases and BatchNorm's per-channel weights too
+    clip_grad_norm: float | None = None  # scale the gradients to at most this global L2 norm
+    label_smoothing: float = 0.0  # cross-entropy against (1 - s) one-hot + s / classes
     schedule: str = "cosine"  # cosine: lr decays to 0 over the run | constant
+    lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate from lr / steps to lr over this many epochs
     seed: int = 0
     dtype: str = "float32"  # parameters and data; float64 serves exactness tests
+    precision: str = "32"  # compute: 32 | bf16 | fp16 (autocast; weights stay in ``dtype``)
+    memory_format: str = "contiguous"  # contiguous | channels_last | auto (the profile's faster one)
     warmup_steps: int = 3  # steps left out of mean_step_seconds
     timeout: float = 300.0  # seconds any collective may wait before the job fails
-    quiet: bool = False  # no progress bar, warnings only
+    quiet: bool = False  # no progress bar, warnings and the final summary only
+    log_every: int = 50  # outside a terminal: one log line every this many steps
+    log_dir: str | None = None  # per-step and per-epoch CSV (and TensorBoard events) here
     metrics_out: str | None = None  # write the metrics JSON here
     checkpoint_dir: str | None = None  # save <dir>/checkpoint.pt after every epoch
     checkpoint_every: int | None = None  # ... and also every this many optimizer steps
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    keep_last: int | None = None  # also keep the last N checkpoints, one file per save
+    keep_best: bool = False  # also keep the checkpoint of the best test accuracy at an epoch's end
     device_list: tuple[devices.Device, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,7 +123,7 @@ def load_data(config: TrainConfig) -> data.Dataset:
         config.dataset, data_dir=config.data_dir, seed=config.seed,
         synthetic_shape=config.synthetic_shape,
         synthetic_sizes=(config.synthetic_size, max(1, config.synthetic_size // 4)),
-        image_size=config.image_size,
+        image_size=config.image_size, val_fraction=config.val_fraction,
     )
 
 
@@ -127,17 +139,21 @@ def model_groups(config: TrainConfig, dataset: data.Dataset) -> dict[str, int]:
     return group_kernels(make_model(config, dataset))
 
 
-def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: list[str]) -> plan.Plan:
+def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: list[str],
+                    memory_format: str) -> plan.Plan:
     """The plan ``--strategy single|kernel|ddp`` with ``--shares`` weights
-    (or equal) describes on ``job_devices`` (every rank's device)."""
+    (or equal) describes on ``job_devices`` (every rank's device), computing
+    in ``--precision`` and ``memory_format`` (``--memory-format``, resolved)."""
     shares = config.shares if isinstance(config.shares, tuple) else None
     if config.strategy == "single":
-        return plan.single(job_devices[0], groups, config.batch_size, threads=config.threads)
-    if config.strategy == "ddp":
-        return plan.ddp(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
-    if config.strategy == "kernel":
-        return plan.kernel_split(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
-    raise ConfigError(f"--strategy {config.strategy} is planned from a profile")
+        job = plan.single(job_devices[0], groups, config.batch_size, threads=config.threads)
+    elif config.strategy == "ddp":
+        job = plan.ddp(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
+    elif config.strategy == "kernel":
+        job = plan.kernel_split(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
+    else:
+        raise ConfigError(f"--strategy {config.strategy} is planned from a profile")
+    return replace(job, precision=config.precision, memory_format=memory_format)
 
 
 def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
@@ -154,7 +170,8 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
     job = plan.from_json(saved, groups=model_groups(config, dataset), source=f"--plan {path}",
                          batch_size=given.get("batch_size") or config.batch_size)
     held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,
-            "batch_size": job.batch_size, "shares": None}
+            "batch_size": job.batch_size, "shares": None, "precision": job.precision,
+            "memory_format": job.memory_format}
     for name in PLANNED:
         mine = given.get(name)
         if name == "devices" and mine is not None:
@@ -171,7 +188,8 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
     devices_here = config.devices if launch.in_torchrun() else ",".join(job.devices)
     strategy = {"ddp": "ddp", "single": "single"}.get(job.name, "layers")  # for the checks in ``validate``
     return replace(config, job=job, devices=devices_here, batch_size=job.batch_size, strategy=strategy,
-                   threads=job.threads or config.threads, shares=None)
+                   threads=job.threads or config.threads, shares=None, precision=job.precision,
+                   memory_format=job.memory_format)
 
 
 def _shown(value: object) -> str:

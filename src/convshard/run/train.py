@@ -18,12 +18,16 @@ need not share storage and never act on different answers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import statistics
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -33,35 +37,91 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .. import atomic, data, devices, plan, profile
+from .. import atomic, data, devices, plan, precision, profile
 from ..errors import ConfigError, TrainingError
 from ..parallel import comm
 from ..parallel.rebalance import Rebalancer
-from ..parallel.sharded import full_state_dict, layer_counts, load_full_state_dict
-from . import alone, checkpoint, launch, metrics, trials
+from ..parallel.sharded import full_state_dict, layer_counts, load_full_state_dict, sharded_parameters
+from . import alone, checkpoint, inference, launch, metrics, trials
 from .config import SCHEDULES, TrainConfig, load_data, make_model
 from .engines import Engine, engine_for
+from .logbook import Logbook
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEDULES", "learning_rate", "train_worker", "profile_worker", "measure_job"]
+__all__ = ["SCHEDULES", "learning_rate", "param_groups", "clip_gradients", "train_worker", "profile_worker",
+           "measure_job"]
 
 
-def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+def param_groups(params: Iterable[nn.Parameter], *, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """The optimizer's parameter groups: weight decay ``weight_decay`` on the
+    parameters of two or more dimensions (conv kernels, linear matrices) and
+    none on those of one (biases, BatchNorm's per-channel weight and bias)
+    unless ``decay_all``. A parameter's dimensions are the same sharded or
+    whole, so every rank and one device group alike; empty groups are left out."""
+    params = list(params)
+    if weight_decay == 0 or decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decayed = [p for p in params if p.dim() > 1]
+    kept = [p for p in params if p.dim() <= 1]
+    return [g for g in ({"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def _make_optimizer(config: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    groups = param_groups(params, weight_decay=config.weight_decay, decay_all=config.decay_all)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """The optimizer steps of the learning-rate warm-up: ``lr_warmup_epochs`` in steps, rounded."""
+    return round(config.lr_warmup_epochs * total_steps / config.epochs)
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
 
-    cosine: lr * (1 + cos(pi * step / total_steps)) / 2. A pure function of
-    the step, so a resumed run follows the same schedule.
+    With a warm-up of w steps (``warmup_steps``), step s < w takes
+    lr * (s + 1) / w. After it, cosine: lr * (1 + cos(pi * (s - w) / (T - w))) / 2
+    with T = total_steps; constant: lr. A pure function of the step, so a
+    resumed run follows the same schedule.
     """
+    warm = warmup_steps(config, total_steps)
+    if step < warm:
+        return config.lr * (step + 1) / warm
     if config.schedule == "constant":
         return config.lr
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    done = (min(step, total_steps) - warm) / max(1, total_steps - warm)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def clip_gradients(model: nn.Module, max_norm: float, *, sharded: Collection[str], group: comm.Group) -> float:
+    """Scale every gradient of ``model`` by min(1, max_norm / (|g| + 1e-6));
+    returns |g|, the L2 norm of the whole model's gradient.
+
+    |g|^2 = sum over ranks of the sum of squares of this rank's shards of the
+    ``sharded`` parameters (by name), summed over ``group`` in one all-reduce
+    (None: nothing to sum, as for DDP, whose gradients are whole), plus the sum of squares of the replicated ones, identical on every rank
+    and counted once. Every rank thus scales by the same factor, whatever the
+    split, and one device (no group) scales as torch's ``clip_grad_norm_``.
+    """
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    device = next(model.parameters()).device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    own = sum((g.double().pow(2).sum() for n, g in grads.items() if n in sharded), zero)
+    if group is not None and comm.world_size(group) > 1:
+        comm.all_reduce_sum_(own, group=group)
+    rest = sum((g.double().pow(2).sum() for n, g in grads.items() if n not in sharded), zero)
+    norm = (own + rest).sqrt().item()
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for g in grads.values():
+            g.mul_(scale)
+    return norm
 
 
 @dataclass
@@ -80,6 +140,13 @@ class _Run:
     group: comm.Group  # the job's process group (None without one)
     clock: metrics.StepClock = field(default_factory=metrics.StepClock)
     rebalancer: Rebalancer | None = None
+    scaler: precision.LossScaler = field(default_factory=lambda: precision.LossScaler(False))  # fp16's loss scale
+    logbook: Logbook | None = None  # rank 0 with --log-dir
+    losses: deque = field(default_factory=lambda: deque(maxlen=metrics.TIMELINE_STEPS))  # last steps' losses
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return precision.memory_format(self.job.memory_format)
 
     @property
     def net(self) -> nn.Module:
@@ -114,10 +181,6 @@ def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> di
     launch.shutdown()
     if rank != 0:
         return None
-    if result["mean_step_seconds"] is not None:
-        log.info("test accuracy %.4f | train loss %.4f | %.1f ms/step | %.1f images/s",
-                 result["test_accuracy"], result["train_loss"], 1000 * result["mean_step_seconds"],
-                 result["images_per_second"])
     if config.metrics_out:
         atomic.write_text(config.metrics_out, json.dumps(result, indent=2) + "\n")
         log.info("metrics written to %s", config.metrics_out)
@@ -132,6 +195,25 @@ def _train(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Devi
     log.info("%s: %d worker(s) on %s (rank 0: %d thread(s))", run.job.name, run.job.world,
              ", ".join(all_devices), torch.get_num_threads())
     started = time.perf_counter()
+    if rank == 0 and config.log_dir:
+        run.logbook = Logbook(config.log_dir)
+    try:
+        _epochs(run)
+    finally:
+        if run.logbook is not None:
+            run.logbook.close()
+    result = metrics.summary(
+        config_json=config.to_json(), job=config.job.to_json(), final_job=run.job.to_json(),
+        planning=config.planning, strategy=config.job.name, progress=run.progress, clock=run.clock,
+        world=run.job.world, all_devices=all_devices, rebalances=run.rebalancer.events if run.rebalancer else [],
+        shares={k: list(v) for k, v in layer_counts(run.net).items()}, seconds=time.perf_counter() - started)
+    result["step_loss"] = list(run.losses)  # rank 0's loss of each step of ``step_seconds``
+    result["timeline"] = metrics.timeline(run.clock, group=group)
+    return result
+
+
+def _epochs(run: _Run) -> None:
+    """Train and test epoch by epoch to the end of the run, saving after each."""
     while not _finished(run):
         epoch_start = time.perf_counter()
         train_loss = _train_epoch(run)
@@ -142,14 +224,10 @@ def _train(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Devi
         progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
                                     "test_accuracy": accuracy, "seconds": seconds})
         log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss, accuracy, seconds)
-        _save(run)
-    result = metrics.summary(
-        config_json=config.to_json(), job=config.job.to_json(), final_job=run.job.to_json(),
-        planning=config.planning, strategy=config.job.name, progress=run.progress, clock=run.clock,
-        world=run.job.world, all_devices=all_devices, rebalances=run.rebalancer.events if run.rebalancer else [],
-        shares={k: list(v) for k, v in layer_counts(run.net).items()}, seconds=time.perf_counter() - started)
-    result["timeline"] = metrics.timeline(run.clock, group=group)
-    return result
+        if run.logbook is not None:
+            run.logbook.epoch(epoch=epoch + 1, step=progress["step"], train_loss=train_loss, test_accuracy=accuracy,
+                              seconds=seconds)
+        _save(run, accuracy)
 
 
 def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, group: comm.Group) -> _Run:
@@ -158,17 +236,28 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     model = make_model(config, dataset)
     saved = _read_on_rank0(lambda: _resume_point(config), group=group) if config.checkpoint_dir is not None else None
     if saved is not None:
-        load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
-        log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
+        where = checkpoint.path_in(config.checkpoint_dir)
+        try:
+            load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
+        except ConfigError as exc:
+            raise ConfigError(f"checkpoint {where} does not fit this model: it was written by "
+                              f"{checkpoint.written_by(saved.get('config', {}))}, this run is {checkpoint.written_by(config.to_json())}; "
+                              f"{exc}") from None
+        log.info("resuming from %s at step %d", where, saved["progress"]["step"])
+        if rank == 0 and (changed := checkpoint.changes(saved.get("config", {}), config.to_json())):
+            log.warning("%s was written with %s: continuing with this run's", where, changed)
     engine = engine_for(config.job, rank, group)
-    model = engine.wrap(model.to(device))
+    model = engine.wrap(model.to(device, memory_format=precision.memory_format(config.job.memory_format)))
     optimizer = _make_optimizer(config, model.parameters())
     run = _Run(config, config.job, dataset, engine, model, optimizer, {"epoch": 0, "batch": 0, "step": 0,
                "history": []}, device, rank, group, metrics.StepClock(config.warmup_steps))
     run.rebalancer = engine.rebalancer(model, config.rebalance_mode)
+    run.scaler = precision.LossScaler(config.job.precision == "fp16")
     if saved is not None:
-        checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"])
+        checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"],
+                                                  source=f"checkpoint {where}")
         run.progress = saved["progress"]
+        run.scaler.load_state_dict(saved.get("loss_scale", {}))
     return run
 
 
@@ -188,13 +277,15 @@ def _train_epoch(run: _Run) -> float:
     epoch = progress["epoch"]
     order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
     loss_sum, seen = 0.0, 0
+    speaks = run.rank == 0 and not config.quiet
     bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="step", disable=run.rank != 0 or config.quiet, leave=False, dynamic_ncols=True)
+               unit="step", disable=not (speaks and _in_terminal()), leave=False, dynamic_ncols=True)
     while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
         batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch's image indices
+        lr = learning_rate(config, progress["step"], total_steps)
         for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(config, progress["step"], total_steps)
+            group["lr"] = lr
         t0, in_collectives = time.perf_counter(), comm.seconds_in_collectives()
         loss, mine = _step(run, batch)
         if run.device.type == "cuda":
@@ -207,8 +298,17 @@ def _train_epoch(run: _Run) -> float:
                                            run.optimizer)
             if event is not None:
                 run.job = run.job.resplit(event["new"], event.get("new_rows"))
+        run.losses.append(loss)
+        if run.logbook is not None:
+            run.logbook.step(step=progress["step"], epoch=epoch + 1, loss=loss, lr=lr,
+                             seconds=run.clock.seconds[-1], images=len(batch))
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.clock.seconds[-1]:.0f}")
+        if speaks and bar.disable and progress["step"] % config.log_every == 0:
+            recent = list(itertools.islice(reversed(run.clock.seconds), config.log_every))
+            log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.1f ms/step, %.1f images/s", progress["step"],
+                     config.max_steps or total_steps, epoch + 1, config.epochs, loss, lr,
+                     1000 * statistics.fmean(recent), config.batch_size / statistics.fmean(recent))
         if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
             _save(run)  # the end of an epoch saves anyway
     bar.close()
@@ -216,6 +316,12 @@ def _train_epoch(run: _Run) -> float:
         progress["epoch"], progress["batch"] = epoch + 1, 0
     totals = run.engine.reduce(torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=run.device))
     return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _in_terminal() -> bool:
+    """Whether the log goes to a terminal, where a progress bar redraws; elsewhere (a file, CI, a
+    scheduler) the loop writes a timestamped line every --log-every steps instead."""
+    return sys.stderr.isatty()
 
 
 def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
@@ -229,19 +335,27 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
         x = data.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"])[part]
     else:
         x = dataset.train_x[mine]
-    x = x.to(run.device, getattr(torch, config.dtype))  # (b, C, H, W): b = n, or this rank's rows
+    # (b, C, H, W): b = n, or this rank's rows
+    x = x.to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
     y = dataset.train_y[mine].to(run.device)  # (b,)
     run.optimizer.zero_grad(set_to_none=True)
-    out = run.model(x)  # (b, classes)
-    loss_sum = F.cross_entropy(out, y, reduction="sum")
+    with precision.autocast(run.device, run.job.precision):
+        out = run.model(x)  # (b, classes), in the compute dtype
+    loss_sum = F.cross_entropy(out.to(x.dtype), y, reduction="sum",  # the loss in the model's dtype
+                               label_smoothing=config.label_smoothing)
     mean_loss = loss_sum.item() / max(1, len(mine))
     if not math.isfinite(mean_loss):
         kept = f"; the last good checkpoint is in {config.checkpoint_dir}" if config.checkpoint_dir else ""
         raise TrainingError(f"training loss became {mean_loss} at step {run.progress['step'] + 1}{kept}; "
                             f"try a lower --lr than {config.lr:g}")
-    (loss_sum * run.engine.loss_scale(n)).backward()  # the gradient of the mean loss over the global batch
+    # the gradient of the mean loss over the global batch (fp16: times the loss scale)
+    (loss_sum * (run.engine.loss_scale(n) * run.scaler.scale)).backward()
     run.engine.after_backward(run.model)
-    run.optimizer.step()
+    if run.scaler.unscale(run.model.parameters(), run.group):  # fp16: every rank skips an overflowed step alike
+        if config.clip_grad_norm is not None:  # kernel-mode shards are summed over the job's group
+            clip_gradients(run.net, config.clip_grad_norm, sharded=sharded_parameters(run.net),
+                           group=run.group if run.job.kernel_counts() else None)
+        run.optimizer.step()
     return mean_loss, len(mine)
 
 
@@ -255,26 +369,35 @@ def _evaluate(run: _Run) -> float:
     with torch.no_grad():
         for i in range(part.start, part.stop, config.batch_size):
             j = min(i + config.batch_size, part.stop)
-            x = dataset.test_x[i:j].to(run.device, getattr(torch, config.dtype))
-            correct += (run.net(x).argmax(1) == dataset.test_y[i:j].to(run.device)).sum()
+            x = dataset.test_x[i:j].to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
+            with precision.autocast(run.device, run.job.precision):
+                correct += (run.net(x).argmax(1) == dataset.test_y[i:j].to(run.device)).sum()
     run.model.train()
     return run.engine.reduce(correct).item() / n
 
 
-def _save(run: _Run) -> None:
-    """Gather the unsharded state (a collective) and let rank 0 write it."""
-    if run.config.checkpoint_dir is None:
+def _save(run: _Run, accuracy: float | None = None) -> None:
+    """Gather the unsharded state (a collective) and let rank 0 write it.
+    ``accuracy``: the test accuracy at an epoch's end, which ``--keep-best`` ranks."""
+    config = run.config
+    if config.checkpoint_dir is None:
         return
+    best = config.keep_best and accuracy is not None and accuracy > run.progress.get("best_accuracy", -1.0)
+    if best:
+        run.progress["best_accuracy"] = accuracy  # restored on resume with the rest of the progress
     payload = {
         "model": full_state_dict(run.net),
         "optimizer": checkpoint.full_optimizer_state_dict(run.net, run.optimizer),
         "progress": run.progress,
         "config": run.config.to_json(),
         "job_plan": run.job.to_json(),
+        "loss_scale": run.scaler.state_dict(),
+        "inference": inference.spec(config, run.dataset),
     }
     if run.rank == 0:
-        path = checkpoint.save_checkpoint(run.config.checkpoint_dir, payload)
-        log.info("checkpoint saved to %s at step %d", path, run.progress["step"])
+        path = checkpoint.save_checkpoint(config.checkpoint_dir, payload, keep_last=config.keep_last, best=best)
+        log.info("checkpoint saved to %s at step %d%s", path, run.progress["step"],
+                 f", and as {checkpoint.BEST}: the best test accuracy so far" if best else "")
 
 
 def _resume_point(config: TrainConfig) -> dict | None:
@@ -324,7 +447,9 @@ def _join(config: TrainConfig, dataset: data.Dataset | None) -> tuple[int, int, 
     (rank, world size, device, dataset)."""
     rank, world, local_rank = launch.init_from_env(devices.backend_for(config.device_list), timeout=config.timeout)
     level = logging.INFO if rank == 0 and not config.quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s" if rank == 0 else f"rank {rank}: %(message)s", force=True)
+    stamp = "" if _in_terminal() else "%(asctime)s "  # a log read later says when each line was written
+    logging.basicConfig(level=level, format=stamp + ("%(message)s" if rank == 0 else f"rank {rank}: %(message)s"),
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
     tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
     device_spec = config.device_list[local_rank]
     devices.pin(device_spec, config.threads_for(device_spec))
@@ -338,7 +463,8 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
     model = make_model(config, dataset).to(device_spec.torch_device)
     group = job_group()
     key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
-                          batch_size=config.batch_size, group=group)
+                          batch_size=config.batch_size, precision=config.precision,
+                          memory_format=config.memory_format, group=group)
     cached = _read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
     if cached is not None:
         return cached

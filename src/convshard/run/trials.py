@@ -22,6 +22,8 @@ seconds per step over ``search.TRIAL_STEPS`` real steps).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 ALL_CORES = "single, all cores"  # the trial of one process on every core the devices name
 
 
-def all_cores(config: TrainConfig, groups: Mapping[str, int]) -> plan.Plan | None:
+def all_cores(config: TrainConfig, groups: Mapping[str, int], memory_format: str) -> plan.Plan | None:
     """One process on every core ``config``'s devices name, one intra-op
     thread per core, where that is another job: two or more CPU devices
     pinned to disjoint cores. A core listed twice asks for workers that
@@ -46,14 +48,16 @@ def all_cores(config: TrainConfig, groups: Mapping[str, int]) -> plan.Plan | Non
     cores = [c for d in job for c in d.cpus]
     if len(job) < 2 or any(d.kind != "cpu" or not d.cpus for d in job) or len(set(cores)) != len(cores):
         return None
-    return plan.single(f"cpu@{devices.format_cores(cores)}", groups, config.batch_size, threads=len(cores))
+    job = plan.single(f"cpu@{devices.format_cores(cores)}", groups, config.batch_size, threads=len(cores))
+    return replace(job, precision=config.precision, memory_format=memory_format)
 
 
 def as_trial(config: TrainConfig) -> TrainConfig:
     """``config`` cut to one of auto's trials: ``search.TRIAL_STEPS`` quiet
     steps, half of them warm-up, with nothing written and nothing moved."""
     return replace(config, max_steps=search.TRIAL_STEPS, warmup_steps=search.TRIAL_STEPS // 2, quiet=True,
-                   metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off")
+                   metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off",
+                   keep_last=None, keep_best=False, log_dir=None)
 
 
 def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], can_drop: bool,
@@ -62,15 +66,28 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     if config.job is not None:
         return config
     if not config.needs_search:
-        return replace(config, job=plan_from_flags(config, model_groups(config, dataset), job_devices))
+        fmt = measure(config)["memory_format"] if config.memory_format == "auto" else config.memory_format
+        return replace(config, job=plan_from_flags(config, model_groups(config, dataset), job_devices, fmt))
+    steps = training_steps(config, dataset)
+    short = config.strategy == "auto" and steps <= search.TRIAL_STEPS
+    if short:
+        log.warning("--strategy auto: the %d training steps are fewer than one of its trials (%d steps per plan, "
+                    "after a profile of every device); --strategy kernel, single or ddp starts at once",
+                    steps, search.TRIAL_STEPS)
+    started = time.perf_counter()
     profile = measure(config)
+    profiled = time.perf_counter() - started
     groups = search.groups_of(profile)
     found = search.candidates(profile, can_drop=can_drop, threads=config.threads)
     by_name = {c.name: c for c in found}
     trials: dict[str, float] = {}
     if config.strategy == "auto":
-        chosen, trials = _try(search.auto_candidates(found, profile), all_cores(config, groups) if can_drop else None,
-                              run_trial)
+        pool = search.auto_candidates(found, profile)
+        merged = all_cores(config, groups, profile.get("memory_format", "contiguous")) if can_drop else None
+        tried = {c.name: c for c in search.worth_trying(pool)} | ({ALL_CORES: merged} if merged else {})
+        if not short:
+            _say_if_costly(config, steps, profiled, len(tried) if len(tried) > 1 else 0, search.fastest(pool))
+        chosen, trials = _try(tried, run_trial)
     elif config.strategy == "layers":
         if "layers" not in by_name:
             raise ConfigError("--strategy layers needs more than one device")
@@ -96,16 +113,62 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     return replace(config, job=job, planning=planning)
 
 
-def _try(found: list[search.Candidate], merged: plan.Plan | None,
+def training_steps(config: TrainConfig, dataset: Dataset) -> int:
+    """The optimizer steps the run will take: its epochs, or fewer with --max-steps."""
+    steps = config.epochs * math.ceil(len(dataset.train_y) / config.batch_size)
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def _say_if_costly(config: TrainConfig, steps: int, profiled: float, trials: int, best: search.Candidate) -> None:
+    """One line when the profile (``profiled`` seconds) and ``trials`` trials,
+    priced at the fastest predicted step, cost more than the ``steps``
+    training steps they choose a plan for."""
+    step = best.prediction.step
+    trying = trials * search.TRIAL_STEPS * step
+    if profiled + trying > steps * step:
+        log.warning("--strategy auto: profiling took %.1f s and %d trial(s) of %d steps take about %.1f s, more than "
+                    "the %d training steps they choose a plan for (about %.1f s); --strategy kernel, single or "
+                    "ddp starts at once", profiled, trials, search.TRIAL_STEPS, trying, steps, steps * step)
+
+
+def _try(tried: Mapping[str, search.Candidate | plan.Plan],
          run_trial: Callable[[plan.Plan], float]) -> tuple[search.Candidate | plan.Plan, dict[str, float]]:
-    """The fastest measured of the candidates worth trying and ``merged``
-    (one process on all cores), each run by ``run_trial``; their seconds per step."""
-    tried: dict[str, search.Candidate | plan.Plan] = {c.name: c for c in search.worth_trying(found)}
-    if merged is not None:
-        tried[ALL_CORES] = merged
+    """The fastest measured of ``tried`` (the candidates worth trying and
+    one process on all cores), each run by ``run_trial``; their seconds per step."""
     if len(tried) == 1:
-        return next(iter(tried.values())), {}
+        (name, only), = tried.items()
+        log.info("--strategy auto: %s is the only plan predicted within %.0f%% of the fastest: no trials",
+                 name, 100 * search.TRIAL_MARGIN)
+        return only, {}
     trials = {name: run_trial(c if isinstance(c, plan.Plan) else c.plan) for name, c in tried.items()}
     best = min(trials, key=trials.get)
-    log.info("trials (ms/step): %s: %s", ", ".join(f"{s} {1000 * t:.1f}" for s, t in trials.items()), best)
+    log.info("%s", format_trials(tried, trials))
     return tried[best], trials
+
+
+def format_trials(tried: Mapping[str, search.Candidate | plan.Plan], trials: Mapping[str, float]) -> str:
+    """auto's trials as a table, fastest measured first, each with its
+    predicted step (one process on all cores has none), then the choice and
+    one line why: how far ahead it ran, and whether the cost model agreed."""
+    ranked = sorted(trials, key=trials.get)
+    best = ranked[0]
+    width = max(len("plan"), *(len(n) for n in ranked))
+    timed = search.TRIAL_STEPS - search.TRIAL_STEPS // 2
+    lines = [f"--strategy auto tried {len(ranked)} plans, {search.TRIAL_STEPS} steps each ({timed} timed):",
+             f"  {'plan':<{width}}  {'predicted ms':>12}  {'measured ms':>11}  devices"]
+    for name in ranked:
+        c = tried[name]
+        job = c if isinstance(c, plan.Plan) else c.plan
+        predicted = "-" if isinstance(c, plan.Plan) else f"{1e3 * c.prediction.step:.1f}"
+        lines.append(f"  {name:<{width}}  {predicted:>12}  {1e3 * trials[name]:>11.1f}  {', '.join(job.devices)}")
+    why = f"chosen: {best}, the fastest measured"
+    if len(ranked) > 1:
+        runner = ranked[1]
+        why += f", {1 - trials[best] / trials[runner]:.1%} less per step than {runner}"
+    predicted = [n for n in ranked if isinstance(tried[n], search.Candidate)]
+    if predicted:
+        first = min(predicted, key=lambda n: tried[n].prediction.step)
+        why += ("; the cost model predicted it fastest too" if first == best else
+                f"; the cost model predicted {first} fastest" if best in predicted else
+                f"; the cost model prices no one-process job on all cores (it predicted {first} fastest)")
+    return "\n".join([*lines, why])

@@ -19,7 +19,11 @@ to the devices and ``--strategy auto``) and ``bandwidth`` (two hosts as
 network namespaces, one worker each, joined by links shaped with ``tc`` to
 10 Gbit/s, 1 Gbit/s and 100 Mbit/s, at each batch size of ``--batches``;
 kernel, ddp and ``--strategy auto``; needs root, skipped with the reason
-otherwise). The speedup of a job is t(one device) / t(job), from
+otherwise), ``predict`` (clusters of namespace hosts written as cluster
+files from one profile, every candidate plan's predicted step beside its
+measured one) and ``scale`` (predicted speedup and efficiency of the
+paper's CNN, ResNet-18 and VGG-11 up to 64 devices, over link bandwidth,
+batch size and width; nothing trained): ``convshard.tools.clusters``. The speedup of a job is t(one device) / t(job), from
 ``mean_step_seconds`` (after the warm-up steps); with ``--rounds N`` each
 point's jobs run N times in turn and t is a job's median. A job that planned
 (``auto``) also keeps the plan's predicted step and the strategy it chose.
@@ -41,18 +45,20 @@ from pathlib import Path
 
 from .. import atomic, devices
 from ..errors import ConfigError
-from . import netns
+from ..plan import cluster as cluster_file
+from . import clusters, netns
 
 log = logging.getLogger(__name__)
 
-SWEEPS = ("workers", "batch", "kernels", "mixes", "models", "bandwidth")
+SWEEPS = ("workers", "batch", "kernels", "mixes", "models", "bandwidth", "predict", "scale")
 MODELS = ("paper", "vgg11", "resnet18")  # the models sweep's networks
 RATES = ("10gbit", "1gbit", "100mbit")  # the bandwidth sweep's links
 SIZES = {
     "paper": {"kernels": (500, 1500), "batch": 64, "batches": (16, 32, 64, 128, 256),
-              "networks": ((100, 300), (250, 750), (500, 1500)), "model_batches": (16, 64), "steps": 6},
+              "networks": ((100, 300), (250, 750), (500, 1500)), "model_batches": (16, 64), "steps": 6,
+              "predict_configs": len(clusters.PREDICT)},
     "smoke": {"kernels": (4, 8), "batch": 16, "batches": (8,), "networks": ((4, 8), (8, 12)), "model_batches": (8,),
-              "steps": 4},
+              "steps": 4, "predict_configs": 1},
 }
 WIDTHS = {"paper": (None, (16, 32, 64)), "smoke": ((4,), ((4,), (8,)))}  # built-in CNNs' --kernels: default, sweep
 
@@ -248,6 +254,11 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
                 points.append({"x": f"{net} b{batch}", **_point(run, cores, two, job, auto=True, sized=True)})
     elif name == "bandwidth":
         points = _bandwidth(run, size, cores)
+    elif name == "predict":
+        points = clusters.predict_sweep(run, size, cores)
+    elif name == "scale":
+        models = {label: model_size(net, size["size"]) for label, net in clusters.SCALE_MODELS.items()}
+        points = clusters.scale_sweep(run.out_dir, size, models, cores, given=size["cluster"])
     return points
 
 
@@ -287,6 +298,10 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
     lines = [f"Machine: {len(cores)} usable cores ({', '.join(map(str, cores))}). "
              f"Milliseconds per step ({figure}), speedup over one device in brackets.", ""]
     for name, points in results.items():
+        if name == "scale":
+            lines += ["### scale (predicted from one profile per model; nothing trained)", "",
+                      *clusters.scale_markdown(points), ""]
+            continue
         keys = list(dict.fromkeys(k for p in points for k in p if isinstance(p[k], dict)))
         lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB per worker, same order |",
                   "|" + " --- |" * (len(keys) + 2)]
@@ -308,7 +323,8 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
 
 
 def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
-              batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper") -> dict:
+              batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper",
+              cluster: str | Path | None = None) -> dict:
     """Run the sweeps on ``model``; write bench.json, <sweep>.png and bench.md into ``out_dir``;
     return the results. ``batches`` replaces the size's batch sizes of the batch
     and models sweeps and gives the bandwidth sweep a set of points per batch;
@@ -322,10 +338,20 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = _Runner(out, steps or SIZES[size]["steps"], rounds)
-    chosen = {**model_size(model, size), "given_batches": tuple(batches or ())}
+    if cluster is not None:
+        if "scale" not in sweeps:
+            raise ConfigError("--cluster adds the described cluster to the scale sweep: add scale to --sweeps")
+        cluster_file.load(cluster)  # a bad file fails now, before any sweep runs
+    chosen = {**model_size(model, size), "given_batches": tuple(batches or ()),
+              "cluster": Path(cluster) if cluster is not None else None}
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
-        _plot(name, points, out / f"{name}.png", len(cores))
+        if name == "predict":
+            clusters.plot_predict(points, out / "predict.png")
+        elif name == "scale":
+            clusters.plot_scale(points, out)
+        else:
+            _plot(name, points, out / f"{name}.png", len(cores))
     atomic.write_text(out / "bench.json", json.dumps({"cores": cores, "model": model, "size": size, "rounds": rounds,
                                                       "results": results}, indent=1) + "\n")
     atomic.write_text(out / "bench.md", _markdown(results, cores, rounds))

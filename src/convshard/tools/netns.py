@@ -52,11 +52,15 @@ def _bucket(rate: str) -> str:
 
 
 @contextmanager
-def hosts(n: int, *, rate: str | None = None, shaped: Sequence[int] | None = None,
+def hosts(n: int, *, rate: str | Sequence[str | None] | None = None, shaped: Sequence[int] | None = None,
           subnet: str = SUBNET) -> Iterator[list[Host]]:
     """n hosts on one bridge; with ``rate`` (e.g. "1gbit") the links of the
-    hosts in ``shaped`` (default: all) send at most that. Raises
+    hosts in ``shaped`` (default: all) send at most that; a list of n rates
+    gives each host its own (None: unshaped). Raises
     ``subprocess.CalledProcessError`` when the kernel refuses a step."""
+    rates = list(rate) if isinstance(rate, (list, tuple)) else [rate] * n
+    if len(rates) != n:
+        raise ValueError(f"{len(rates)} rates for {n} hosts")
     tag = f"cs{os.getpid() % 100000}"
     switch, names = f"{tag}sw", [f"{tag}h{i}" for i in range(n)]
     created: list[str] = []
@@ -74,9 +78,9 @@ def hosts(n: int, *, rate: str | None = None, shaped: Sequence[int] | None = Non
             _run("ip", "-n", switch, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{subnet}.{i + 1}/24", "dev", "eth0")
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
-            if rate and (shaped is None or i in shaped):
+            if rates[i] and (shaped is None or i in shaped):
                 _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                     "rate", rate, "burst", _bucket(rate), "latency", "100ms")
+                     "rate", rates[i], "burst", _bucket(rates[i]), "latency", "100ms")
         yield [Host(ns, f"{subnet}.{i + 1}") for i, ns in enumerate(names)]
     finally:
         for ns in created:  # deleting a namespace deletes its veth ends too

@@ -1,0 +1,107 @@
+"""The memory model: the bytes each device holds at its peak under a plan, and the most a device may be given.
+
+From the profile (batch B, W devices; bytes in the parameters' dtype): per
+channel group g its K_g kernels, parameter bytes P_g, the bytes of its
+output over the whole batch with all kernels O_g = max(K_g
+gather_bytes_per_kernel, sum of its outputs' bytes) and of its inputs held
+whole I_g (replicated inputs and inputs gathered from a channel split);
+P_rep, the parameters of the replicated rest. Each parameter byte comes
+with a gradient and ``OPTIMIZER_COPIES`` bytes of optimizer state (SGD
+momentum): (2 + s) bytes held per parameter byte. Rank r of a plan holds
+
+    sharded engine:  (2+s) P_rep + sum_g m_{r,g}
+      kernel mode:   m_{r,g} = (2+s) P_g c_r/K + I_g + SAVED O_g c_r/K + O_g W max_r c_r / K
+      batch mode:    m_{r,g} = (2+s) P_g + (I_g + SAVED O_g) b_r/B + O_g
+    ddp engine:      (2+s) P + P + sum_g (I_g + SAVED O_g) b_r/B
+
+SAVED = 4 counts what backward keeps per byte of a group's output (the
+conv's output before pooling, the normalised and activated values); the
+last term of each mode is the gathered buffer (padded to the largest share
+in kernel mode); DDP adds its gradient buckets, a copy of P. It is an upper
+bound: every group's activations and buffers at once; the rest's own
+activations (a classifier's) are left out.
+
+``caps`` inverts it for the planner: the largest share f_r = c_r / K of
+every group, and the most rows b_r, that keep rank r within its memory
+M_r, from the model above with the buffers at their largest (O_g):
+
+    f_r <= (M_r - (2+s) P_rep - sum_g (I_g + O_g)) / sum_g ((2+s) P_g + SAVED O_g)
+    b_r <= B (M_r - (2+s) P - sum_g O_g) / sum_g (I_g + SAVED O_g)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+import torch
+
+from . import DDP, KERNEL, Plan
+
+SAVED = 4  # bytes backward keeps per byte of a group's output
+OPTIMIZER_COPIES = 1  # optimizer state per parameter byte (SGD momentum)
+HELD = 2 + OPTIMIZER_COPIES  # weight, gradient, optimizer state
+
+
+def output_bytes(layer: Mapping) -> float:
+    """O_g: the group's output, whole batch, all kernels."""
+    return max(layer["kernels"] * layer["gather_bytes_per_kernel"], sum(v["bytes"] for v in layer["outputs"]))
+
+
+def input_bytes(layer: Mapping) -> float:
+    """I_g: the group's inputs that every rank holds whole."""
+    return sum(v["bytes"] for v in layer["inputs"]) + layer["input_grad_scatter_bytes"]
+
+
+def peak_bytes(profile: Mapping, plan: Plan) -> tuple[float, ...]:
+    """Per rank of ``plan``, the bytes it holds at its peak (module docstring)."""
+    batch, world = plan.batch_size, plan.world
+    split = {g.name: g for g in plan.groups}
+    if plan.engine == DDP:
+        acts = sum(input_bytes(layer) + SAVED * output_bytes(layer) for layer in profile["layers"])
+        return tuple((HELD + 1) * profile["param_bytes"] + acts * b / batch for b in plan.rows)
+    peak = [HELD * profile["replicated_param_bytes"]] * world
+    for layer in profile["layers"]:
+        g, k = split[layer["name"]], layer["kernels"]
+        out, inp, params = output_bytes(layer), input_bytes(layer), layer["param_bytes"]
+        for r in range(world):
+            if g.mode == KERNEL:
+                share = g.counts[r] / k
+                peak[r] += HELD * params * share + inp + SAVED * out * share + out * world * max(g.counts) / k
+            else:
+                peak[r] += HELD * params + (inp + SAVED * out) * plan.rows[r] / batch + out
+    return tuple(peak)
+
+
+def caps(profile: Mapping) -> tuple[list[float], list[int]]:
+    """Per device, the largest kernel share f_r (0..1) and the most rows b_r
+    that fit its memory (module docstring); unbounded without ``device_memory``."""
+    world, batch = len(profile["devices"]), profile["batch_size"]
+    limits = profile.get("device_memory")
+    if limits is None:
+        return [1.0] * world, [batch] * world
+    layers = profile["layers"]
+    fixed = HELD * profile["replicated_param_bytes"] + sum(input_bytes(g) + output_bytes(g) for g in layers)
+    per_share = sum(HELD * g["param_bytes"] + SAVED * output_bytes(g) for g in layers)
+    whole = HELD * profile["param_bytes"] + sum(output_bytes(g) for g in layers)
+    per_row = sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) / batch
+    shares = [min(1.0, (m - fixed) / per_share) if per_share else (1.0 if m >= fixed else -1.0) for m in limits]
+    rows = [min(batch, math.floor((m - whole) / per_row)) if per_row else batch for m in limits]
+    return shares, rows
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes a worker on ``device`` may use: a GPU's free memory now
+    (``torch.cuda.mem_get_info``), else the host's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in a short binary unit: '1.5 GiB'."""
+    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"

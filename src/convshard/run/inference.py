@@ -1,0 +1,152 @@
+"""After training: the plain model from a checkpoint, its evaluation and its predictions.
+
+A checkpoint (``convshard.run.checkpoint``) carries under ``inference``
+what a model needs once training is over, written by ``spec``:
+
+    {"model": a built-in name (``convshard.models.MODELS``) or package.module:function,
+     "kernels": its --kernels (None: the model's default),
+     "input_shape": [C, H, W],
+     "class_names": one name per output, in label order,
+     "mean", "std": per channel: a pixel p in [0, 1] enters the model as (p - mean) / std
+                    (empty for synthetic data, which has no pixels),
+     "dataset": what it was trained on}
+
+``load_model`` rebuilds the plain, unsharded ``nn.Module`` from it: one
+device, no process group. ``evaluate`` counts a confusion matrix over a
+dataset; ``predict`` gives each image file's class and probability.
+``convshard evaluate`` and ``convshard predict`` print them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import data
+from ..errors import ConfigError
+from ..models import build_model
+from . import checkpoint
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint's model takes and gives (the module docstring's ``inference``)."""
+
+    model: str
+    kernels: tuple[int, ...] | None
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str
+
+
+def spec(config: TrainConfig, dataset: data.Dataset) -> dict:
+    """The ``inference`` entry of a checkpoint of ``config``'s model trained on ``dataset``."""
+    names = dataset.class_names or tuple(str(i) for i in range(dataset.classes))
+    return {"model": config.model, "kernels": list(config.kernels) if config.kernels else None,
+            "input_shape": list(dataset.input_shape), "class_names": list(names), "mean": list(dataset.mean),
+            "std": list(dataset.std), "dataset": dataset.name}
+
+
+def load(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
+    """The plain model of the checkpoint at ``path`` (a checkpoint file or
+    its directory) in eval mode, float32 on the CPU, and its spec."""
+    payload = checkpoint.read_checkpoint(path)
+    saved = payload.get("inference")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"checkpoint {path} holds no inference record (written by an earlier convshard): "
+                          f"train it again, or rebuild the model with convshard.models.build_model")
+    info = ModelSpec(saved["model"], tuple(saved["kernels"]) if saved["kernels"] else None,
+                     tuple(saved["input_shape"]), tuple(saved["class_names"]), tuple(saved["mean"]),
+                     tuple(saved["std"]), saved["dataset"])
+    model = build_model(info.model, info.input_shape, len(info.class_names), info.kernels)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"checkpoint {path} does not fit --model {info.model}: "
+                          f"{' '.join(str(exc).split())[:300]}") from None
+    return model.float().eval(), info
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The trained model of a convshard checkpoint as a plain ``nn.Module``.
+
+    ``path`` is a ``--checkpoint-dir`` (its ``checkpoint.pt``) or a
+    checkpoint file (``best.pt``, ``checkpoint-<step>.pt``). The model is
+    rebuilt from the spec the checkpoint records (built-in name and width,
+    or the ``package.module:function`` factory, which must import here),
+    loaded with the unsharded weights and BatchNorm statistics, and returned
+    in eval mode, float32, on the CPU: ``model(x)`` maps (N, C, H, W)
+    normalised images to (N, classes) logits. ``load(path)[1]`` gives the
+    input shape, class names and normalisation.
+    """
+    return load(path)[0]
+
+
+def images(paths: Sequence[str | os.PathLike], info: ModelSpec) -> torch.Tensor:
+    """Image files as the model takes them: decoded, fitted to H x W and
+    normalised as its training images were; (N, C, H, W) float32."""
+    if not info.mean:
+        raise ConfigError(f"the model was trained on {info.dataset} data, which has no pixels: "
+                          f"there is no normalisation to apply to image files")
+    c, h, w = info.input_shape
+    if h != w:
+        raise ConfigError(f"the model takes {h}x{w} inputs; image files are fitted to squares")
+    pixels = torch.stack([data.decode_image(p, channels=c, size=h) for p in paths])  # (N, C, H, W) uint8
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return pixels.float().div_(255).sub_(mean).div_(std)
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities softmax(model(x)): (N, C, H, W) -> (N, classes)."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: int,
+             batch_size: int = 64) -> torch.Tensor:
+    """The confusion matrix M (classes, classes), int64: M[t, p] counts the
+    images of true class t that the model put in class p (argmax of its
+    logits). Accuracy is trace(M) / sum(M); class t's is M[t, t] / sum_p M[t, p]."""
+    predicted = predict(model, x, batch_size=batch_size).argmax(1)
+    return torch.bincount(y * classes + predicted, minlength=classes * classes).view(classes, classes)
+
+
+def labels_in(dataset: data.Dataset, info: ModelSpec) -> torch.Tensor:
+    """The dataset's test labels as the model's class indices, matched by
+    class name (a folder dataset's classes may be fewer or ordered otherwise)."""
+    if not dataset.class_names or dataset.class_names == info.class_names:
+        if dataset.classes != len(info.class_names):
+            raise ConfigError(f"the dataset has {dataset.classes} classes, the model {len(info.class_names)}")
+        return dataset.test_y
+    unknown = [n for n in dataset.class_names if n not in info.class_names]
+    if unknown:
+        raise ConfigError(f"class {unknown[0]!r} of the dataset is not one of the model's: "
+                          f"{', '.join(info.class_names)}")
+    index = torch.tensor([info.class_names.index(n) for n in dataset.class_names])
+    return index[dataset.test_y]
+
+
+def format_evaluation(confusion: torch.Tensor, names: Sequence[str]) -> str:
+    """Accuracy, per-class accuracy and the confusion matrix as text."""
+    total, right = int(confusion.sum()), int(confusion.trace())
+    width = max(len("class"), *(len(n) for n in names))
+    cell = max(6, *(len(n) for n in names), len(str(int(confusion.max()))))
+    lines = [f"accuracy {right / max(1, total):.4f} ({right}/{total})",
+             f"{'class':<{width}}  accuracy  images"]
+    for t, name in enumerate(names):
+        n = int(confusion[t].sum())
+        shown = f"{int(confusion[t, t]) / n:.4f}" if n else "     -"
+        lines.append(f"{name:<{width}}  {shown:>8}  {n:>6}")
+    lines.append("confusion matrix (rows: true class, columns: predicted class):")
+    lines.append(" " * width + "".join(f"  {n:>{cell}}" for n in names))
+    for t, name in enumerate(names):
+        lines.append(f"{name:<{width}}" + "".join(f"  {int(v):>{cell}}" for v in confusion[t]))
+    return "\n".join(lines)

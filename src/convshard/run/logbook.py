@@ -1,0 +1,73 @@
+"""What rank 0 records of a run as it goes: ``--log-dir``'s CSV files and TensorBoard events.
+
+``steps.csv`` has one row per optimizer step: step (1-based), epoch
+(1-based), loss (the mean over the images rank 0 fed: the global batch,
+or under DDP its own rows), lr, ms (the step's wall time) and
+images_per_s (the global batch over that time). ``epochs.csv`` has one row
+per epoch: epoch, step, train_loss, test_accuracy, seconds. A resumed run
+appends to both. When the ``tensorboard`` package is installed (``pip
+install convshard[tensorboard]``) the same values go to TensorBoard event
+files in the same directory, under train/loss, train/lr, train/images_per_s,
+epoch/train_loss and epoch/test_accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+STEP_FIELDS = ("step", "epoch", "loss", "lr", "ms", "images_per_s")
+EPOCH_FIELDS = ("epoch", "step", "train_loss", "test_accuracy", "seconds")
+
+
+class Logbook:
+    """The CSV files (and TensorBoard writer) of one run in ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._steps, self._step_rows = self._open("steps.csv", STEP_FIELDS)
+        self._epochs, self._epoch_rows = self._open("epochs.csv", EPOCH_FIELDS)
+        self._board = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(self.directory))
+
+    def _open(self, name: str, fields: tuple[str, ...]) -> tuple[Any, csv.DictWriter]:
+        path = self.directory / name
+        new = not path.exists() or path.stat().st_size == 0
+        file = open(path, "a", newline="")  # closed by close()
+        writer = csv.DictWriter(file, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        return file, writer
+
+    def step(self, *, step: int, epoch: int, loss: float, lr: float, seconds: float, images: int) -> None:
+        """Record optimizer step ``step`` (1-based) of ``epoch`` (1-based)."""
+        rate = images / seconds if seconds > 0 else 0.0
+        self._step_rows.writerow({"step": step, "epoch": epoch, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
+                                  "ms": f"{1000 * seconds:.3f}", "images_per_s": f"{rate:.1f}"})
+        if self._board is not None:
+            for tag, value in (("train/loss", loss), ("train/lr", lr), ("train/images_per_s", rate)):
+                self._board.add_scalar(tag, value, step)
+
+    def epoch(self, *, epoch: int, step: int, train_loss: float, test_accuracy: float, seconds: float) -> None:
+        """Record the end of ``epoch`` (1-based) at optimizer step ``step``."""
+        self._epoch_rows.writerow({"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6g}",
+                                   "test_accuracy": f"{test_accuracy:.6g}", "seconds": f"{seconds:.3f}"})
+        self._epochs.flush()
+        self._steps.flush()
+        if self._board is not None:
+            self._board.add_scalar("epoch/train_loss", train_loss, step)
+            self._board.add_scalar("epoch/test_accuracy", test_accuracy, step)
+            self._board.flush()
+
+    def close(self) -> None:
+        self._steps.close()
+        self._epochs.close()
+        if self._board is not None:
+            self._board.close()

@@ -1,0 +1,49 @@
+"""``convshard bench --sweeps predict`` in its small form (2 namespace hosts, a few steps) and ``--sweeps scale``.
+
+The predict sweep writes a cluster file from one profile, plans it, runs
+every candidate plan on namespace hosts and keeps each job's predicted step
+beside the measured one. No time bound is asserted here: the figures are
+the bench's to show. Needs root and iproute2 (skips, or fails under CI=true).
+"""
+
+from __future__ import annotations
+
+import json
+
+import helpers
+import tomllib
+
+from convshard.cli import main
+from convshard.plan import cluster
+from convshard.tools import clusters
+
+
+def test_predict_sweep_runs_every_candidate_and_keeps_predicted_beside_measured(tmp_path):
+    helpers.require_namespaces()
+    assert main(["bench", "--size", "smoke", "--sweeps", "predict", "--steps", "4", "--out-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]["predict"]
+    assert [p["x"] for p in results] == [clusters.PREDICT[0][0]]
+    jobs = {name: job for name, job in results[0].items() if isinstance(job, dict)}
+    assert {"single", "kernel"} <= set(jobs)
+    for name, job in jobs.items():
+        assert job["predicted_ms"] > 0 and job["ms"] > 0, name
+    described = tomllib.loads((tmp_path / "clusters" / "predict-0.toml").read_text())
+    named = {d["profile"] for host in described["hosts"] for d in host["devices"]}
+    assert named == {str((tmp_path / "profiles" / "predict.json").resolve())}  # profiles alone, never a run
+    assert (tmp_path / "predict.png").stat().st_size > 0
+    assert "predicted" in (tmp_path / "bench.md").read_text()
+
+
+def test_scale_predicts_speedup_and_efficiency_from_a_cluster_file(tmp_path):
+    """One device is the baseline (1x, efficiency 1); four alike on fast links are predicted faster than one."""
+    helpers.write_profile(tmp_path / "cpu.json")
+    points = {}
+    for n, rate in ((1, "10gbit"), (4, "100gbit")):
+        hosts = [{"name": f"h{i}", "between": rate, "latency": "50 us",
+                  "devices": [{"name": "d", "profile": "cpu.json", "speed": 1.0}]} for i in range(n)]
+        path = tmp_path / f"c{n}.toml"
+        path.write_text(clusters.cluster_toml(64, hosts))
+        points[n] = clusters.predicted_speedup(cluster.load(path), [1.0] * n)
+    assert points[1]["speedup"] == 1.0 and points[1]["efficiency"] == 1.0 and points[1]["chosen"] == "single"
+    assert points[4]["speedup"] > 1 and 0 < points[4]["efficiency"] <= 1
+    assert set(points[4]["predicted_ms"]) >= {"single", "kernel", "ddp"}

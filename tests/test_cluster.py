@@ -1,0 +1,88 @@
+"""A cluster file (``convshard.plan.cluster``): read into a profile, collectives priced on its topology, bad files refused."""
+
+from __future__ import annotations
+
+import helpers
+import pytest
+
+from convshard.cli import main
+from convshard.plan import cluster, cost, search
+
+
+def write_cluster(tmp_path, text):
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+TWO_HOSTS = """
+batch_size = 128
+[links]
+between_hosts = { bandwidth = "1 Gbit/s", latency = "100 us" }
+[[hosts]]
+name = "a"
+devices = [{ name = "cpu", profile = "two.json", device = "cpu@1", count = 2, memory = "4 GiB" }]
+[[hosts]]
+name = "b"
+between = { bandwidth = "100 Mbit/s", latency = "1 ms" }
+devices = [{ name = "old", profile = "two.json", device = "cpu@0", speed = 0.5 }]
+"""
+
+
+def test_cluster_file_builds_the_profile_the_cost_model_reads(tmp_path):
+    measured = helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    built = cluster.load(write_cluster(tmp_path, TWO_HOSTS))
+    assert built["devices"] == ["a/cpu.0", "a/cpu.1", "b/old"]
+    assert built["batch_size"] == 128 and built["topology"]["hosts"] == [0, 0, 1]
+    first = measured["layers"][0]
+    # cpu@1 measured at batch 64, planned at 128: twice the time; the old device at half speed: four times
+    assert built["layers"][0]["b"] == pytest.approx([2 * first["b"][1], 2 * first["b"][1], 4 * first["b"][0]])
+    assert built["layers"][0]["outputs"][0]["bytes"] == 2 * first["outputs"][0]["bytes"]
+    assert built["device_memory"][:2] == [4 * 2 ** 30] * 2 and built["device_memory"][2] == cluster.UNBOUNDED
+    # the ring crosses the 100 Mbit/s link: 12.5 MB/s, 2 hops of 1.1 ms between hosts
+    gather = built["links"]["all_gather"]
+    assert gather["bandwidth"] == pytest.approx(12.5e6 * 3 / 2)
+    assert gather["latency"] == pytest.approx(2 * 1.1e-3)
+
+
+def test_a_ring_without_the_slow_host_runs_at_the_fast_links(tmp_path):
+    """``search.restrict`` prices a subset's collectives on its own ring: leaving host b out leaves its link out."""
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    built = cluster.load(write_cluster(tmp_path, TWO_HOSTS))
+    alone_on_a = search.restrict(built, [0, 1])["links"]["all_reduce"]
+    within = cluster.DEFAULT_LINKS["within_host"]
+    assert alone_on_a == pytest.approx({"latency": 2 * within["latency"], "bandwidth": within["bandwidth"]})
+    three = cost.ring_links(built["topology"], [0, 1, 2])["all_reduce"]
+    assert three["bandwidth"] == pytest.approx(12.5e6 * 3 / 4)
+
+
+def test_plan_cluster_prints_every_strategy_and_the_devices_memory(tmp_path, capsys):
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, TWO_HOSTS))]) == 0
+    out = capsys.readouterr().out
+    for name in ("single", "kernel", "layers", "ddp", "ddp sized"):
+        assert f"\n  {name} " in out
+    assert "over the best single device" in out and "peak memory" in out and "cluster: 3 device(s) on 2 host(s)" in out
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[[hosts]]\ndevices = []\n", "hosts[0].devices"),
+    ("hosts = 3\n", "hosts"),
+    ('colour = 1\n[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0" }]\n', "colour"),
+    ('[[hosts]]\ndevices = [{ profile = "two.json" }]\n', "hosts[0].devices[0].device"),
+    ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cuda:7" }]\n', "'cuda:7'"),
+    ('[[hosts]]\ndevices = [{ profile = "none.json", device = "cpu@0" }]\n', "hosts[0].devices[0].profile"),
+    ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0", speed = -1 }]\n', "speed is -1"),
+    ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0", memory = "4 parsecs" }]\n', "memory"),
+    ('[[hosts]]\nbetween = { bandwidth = "fast" }\ndevices = [{ profile = "two.json", device = "cpu@0" }]\n',
+     "hosts[0].between.bandwidth"),
+    ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0" }, { profile = "other.json" }]\n',
+     "another model"),
+    ("[[hosts\n", "not TOML"),
+])
+def test_bad_cluster_files_get_one_line_naming_the_key(tmp_path, capsys, text, named):
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    helpers.write_profile(tmp_path / "other.json", model="m2")
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, text))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err

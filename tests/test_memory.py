@@ -1,0 +1,60 @@
+"""The memory model (``convshard.plan.memory``) and the planner keeping every plan within each device's memory."""
+
+from __future__ import annotations
+
+import helpers
+import pytest
+
+from convshard import plan
+from convshard.errors import ConfigError
+from convshard.plan import memory, search, splits
+
+
+def small_profile(**extra):
+    """Two equal devices, two groups; every byte count below is chosen to be read off the formula by hand."""
+    profile = helpers.make_profile((1.0, 1.0), kernels=(8, 16), gather_bytes=100, input_grad_bytes=1000,
+                                   param_bytes=10_000 + 4000, replicated_param_bytes=4000)
+    return {**profile, **extra}
+
+
+def test_peak_bytes_follow_the_docstring_formula():
+    profile = small_profile()
+    job = plan.kernel_split(profile["devices"], search.groups_of(profile), 64, counts={"conv0": (6, 2),
+                                                                                       "conv1": (8, 8)})
+    # per group: P_g = 5000, I_g = 1000, O_g = 100 K; held (2 + 1) per parameter byte
+    conv0 = [3 * 5000 * c / 8 + 1000 + 4 * 800 * c / 8 + 800 * 2 * 6 / 8 for c in (6, 2)]
+    conv1 = [3 * 5000 * c / 16 + 1000 + 4 * 1600 * c / 16 + 1600 * 2 * 8 / 16 for c in (8, 8)]
+    expected = [3 * 4000 + a + b for a, b in zip(conv0, conv1)]
+    assert memory.peak_bytes(profile, job) == pytest.approx(expected)
+    ddp = plan.ddp(profile["devices"], search.groups_of(profile), 64, shares=[3, 1])
+    acts = (1000 + 4 * 800) + (1000 + 4 * 1600)
+    assert memory.peak_bytes(profile, ddp) == pytest.approx([4 * 14_000 + acts * 48 / 64, 4 * 14_000 + acts * 16 / 64])
+
+
+def test_caps_bound_a_split_within_the_limit():
+    assert splits.choose_counts(10, [0, 0], [1, 1], caps=[10, 3]) == (7, 3)
+    with pytest.raises(ConfigError, match="fewer than the 10"):
+        splits.choose_counts(10, [0, 0], [1, 1], caps=[5, 3])
+
+
+def test_a_device_with_too_little_memory_gets_a_smaller_share():
+    roomy = small_profile()
+    even = next(c for c in search.candidates(roomy) if c.name == "kernel")
+    assert even.plan.kernel_counts() == {"conv0": (4, 4), "conv1": (8, 8)}
+    limit = 0.9 * even.memory[1]  # device 1 cannot hold the even split
+    tight = small_profile(device_memory=[1e12, limit])
+    found = search.candidates(tight)
+    kernel = next(c for c in found if c.name == "kernel")
+    assert kernel.plan.kernel_counts()["conv1"][1] < 8 and kernel.plan.kernel_counts()["conv0"][1] < 4
+    for c in found:
+        ranks = [tight["devices"].index(d) for d in c.plan.devices]
+        assert all(need <= tight["device_memory"][r] for need, r in zip(c.memory, ranks)), c.name
+
+
+def test_a_plan_that_fits_nowhere_is_refused_naming_the_device_and_the_bytes():
+    tight = small_profile(device_memory=[5000, 6000])  # less than the replicated part's 3 * 4000 bytes
+    with pytest.raises(ConfigError) as caught:
+        search.candidates(tight)
+    message = str(caught.value)
+    assert "no plan fits the devices' memory" in message and "bytes) on cpu@" in message
+    assert "\n" not in message
