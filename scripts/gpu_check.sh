@@ -9,7 +9,10 @@
 #    synthetic input, batch 64): the plan for cpu@0,cuda:0, then per-step time of
 #    the GPU alone, the CPU core alone, and both with --shares auto;
 # 3. a per-layer plan (--strategy layers) for ResNet-18 on cuda:0 beside cpu@0,
-#    printed, trained, and timed against the GPU alone.
+#    printed, trained, and timed against the GPU alone;
+# 4. mixed precision: the fp16 (loss scaling) and CPU+GPU bf16 tests, then
+#    ResNet-18 on the GPU in 32, bf16, fp16 (and fp16 channels_last), and a
+#    bf16 per-layer plan with the CPU beside it.
 # Needs a CUDA build of torch in .venv (or PYTHON=/path/to/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +63,23 @@ from pathlib import Path
 for name in ("layers-gpu", "layers"):
     m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
     print(f"{name:10s} {1000 * m['mean_step_seconds']:9.1f} ms/step  devices {m['devices']}  plan {m['job_plan']}")
+PY
+
+echo "== mixed precision: bf16 and fp16 on the GPU alone, bf16 beside the CPU (ResNet-18, batch 64)"
+"$PYTHON" -m pytest -q -rs tests/test_precision.py -k "cuda or fp16"
+for run in "gpu-32:--strategy single --devices cuda:0 --precision 32" \
+           "gpu-bf16:--strategy single --devices cuda:0 --precision bf16" \
+           "gpu-fp16:--strategy single --devices cuda:0 --precision fp16" \
+           "gpu-fp16-cl:--strategy single --devices cuda:0 --precision fp16 --memory-format channels_last" \
+           "mixed-bf16:--strategy layers --devices cuda:0,cpu@0 --threads 1 --precision bf16"; do
+    name=${run%%:*}
+    # shellcheck disable=SC2086
+    "$PYTHON" -m convshard train "${JOB[@]}" ${run#*:} --max-steps 10 --quiet --metrics-out "$OUT/$name.json"
+done
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("gpu-32", "gpu-bf16", "gpu-fp16", "gpu-fp16-cl", "mixed-bf16"):
+    m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+    print(f"{name:12s} {1000 * m['mean_step_seconds']:9.1f} ms/step  loss {m['train_loss']:.4f}  plan {m['job_plan']['precision']}")
 PY

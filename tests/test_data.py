@@ -22,6 +22,7 @@ from convshard.data import (
     DATASETS,
     Dataset,
     augment,
+    default_augment,
     download_cifar10,
     epoch_permutation,
     load_dataset,
@@ -460,3 +461,21 @@ def test_augment_pads_an_eighth_of_the_side() -> None:
 def test_augment_refuses_a_single_image() -> None:
     with pytest.raises(ValueError, match="(B, C, H, W)"):
         augment(torch.zeros(3, 8, 8), seed=0, step=0)
+
+
+def test_augment_applies_only_the_transforms_asked_and_suits_the_dataset() -> None:
+    x = torch.arange(64 * 2 * 8 * 12, dtype=torch.float32).view(64, 2, 8, 12) + 1
+    both = augment(x, seed=0, step=0)
+    cropped = augment(x, seed=0, step=0, transforms=("crop",))
+    flipped = augment(x, seed=0, step=0, transforms=("flip",))
+    for image, crop, flip, out in zip(x, cropped, flipped, both):
+        shifts = _crops(image, pad=1)[:9]  # the 9 unflipped windows
+        assert any(torch.equal(crop, c) for c in shifts)  # cropped, never flipped
+        assert torch.equal(flip, image) or torch.equal(flip, image.flip(-1))  # flipped or not, never moved
+        assert torch.equal(out, crop) or torch.equal(out, crop.flip(-1))  # the same draws as crop,flip
+    assert not torch.equal(cropped, x) and not torch.equal(flipped, x)
+    assert torch.equal(augment(x, seed=0, step=0, transforms=()), x)
+    assert default_augment("mnist") == ("crop",)  # a flipped digit is another shape
+    assert default_augment("cifar10") == default_augment("folder") == ("crop", "flip")
+    with pytest.raises(ConfigError, match="'rotate'"):
+        augment(x, seed=0, step=0, transforms=("rotate",))

@@ -274,3 +274,44 @@ def test_float32_compute_is_unchanged_by_autocast_code():
         assert precision.for_compute(x)[0] is x
     assert y.dtype == torch.float32
     assert torch.equal(y, F.conv2d(x, conv.weight, conv.bias))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_fp16_on_cuda_scales_the_loss_and_follows_bf16(tmp_path):
+    """One GPU in fp16 (loss scaling on) and in bf16 trains within the error
+    bf16 itself makes of float32; the loss scale is kept in the checkpoint."""
+    probe = _config(tmp_path, "probe", "paper", (6, 10), plan.single("cuda:0", {}, 12), steps=3)
+    groups = model_groups(probe, load_data(probe))
+    single = plan.single("cuda:0", groups, 12)
+    fp32, _ = _weights(_config(tmp_path, "fp32", "paper", (6, 10), single, steps=3))
+    bf16, _ = _weights(_config(tmp_path, "bf16", "paper", (6, 10), _in(single, "bf16"), steps=3))
+    fp16, metrics = _weights(_config(tmp_path, "fp16", "paper", (6, 10), _in(single, "fp16"), steps=3))
+    assert metrics["job_plan"]["precision"] == "fp16"
+    assert _distance(fp16, fp32) <= _distance(bf16, fp32)  # fp16 has 3 more mantissa bits than bf16
+    saved = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)
+    assert saved["loss_scale"]["scale"] == 2.0**16  # no overflow in 3 steps: the scale stands
+
+
+@CUDA
+def test_a_cpu_and_a_gpu_share_bf16_in_one_job(tmp_path):
+    probe = _config(tmp_path, "probe", "vgg", (8, 12, 16), plan.single("cpu@0", {}, 12), steps=3)
+    groups = model_groups(probe, load_data(probe))
+    single = plan.single("cpu@0", groups, 12)
+    fp32, _ = _weights(_config(tmp_path, "fp32", "vgg", (8, 12, 16), single, steps=3))
+    bf16, _ = _weights(_config(tmp_path, "bf16", "vgg", (8, 12, 16), _in(single, "bf16"), steps=3))
+    mixed = _in(plan.kernel_split(("cpu@0", "cuda:0"), groups, 12, modes={next(iter(groups)): "batch"}), "bf16")
+    got, _ = _weights(_config(tmp_path, "mixed", "vgg", (8, 12, 16), mixed, steps=3))
+    assert _distance(got, bf16) <= 2 * _distance(bf16, fp32)  # two kinds of hardware, each rounding its own way
+
+
+def test_plan_says_when_a_device_has_no_fast_bf16(monkeypatch, capsys):
+    from helpers import main_exit_code
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
+    argv = ["plan", "--devices", "cpu", "--precision", "bf16", "--dataset", "synthetic", "--synthetic-shape",
+            "3,16,16", "--synthetic-size", "16", "--kernels", "4,4", "--batch-size", "4"]
+    assert main_exit_code(argv) == 0
+    assert "cpu: no fast bf16" in capsys.readouterr().out

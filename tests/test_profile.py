@@ -214,5 +214,6 @@ def test_profile_command_writes_the_cache_and_plan_reuses_it(tmp_path, capfd):
     assert main(["plan", *TINY_JOB, "--devices", "cpu@0,cpu@1", "--profile", str(path)]) == 0
     out, err = capfd.readouterr()
     assert f"profile: reusing {path}" in err  # rank 0 of the profiling workers read it
-    assert "predicted step per plan:" in out and "\nchosen: " in out and "plan: " in out
+    assert out.startswith("chosen: ") and "\npredicted step per plan:" in out  # the choice first, its detail after
+    assert out.index("predicted step per plan:") < out.index("\nplan: ")
     assert json.loads(path.read_text()) == measured  # reused, not measured again

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import main_exit_code
 
 from convshard import plan
 from convshard.models import build_model
@@ -130,3 +131,18 @@ def test_warmup_rises_linearly_then_follows_the_cosine():
     assert rates[25] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
     constant = TrainConfig(lr=0.1, epochs=4, lr_warmup_epochs=0.5, schedule="constant")
     assert [learning_rate(constant, s, 40) for s in (0, 4, 5, 39)] == pytest.approx([0.02, 0.1, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm"),
+    (["--warmup-epochs", "8"], "--warmup-epochs 8"),
+    (["--keep-last", "2"], "--keep-last needs --checkpoint-dir"),
+    (["--keep-best"], "--keep-best needs --checkpoint-dir"),
+    (["--optimizer", "lamb"], "'lamb'"),
+])
+def test_bad_training_options_exit_2_naming_the_value(capsys, args, named):
+    assert main_exit_code(["train", "--dataset", "synthetic", "--devices", "cpu@0", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err

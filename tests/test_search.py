@@ -142,3 +142,33 @@ def test_format_names_every_candidate_and_the_choice():
         assert f"{c.name:<10} {1e3 * c.prediction.step:9.2f} ms" in text
     assert f"chosen: {chosen.name}" in text and "measured 100.0 ms in its trial" in text
     assert "over ddp" not in text and "busy" in text
+
+
+def test_format_puts_the_choice_first_and_its_detail_after():
+    found = search.candidates(_chain())
+    text = search.format_candidates(found, search.fastest(found))
+    lines = text.splitlines()
+    assert lines[0].startswith(f"chosen: {search.fastest(found).name}, predicted ") and "x over the best single" in lines[0]
+    assert lines[1] == "predicted step per plan:" and text.index("\nplan: ") > text.index(found[-1].name)
+    ddp = next(c for c in found if c.plan.engine == plan.DDP)
+    assert "over ddp" not in search.format_candidates(found, ddp)  # a ddp plan is not compared with itself
+    alone = next(c for c in found if c.name == "single")
+    assert search.format_candidates(found, alone).splitlines()[0] == \
+        f"chosen: single, predicted {1e3 * alone.prediction.step:.2f} ms"
+
+
+def test_a_device_given_no_work_is_shown_as_not_used():
+    profile = make_profile(speeds=(1.0, 1.0), kernels=(8, 16))
+    job = plan.kernel_split(profile["devices"], {"conv0": 8, "conv1": 16}, 64, counts={"conv0": (8, 0),
+                                                                                      "conv1": (16, 0)})
+    assert plan.idle_ranks(job) == (1,)
+    assert "not used: cpu@1 (rank 1: no kernels, no rows)" in plan.describe(job)
+    text = search.format_candidates([search.Candidate("kernel", job, cost.predict(profile, job))],
+                                    search.Candidate("kernel", job, cost.predict(profile, job)))
+    assert "cpu@1 not used" in text and "cpu@0 busy" in text and "cpu@1 busy" not in text
+    mixed = plan.kernel_split(profile["devices"], {"conv0": 8, "conv1": 16}, 64, counts={"conv1": (16, 0)},
+                              modes={"conv0": "batch"}, rows=(64, 0))
+    assert plan.idle_ranks(mixed) == (1,)
+    working = plan.kernel_split(profile["devices"], {"conv0": 8, "conv1": 16}, 64, counts={"conv1": (16, 0)},
+                                modes={"conv0": "batch"}, rows=(60, 4))
+    assert plan.idle_ranks(working) == ()

@@ -132,6 +132,24 @@ def _shares(text: str) -> tuple[float, ...] | str | None:
     return values
 
 
+def _augments(text: str) -> tuple[str, ...] | str:
+    if text == "default":
+        return text
+    chosen = tuple(t.strip() for t in text.split(","))
+    for t in chosen:
+        if t not in data.AUGMENTS:
+            raise argparse.ArgumentTypeError(f"bad transform {t!r}: choose from {', '.join(data.AUGMENTS)}")
+    return chosen
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(","))
+    for p in chosen:
+        if p not in precision.PRECISIONS:
+            raise argparse.ArgumentTypeError(f"bad precision {p!r}: choose from {', '.join(precision.PRECISIONS)}")
+    return chosen
+
+
 def _rebalance(text: str) -> str:
     try:
         parse_mode(text)
@@ -215,7 +233,8 @@ def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--memory-format", choices=(*precision.MEMORY_FORMATS, "auto"),
                    help="channels_last stores activations and conv weights as (N, H, W, C), which some conv "
                         "kernels run faster on; auto: the one the profile measures faster for this model and "
-                        f"precision (profiles the job) (default: {d.memory_format})")
+                        "precision (profiles the job) (default: auto for --strategy auto and layers and "
+                        f"--shares auto, else {d.memory_format})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,10 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.lr_warmup_epochs,
                    help="raise the learning rate linearly from lr/w to lr over the first E epochs (w steps, "
                         "fractions allowed), then follow --schedule over the rest (default: %(default)s)")
-    g.add_argument("--augment", action="store_true",
-                   help="random crop (padded with ceil(side/8) zeros: 4 pixels at 28 and 32) and horizontal "
-                        "flip of every training image, drawn from --seed and the step, so every worker and "
-                        "strategy sees the same augmented batch")
+    g.add_argument("--augment", metavar="T1,T2", nargs="?", const="default", type=_augments,
+                   help="transforms of every training image, drawn from --seed and the step, so every worker "
+                        "and strategy sees the same augmented batch: crop (random crop of the image padded "
+                        "with ceil(side/8) zeros: 4 pixels at 28 and 32), flip (horizontal flip). --augment "
+                        "alone: what suits the dataset: crop for mnist (a flipped digit is another shape), "
+                        "crop,flip for the others"),
     g = t.add_argument_group("output")
     g.add_argument("--metrics-out", metavar="PATH", help="write metrics JSON here")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
@@ -337,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the CNN every sweep trains: a built-in (the ResNets and VGG11/16 run at their "
                         "default width at --size paper, and the kernels sweep varies that width) or "
                         "package.module:function (default: %(default)s)")
+    b.add_argument("--precision", metavar="P1,P2", type=_precisions, default=("32",),
+                   help="run every job in each of these precisions (32, bf16, fp16), a job beyond 32 named "
+                        "'JOB bf16'; one device, the reference of every speedup, runs in the first "
+                        "(default: 32)")
+    b.add_argument("--jobs", metavar="J1,J2", type=lambda text: tuple(text.split(",")),
+                   help="only these jobs of each point (one device always runs): e.g. 'auto,plain loop'; "
+                        "default: every job")
     b.add_argument("--out-dir", metavar="DIR", default="runs/bench", help="(default: %(default)s)")
     b.add_argument("--cluster", metavar="FILE",
                    help="with --sweeps scale: also predict the cluster FILE describes (see convshard plan "
@@ -390,6 +418,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if hasattr(args, name)}
     if hasattr(args, "warmup_epochs"):
         train_only["lr_warmup_epochs"] = args.warmup_epochs
+    if hasattr(args, "augment"):  # --augment alone: the transforms that suit the dataset
+        train_only["augment"] = data.default_augment(args.dataset) if args.augment == "default" else args.augment or ()
     strategy = getattr(args, "strategy", None) or (d.strategy if args.command == "train" else "auto")
     return TrainConfig(
         devices=args.devices or d.devices, threads=args.threads, profile=args.profile, model=args.model,
@@ -397,9 +427,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_fraction=args.val_fraction,
         synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
         batch_size=args.batch_size or d.batch_size, seed=args.seed, timeout=args.timeout, strategy=strategy,
-        precision=args.precision or d.precision, memory_format=args.memory_format or d.memory_format,
+        precision=args.precision or d.precision, memory_format=args.memory_format or _memory_format(args, strategy),
         **train_only,
     )
+
+
+def _memory_format(args: argparse.Namespace, strategy: str) -> str:
+    """``--memory-format`` left out: auto where the job is planned on a profile
+    anyway (``--strategy auto``, ``layers``, ``--shares auto``), else contiguous."""
+    planned = strategy in ("auto", "layers") or getattr(args, "shares", None) == "auto"
+    return "auto" if planned else TrainConfig.memory_format
 
 
 def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.Dataset:
@@ -494,6 +531,11 @@ def _profile_or_plan(config: TrainConfig, command: str, plan_out: str | None = N
             print(f"written to {config.profile}; a cluster file names one of its devices as "
                   f"{{ profile = {json.dumps(config.profile)}, device = {json.dumps(job_profile['devices'][0])} }}")
         return
+    if config.precision == "bf16":
+        for device in dict.fromkeys(config.device_list):
+            if not precision.fast_bf16(device.torch_device):
+                print(f"{device}: no fast bf16 (no AVX512-BF16 or AMX on a CPU, compute capability below 8.0 "
+                      f"on a GPU): bf16 is emulated there, slower than --precision 32")
     _print_plans(job_profile, search.candidates(job_profile, threads=config.threads), plan_out)
 
 
@@ -590,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("CIFAR-10 ready in %s", path)
         elif args.command == "bench":
             bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
-                            batches=args.batches, rounds=args.rounds, model=args.model, cluster=args.cluster)
+                            batches=args.batches, rounds=args.rounds, model=args.model, cluster=args.cluster,
+                            precisions=args.precision, jobs=args.jobs)
             print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)

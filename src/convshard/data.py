@@ -166,17 +166,31 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def augment(images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
-    """Random crop and horizontal flip of a batch: (B, C, H, W) -> (B, C, H, W).
+AUGMENTS: tuple[str, ...] = ("crop", "flip")  # the transforms ``augment`` draws from
 
-    Each image is padded with p = ceil(min(H, W) / 8) zeros on every side (4
-    pixels at 28x28 and 32x32; zero is the mean of normalised data), an H x W
-    window at a random offset (dy, dx) in [0, 2p]^2 is cut from it and, with
-    probability 1/2, flipped left-right. The offsets and flips are a pure
-    function of (seed, step) and the batch shape, drawn on the CPU, so every
-    rank of a job augments the same global batch identically. One gather:
+
+def default_augment(dataset: str) -> tuple[str, ...]:
+    """The transforms that suit ``dataset``: digits are not mirror images (a
+    flipped 2 is no 2), so MNIST is only cropped; photos are cropped and flipped."""
+    return ("crop",) if dataset == "mnist" else AUGMENTS
+
+
+def augment(images: torch.Tensor, *, seed: int, step: int, transforms: Sequence[str] = AUGMENTS) -> torch.Tensor:
+    """Random crop and/or horizontal flip of a batch: (B, C, H, W) -> (B, C, H, W).
+
+    ``crop``: each image is padded with p = ceil(min(H, W) / 8) zeros on
+    every side (4 pixels at 28x28 and 32x32; zero is the mean of normalised
+    data) and an H x W window at a random offset (dy, dx) in [0, 2p]^2 is cut
+    from it (without crop, the window at (p, p): the image itself).
+    ``flip``: with probability 1/2 the image is flipped left-right. The
+    offsets and flips are a pure function of (seed, step) and the batch
+    shape, drawn on the CPU, so every rank of a job augments the same global
+    batch identically. One gather:
     out[b, c, i, j] = padded[b, c, dy_b + i, dx_b + (W - 1 - j if flip_b else j)].
     """
+    unknown = [t for t in transforms if t not in AUGMENTS]
+    if unknown:
+        raise ConfigError(f"unknown augmentation {unknown[0]!r}: choose from {', '.join(AUGMENTS)}")
     if images.dim() != 4:
         raise ValueError(f"augment takes a (B, C, H, W) batch, got shape {tuple(images.shape)}")
     b, c, h, w = images.shape
@@ -185,6 +199,10 @@ def augment(images: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
     dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
     flip = torch.randint(0, 2, (b,), generator=generator).bool()
+    if "crop" not in transforms:
+        dy, dx = torch.full_like(dy, pad), torch.full_like(dx, pad)
+    if "flip" not in transforms:
+        flip = torch.zeros_like(flip)
     cols = torch.arange(w)
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)

@@ -54,6 +54,13 @@ def _clocked() -> Iterator[None]:
         _seconds_in_collectives += time.perf_counter() - t0
 
 
+def count_collective_seconds(seconds: float) -> None:
+    """Add ``seconds`` this process waited on a collective run outside these
+    helpers (DDP's reducer: ``run.engines``) to ``seconds_in_collectives``."""
+    global _seconds_in_collectives
+    _seconds_in_collectives += seconds
+
+
 def world_size(group: Group = None) -> int:
     """Ranks in ``group``; 1 when torch.distributed is not initialised."""
     return dist.get_world_size(group) if dist.is_initialized() else 1

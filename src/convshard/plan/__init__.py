@@ -236,8 +236,17 @@ def _threads(value: object) -> int | None:
     return value
 
 
+def idle_ranks(plan: Plan) -> tuple[int, ...]:
+    """The ranks a plan gives no work: no kernel of any kernel-mode group and,
+    where a group is in batch mode, no rows. They only take part in collectives."""
+    batch = any(g.mode == BATCH for g in plan.groups)
+    return tuple(r for r in range(plan.world) if plan.groups and (not batch or plan.rows[r] == 0)
+                 and all(g.counts[r] == 0 for g in plan.groups if g.mode == KERNEL))
+
+
 def describe(plan: Plan) -> str:
-    """The plan as a table: engine and devices, then per group its mode and split."""
+    """The plan as a table: engine and devices, then per group its mode and
+    split; a device the plan gives no work is named as not used."""
     width = max([len("group"), *(len(g.name) for g in plan.groups)])
     lines = [f"plan: {plan.name} ({plan.engine} engine) on {', '.join(plan.devices)}"
              + (f", {plan.threads} thread(s) each" if plan.threads else "")
@@ -251,4 +260,7 @@ def describe(plan: Plan) -> str:
             lines.append(f"  {g.name:<{width}}  {g.mode:<6}  {split}")
     else:
         lines.append("  the model has no conv group: nothing is split")
+    idle = idle_ranks(plan)
+    if idle:
+        lines.append("  not used: " + ", ".join(f"{plan.devices[r]} (rank {r}: no kernels, no rows)" for r in idle))
     return "\n".join(lines)

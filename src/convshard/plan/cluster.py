@@ -89,6 +89,8 @@ class _Reader:
         """A positive number (or zero, with ``zero``), or a string "<number> <unit>" with a unit of ``units``."""
         if isinstance(value, str):
             match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([A-Za-z/]+)\s*", value)
+            if not units:
+                raise self.fail(where, f"is {value!r}, expected a number")
             if not match or match.group(2) not in units:
                 raise self.fail(where, f"is {value!r}, expected a number or '<number> <unit>' with a unit of "
                                        f"{', '.join(units)}")
@@ -187,11 +189,12 @@ def _device(reader: _Reader, value: object, where: str, host: str, h: int,
     if not isinstance(name, str) or not name:
         raise reader.fail(f"{where}.name", f"is {name!r}, expected a non-empty string")
     first = next(iter(loaded.values()))
-    for field in ("model", "input_shape"):
-        if measured["key"][field] != first["key"][field]:
+    for field, default in (("model", None), ("input_shape", None), ("precision", "32"),
+                           ("memory_format", "contiguous")):
+        theirs, ours = measured["key"].get(field, default), first["key"].get(field, default)
+        if theirs != ours:
             raise reader.fail(f"{where}.profile", f"{given['profile']!r} measured another {field.replace('_', ' ')} "
-                                                  f"({measured['key'][field]}) than the first device's "
-                                                  f"({first['key'][field]})")
+                                                  f"({theirs}) than the first device's ({ours})")
     labels = [f"{host}/{name}"] if count == 1 else [f"{host}/{name}.{i}" for i in range(count)]
     return [(label, h, measured, index, speed, memory) for label in labels]
 
@@ -234,8 +237,9 @@ def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:
         "param_bytes": base["param_bytes"], "replicated_param_bytes": base["replicated_param_bytes"],
         "links": cost.ring_links(topology, range(world)), "topology": topology,
     }
-    if "batchnorm" in base:
-        built["batchnorm"] = base["batchnorm"]
+    for key in ("batchnorm", "precision", "memory_format"):  # alike in every profile (``_device``)
+        if key in base:
+            built[key] = base[key]
     if any(m is not None for m in memory):
         built["device_memory"] = [UNBOUNDED if m is None else m for m in memory]
     return built
@@ -244,8 +248,8 @@ def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:
 def describe(profile: Mapping) -> str:
     """The cluster a profile of ``load`` describes: hosts, devices, links, batch."""
     topology = profile["topology"]
-    lines = [f"cluster: {len(profile['devices'])} device(s) on {len(topology['names'])} host(s), "
-             f"batch {profile['batch_size']}"]
+    lines = [(f"cluster: {len(profile['devices'])} device(s) on {len(topology['names'])} host(s), "
+              f"batch {profile['batch_size']}")]
     for h, name in enumerate(topology["names"]):
         listed = [d for d, at in zip(profile["devices"], topology["hosts"]) if at == h]
         lines.append(f"  {name}: {', '.join(listed)}; within {_link(topology['within'][h])}, "

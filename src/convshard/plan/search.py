@@ -303,30 +303,32 @@ def worth_trying(found: Sequence[Candidate]) -> list[Candidate]:
 
 def format_candidates(found: Sequence[Candidate], chosen: Candidate, *, trials: Mapping[str, float] | None = None,
                       baseline: Candidate | None = None) -> str:
-    """Every candidate's predicted step (and measured trial), then the chosen
-    plan, its speedup over the best single device and each device's busy
-    and waiting time."""
+    """The chosen plan, its predicted step and, for a plan of several devices,
+    its speedup over the best single device; then every candidate's
+    predicted step (and measured trial); then the chosen plan's groups, each
+    device's busy and waiting time (a device given no work: not used) and
+    the step's breakdown."""
     trials = trials or {}
-    lines = ["predicted step per plan:"]
+    single = next((c for c in found if c.name == "single"), None)
+    chosen_line = f"chosen: {chosen.name}, predicted {1e3 * chosen.prediction.step:.2f} ms"
+    if single is not None and chosen.plan.world > 1:
+        chosen_line += f", {single.prediction.step / chosen.prediction.step:.2f}x over the best single " \
+                       f"device ({single.plan.devices[0]})"
+    lines = [chosen_line, "predicted step per plan:"]
     for c in found:
         tried = f", measured {1e3 * trials[c.name]:.1f} ms in its trial" if c.name in trials else ""
         lines.append(f"  {c.name:<10} {1e3 * c.prediction.step:9.2f} ms on {', '.join(c.plan.devices)}{tried}")
     for name, seconds in trials.items():
         if name not in {c.name for c in found}:
             lines.append(f"  {name:<10} {'':>9}    measured {1e3 * seconds:.1f} ms in its trial")
-    single = next((c for c in found if c.name == "single"), None)
-    chosen_line = f"chosen: {chosen.name}, predicted {1e3 * chosen.prediction.step:.2f} ms"
-    if single is not None and chosen is not single:
-        chosen_line += f", {single.prediction.step / chosen.prediction.step:.2f}x over the best single device " \
-                       f"({single.plan.devices[0]})"
-    lines.append(chosen_line)
     lines.append(plan.describe(chosen.plan))
     p = chosen.prediction
     peaks = chosen.memory or (None,) * len(p.busy)
+    idle = plan.idle_ranks(chosen.plan)
     lines.append("  per device: " + ", ".join(
-        f"{d} busy {1e3 * b:.1f} ms, waiting {1e3 * w:.1f} ms"
+        f"{d} not used" if r in idle else f"{d} busy {1e3 * b:.1f} ms, waiting {1e3 * w:.1f} ms"
         + (f", peak memory {memory.format_bytes(m)}" if m is not None else "")
-        for d, b, w, m in zip(chosen.plan.devices, p.busy, p.wait, peaks)))
+        for r, (d, b, w, m) in enumerate(zip(chosen.plan.devices, p.busy, p.wait, peaks))))
     breakdown = {"rest": p.rest, "gradient sum": p.gradient_sum, "broadcast": p.broadcast, "optimizer": p.update,
                  **p.collectives}
     lines.append("  breakdown: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in breakdown.items() if v))

@@ -22,9 +22,12 @@ the mean over the global batch however the rows are split.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from ..parallel import comm
 from ..parallel.rebalance import Rebalancer
@@ -66,17 +69,51 @@ class ShardedEngine:
         return None if mode == "off" else Rebalancer(model, mode, group=self.group)
 
 
+class AllReduceClock:
+    """DDP's communication hook, timed: each gradient bucket's all-reduce
+    (``allreduce_hook``, DDP's own arithmetic: divide by W, sum) from its
+    launch to its end. The reducer launches a bucket as soon as backward has
+    computed its gradients and waits for all of them after the last; from the
+    last launch to the last end backward has nothing left to compute, so
+    that span is the all-reduce the step waits for, and ``settle`` adds it
+    to ``comm.seconds_in_collectives``. Earlier buckets overlap compute."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def hook(self, group, bucket):  # unannotated: DDP checks annotations as objects, and these would be strings
+        """DDP's all-reduce of ``bucket`` over ``group``, timed; a future of the averaged bucket."""
+        self.starts.append(time.perf_counter())
+
+        def done(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            self.ends.append(time.perf_counter())
+            return future.value()
+
+        return default_hooks.allreduce_hook(group, bucket).then(done)
+
+    def settle(self) -> None:
+        """Count this step's exposed all-reduce time and start the next step's record."""
+        if self.starts and self.ends:
+            comm.count_collective_seconds(max(0.0, max(self.ends) - max(self.starts)))
+        self.starts.clear()
+        self.ends.clear()
+
+
 class DDPEngine:
     """PyTorch's DistributedDataParallel over the plan's rows (one device: the plain model)."""
 
     def __init__(self, plan: Plan, rank: int, group: comm.Group) -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.world = comm.world_size(group)
+        self._clock = AllReduceClock()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
             return model
-        return nn.parallel.DistributedDataParallel(model, process_group=self.group)
+        wrapped = nn.parallel.DistributedDataParallel(model, process_group=self.group)
+        wrapped.register_comm_hook(self.group, self._clock.hook)
+        return wrapped
 
     @staticmethod
     def net(model: nn.Module) -> nn.Module:
@@ -92,7 +129,7 @@ class DDPEngine:
         return self.world / n
 
     def after_backward(self, model: nn.Module) -> None:
-        pass  # DDP's reducer has averaged the gradients during backward
+        self._clock.settle()  # DDP's reducer has averaged the gradients during backward
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

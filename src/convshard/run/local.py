@@ -10,6 +10,9 @@ workers resolve the plan themselves (``train.train_worker``).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from .. import data, devices, plan
@@ -18,12 +21,25 @@ from .config import TrainConfig
 from .train import profile_worker, train_worker
 
 
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Around a worker run in this process: it sets up the logging of a rank
+    (level, format); the caller's own comes back after it."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
     """The profile of ``config``'s listed devices and model at its batch size,
     measured (or read from the cache) by one worker per device."""
     job = config.device_list
     if len(job) == 1:
-        with devices.pinning_restored():
+        with devices.pinning_restored(), _logging_restored():
             return profile_worker(config, dataset)
     return launch.launch_local(profile_worker, len(job), args=(config,), labels=[str(d) for d in job])[0]
 
@@ -44,6 +60,6 @@ def launch_job(config: TrainConfig, dataset: data.Dataset) -> dict | None:
     job = config.job
     config = replace(config, devices=devices.format_devices([devices.parse_devices(d)[0] for d in job.devices]))
     if job.world == 1:
-        with devices.pinning_restored():
+        with devices.pinning_restored(), _logging_restored():
             return train_worker(config, dataset)
     return launch.launch_local(train_worker, job.world, args=(config,), labels=list(job.devices))[0]

@@ -332,7 +332,8 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
     n, part = len(batch), run.engine.rows(len(batch))
     mine = batch[part]
     if config.augment:  # the whole global batch, so that every rank and plan augments each image alike
-        x = data.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"])[part]
+        x = data.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"],
+                         transforms=config.augment)[part]
     else:
         x = dataset.train_x[mine]
     # (b, C, H, W): b = n, or this rank's rows

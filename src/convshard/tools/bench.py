@@ -50,6 +50,7 @@ from . import clusters, netns
 
 log = logging.getLogger(__name__)
 
+PLAIN = "plain"  # a job's first argument: the plain PyTorch loop (``convshard.tools.plain``)
 SWEEPS = ("workers", "batch", "kernels", "mixes", "models", "bandwidth", "predict", "scale")
 MODELS = ("paper", "vgg11", "resnet18")  # the models sweep's networks
 RATES = ("10gbit", "1gbit", "100mbit")  # the bandwidth sweep's links
@@ -89,19 +90,38 @@ class _Runner:
     round, so that the machine's drift over minutes falls on every job alike; a
     job's figure is the median of its rounds."""
 
-    def __init__(self, out_dir: Path, steps: int, rounds: int = 1) -> None:
+    def __init__(self, out_dir: Path, steps: int, rounds: int = 1, precisions: Sequence[str] = ("32",),
+                 only: Sequence[str] | None = None) -> None:
         self.out_dir, self.steps, self.rounds, self.cache = out_dir, steps, rounds, {}
+        self.precisions, self.only = tuple(precisions), only
+
+    def in_precisions(self, jobs: dict[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Each job in every precision of ``--precision`` (named "NAME bf16"
+        beyond float32), but ``one device``, the reference of every speedup, in
+        float32 only; with ``--jobs`` only the named jobs (and ``one device``)."""
+        out = {}
+        for name, args in jobs.items():
+            if self.only is not None and name not in self.only and name != "one device":
+                continue
+            for p in self.precisions[:1] if name == "one device" else self.precisions:
+                out[name if p == "32" else f"{name} {p}"] = [*args, "--precision", p]
+        return out
 
     def measure(self, jobs: dict[str, Sequence[str]], *, hosts: list[netns.Host] | None = None,
                 rate: str = "") -> dict[str, dict]:
-        """Metrics of ``convshard train ARGS`` for each named job: with ``hosts``
-        one torchrun per host, the i-th host's worker on the i-th device of ``--devices``."""
+        """Metrics of ``convshard train ARGS`` for each named job (a job whose
+        first argument is ``PLAIN``: the plain PyTorch loop), in every precision:
+        with ``hosts`` one torchrun per host, the i-th host's worker on the
+        i-th device of ``--devices``."""
+        jobs = self.in_precisions(jobs)
         for r in range(self.rounds):
             for args in jobs.values():
                 self._once(args, r, hosts, rate)
         return {name: self._combined(args, hosts, rate) for name, args in jobs.items()}
 
     def _command(self, args: Sequence[str]) -> list[str]:
+        if args and args[0] == PLAIN:
+            return ["python", "-m", "convshard.tools.plain", "--steps", str(self.steps), *args[1:]]
         return ["convshard", "train", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
                 "--synthetic-size", "512", "--max-steps", str(self.steps), "--quiet", *args]
 
@@ -130,7 +150,8 @@ class _Runner:
             self._across(hosts, command[1:], out, key)
         else:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run([sys.executable, "-m", "convshard", *command[1:], "--metrics-out", str(out)],
+            module = ["-m", "convshard"] if command[0] == "convshard" else []
+            proc = subprocess.run([sys.executable, *module, *command[1:], "--metrics-out", str(out)],
                                   env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise ConfigError(f"bench job failed ({key}): {proc.stderr.strip().splitlines()[-1:]}")
@@ -191,10 +212,11 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
 
 
 def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str], *, auto: bool = False,
-           sized: bool = False) -> dict:
+           sized: bool = False, plain: bool = False) -> dict:
     """The four jobs of one point, with ``sized`` also ddp with its batch split
-    sized to the devices and with ``auto`` ``--strategy auto``, on the same
-    workers; ``workers`` are the kernel/ddp devices."""
+    sized to the devices, with ``auto`` ``--strategy auto``, on the same
+    workers (``workers`` are the kernel/ddp devices), and with ``plain`` the
+    plain PyTorch loop on all cores, at its faster memory format."""
     spec = ",".join(workers)
     jobs = {"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", "--threads", "1", *job],
             "all cores": ["--strategy", "single", "--devices", f"cpu@{devices.format_cores(cores)}",
@@ -206,6 +228,8 @@ def _point(run: _Runner, cores: list[int], workers: list[str], job: list[str], *
         jobs["ddp sized"] = ["--strategy", "ddp", "--shares", "auto", "--devices", spec, "--threads", "1", *job]
     if auto and len(workers) > 1:
         jobs["auto"] = ["--strategy", "auto", "--devices", spec, "--threads", "1", *job]
+    if plain:
+        jobs["plain loop"] = [PLAIN, "--threads", str(len(cores)), *job]
     return _add_speedups(run.measure(jobs))
 
 
@@ -251,7 +275,8 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
             chosen = model_size(net, size["size"])
             for batch in size["given_batches"] or size["model_batches"]:
                 job = [*chosen["model"], *_kernels(chosen["kernels"]), "--batch-size", str(batch)]
-                points.append({"x": f"{net} b{batch}", **_point(run, cores, two, job, auto=True, sized=True)})
+                points.append({"x": f"{net} b{batch}",
+                               **_point(run, cores, two, job, auto=True, sized=True, plain=True)})
     elif name == "bandwidth":
         points = _bandwidth(run, size, cores)
     elif name == "predict":
@@ -324,7 +349,8 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
 
 def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
               batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper",
-              cluster: str | Path | None = None) -> dict:
+              cluster: str | Path | None = None, precisions: Sequence[str] = ("32",),
+              jobs: Sequence[str] | None = None) -> dict:
     """Run the sweeps on ``model``; write bench.json, <sweep>.png and bench.md into ``out_dir``;
     return the results. ``batches`` replaces the size's batch sizes of the batch
     and models sweeps and gives the bandwidth sweep a set of points per batch;
@@ -337,7 +363,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     cores = sorted(devices.usable_cores())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Runner(out, steps or SIZES[size]["steps"], rounds)
+    run = _Runner(out, steps or SIZES[size]["steps"], rounds, precisions, jobs)
     if cluster is not None:
         if "scale" not in sweeps:
             raise ConfigError("--cluster adds the described cluster to the scale sweep: add scale to --sweeps")

@@ -1,9 +1,10 @@
 """``convshard bench --sweeps predict,scale``: clusters described in files, predicted, and measured where they can be.
 
-Both sweeps first measure one profile per model on one device
-(``convshard profile --devices cpu@C0 --threads 1``, cached under
-``OUT/profiles``) and then write every configuration as a cluster file
-(``OUT/clusters``, ``convshard.plan.cluster``) from that profile alone.
+Both sweeps first measure their profiles once (``convshard profile
+--threads 1``, cached under ``OUT/profiles``): ``predict`` one of two
+workers on this host's first two cores, ``scale`` one per model and width
+on one core. Every configuration is then written as a cluster file
+(``OUT/clusters``, ``convshard.plan.cluster``) from those profiles alone.
 
 ``predict`` builds each configuration of PREDICT as network-namespace
 hosts (``netns``, one worker each, each host's link shaped with ``tc``),
@@ -40,7 +41,7 @@ from . import netns
 
 log = logging.getLogger(__name__)
 
-# label, per host (device of the profile's kind, speed factor), each host's link rate (tc)
+# label, per host (its worker's core: an index into the usable cores, speed factor), each host's link rate (tc)
 PREDICT = (
     ("2 hosts, 10 Gbit/s", ((0, 1.0), (1, 1.0)), ("10gbit", "10gbit")),
     ("2 hosts, 1 Gbit/s", ((0, 1.0), (1, 1.0)), ("1gbit", "1gbit")),
@@ -61,7 +62,8 @@ PAPER = {"4 CPUs": 3.28, "3 GPUs": 2.45}  # the paper's speedups (kernels 500,15
 
 
 def base_profile(out_dir: Path, name: str, model_args: Sequence[str], batch: int, device: str) -> Path:
-    """The profile of ``model_args`` on ``device`` alone at ``batch``, measured once (cached by ``--profile``)."""
+    """The profile of ``model_args`` on ``device`` (one or more, one worker
+    each) at ``batch``, measured once (cached by ``--profile``)."""
     path = out_dir / "profiles" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "convshard", "profile", "--devices", device, "--threads", "1", "--dataset",
@@ -104,13 +106,15 @@ def predict_sweep(run, size: dict, cores: list[int]) -> list[dict]:
         log.warning("predict sweep skipped: %s", reason)
         return []
     model_args = [*size["model"], *(["--kernels", ",".join(map(str, size["kernels"]))] if size["kernels"] else [])]
-    first = f"cpu@{cores[0]}"
-    profile = base_profile(run.out_dir, "predict", model_args, size["batch"], first)
+    # two workers, one per core, as the hosts run them: each core's cost per kernel at a working
+    # share and its batch-mode time at half the batch, measured together on this host before any run
+    profile = base_profile(run.out_dir, "predict", model_args, size["batch"],
+                           ",".join(f"cpu@{c}" for c in cores[:2]))
     points = []
     for i, (label, layout, rates) in enumerate(PREDICT[: size["predict_configs"]]):
         specs = [f"cpu@{cores[core % len(cores)]}" for core, _ in layout]
         hosts = [{"name": f"h{h}", "between": rate, "latency": NAMESPACE_LATENCY,
-                  "devices": [{"name": spec, "profile": str(profile.resolve()), "device": first, "speed": speed}]}
+                  "devices": [{"name": spec, "profile": str(profile.resolve()), "device": spec, "speed": speed}]}
                  for h, (spec, (_, speed), rate) in enumerate(zip(specs, layout, rates))]
         described = _write_cluster(run.out_dir / "clusters" / f"predict-{i}.toml", size["batch"], hosts)
         found = search.candidates(described)

@@ -10,9 +10,12 @@ of its collective time waiting for slower ranks:
     transfer_i    = min_r C_{r,i}
     wait_{r,i}    = C_{r,i} - transfer_i
 
-(DDP's gradient all-reduce runs inside its backward and counts as compute.)
+DDP's gradient all-reduce runs inside its backward, bucket by bucket, in
+step with the compute; C_{r,i} holds the part the step waits for, from the
+last bucket's launch to the last bucket's end (``run.engines.AllReduceClock``).
 ``summarize`` averages these per device; ``draw_timeline`` draws the last
-steps as one bar per device, segments in step order.
+steps as one bar per device, segments in step order, beside the loss and
+accuracy curves.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def format_report(metrics: Mapping) -> str:
 
 
 def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Path:
-    """A PNG of the last ``steps`` steps: per device, compute, transfer and wait in step order."""
+    """A PNG: the last ``steps`` steps per device (compute, transfer and wait
+    in step order, a tick at each step's end) and, beside it, the training
+    loss per step and the test accuracy per epoch (when the metrics hold them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +82,10 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
     devices, parts = _parts(metrics)
     first = metrics["timeline"]["first_step"] + max(0, len(parts[0]) - steps)
     colors = {"compute": "tab:blue", "transfer": "tab:orange", "wait": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(devices) + 1.6))
+    curves = bool(metrics.get("step_loss") or metrics.get("history"))
+    fig = plt.figure(figsize=(15 if curves else 10, max(0.6 * len(devices) + 1.6, 4.0 if curves else 0)))
+    grid = fig.add_gridspec(2, 3 if curves else 1, width_ratios=[2, 1, 1] if curves else [1])
+    ax = fig.add_subplot(grid[:, 0])
     for rank, rank_parts in enumerate(parts):
         t = 0.0
         for i, step in enumerate(rank_parts[-steps:]):
@@ -85,14 +93,33 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
                 ax.barh(rank, 1000 * seconds, left=1000 * t, color=colors[kind], edgecolor="none",
                         label=kind if rank == 0 and i == 0 else None)
                 t += seconds
+            ax.vlines(1000 * t, rank - 0.45, rank + 0.45, color="black", linewidth=0.8,
+                      label="step end" if rank == 0 and i == 0 else None)
     ax.set_yticks(range(len(devices)), [f"{r}: {d}" for r, d in enumerate(devices)])
     ax.invert_yaxis()
     ax.set_xlabel(f"milliseconds (steps {first}-{first + min(steps, len(parts[0])) - 1})")
     ax.set_title(f"{metrics['strategy']}: where each device's time goes")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(devices) < 3 else -0.2), ncol=3, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
+    if curves:
+        _draw_curves(metrics, fig.add_subplot(grid[:, 1]), fig.add_subplot(grid[:, 2]))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _draw_curves(metrics: Mapping, loss_ax, accuracy_ax) -> None:
+    """The training loss of the last steps the metrics hold, and the test accuracy at each epoch's end."""
+    losses = metrics.get("step_loss") or []
+    first = metrics.get("steps", len(losses)) - len(losses) + 1
+    loss_ax.plot(range(first, first + len(losses)), losses, color="tab:blue", linewidth=1)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_title("training loss")
+    history = metrics.get("history") or []
+    accuracy_ax.plot([h["steps"] for h in history], [h["test_accuracy"] for h in history], marker="o",
+                     color="tab:green")
+    accuracy_ax.set_xlabel("step (end of each epoch)")
+    accuracy_ax.set_ylim(0, 1)
+    accuracy_ax.set_title("test accuracy")

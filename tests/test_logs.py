@@ -1,0 +1,102 @@
+"""Logs that read anywhere: a bar in a terminal, timestamped lines elsewhere, --quiet, --log-dir, --version;
+the report's curves and DDP's all-reduce time."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+from helpers import child_env
+
+from convshard import __version__
+from convshard.cli import main
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
+        "--batch-size", "8", "--threads", "1", "--devices", "cpu@0", "--seed", "0"]
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+
+
+def _convshard(*args: str, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convshard", *args], env=child_env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300, check=True)
+
+
+def test_outside_a_terminal_a_timestamped_line_every_n_steps_and_per_epoch():
+    done = _convshard("train", *TINY, "--epochs", "2", "--log-every", "3")
+    assert "\r" not in done.stderr
+    steps = [line for line in done.stderr.splitlines() if re.fullmatch(STAMP + r"step \d+/16 .*", line)]
+    assert [int(re.search(r"step (\d+)/", line).group(1)) for line in steps] == [3, 6, 9, 12, 15]
+    assert re.fullmatch(STAMP + r"step 3/16 \(epoch 1/2\): loss \d+\.\d{4}, lr [\d.e-]+, [\d.]+ ms/step, "
+                                r"[\d.]+ images/s", steps[0])
+    epochs = [line for line in done.stderr.splitlines() if re.fullmatch(STAMP + r"epoch \d: train loss .*", line)]
+    assert len(epochs) == 2
+    assert re.fullmatch(r"test accuracy \d\.\d{4} \| train loss \d\.\d{4} \| [\d.]+ ms/step \| [\d.]+ images/s \| "
+                        r"[\d.]+ s\n", done.stdout)
+
+
+def test_quiet_keeps_only_the_final_summary():
+    done = _convshard("train", *TINY, "--epochs", "1", "--quiet")
+    assert done.stderr == "" and done.stdout.startswith("test accuracy ") and done.stdout.count("\n") == 1
+
+
+def test_in_a_terminal_the_progress_bar():
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    try:
+        done = _convshard("train", *TINY, "--epochs", "1", stderr=follower)
+        os.close(follower)
+        follower = None
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: everything is read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(leader)
+        if follower is not None:
+            os.close(follower)
+    text = drawn.decode(errors="replace")
+    assert re.search("\r(?!\n)", text) and "epoch 1/1:" in text and "step/s" in text  # tqdm redraws in place
+    assert not re.search(STAMP + "step ", text)
+    assert done.stdout.startswith("test accuracy ")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"convshard {__version__}\n"
+
+
+def test_log_dir_tensorboard_events_when_installed(tmp_path):
+    assert main(["train", *TINY, "--max-steps", "3", "--quiet", "--log-dir", str(tmp_path)]) == 0
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert (tmp_path / "steps.csv").read_text().count("\n") == 4  # header and 3 steps
+    assert len(events) == (1 if importlib.util.find_spec("tensorboard") else 0)
+
+
+def test_report_of_ddp_counts_its_all_reduce_and_draws_the_curves(tmp_path, capsys):
+    out = tmp_path / "ddp.json"
+    assert main(["train", *TINY, "--devices", "cpu@0,cpu@1", "--strategy", "ddp", "--max-steps", "4",
+                 "--metrics-out", str(out), "--quiet"]) == 0
+    metrics = json.loads(out.read_text())
+    assert len(metrics["step_loss"]) == 4 and all(loss > 0 for loss in metrics["step_loss"])
+    collective = metrics["timeline"]["collective_seconds"]
+    assert all(0 < c <= s for cs, ss in zip(collective, metrics["timeline"]["step_seconds"]) for c, s in zip(cs, ss))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert len(rows) == 2 and all(float(r[3]) > 0 for r in rows)  # transfer ms: the all-reduce, not 0
+    assert (tmp_path / "ddp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
