@@ -1,6 +1,6 @@
 """``convshard bench --sweeps predict`` in its small form (2 namespace hosts, a few steps) and ``--sweeps scale``.
 
-The predict sweep writes a cluster file from one profile, plans it, runs
+The predict sweep writes a cluster file from profiles (the devices', the link's), plans it, runs
 every candidate plan on namespace hosts and keeps each job's predicted step
 beside the measured one. No time bound is asserted here: the figures are
 the bench's to show. Needs root and iproute2 (skips, or fails under CI=true).
@@ -29,7 +29,10 @@ def test_predict_sweep_runs_every_candidate_and_keeps_predicted_beside_measured(
         assert job["predicted_ms"] > 0 and job["ms"] > 0, name
     described = tomllib.loads((tmp_path / "clusters" / "predict-0.toml").read_text())
     named = {d["profile"] for host in described["hosts"] for d in host["devices"]}
-    assert named == {str((tmp_path / "profiles" / "predict.json").resolve())}  # profiles alone, never a run
+    links = {host["between"]["profile"] for host in described["hosts"]}
+    profiles = (tmp_path / "profiles").resolve()
+    assert named == {str(profiles / "predict.json")}  # profiles alone, never a run
+    assert links == {str(profiles / "link-10gbit.json")}
     assert (tmp_path / "predict.png").stat().st_size > 0
     assert "predicted" in (tmp_path / "bench.md").read_text()
 
@@ -39,7 +42,7 @@ def test_scale_predicts_speedup_and_efficiency_from_a_cluster_file(tmp_path):
     helpers.write_profile(tmp_path / "cpu.json")
     points = {}
     for n, rate in ((1, "10gbit"), (4, "100gbit")):
-        hosts = [{"name": f"h{i}", "between": rate, "latency": "50 us",
+        hosts = [{"name": f"h{i}", "between": {"bandwidth": rate, "latency": "50 us"},
                   "devices": [{"name": "d", "profile": "cpu.json", "speed": 1.0}]} for i in range(n)]
         path = tmp_path / f"c{n}.toml"
         path.write_text(clusters.cluster_toml(64, hosts))

@@ -79,3 +79,12 @@ def test_pickled_code_is_never_run(tmp_path):
     with pytest.raises(ConfigError):
         checkpoint.load_checkpoint(tmp_path)
     assert not marker.exists()
+
+
+def test_changes_name_each_flag_that_differs():
+    from convshard.run.checkpoint import changes
+
+    saved = {"batch_size": 64, "epochs": 8, "max_steps": None, "lr": 0.05, "model": "paper"}
+    now = {"batch_size": 32, "epochs": 8, "max_steps": 100, "lr": 0.1, "model": "vgg"}
+    assert changes(saved, now) == "--batch-size 64 (now 32), --max-steps unset (now 100), --lr 0.05 (now 0.1)"
+    assert changes(saved, saved) == ""

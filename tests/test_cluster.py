@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import helpers
 import pytest
 
 from convshard.cli import main
+from convshard.errors import ConfigError
 from convshard.plan import cluster, cost, search
 
 
@@ -86,3 +89,32 @@ def test_bad_cluster_files_get_one_line_naming_the_key(tmp_path, capsys, text, n
     assert main(["plan", "--cluster", str(write_cluster(tmp_path, text))]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
+
+
+def test_a_link_named_by_a_profile_reproduces_the_all_gather_it_measured(tmp_path):
+    """Two hosts whose link is a profile of two hosts, and one host whose link within is a profile of one host:
+    the ring of the two devices prices the all-gather as the profile measured it."""
+    helpers.write_profile(tmp_path / "cpu.json")
+    for name, hosts in (("across.json", ["x", "y"]), ("within.json", ["x", "x"])):
+        measured = helpers.write_profile(tmp_path / name, speeds=(1.0, 1.0))
+        measured["key"]["hosts"] = hosts
+        measured["links"]["all_gather"] = {"latency": 1e-3, "bandwidth": 2e8}
+        (tmp_path / name).write_text(json.dumps(measured))
+    device = '{ profile = "cpu.json" }'
+    across = cluster.load(write_cluster(tmp_path, f"""
+[links]
+between_hosts = {{ profile = "across.json" }}
+[[hosts]]
+devices = [{device}]
+[[hosts]]
+devices = [{device}]
+"""))
+    within = cluster.load(write_cluster(tmp_path, f"""
+[[hosts]]
+within = {{ profile = "within.json" }}
+devices = [{device}, {device}]
+"""))
+    for built in (across, within):
+        assert built["links"]["all_gather"] == pytest.approx({"latency": 1e-3, "bandwidth": 2e8})
+    with pytest.raises(ConfigError, match="no profile of one device on each of two hosts"):
+        cluster.load(write_cluster(tmp_path, f'[[hosts]]\nbetween = {{ profile = "cpu.json" }}\ndevices = [{device}]\n'))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from helpers import make_profile
 
@@ -105,3 +107,23 @@ def test_single_step_is_the_one_device_plan_on_the_restricted_profile():
         sub = search.restrict(profile, [r])
         assert search.single_step(profile, r) == cost.predict(sub, plan.single(f"cpu@{r}", _groups(profile),
                                                                               64)).step
+
+
+def test_bytes_per_element_come_from_the_plan_precision():
+    """A bf16 plan sends its activations in 2 bytes: every activation byte count of the
+    profile halves, the weights' bytes do not, and only the collectives get cheaper."""
+    profile = make_profile((1.0, 1.0))
+    job = plan.kernel_split(("a", "b"), search.groups_of(profile), profile["batch_size"])
+    half = cost.in_precision(profile, "bf16")
+    for layer, measured in zip(half["layers"], profile["layers"]):
+        for key in cost.ACTIVATION_BYTES:
+            assert layer[key] == measured[key] / 2
+        assert [o["bytes"] for o in layer["outputs"]] == [o["bytes"] / 2 for o in measured["outputs"]]
+        assert layer["param_bytes"] == measured["param_bytes"]
+    assert cost.in_precision(profile, "32") is profile
+    full, bf16 = cost.predict(profile, job), cost.predict(profile, replace(job, precision="bf16"))
+    assert bf16.busy == full.busy and bf16.update == full.update
+    assert 0 < sum(bf16.collectives.values()) < sum(full.collectives.values())
+    alone = plan.single("a", search.groups_of(profile), profile["batch_size"])
+    one = search.restrict(profile, [0])
+    assert cost.predict(one, replace(alone, precision="bf16")).step == cost.predict(one, alone).step

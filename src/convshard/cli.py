@@ -57,6 +57,10 @@ examples:
   convshard train --dataset cifar10 --data-dir data --checkpoint-dir runs/c10 --resume
   convshard train --model resnet18 --augment        # CIFAR-form ResNet-18, random crop + flip
   convshard train --model mymodels:resnet18 --dataset folder --data-dir photos --image-size 64
+  convshard train --model resnet18 --augment --weight-decay 5e-4 --warmup-epochs 1 --checkpoint-dir runs/r18 \
+                  --keep-best --log-dir runs/r18/logs
+  convshard evaluate --checkpoint runs/r18/best.pt   # accuracy, per class, confusion matrix
+  convshard predict --checkpoint runs/r18 a.png b.png
 
 devices (one worker each): cpu | cpu@N | cpu@N-M | cpu@N,M (a core set) | cuda | cuda:N
   cpu@0,cpu@1,cpu@1   three workers; the two on core 1 share it (speeds about 1, 1/2, 1/2)
@@ -139,6 +143,14 @@ def _augments(text: str) -> tuple[str, ...] | str:
     for t in chosen:
         if t not in data.AUGMENTS:
             raise argparse.ArgumentTypeError(f"bad transform {t!r}: choose from {', '.join(data.AUGMENTS)}")
+    return chosen
+
+
+def _rates(text: str) -> tuple[str, ...]:
+    chosen = tuple(r.strip() for r in text.split(","))
+    for r in chosen:
+        if not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", r):
+            raise argparse.ArgumentTypeError(f"bad rate {r!r}: a tc rate such as 1gbit, 100mbit")
     return chosen
 
 
@@ -365,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", metavar="J1,J2", type=lambda text: tuple(text.split(",")),
                    help="only these jobs of each point (one device always runs): e.g. 'auto,plain loop'; "
                         "default: every job")
+    b.add_argument("--rates", metavar="R1,R2", type=_rates,
+                   help=f"links of the bandwidth sweep, tc rates (default: {','.join(bench.RATES)})")
     b.add_argument("--out-dir", metavar="DIR", default="runs/bench", help="(default: %(default)s)")
     b.add_argument("--cluster", metavar="FILE",
                    help="with --sweeps scale: also predict the cluster FILE describes (see convshard plan "
@@ -633,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
                             batches=args.batches, rounds=args.rounds, model=args.model, cluster=args.cluster,
-                            precisions=args.precision, jobs=args.jobs)
+                            precisions=args.precision, jobs=args.jobs, rates=args.rates)
             print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)

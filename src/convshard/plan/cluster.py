@@ -10,8 +10,8 @@ collective, and each device's memory, which the search keeps every plan within::
 
     batch_size = 64                     # default: the first device's profile's batch
     [links]                             # defaults per kind of link
-    within_host   = { bandwidth = "16 GB/s", latency = "20 us" }
-    between_hosts = { bandwidth = "1 Gbit/s", latency = "100 us" }
+    within_host   = { bandwidth = "4 GB/s", latency = "75 us" }
+    between_hosts = { profile = "link.json" }   # as a profile of two hosts measured it
 
     [[hosts]]
     name = "a"
@@ -26,6 +26,14 @@ Numbers take units: bandwidth in bit/s, kbit/s, Mbit/s, Gbit/s (also tc's
 kbit, mbit, gbit), B/s, kB/s, MB/s, GB/s, or bytes per second; latency in
 s, ms, us, ns, or seconds; memory in B, KB, MB, GB, TB, KiB, MiB, GiB,
 TiB, or bytes. Relative profile paths are read from the cluster file's folder.
+
+A link may name a profile of two devices (``profile = PATH``) under or
+instead of its bandwidth and latency: for a link between hosts, one device
+on each of two hosts (``convshard train --profile PATH`` under torchrun
+measures one); within a host, two devices on it (``convshard profile``).
+Its all-gather took t(n) = L + n / BW, which a ring of two hops prices
+alpha + n / (2 beta) (``cost.ring_links``): beta = BW / 2, and the hop's
+latency L is the link's within a host, or half of it on each host's side.
 
 From a device's profile, measured at batch B_p, at the cluster's batch B
 and speed factor s: the fit a + b k and the replicated rest scale by
@@ -63,7 +71,7 @@ LATENCY = {"s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 MEMORY = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30,
           "TiB": 2 ** 40}
 KEYS = {"": {"batch_size", "links", "hosts"}, "links": {"within_host", "between_hosts"},
-        "link": {"bandwidth", "latency"}, "host": {"name", "within", "between", "devices"},
+        "link": {"bandwidth", "latency", "profile"}, "host": {"name", "within", "between", "devices"},
         "device": {"name", "profile", "device", "speed", "memory", "count"}}
 
 
@@ -100,12 +108,29 @@ class _Reader:
             raise self.fail(where, f"is {value!r}, expected a finite number {'>= 0' if zero else 'above 0'}")
         return float(value)
 
-    def link(self, value: object, where: str, default: Mapping) -> dict:
+    def link(self, value: object, where: str, default: Mapping, *, between: bool) -> dict:
+        """A link between hosts (``between``: one host's side of it) or within a host."""
         given = self.table(value, where, "link")
+        if "profile" in given:
+            default = self.measured_link(given["profile"], f"{where}.profile", between=between)
         return {"bandwidth": self.number(given["bandwidth"], f"{where}.bandwidth", BANDWIDTH)
                 if "bandwidth" in given else default["bandwidth"],
                 "latency": self.number(given["latency"], f"{where}.latency", LATENCY, zero=True)
                 if "latency" in given else default["latency"]}
+
+
+    def measured_link(self, value: object, where: str, *, between: bool) -> dict:
+        """The link a profile of two devices measured (module docstring): on two
+        hosts (``between``) one host's side of it, else on one host the link within."""
+        hosts = 2 if between else 1
+        wanted = "one device on each of two hosts" if between else "two devices on one host"
+        if not isinstance(value, str):
+            raise self.fail(where, f"is {_kind(value)}, expected the path of a profile of {wanted}")
+        measured = profiles.read(self.path.parent / value)
+        if measured is None or len(measured["devices"]) != 2 or "all_gather" not in measured["links"]:
+            raise self.fail(where, f"{value!r} is no profile of {wanted}")
+        link = measured["links"]["all_gather"]
+        return {"bandwidth": link["bandwidth"] / 2, "latency": link["latency"] / hosts}
 
 
 def load(path: str | Path, *, batch_size: int | None = None) -> dict:
@@ -123,8 +148,8 @@ def load(path: str | Path, *, batch_size: int | None = None) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cluster {path}: not TOML: {exc}") from None
     links = reader.table(top.get("links", {}), "links", "links")
-    defaults = {kind: reader.link(links[kind], f"links.{kind}", DEFAULT_LINKS[kind]) if kind in links else
-                DEFAULT_LINKS[kind] for kind in DEFAULT_LINKS}
+    defaults = {kind: reader.link(links[kind], f"links.{kind}", DEFAULT_LINKS[kind], between=kind == "between_hosts")
+                if kind in links else DEFAULT_LINKS[kind] for kind in DEFAULT_LINKS}
     hosts = top.get("hosts")
     if not isinstance(hosts, list) or not hosts:
         raise reader.fail("hosts", "is missing or empty, expected [[hosts]] tables, each with devices")
@@ -138,8 +163,9 @@ def load(path: str | Path, *, batch_size: int | None = None) -> dict:
         if not isinstance(name, str) or not name or name in names:
             raise reader.fail(f"{where}.name", f"is {name!r}, expected a name no other host has")
         names.append(name)
-        within.append(reader.link(host.get("within", {}), f"{where}.within", defaults["within_host"]))
-        between.append(reader.link(host.get("between", {}), f"{where}.between", defaults["between_hosts"]))
+        within.append(reader.link(host.get("within", {}), f"{where}.within", defaults["within_host"], between=False))
+        between.append(reader.link(host.get("between", {}), f"{where}.between", defaults["between_hosts"],
+                                   between=True))
         listed = host.get("devices")
         if not isinstance(listed, list) or not listed:
             raise reader.fail(f"{where}.devices", "is missing or empty, expected a list of devices")

@@ -10,6 +10,13 @@ t_x(n bytes) = latency_x + n / bandwidth_x (nothing is sent at W = 1):
 measured, or for a cluster file (``convshard.plan.cluster``) priced on its
 topology by ``ring_links``, a ring at its slowest hop.
 
+Bytes per element come from the plan: activations and their gradients
+travel in its compute precision (``convshard.precision``: 2 bytes in bf16
+and fp16, 4 in float32), weights' gradients and broadcasts in float32. A
+profile counts its activation bytes in the precision it was timed in;
+``in_precision`` rescales them to the plan's (its times stay as measured,
+so a profile is taken in the precision of the job it plans).
+
 **Sharded engine.** Group g's compute on rank r is
 
     kernel mode: a_{r,g} + b_{r,g} max(c_{r,g}, 1)      (a rank without kernels runs a placeholder)
@@ -68,6 +75,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..precision import activation_bytes
 from . import BATCH, DDP, KERNEL, Plan
 
 OVERLAP = 0.6  # the share of DDP's backward window that hides its all-reduce (fit in the module docstring)
@@ -105,7 +113,26 @@ def predict(profile: Mapping, plan: Plan) -> Prediction:
     names = sorted(layer["name"] for layer in profile["layers"])
     if names != sorted(g.name for g in plan.groups):
         raise ConfigError(f"the plan's groups {sorted(g.name for g in plan.groups)} are not the profile's {names}")
+    profile = in_precision(profile, plan.precision)
     return _ddp(profile, plan) if plan.engine == DDP else _sharded(profile, plan)
+
+
+ACTIVATION_BYTES = ("gather_bytes_per_kernel", "input_grad_bytes", "input_grad_scatter_bytes")  # per layer
+
+
+def in_precision(profile: Mapping, precision: str) -> Mapping:
+    """``profile`` with its activation bytes (each layer's gathers, input
+    gradients, values leaving it, inputs) counted at ``precision``'s element
+    size instead of the profile's own; the profile itself when they agree."""
+    measured = profile.get("precision", "32")
+    if measured == precision:
+        return profile
+    ratio = activation_bytes(precision) / activation_bytes(measured)
+    layers = [{**layer, **{k: layer[k] * ratio for k in ACTIVATION_BYTES},
+               "outputs": [{**out, "bytes": out["bytes"] * ratio} for out in layer["outputs"]],
+               "inputs": [{**value, "bytes": value["bytes"] * ratio} for value in layer["inputs"]]}
+              for layer in profile["layers"]]
+    return {**profile, "layers": layers, "precision": precision}
 
 
 def transfer(profile: Mapping, kind: str, nbytes: float) -> float:

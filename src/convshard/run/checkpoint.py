@@ -7,7 +7,8 @@ nothing is unpickled beyond that:
     {"model": full state dict (same keys and shapes as the unsharded model),
      "optimizer": the unsharded optimizer's state dict,
      "progress": {"epoch": epochs done, "batch": batches done in the current epoch,
-                  "step": optimizer steps done, "history": [...]},
+                  "step": optimizer steps done, "history": [...],
+                  "best_accuracy": with --keep-best, the best test accuracy so far},
      "config": the run's settings,
      "job_plan": the plan it ran (``plan.Plan.to_json``),
      "inference": what a model needs at inference (``run.inference``): its
@@ -155,8 +156,11 @@ RESUMED_FLAGS = ("batch_size", "epochs", "max_steps", "schedule", "lr", "lr_warm
 def changes(saved: dict, now: dict) -> str:
     """The flags of RESUMED_FLAGS that differ between a checkpoint's config and
     this run's, as one phrase (``--batch-size 64 (now 32), ...``); '' when none."""
-    return ", ".join(f"--{key.replace('_', '-')} {saved[key]} (now {now[key]})" for key in RESUMED_FLAGS
-                     if key in saved and saved[key] != now.get(key))
+    def shown(value: object) -> str:
+        return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"--{key.replace('_', '-')} {shown(saved[key])} (now {shown(now.get(key))})"
+                     for key in RESUMED_FLAGS if key in saved and saved[key] != now.get(key))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -40,7 +40,7 @@ class Logbook:
     def _open(self, name: str, fields: tuple[str, ...]) -> tuple[Any, csv.DictWriter]:
         path = self.directory / name
         new = not path.exists() or path.stat().st_size == 0
-        file = open(path, "a", newline="")  # closed by close()
+        file = open(path, "a", newline="")  # noqa: SIM115 (kept open for the run; close() closes it)
         writer = csv.DictWriter(file, fieldnames=fields)
         if new:
             writer.writeheader()

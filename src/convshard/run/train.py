@@ -49,8 +49,8 @@ from .logbook import Logbook
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEDULES", "learning_rate", "param_groups", "clip_gradients", "train_worker", "profile_worker",
-           "measure_job"]
+__all__ = ["SCHEDULES", "clip_gradients", "learning_rate", "measure_job", "param_groups", "profile_worker",
+           "train_worker"]
 
 
 def param_groups(params: Iterable[nn.Parameter], *, weight_decay: float, decay_all: bool = False) -> list[dict]:
@@ -243,7 +243,7 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
             raise ConfigError(f"checkpoint {where} does not fit this model: it was written by "
                               f"{checkpoint.written_by(saved.get('config', {}))}, this run is {checkpoint.written_by(config.to_json())}; "
                               f"{exc}") from None
-        log.info("resuming from %s at step %d", where, saved["progress"]["step"])
+        log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
         if rank == 0 and (changed := checkpoint.changes(saved.get("config", {}), config.to_json())):
             log.warning("%s was written with %s: continuing with this run's", where, changed)
     engine = engine_for(config.job, rank, group)

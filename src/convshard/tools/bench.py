@@ -27,8 +27,15 @@ batch size and width; nothing trained): ``convshard.tools.clusters``. The speedu
 ``mean_step_seconds`` (after the warm-up steps); with ``--rounds N`` each
 point's jobs run N times in turn and t is a job's median. A job that planned
 (``auto``) also keeps the plan's predicted step and the strategy it chose.
+``--precision 32,bf16`` runs every job (but ``one device``, the reference)
+in each precision, a job beyond float32 named "JOB bf16"; the models sweep
+also runs the plain PyTorch loop (``plain loop``: one process on all cores,
+autocast in the job's precision, no convshard code in its step,
+``convshard.tools.plain``) at its faster memory format. ``--jobs`` keeps
+only the named jobs of each point, ``--rates`` the bandwidth sweep's links.
 Writes ``bench.json``, one PNG per sweep and ``bench.md`` (tables with the
-command of every figure, predicted against measured steps) into ``--out-dir``.
+command of every figure, predicted against measured steps, peak memory per
+worker) into ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -200,7 +207,7 @@ def _bandwidth(run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     ones = {b: run.measure({"one device": ["--strategy", "single", "--devices", f"cpu@{cores[0]}", *job]})["one device"]
             for b, job in jobs.items()}
     points = []
-    for rate in RATES:
+    for rate in size["rates"] or RATES:
         with netns.hosts(2, rate=rate) as hosts:
             for b, job in jobs.items():
                 point = {"x": f"{rate} b{b}" if size["given_batches"] else rate, "one device": ones[b], **run.measure(
@@ -350,7 +357,7 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
 def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
               batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper",
               cluster: str | Path | None = None, precisions: Sequence[str] = ("32",),
-              jobs: Sequence[str] | None = None) -> dict:
+              jobs: Sequence[str] | None = None, rates: Sequence[str] | None = None) -> dict:
     """Run the sweeps on ``model``; write bench.json, <sweep>.png and bench.md into ``out_dir``;
     return the results. ``batches`` replaces the size's batch sizes of the batch
     and models sweeps and gives the bandwidth sweep a set of points per batch;
@@ -368,7 +375,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
         if "scale" not in sweeps:
             raise ConfigError("--cluster adds the described cluster to the scale sweep: add scale to --sweeps")
         cluster_file.load(cluster)  # a bad file fails now, before any sweep runs
-    chosen = {**model_size(model, size), "given_batches": tuple(batches or ()),
+    chosen = {**model_size(model, size), "given_batches": tuple(batches or ()), "rates": tuple(rates or ()),
               "cluster": Path(cluster) if cluster is not None else None}
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():

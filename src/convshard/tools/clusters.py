@@ -2,7 +2,8 @@
 
 Both sweeps first measure their profiles once (``convshard profile
 --threads 1``, cached under ``OUT/profiles``): ``predict`` one of two
-workers on this host's first two cores, ``scale`` one per model and width
+workers on this host's first two cores, and one of each link rate it uses
+(two namespace hosts, ``link_profile``); ``scale`` one per model and width
 on one core. Every configuration is then written as a cluster file
 (``OUT/clusters``, ``convshard.plan.cluster``) from those profiles alone.
 
@@ -49,9 +50,9 @@ PREDICT = (
     ("3 hosts, speeds 1, 1/2, 1/2", ((0, 1.0), (1, 0.5), (1, 0.5)), ("10gbit",) * 3),
     ("3 hosts, one link 10x slower", ((0, 1.0), (1, 0.5), (1, 0.5)), ("1gbit", "1gbit", "100mbit")),
 )
-# per host's link to the bridge: half a gloo meeting over TCP, which took 279-296 us on the
-# 2-core test machine (docs/architecture.md, scripts/latencies.py), measured apart from these runs
-NAMESPACE_LATENCY = "150 us"
+# the scale sweep's latency of each host's link: half a gloo meeting over TCP, which took
+# 279-296 us on the 2-core test machine (docs/architecture.md, scripts/latencies.py)
+SCALE_LATENCY = "150 us"
 SCALE_MODELS = {"paper CNN": "paper", "ResNet-18": "resnet18", "VGG-11": "vgg11"}
 SCALE_DEVICES = (1, 2, 4, 8, 16, 32, 64)
 SCALE_RATES = ("100mbit", "1gbit", "10gbit", "100gbit")
@@ -77,13 +78,12 @@ def base_profile(out_dir: Path, name: str, model_args: Sequence[str], batch: int
 
 
 def cluster_toml(batch: int, hosts: Sequence[dict]) -> str:
-    """A cluster file: ``hosts`` of {name, between (bandwidth), latency, devices: [{name, profile,
-    device, speed, count}]}."""
+    """A cluster file: ``hosts`` of {name, between: {bandwidth, latency} or {profile},
+    devices: [{name, profile, device, speed, count}]}."""
     lines = [f"batch_size = {batch}"]
     for host in hosts:
-        lines += ["", "[[hosts]]", f"name = {json.dumps(host['name'])}",
-                  f"between = {{ bandwidth = {json.dumps(host['between'])}, latency = {json.dumps(host['latency'])} }}",
-                  "devices = ["]
+        link = ", ".join(f"{k} = {json.dumps(v)}" for k, v in host["between"].items())
+        lines += ["", "[[hosts]]", f"name = {json.dumps(host['name'])}", f"between = {{ {link} }}", "devices = ["]
         for d in host["devices"]:
             fields = ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items())
             lines.append(f"  {{ {fields} }},")
@@ -110,10 +110,12 @@ def predict_sweep(run, size: dict, cores: list[int]) -> list[dict]:
     # share and its batch-mode time at half the batch, measured together on this host before any run
     profile = base_profile(run.out_dir, "predict", model_args, size["batch"],
                            ",".join(f"cpu@{c}" for c in cores[:2]))
+    configs = PREDICT[: size["predict_configs"]]
+    links = {rate: link_profile(run.out_dir, rate, cores) for rate in sorted({r for *_, rates in configs for r in rates})}
     points = []
-    for i, (label, layout, rates) in enumerate(PREDICT[: size["predict_configs"]]):
+    for i, (label, layout, rates) in enumerate(configs):
         specs = [f"cpu@{cores[core % len(cores)]}" for core, _ in layout]
-        hosts = [{"name": f"h{h}", "between": rate, "latency": NAMESPACE_LATENCY,
+        hosts = [{"name": f"h{h}", "between": {"profile": str(links[rate].resolve())},
                   "devices": [{"name": spec, "profile": str(profile.resolve()), "device": spec, "speed": speed}]}
                  for h, (spec, (_, speed), rate) in enumerate(zip(specs, layout, rates))]
         described = _write_cluster(run.out_dir / "clusters" / f"predict-{i}.toml", size["batch"], hosts)
@@ -134,6 +136,27 @@ def predict_sweep(run, size: dict, cores: list[int]) -> list[dict]:
             job["speedup"] = point["single"]["ms"] / job["ms"]
         points.append(point)
     return points
+
+
+def link_profile(out_dir: Path, rate: str, cores: list[int]) -> Path:
+    """A profile of one worker on each of two namespace hosts joined by links
+    of ``rate``, whose links a cluster file names (``between = { profile }``):
+    measured once, before any run it predicts, on a tiny model (the links'
+    figures do not depend on it)."""
+    path = out_dir / "profiles" / f"link-{rate}.json"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with netns.hosts(2, rate=rate) as hosts:
+        procs = [netns.torchrun(host, nnodes=2, rendezvous=hosts[0], run_id="convshard-link", args=[
+            "train", "--strategy", "layers", "--devices", f"cpu@{cores[i % len(cores)]}", "--threads", "1",
+            "--dataset", "synthetic", "--synthetic-shape", "3,32,32", "--synthetic-size", "64", "--kernels", "4,8",
+            "--batch-size", "16", "--max-steps", "1", "--quiet", "--profile", str(path)]) for i, host in enumerate(hosts)]
+        finished = [netns.finish(proc, timeout=900) for proc in procs]
+    for code, output in finished:
+        if code != 0:
+            raise ConfigError(f"profiling the {rate} link failed: {output.strip().splitlines()[-1:]}")
+    return path
 
 
 def plot_predict(points: list[dict], path: Path) -> None:
@@ -181,10 +204,9 @@ def scale_sweep(out_dir: Path, size: dict, models: dict[str, dict], cores: list[
             profile = profiles[setting.get("width", networks[-1][0])]  # default: the model at full width
             devices = [{"name": f"d{i}", "profile": str(profile.resolve()), "speed": s} for i, s in enumerate(speeds)]
             rate = setting.get("rate", "10gbit")
-            hosts = ([{"name": "h0", "between": rate, "latency": NAMESPACE_LATENCY, "devices": devices}]
-                     if setting.get("one_host") else
-                     [{"name": f"h{i}", "between": rate, "latency": NAMESPACE_LATENCY, "devices": [d]}
-                      for i, d in enumerate(devices)])
+            link = {"bandwidth": rate, "latency": SCALE_LATENCY}
+            hosts = ([{"name": "h0", "between": link, "devices": devices}] if setting.get("one_host") else
+                     [{"name": f"h{i}", "between": link, "devices": [d]} for i, d in enumerate(devices)])
             tag = f"{model}-{axis}-{x}".replace("/", "-").replace(" ", "-")
             described = _write_cluster(out_dir / "clusters" / "scale" / f"{tag}.toml",
                                        setting.get("batch", size["batch"]), hosts)
