@@ -589,23 +589,13 @@ def _report(metrics_path: str, png: str | None, steps: int) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     """``convshard evaluate``: the checkpoint's model on the test images of its dataset, or of the one given."""
-    model, info = inference.load(args.checkpoint)
-    saved = checkpoint.read_checkpoint(args.checkpoint).get("config", {})
-    d = TrainConfig()
-    name = args.dataset or saved.get("dataset", info.dataset)
-    synthetic_size = saved.get("synthetic_size", d.synthetic_size)
-    dataset = data.load_dataset(
-        name, data_dir=args.data_dir or saved.get("data_dir", d.data_dir), seed=saved.get("seed", d.seed),
-        synthetic_shape=tuple(info.input_shape), synthetic_sizes=(synthetic_size, max(1, synthetic_size // 4)),
-        image_size=info.input_shape[1],
-        val_fraction=args.val_fraction if args.val_fraction is not None else saved.get("val_fraction", d.val_fraction),
-        normalisation=(info.mean, info.std) if name == "folder" and info.mean else None)
-    if dataset.input_shape != info.input_shape:
-        raise ConfigError(f"dataset {name} has images of {'x'.join(map(str, dataset.input_shape))}; the model "
-                          f"takes {'x'.join(map(str, info.input_shape))}")
+    payload = checkpoint.read_checkpoint(args.checkpoint)
+    model, info = inference.from_checkpoint(payload, args.checkpoint)
+    dataset = inference.test_data(payload, info, dataset=args.dataset, data_dir=args.data_dir,
+                                  val_fraction=args.val_fraction)
     confusion = inference.evaluate(model, dataset.test_x, inference.labels_in(dataset, info),
                                    classes=len(info.class_names), batch_size=args.batch_size)
-    print(f"{args.checkpoint}: --model {info.model} on {name}, {len(dataset.test_y)} test images")
+    print(f"{args.checkpoint}: --model {info.model} on {dataset.name}, {len(dataset.test_y)} test images")
     print(inference.format_evaluation(confusion, info.class_names))
 
 

@@ -57,7 +57,11 @@ def spec(config: TrainConfig, dataset: data.Dataset) -> dict:
 def load(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
     """The plain model of the checkpoint at ``path`` (a checkpoint file or
     its directory) in eval mode, float32 on the CPU, and its spec."""
-    payload = checkpoint.read_checkpoint(path)
+    return from_checkpoint(checkpoint.read_checkpoint(path), path)
+
+
+def from_checkpoint(payload: dict, path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
+    """``load`` of a checkpoint already read from ``path``."""
     saved = payload.get("inference")
     if not isinstance(saved, dict):
         raise ConfigError(f"checkpoint {path} holds no inference record (written by an earlier convshard): "
@@ -117,6 +121,25 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: int
     logits). Accuracy is trace(M) / sum(M); class t's is M[t, t] / sum_p M[t, p]."""
     predicted = predict(model, x, batch_size=batch_size).argmax(1)
     return torch.bincount(y * classes + predicted, minlength=classes * classes).view(classes, classes)
+
+
+def test_data(payload: dict, info: ModelSpec, *, dataset: str | None = None, data_dir: str | None = None,
+              val_fraction: float | None = None) -> data.Dataset:
+    """The dataset a checkpoint's model is evaluated on: the one it was
+    trained on (its config in ``payload``) unless named, a folder read at the
+    model's image size and normalised as its training images were."""
+    saved, d = payload.get("config", {}), TrainConfig()
+    name = dataset or saved.get("dataset", info.dataset)
+    size = saved.get("synthetic_size", d.synthetic_size)
+    loaded = data.load_dataset(
+        name, data_dir=data_dir or saved.get("data_dir", d.data_dir), seed=saved.get("seed", d.seed),
+        synthetic_shape=info.input_shape, synthetic_sizes=(size, max(1, size // 4)), image_size=info.input_shape[1],
+        val_fraction=val_fraction if val_fraction is not None else saved.get("val_fraction", d.val_fraction),
+        normalisation=(info.mean, info.std) if name == "folder" and info.mean else None)
+    if loaded.input_shape != info.input_shape:
+        raise ConfigError(f"dataset {name} has images of {'x'.join(map(str, loaded.input_shape))}; the model "
+                          f"takes {'x'.join(map(str, info.input_shape))}")
+    return loaded
 
 
 def labels_in(dataset: data.Dataset, info: ModelSpec) -> torch.Tensor:
