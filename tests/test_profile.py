@@ -88,6 +88,8 @@ def test_measure_two_ranks_gives_one_profile_the_planner_reads(measured):
     assert first["param_bytes"] > first["replicated_param_bytes"] > 0
     text = profile.format_profile(first)
     assert "features.3 (8 kernels)" in text and "all_gather: latency" in text
+    # each worker's device memory (CPU: the host's RAM), which the planner keeps every plan within
+    assert len(first["device_memory"]) == 2 and min(first["device_memory"]) > 0 and "memory (GiB)" in text
     from convshard.plan import search
 
     assert {c.name for c in search.candidates(first)} == {"single", "kernel", "layers", "ddp", "ddp sized"}

@@ -57,7 +57,7 @@ examples:
   convshard train --dataset cifar10 --data-dir data --checkpoint-dir runs/c10 --resume
   convshard train --model resnet18 --augment        # CIFAR-form ResNet-18, random crop + flip
   convshard train --model mymodels:resnet18 --dataset folder --data-dir photos --image-size 64
-  convshard train --model resnet18 --augment --weight-decay 5e-4 --warmup-epochs 1 --checkpoint-dir runs/r18 \
+  convshard train --model resnet18 --augment --weight-decay 5e-4 --warmup-epochs 1 --checkpoint-dir runs/r18 \\
                   --keep-best --log-dir runs/r18/logs
   convshard evaluate --checkpoint runs/r18/best.pt   # accuracy, per class, confusion matrix
   convshard predict --checkpoint runs/r18 a.png b.png

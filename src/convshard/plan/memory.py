@@ -23,7 +23,8 @@ activations (a classifier's) are left out.
 
 ``caps`` inverts it for the planner: the largest share f_r = c_r / K of
 every group, and the most rows b_r, that keep rank r within its memory
-M_r, from the model above with the buffers at their largest (O_g):
+M_r, from the model above with each gathered buffer taken as O_g (an even
+split's; the planner still checks every plan it builds with ``peak_bytes``):
 
     f_r <= (M_r - (2+s) P_rep - sum_g (I_g + O_g)) / sum_g ((2+s) P_g + SAVED O_g)
     b_r <= B (M_r - (2+s) P - sum_g O_g) / sum_g (I_g + SAVED O_g)

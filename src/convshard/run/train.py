@@ -307,7 +307,7 @@ def _train_epoch(run: _Run) -> float:
         if speaks and bar.disable and progress["step"] % config.log_every == 0:
             recent = list(itertools.islice(reversed(run.clock.seconds), config.log_every))
             log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.1f ms/step, %.1f images/s", progress["step"],
-                     config.max_steps or total_steps, epoch + 1, config.epochs, loss, lr,
+                     min(config.max_steps or total_steps, total_steps), epoch + 1, config.epochs, loss, lr,
                      1000 * statistics.fmean(recent), config.batch_size / statistics.fmean(recent))
         if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
             _save(run)  # the end of an epoch saves anyway

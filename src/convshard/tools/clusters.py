@@ -26,6 +26,7 @@ devices alike on one host.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,12 +65,14 @@ PAPER = {"4 CPUs": 3.28, "3 GPUs": 2.45}  # the paper's speedups (kernels 500,15
 
 def base_profile(out_dir: Path, name: str, model_args: Sequence[str], batch: int, device: str) -> Path:
     """The profile of ``model_args`` on ``device`` (one or more, one worker
-    each) at ``batch``, measured once (cached by ``--profile``)."""
-    path = out_dir / "profiles" / f"{name}.json"
+    each) at ``batch``, measured once: its file is named for the command."""
+    args = ["--devices", device, "--threads", "1", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
+            "--synthetic-size", "512", "--batch-size", str(batch), *model_args]
+    path = out_dir / "profiles" / f"{name}-{hashlib.sha256(' '.join(args).encode()).hexdigest()[:8]}.json"
+    if path.exists():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "convshard", "profile", "--devices", device, "--threads", "1", "--dataset",
-           "synthetic", "--synthetic-shape", "3,32,32", "--synthetic-size", "512", "--batch-size", str(batch),
-           "--profile", str(path), *model_args]
+    cmd = [sys.executable, "-m", "convshard", "profile", *args, "--profile", str(path)]
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
