@@ -2,11 +2,13 @@
 
     python scripts/profile_step.py --model resnet18 --batch-size 64 --strategy kernel
     python scripts/profile_step.py --model resnet18 --batch-size 64 --strategy ddp
+    python scripts/profile_step.py --model resnet18 --batch-size 64 --strategy kernel --precision bf16
 
 Two workers on cores 0 and 1 (gloo, one thread each) train the model on
 CIFAR-shaped random input: ``kernel`` shards it (``shard_model``, the full
 batch on every rank), ``ddp`` wraps it in DistributedDataParallel (half the
-batch each). After two warm-up steps two steps run under the profiler; rank 0
+batch each); ``--precision bf16`` runs the forward under autocast, as
+``convshard train --precision bf16`` does. After two warm-up steps two steps run under the profiler; rank 0
 prints the mean step seconds and the ops by self CPU time (the totals cover
 both profiled steps). Not part of the tests: it measures this machine.
 """
@@ -22,18 +24,22 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import convshard
+from convshard import precision
 from convshard.models import build_model
 from convshard.run.launch import init_from_env, launch_local
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          compute: str) -> None:
     optimizer.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(x), y).backward()
+    with precision.autocast(x.device, compute):
+        out = model(x)
+    nn.functional.cross_entropy(out.float(), y).backward()
     convshard.sync_replicas(model)
     optimizer.step()
 
 
-def _worker(model_name: str, batch: int, strategy: str, rows: int) -> str | None:
+def _worker(model_name: str, batch: int, strategy: str, rows: int, compute: str) -> str | None:
     rank, _, _ = init_from_env("gloo", timeout=300)
     os.sched_setaffinity(0, {rank})
     torch.set_num_threads(1)
@@ -46,16 +52,16 @@ def _worker(model_name: str, batch: int, strategy: str, rows: int) -> str | None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32)[part], torch.randint(0, 10, (batch,))[part]
     for _ in range(2):
-        _step(model, optimizer, x, y)
+        _step(model, optimizer, x, y, compute)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(2):
-            _step(model, optimizer, x, y)
+            _step(model, optimizer, x, y, compute)
         seconds = (time.perf_counter() - start) / 2
     if rank:
         return None
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-    return f"{strategy}, {model_name}, batch {batch}: {seconds:.3f} s/step (profiled)\n{table}"
+    return f"{strategy}, {model_name}, batch {batch}, precision {compute}: {seconds:.3f} s/step (profiled)\n{table}"
 
 
 def main() -> None:
@@ -64,8 +70,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--strategy", choices=("kernel", "ddp"), default="kernel")
     parser.add_argument("--rows", type=int, default=12, help="ops to list")
+    parser.add_argument("--precision", choices=precision.PRECISIONS, default="32")
     args = parser.parse_args()
-    print(launch_local(_worker, 2, args=(args.model, args.batch_size, args.strategy, args.rows),
+    print(launch_local(_worker, 2, args=(args.model, args.batch_size, args.strategy, args.rows, args.precision),
                        env={"OMP_NUM_THREADS": "1"})[0])
 
 

@@ -315,3 +315,16 @@ def test_plan_says_when_a_device_has_no_fast_bf16(monkeypatch, capsys):
             "3,16,16", "--synthetic-size", "16", "--kernels", "4,4", "--batch-size", "4"]
     assert main_exit_code(argv) == 0
     assert "cpu: no fast bf16" in capsys.readouterr().out
+
+
+def test_a_checkpoint_resumes_across_precisions(tmp_path):
+    """Two float32 steps, then two more in bf16 from the checkpoint: the
+    checkpoint holds float32 weights either way, and the resumed job records bf16."""
+    first = _config(tmp_path, "run", "paper", (6, 10), plan.single("cpu@0", {}, 12), steps=2)
+    groups = model_groups(first, load_data(first))
+    _weights(replace(first, job=plan.single("cpu@0", groups, 12)))
+    resumed = replace(first, job=_in(plan.single("cpu@0", groups, 12), "bf16"), precision="bf16", max_steps=4,
+                      resume=True)
+    weights, metrics = _weights(resumed)
+    assert metrics["steps"] == 4 and metrics["job_plan"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
