@@ -141,9 +141,10 @@ def fake_train(monkeypatch):
         planned = strategy == "auto" or sized
         if strategy == "auto":
             strategy = "ddp" if "resnet18" in args else "kernel"
+        devices = args[args.index("--devices") + 1].split(",") if "--devices" in args else ["plain loop"]
         out.write_text(json.dumps({
             "mean_step_seconds": 0.1, "timeline": {"peak_rss_mib": [100.0]}, "train_loss": 1.0, "shares": {},
-            "devices": args[args.index("--devices") + 1].split(","), "strategy": strategy,
+            "devices": devices, "strategy": strategy,
             "predicted_seconds": PREDICTED["ddp sized" if sized else strategy] if planned else None}))
 
     def run(command, **_):
@@ -159,7 +160,7 @@ def fake_train(monkeypatch):
 def test_bench_models_sweep_runs_each_model_against_every_strategy(tmp_path, fake_train):
     results = bench.run_bench(sweeps=["models"], size="smoke", out_dir=tmp_path)["models"]
     assert [p["x"] for p in results] == ["paper b8", "vgg11 b8", "resnet18 b8"]
-    assert len(fake_train) == 18
+    assert len(fake_train) == 21
     two = ["--devices", "cpu@0,cpu@1", "--threads", "1"]
     for point, model in zip(results, (["--kernels", "4,8"], ["--model", "vgg11", "--kernels", "4"],
                                       ["--model", "resnet18", "--kernels", "4"])):
@@ -169,9 +170,10 @@ def test_bench_models_sweep_runs_each_model_against_every_strategy(tmp_path, fak
                     "kernel": [*two, *job], "ddp": ["--strategy", "ddp", *two, *job],
                     "ddp sized": ["--strategy", "ddp", "--shares", "auto", *two, *job],
                     "auto": ["--strategy", "auto", *two, *job]}
-        assert {k: v for k, v in point.items() if isinstance(v, dict)}.keys() == expected.keys()
+        assert {k: v for k, v in point.items() if isinstance(v, dict)}.keys() == {*expected, "plain loop"}
         for name, args in expected.items():
             assert point[name]["command"].endswith(" --quiet " + " ".join(args))
+        assert point["plain loop"]["command"] == "python -m convshard.tools.plain --steps 4 --threads 2 " + " ".join(job)
         assert point["kernel"]["predicted_ms"] is None and point["ddp"]["predicted_ms"] is None
         assert point["ddp sized"]["predicted_ms"] == pytest.approx(80.0)
     assert [p["auto"]["strategy"] for p in results] == ["kernel", "kernel", "ddp"]

@@ -111,7 +111,7 @@ class _Runner:
             if self.only is not None and name not in self.only and name != "one device":
                 continue
             for p in self.precisions[:1] if name == "one device" else self.precisions:
-                out[name if p == "32" else f"{name} {p}"] = [*args, "--precision", p]
+                out[name if p == "32" else f"{name} {p}"] = [*args, *(["--precision", p] if p != "32" else [])]
         return out
 
     def measure(self, jobs: dict[str, Sequence[str]], *, hosts: list[netns.Host] | None = None,
