@@ -210,7 +210,6 @@ def _in(job: plan.Plan, precision_: str, memory_format: str = "contiguous") -> p
 PLANS = {
     "kernel": lambda g: plan.kernel_split(DEVICES, g, 12, shares=[3, 2]),
     "layers": lambda g: plan.kernel_split(DEVICES, g, 12, modes={next(iter(g)): "batch"}, rows=(7, 5)),
-    "all-batch": lambda g: plan.kernel_split(DEVICES, g, 12, modes=dict.fromkeys(g, "batch")),
 }
 
 
@@ -230,7 +229,7 @@ def test_sharded_bf16_weights_stay_within_the_error_bf16_itself_makes(tmp_path, 
     bf16, _ = _weights(_config(tmp_path, "bf16", model, kernels, _in(single, "bf16"), steps=3))
     bound = _distance(bf16, fp32)
     assert bound > 0  # bf16 did round
-    if model == "vgg":
+    if model == "vgg":  # kernel mode, and a per-layer plan with a batch-mode group (global-batch BatchNorm)
         jobs = {name: _in(make(groups), "bf16") for name, make in PLANS.items()}
         jobs["kernel, channels_last"] = _in(PLANS["kernel"](groups), "bf16", "channels_last")
     else:  # no BatchNorm: ddp trains the same model

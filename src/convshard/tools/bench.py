@@ -28,7 +28,7 @@ batch size and width; nothing trained): ``convshard.tools.clusters``. The speedu
 point's jobs run N times in turn and t is a job's median. A job that planned
 (``auto``) also keeps the plan's predicted step and the strategy it chose.
 ``--precision 32,bf16`` runs every job (but ``one device``, the reference)
-in each precision, a job beyond float32 named "JOB bf16"; the models sweep
+in each precision, a job beyond float32 named "JOB bf16"; the batch and models sweeps
 also runs the plain PyTorch loop (``plain loop``: one process on all cores,
 autocast in the job's precision, no convshard code in its step,
 ``convshard.tools.plain``) at its faster memory format. ``--jobs`` keeps
@@ -261,7 +261,7 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     elif name == "batch":
         for batch in size["given_batches"] or size["batches"]:
             job = [*model, *_kernels(size["kernels"]), "--batch-size", str(batch)]
-            points.append({"x": batch, **_point(run, cores, two, job, auto=True)})
+            points.append({"x": batch, **_point(run, cores, two, job, auto=True, plain=True)})
     elif name == "kernels":
         for label, net in size["networks"]:
             job = [*model, *_kernels(net), "--batch-size", str(size["batch"])]
