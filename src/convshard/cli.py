@@ -239,8 +239,8 @@ def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="32: float32 throughout, the same weights as one device up to float rounding; bf16: "
                         "convs and linear layers under autocast in bfloat16, activations stored and sent in 2 "
                         "bytes, weights and optimizer state float32 (about 2x faster on CPUs with AVX512-BF16 or "
-                        "AMX and on GPUs from Ampere on, half the bytes on every link; final accuracy as in "
-                        "float32 in the README's runs); fp16: float16 with dynamic loss scaling, CUDA devices "
+                        "AMX and on GPUs from Ampere on, half the bytes on every link; final accuracy within "
+                        "half a point of float32 in the README's runs); fp16: float16 with dynamic loss scaling, CUDA devices "
                         f"only (default: {d.precision})")
     g.add_argument("--memory-format", choices=(*precision.MEMORY_FORMATS, "auto"),
                    help="channels_last stores activations and conv weights as (N, H, W, C), which some conv "
