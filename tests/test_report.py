@@ -214,3 +214,16 @@ def test_bench_bandwidth_runs_a_set_of_links_per_batch(tmp_path, fake_train, mon
     assert sum("--strategy single" in " ".join(args) for args in fake_train) == 2  # one device once per batch
     assert [p["x"] for p in bench.run_bench(sweeps=["bandwidth"], size="smoke", out_dir=tmp_path / "one")
             ["bandwidth"]] == list(bench.RATES)
+
+
+def test_bench_in_bf16_names_its_jobs_and_keeps_one_device_as_the_reference(tmp_path, fake_train):
+    results = bench.run_bench(sweeps=["batch"], size="smoke", out_dir=tmp_path, precisions=("bf16",),
+                              jobs=("auto", "plain loop"))
+    (point,) = results["batch"]
+    assert {k for k, v in point.items() if isinstance(v, dict)} == {"one device", "auto bf16", "plain loop bf16"}
+    assert all(point[k]["command"].endswith("--precision bf16") for k in ("one device", "auto bf16", "plain loop bf16"))
+    assert point["auto bf16"]["speedup"] == pytest.approx(point["one device"]["ms"] / point["auto bf16"]["ms"])
+    both = bench.run_bench(sweeps=["batch"], size="smoke", out_dir=tmp_path / "both", precisions=("32", "bf16"),
+                           jobs=("auto",))["batch"][0]
+    assert {k for k, v in both.items() if isinstance(v, dict)} == {"one device", "auto", "auto bf16"}
+    assert not both["one device"]["command"].endswith("bf16")  # the reference runs in the first precision

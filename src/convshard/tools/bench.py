@@ -104,14 +104,16 @@ class _Runner:
 
     def in_precisions(self, jobs: dict[str, Sequence[str]]) -> dict[str, list[str]]:
         """Each job in every precision of ``--precision`` (named "NAME bf16"
-        beyond float32), but ``one device``, the reference of every speedup, in
-        float32 only; with ``--jobs`` only the named jobs (and ``one device``)."""
+        beyond float32), but ``one device``, the reference of every speedup,
+        in the first only and under its own name; with ``--jobs`` only the
+        named jobs (and ``one device``)."""
         out = {}
         for name, args in jobs.items():
             if self.only is not None and name not in self.only and name != "one device":
                 continue
             for p in self.precisions[:1] if name == "one device" else self.precisions:
-                out[name if p == "32" else f"{name} {p}"] = [*args, *(["--precision", p] if p != "32" else [])]
+                key = name if p == "32" or name == "one device" else f"{name} {p}"
+                out[key] = [*args, *(["--precision", p] if p != "32" else [])]
         return out
 
     def measure(self, jobs: dict[str, Sequence[str]], *, hosts: list[netns.Host] | None = None,
