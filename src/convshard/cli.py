@@ -249,6 +249,10 @@ def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         f"--shares auto, else {d.memory_format})")
 
 
+CHECKPOINT_OPTION = {"metavar": "PATH", "required": True,  # evaluate and predict read one checkpoint
+                     "help": "a --checkpoint-dir (its checkpoint.pt) or a checkpoint file (best.pt, ...)"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convshard", description=(
         "Train CNNs on every device at once: each conv layer's kernels are split "
@@ -395,8 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="a checkpoint's accuracy, per-class accuracy and confusion matrix",
                        description="Rebuild a checkpoint's model on one device and evaluate it on the test "
                                    "images of a dataset (default: the one it was trained on).")
-    e.add_argument("--checkpoint", metavar="PATH", required=True,
-                   help="a --checkpoint-dir (its checkpoint.pt) or a checkpoint file (best.pt, ...)")
+    e.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     e.add_argument("--dataset", choices=data.DATASETS, help="(default: the checkpoint's)")
     e.add_argument("--data-dir", metavar="DIR",
                    help="folder: class sub-folders (or train/ and val/), matched to the model's classes by name; "
@@ -409,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="class and probability of image files, from a checkpoint",
                         description="Rebuild a checkpoint's model on one device and print, for each image "
                                     "file, the class it predicts and that class's probability.")
-    pr.add_argument("--checkpoint", metavar="PATH", required=True,
-                    help="a --checkpoint-dir (its checkpoint.pt) or a checkpoint file (best.pt, ...)")
+    pr.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     pr.add_argument("images", metavar="IMAGE", nargs="+", help="image files Pillow reads")
 
     dl = sub.add_parser("download", help="fetch and verify a dataset (needs network)")
