@@ -127,3 +127,24 @@ def test_bytes_per_element_come_from_the_plan_precision():
     alone = plan.single("a", search.groups_of(profile), profile["batch_size"])
     one = search.restrict(profile, [0])
     assert cost.predict(one, replace(alone, precision="bf16")).step == cost.predict(one, alone).step
+
+
+def test_bf16_gradient_sums_are_priced_at_half_their_bytes():
+    """``grad_precision`` bf16 halves the gradient bytes a batch-mode group's sum and
+    DDP's all-reduce send, and nothing else: kernel groups and compute are priced as before."""
+    profile = make_profile((1.0, 1.0))
+    groups = search.groups_of(profile)
+    first = next(iter(groups))
+    summed = next(layer["param_bytes"] for layer in profile["layers"] if layer["name"] == first)
+    layers = plan.kernel_split(("a", "b"), groups, profile["batch_size"], modes={first: "batch"})
+    full, half = cost.predict(profile, layers), cost.predict(profile, replace(layers, grad_precision="bf16"))
+    assert full.gradient_sum == cost.transfer(profile, "all_reduce", summed)
+    assert half.gradient_sum == cost.transfer(profile, "all_reduce", summed / 2)
+    assert half.busy == full.busy and half.collectives == full.collectives
+    assert half.step == pytest.approx(full.step - (full.gradient_sum - half.gradient_sum), rel=1e-12)
+    kernel = plan.kernel_split(("a", "b"), groups, profile["batch_size"])
+    assert cost.predict(profile, replace(kernel, grad_precision="bf16")) == cost.predict(profile, kernel)
+    ddp = plan.ddp(("a", "b"), groups, profile["batch_size"])
+    assert cost.predict(profile, replace(ddp, grad_precision="bf16")).step < cost.predict(profile, ddp).step
+    found = search.candidates(profile, grad_precision="bf16")
+    assert {c.plan.grad_precision for c in found} == {"bf16"}

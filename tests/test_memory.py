@@ -58,3 +58,32 @@ def test_a_plan_that_fits_nowhere_is_refused_naming_the_device_and_the_bytes():
     message = str(caught.value)
     assert "no plan fits the devices' memory" in message and "bytes) on cpu@" in message
     assert "\n" not in message
+
+
+def test_each_process_own_bytes_count_in_its_peak_and_its_caps():
+    """R_r, what a worker holds before it trains, adds to every plan's peak on its
+    device and leaves that much less for the share."""
+    job = plan.kernel_split(("cpu@0", "cpu@1"), {"conv0": 8, "conv1": 16}, 64)
+    bare = memory.peak_bytes(small_profile(), job)
+    held = small_profile(runtime_bytes=[300, 7000])
+    assert memory.peak_bytes(held, job) == pytest.approx([bare[0] + 300, bare[1] + 7000])
+    limit = [bare[0] + 7000, bare[1] + 7000]
+    shares, rows = memory.caps(small_profile(device_memory=limit, runtime_bytes=[0, 7000]))
+    roomy, _ = memory.caps(small_profile(device_memory=limit))
+    assert shares[1] < roomy[1] and shares[0] == roomy[0]
+
+
+def test_device_memory_limits_replace_what_was_read():
+    profile = small_profile(device_memory=[2 ** 40, 2 ** 40])
+    assert memory.with_limits(profile, None) is profile
+    assert memory.with_limits(profile, (5e8,))["device_memory"] == [5e8, 5e8]  # one size for every device
+    assert memory.with_limits(profile, (5e8, 3e8))["device_memory"] == [5e8, 3e8]
+    with pytest.raises(ConfigError, match="3 sizes for 2 devices"):
+        memory.with_limits(profile, (1e9, 1e9, 1e9))
+
+
+def test_bad_device_memory_is_one_line_and_exit_2(capsys):
+    assert helpers.main_exit_code(["plan", "--device-memory", "2 parsecs"]) == 2
+    assert "bad size '2 parsecs'" in capsys.readouterr().err
+    assert helpers.main_exit_code(["train", "--device-memory", "1GiB", "--strategy", "kernel"]) == 2
+    assert "--device-memory limits a planned split" in capsys.readouterr().err

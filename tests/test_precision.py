@@ -28,6 +28,7 @@ from helpers import join_gloo
 from convshard import plan, precision
 from convshard.errors import ConfigError
 from convshard.parallel import comm
+from convshard.parallel.batch import GradientSum
 from convshard.run.config import TrainConfig, load_data, model_groups
 from convshard.run.launch import launch_local
 from convshard.run.local import launch_job
@@ -87,6 +88,42 @@ def test_collectives_carry_bf16_and_fp16(world, shm):
         for name, error in errors.items():
             bound = world if any(k in name for k in ("reduce_scatter", "all_reduce")) else 0.0
             assert error <= bound, f"rank {rank}: {name} off by {error:.2f} spacings"
+
+
+def _gradient_sum_worker() -> dict:
+    """Batch mode's gradient sum (``GradientSum``) with ``dtype`` bf16, fed by a real
+    backward: what travels, and the sum it writes back against the exact one."""
+    rank, world = join_gloo(timeout=60)
+    torch.manual_seed(0)
+    grads = [[torch.randn(70, 3), torch.randn(5)] for _ in range(world)]  # rank s's gradients, known to all
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads[rank]]
+    summed = GradientSum(params, dist.group.WORLD, bucket_bytes=64, dtype=torch.bfloat16)  # one bucket each
+    sent = []
+    start = comm.start_all_reduce_sum
+
+    def recording(tensor, *, group=None):
+        sent.append(str(tensor.dtype))
+        return start(tensor, group=group)
+
+    comm.start_all_reduce_sum = recording
+    sum((p * g).sum() for p, g in zip(params, grads[rank])).backward()  # each hook starts its bucket
+    summed.wait()
+    exact = [torch.stack([grads[s][i].double() for s in range(world)]).sum(0) for i in range(len(params))]
+    error = max(((p.grad.double() - e).abs().max() / (e.abs().max() * _ulp(torch.bfloat16))).item()
+                for p, e in zip(params, exact))
+    return {"sent": sent, "dtypes": [str(p.grad.dtype) for p in params], "error": error}
+
+
+@pytest.mark.parametrize("world,shm", [(2, "0"), (3, "1")], ids=["gloo", "shared-memory"])
+def test_batch_mode_gradient_sums_travel_in_bf16_and_come_back_float32(world, shm):
+    """Each rank rounds its gradient to bf16 (half a spacing) and the sum rounds
+    once per rank at most: within ``world`` spacings of the exact sum, and not
+    exact (it did round)."""
+    env = {"OMP_NUM_THREADS": "1", "CONVSHARD_SHM": shm}
+    for rank, got in enumerate(launch_local(_gradient_sum_worker, world, timeout=120, env=env)):
+        assert got["sent"] == ["torch.bfloat16"] * 2, rank  # both buckets, half the bytes
+        assert got["dtypes"] == ["torch.float32"] * 2, rank  # the optimizer sees float32
+        assert 0 < got["error"] <= world, f"rank {rank}: {got['error']:.2f} spacings"
 
 
 # --- a sharded conv under autocast --------------------------------------------
@@ -176,10 +213,16 @@ def test_a_plan_carries_its_precision_and_memory_format():
     half = plan.Plan(**{**job.__dict__, "precision": "bf16", "memory_format": "channels_last"})
     assert plan.from_json(half.to_json(), groups=groups, batch_size=8) == half
     assert "precision bf16, channels_last" in plan.describe(half)
-    assert plan.from_json({k: v for k, v in job.to_json().items() if k not in ("precision", "memory_format")},
+    wire = plan.Plan(**{**job.__dict__, "grad_precision": "bf16"})
+    assert plan.from_json(wire.to_json(), groups=groups, batch_size=8) == wire
+    assert "gradient sums in bf16" in plan.describe(wire)
+    assert plan.from_json({k: v for k, v in job.to_json().items()
+                           if k not in ("precision", "memory_format", "grad_precision")},
                           groups=groups, batch_size=8) == job  # a plan written before precision: float32
     with pytest.raises(ConfigError, match="precision"):
         plan.Plan(**{**job.__dict__, "precision": "16"})
+    with pytest.raises(ConfigError, match="gradient precision"):
+        plan.Plan(**{**job.__dict__, "grad_precision": "fp16"})
 
 
 # --- training in bf16 through the loop ----------------------------------------
@@ -232,11 +275,15 @@ def test_sharded_bf16_weights_stay_within_the_error_bf16_itself_makes(tmp_path, 
     if model == "vgg":  # kernel mode, and a per-layer plan with a batch-mode group (global-batch BatchNorm)
         jobs = {name: _in(make(groups), "bf16") for name, make in PLANS.items()}
         jobs["kernel, channels_last"] = _in(PLANS["kernel"](groups), "bf16", "channels_last")
+        jobs["layers, bf16 gradient sums"] = replace(jobs["layers"], grad_precision="bf16")
     else:  # no BatchNorm: ddp trains the same model
         jobs = {"ddp": _in(plan.ddp(DEVICES, groups, 12, shares=[2, 1]), "bf16")}
+        jobs["ddp, bf16 gradient sums"] = replace(jobs["ddp"], grad_precision="bf16")  # bf16_compress_hook
     for name, job in jobs.items():
-        got, metrics = _weights(_config(tmp_path, name.replace(", ", "-"), model, kernels, job, steps=3))
+        folder = name.replace(", ", "-").replace(" ", "-")
+        got, metrics = _weights(_config(tmp_path, folder, model, kernels, job, steps=3))
         assert metrics["job_plan"]["precision"] == "bf16"
+        assert metrics["job_plan"]["grad_precision"] == job.grad_precision
         assert _distance(got, bf16) <= bound, f"{name}: {_distance(got, bf16):.2e} > bf16's own {bound:.2e}"
         assert all(v.dtype == torch.float32 for v in got.values() if v.is_floating_point())  # float32 masters
 

@@ -115,6 +115,24 @@ def test_auto_moves_kernels_only_for_a_real_gain():
     assert rebalance.Rebalancer(model, 5).decide([1.0, 1.02])[0][0] == {"0": (50, 50), "1": (101, 99)}
 
 
+def test_moves_stay_within_each_ranks_memory():
+    """With the plan's memory caps (share 0.6 of each layer, at most 9 rows), the
+    fast rank takes kernels and rows only up to them; without them it would take more."""
+    model = _split_model({"0": (6, 6), "1": (12, 12)})
+    model.add_module("b", nn.Conv2d(3, 8, 3))
+    model.batch_convs = ["b"]
+    model.row_split = RowSplit((1.0, 1.0), 0, None)
+    model.row_split.begin(16)
+    (free, free_rows), _ = rebalance.Rebalancer(model, "auto")._new_counts([3.0, 1.0])
+    assert free["1"][1] > 14 and free_rows[1] > 9  # what the speeds alone would give rank 1
+    capped = rebalance.Rebalancer(model, "auto", caps={"shares": [1.0, 0.6], "rows": [16, 9]})
+    (new, rows), gain = capped._new_counts([3.0, 1.0])
+    assert new == {"0": (5, 7), "1": (10, 14)} and rows == (7, 9)
+    assert gain > 0
+    tight = rebalance.Rebalancer(model, "auto", caps={"shares": [0.4, 0.4], "rows": [7, 7]})
+    assert tight._new_counts([3.0, 1.0])[0] == ({"0": (6, 6), "1": (12, 12)}, (8, 8))  # nothing fits: kept
+
+
 def test_rank_without_kernels_keeps_none():
     """A rank the plan left out (its link may be what makes it slow) gets no kernels back."""
     model = _split_model({"0": (0, 4, 8), "1": (0, 6, 6)})

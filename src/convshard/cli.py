@@ -23,7 +23,7 @@ from . import __version__, atomic, data, devices, precision, profile
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
 from .parallel.rebalance import parse_mode
-from .plan import cluster, search
+from .plan import cluster, memory, search
 from .run import checkpoint, inference, launch
 from .run.config import (
     OPTIMIZERS,
@@ -154,6 +154,18 @@ def _rates(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _sizes(text: str) -> tuple[float, ...]:
+    """Memory sizes such as 2GiB,900MiB (units of a cluster file), in bytes."""
+    sizes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]+)\s*", item)
+        if not match or match.group(2) not in cluster.MEMORY or float(match.group(1) or 0) <= 0:
+            raise argparse.ArgumentTypeError(f"bad size {item.strip()!r}: a number and a unit of "
+                                             f"{', '.join(cluster.MEMORY)}, such as 900MiB")
+        sizes.append(float(match.group(1)) * cluster.MEMORY[match.group(2)])
+    return tuple(sizes)
+
+
 def _precisions(text: str) -> tuple[str, ...]:
     chosen = tuple(p.strip() for p in text.split(","))
     for p in chosen:
@@ -232,6 +244,15 @@ def _job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     _compute_options(p, d)
 
 
+def _memory_option(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--device-memory`` (train, plan)."""
+    g.add_argument("--device-memory", metavar="M1,M2,...", type=_sizes,
+                   help="the most memory each worker may use, one size for all or one per device (e.g. "
+                        "2GiB,900MiB): a planned job (--strategy auto or layers, --shares auto, convshard plan) "
+                        "gives a device no more kernels or rows than fit, its process included (default: what "
+                        "torch reads: a GPU's free memory, the host's RAM)")
+
+
 def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     """What the workers compute in (train, profile, plan, bench)."""
     g = p.add_argument_group("compute")
@@ -247,6 +268,11 @@ def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "kernels run faster on; auto: the one the profile measures faster for this model and "
                         "precision (profiles the job) (default: auto for --strategy auto and layers and "
                         f"--shares auto, else {d.memory_format})")
+    g.add_argument("--grad-precision", choices=precision.GRAD_PRECISIONS,
+                   help="what the gradient sums of batch-mode groups and of DDP travel in: 32 sums them exactly; "
+                        "bf16 sends half the bytes (DDP's bf16_compress_hook), rounding each gradient to 8 "
+                        "significant bits, which pays on slow links between hosts; kernel-split groups send "
+                        f"no gradient sum (default: {d.grad_precision})")
 
 
 CHECKPOINT_OPTION = {"metavar": "PATH", "required": True,  # evaluate and predict read one checkpoint
@@ -289,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "new split is predicted to cut the slowest worker's busy time by 3%% or more) or N "
                         "(every N steps) (default: auto for a planned split, --shares auto or --strategy "
                         "auto; off otherwise)")
+    _memory_option(g)
     g = t.add_argument_group("training")
     g.add_argument("--epochs", metavar="N", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--max-steps", metavar="N", type=_positive(int, "--max-steps"),
@@ -349,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "instead of measuring --devices; --batch-size replaces its batch size")
             p.add_argument("--plan-out", metavar="FILE",
                            help="write the plan auto would start from to FILE, for convshard train --plan FILE")
+            _memory_option(p)
 
     b = sub.add_parser("bench", help="speedup against one device, one process on all cores and DDP: "
                                      "sweeps over workers, batch size, network size, device mixes, "
@@ -378,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every job in each of these precisions (32, bf16, fp16), a job beyond 32 named "
                         "'JOB bf16'; one device, the reference of every speedup, runs in the first "
                         "(default: 32)")
+    b.add_argument("--grad-precision", choices=precision.GRAD_PRECISIONS, default="32",
+                   help="every convshard job sums its gradients in this (see train --grad-precision) "
+                        "(default: %(default)s)")
     b.add_argument("--jobs", metavar="J1,J2", type=lambda text: tuple(text.split(",")),
                    help="only these jobs of each point (one device always runs): e.g. 'auto,plain loop'; "
                         "default: every job")
@@ -430,7 +461,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     train_only = {name: getattr(args, name) for name in (
         "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
         "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment", "weight_decay",
-        "decay_all", "clip_grad_norm", "label_smoothing", "keep_last", "keep_best", "log_every", "log_dir")
+        "decay_all", "clip_grad_norm", "label_smoothing", "keep_last", "keep_best", "log_every", "log_dir",
+        "device_memory")
         if hasattr(args, name)}
     if hasattr(args, "warmup_epochs"):
         train_only["lr_warmup_epochs"] = args.warmup_epochs
@@ -444,6 +476,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         synthetic_shape=args.synthetic_shape, synthetic_size=args.synthetic_size,
         batch_size=args.batch_size or d.batch_size, seed=args.seed, timeout=args.timeout, strategy=strategy,
         precision=args.precision or d.precision, memory_format=args.memory_format or _memory_format(args, strategy),
+        grad_precision=args.grad_precision or d.grad_precision,
         **train_only,
     )
 
@@ -462,6 +495,9 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
     job = config.device_list[: config.world_size]
     devices.check_available(job)
     precision.check(config.precision, [d.kind for d in config.device_list])
+    if config.device_memory and not config.needs_search:
+        raise ConfigError("--device-memory limits a planned split: use it with --strategy auto or layers, or "
+                          "--shares auto")
     for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every),
                         ("--keep-last", config.keep_last), ("--keep-best", config.keep_best)):
         if value and config.checkpoint_dir is None:
@@ -552,7 +588,9 @@ def _profile_or_plan(config: TrainConfig, command: str, plan_out: str | None = N
             if not precision.fast_bf16(device.torch_device):
                 print(f"{device}: no fast bf16 (no AVX512-BF16 or AMX on a CPU, compute capability below 8.0 "
                       f"on a GPU): bf16 is emulated there, slower than --precision 32")
-    _print_plans(job_profile, search.candidates(job_profile, threads=config.threads), plan_out)
+    job_profile = memory.with_limits(job_profile, config.device_memory)
+    _print_plans(job_profile, search.candidates(job_profile, threads=config.threads,
+                                                grad_precision=config.grad_precision), plan_out)
 
 
 def _plan_cluster(args: argparse.Namespace) -> None:
@@ -560,9 +598,10 @@ def _plan_cluster(args: argparse.Namespace) -> None:
     for flag in ("devices", "profile", "threads"):
         if getattr(args, flag):
             raise ConfigError(f"--cluster describes the devices and their profiles: leave --{flag} out")
-    described = cluster.load(args.cluster, batch_size=args.batch_size)
+    described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size), args.device_memory)
     print(cluster.describe(described))
-    _print_plans(described, search.candidates(described), args.plan_out)
+    _print_plans(described, search.candidates(described, grad_precision=args.grad_precision or "32"),
+                 args.plan_out)
 
 
 def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str | None) -> None:
@@ -639,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
                             batches=args.batches, rounds=args.rounds, model=args.model, cluster=args.cluster,
-                            precisions=args.precision, jobs=args.jobs, rates=args.rates)
+                            precisions=args.precision, jobs=args.jobs, rates=args.rates,
+                            grad_precision=args.grad_precision)
             print(f"bench: results in {args.out_dir}/bench.md, bench.json and <sweep>.png")
         elif args.command == "report":
             _report(args.metrics, args.png, args.steps)

@@ -18,6 +18,13 @@
 rounding. ``bf16`` has float32's range, so it needs no loss scaling; its
 8-bit mantissa rounds each stored activation to a relative 2^-9.
 
+``--grad-precision bf16`` sends the gradient sums of batch-mode groups
+and of DDP in bf16 (half the bytes of float32; DDP's
+``bf16_compress_hook``): each gradient is rounded to bf16 before the sum,
+the sum rounds once more, and the result is cast back to float32 for the
+optimizer. Kernel-mode shards have no sum to send. The default, 32, keeps
+the exact sum.
+
 ``--memory-format channels_last`` stores 4-D activations and conv weights
 as (N, H, W, C) in memory, which many conv kernels run faster on; shapes
 and results do not change.
@@ -35,6 +42,7 @@ from .errors import ConfigError
 
 PRECISIONS: tuple[str, ...] = ("32", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")  # and "auto": the profile's faster one
+GRAD_PRECISIONS: tuple[str, ...] = ("32", "bf16")  # the dtype gradient sums travel in
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,6 +51,13 @@ def compute_dtype(precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     return _DTYPES.get(precision)
+
+
+def grad_dtype(grad_precision: str) -> torch.dtype | None:
+    """The dtype gradient sums travel in (``--grad-precision``); None for 32 (the gradients' own)."""
+    if grad_precision not in GRAD_PRECISIONS:
+        raise ConfigError(f"gradient precision {grad_precision!r} is not one of {', '.join(GRAD_PRECISIONS)}")
+    return _DTYPES.get(grad_precision)
 
 
 def activation_bytes(precision: str, model_dtype: torch.dtype = torch.float32) -> int:

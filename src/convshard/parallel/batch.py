@@ -204,11 +204,15 @@ class GradientSum:
     (before the optimizer step) starts what is left, waits for every sum
     and writes it back. A parameter without a gradient on this step (on
     every rank alike: the graph is the same) adds zeros and keeps none.
+
+    With ``dtype`` (bf16: ``--grad-precision``) a bucket travels in that
+    dtype, half the bytes: sum_r round(g_r), rounded once more by the sum,
+    cast back to each gradient's dtype when written back.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], group: comm.Group,
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
-        self.group = group
+                 bucket_bytes: int = BUCKET_BYTES, dtype: torch.dtype | None = None) -> None:
+        self.group, self.dtype = group, dtype
         self.buckets: list[list[nn.Parameter]] = []
         size = bucket_bytes
         for p in reversed([p for p in params if p.requires_grad]):
@@ -236,6 +240,8 @@ class GradientSum:
     def _start(self, i: int) -> None:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in self.buckets[i]])
+        if self.dtype is not None:
+            flat = flat.to(self.dtype)
         self.pending.append((flat, comm.start_all_reduce_sum(flat, group=self.group)))
 
     def wait(self) -> None:
@@ -250,7 +256,7 @@ class GradientSum:
             for p in bucket:
                 n = p.numel()
                 if p.grad is not None:
-                    p.grad = flat[offset : offset + n].view_as(p)
+                    p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
                 offset += n
         self._reset()
 

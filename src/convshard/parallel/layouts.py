@@ -296,11 +296,13 @@ def _binary(node: fx.Node, split_of, total, groups: _Groups) -> Split | None:
 
 
 def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSplit], *,
-                modes: Mapping[str, str] | None = None, rows: RowSplit | None = None) -> fx.GraphModule:
+                modes: Mapping[str, str] | None = None, rows: RowSplit | None = None,
+                gradient_dtype: torch.dtype | None = None) -> fx.GraphModule:
     """Shard a traced model: split convs, split members, transitions where
     the layouts change. ``split_for(name, kernels)`` gives a group's split
     from its name (its first conv's). ``modes`` names the groups that run
-    in batch mode ("batch"; the others split kernels), over ``rows``.
+    in batch mode ("batch"; the others split kernels), over ``rows``, their
+    gradients summed in ``gradient_dtype`` (None: their own).
     Returns ``graph``, recompiled."""
     result = analyse(graph)
     names = result.group_names()
@@ -337,7 +339,7 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
     _insert_transitions(graph, result, lambda split: channel_groups[result.groups.find(split.group)], batch, rows)
     if batch:
         graph.register_forward_pre_hook(lambda _, args: rows.begin(args[0].size(0)))
-        graph.gradient_sum = GradientSum(summed, rows.group)
+        graph.gradient_sum = GradientSum(summed, rows.group, dtype=gradient_dtype)
         graph.row_split = rows
         graph.batch_convs = [str(node.target) for node in result.convs if result.group_of(node) in batch]
     for node in graph.graph.nodes:

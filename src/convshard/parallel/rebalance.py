@@ -12,7 +12,10 @@ reported with each move, is max_r T_r / mean_r T_r - 1.
 
 Mode ``auto`` checks every ``window`` steps: new counts per layer come from
 ``splits.choose_counts`` with b_r = s_r * w_l, new rows with b_r = s_r * w_rows
-(batch rows hold no state: the row split just changes), and they are taken when they cut
+(batch rows hold no state: the row split just changes), within each
+rank's memory when the plan was made within it (``caps``: at most
+floor(f_r K_l) kernels of a layer and b_r rows; ``convshard.plan.memory.caps``),
+and they are taken when they cut
 the predicted slowest busy time max_r s_r u_r by at least ``min_gain`` (3%;
 smaller predicted gains are within the noise of the timings). Mode N
 re-splits every N steps. The first step of a run, which carries one-time
@@ -34,6 +37,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..plan.splits import choose_counts, is_per_kernel
 from . import comm
 from .sharded import ShardedConv2d, ShardSplit, channel_groups, layer_counts
@@ -103,8 +107,9 @@ class Rebalancer:
     """Decides, identically on every rank, when and how to re-split the kernels."""
 
     def __init__(self, model: nn.Module, mode: str | int, *, group: comm.Group = None, min_gain: float = 0.03,
-                 window: int = 5) -> None:
+                 window: int = 5, caps: Mapping[str, Sequence] | None = None) -> None:
         self.model, self.mode, self.group, self.min_gain = model, mode, group, min_gain
+        self.caps = caps  # {"shares": f_r, "rows": b_r} per rank, or None: no memory limit
         self.window = mode if isinstance(mode, int) else window
         self.rows = getattr(model, "row_split", None)  # the batch split of batch-mode groups, if any
         self.pixels: dict[str, int] = {}  # each conv's output pixels, seen in the first forward
@@ -178,12 +183,18 @@ class Rebalancer:
         active = [r for r in range(world) if work(counts, rows, r) > 0]
         cost = {r: busy[r] / work(counts, rows, r) for r in active}
 
-        def spread(total: int, weight: float) -> tuple[int, ...]:
-            mine = dict(zip(active, choose_counts(total, [0.0] * len(active), [cost[r] * weight for r in active])))
+        def spread(now: Sequence[int], weight: float, caps: Sequence[int] | None) -> tuple[int, ...]:
+            try:
+                mine = dict(zip(active, choose_counts(sum(now), [0.0] * len(active), [cost[r] * weight for r in active],
+                                                      caps=None if caps is None else [caps[r] for r in active])))
+            except ConfigError:  # the active ranks' memory cannot hold it otherwise: keep the split
+                return tuple(now)
             return tuple(mine.get(r, 0) for r in range(world))
 
-        new = {name: spread(sum(c), weights[name]) for name, c in counts.items()}
-        new_rows = _at_least_one(spread(sum(rows), per_row), active) if rows and per_row else rows
+        shares, most_rows = (self.caps["shares"], self.caps["rows"]) if self.caps else (None, None)
+        new = {name: spread(c, weights[name], shares and [math.floor(f * sum(c)) for f in shares])
+               for name, c in counts.items()}
+        new_rows = _at_least_one(spread(rows, per_row, most_rows), active) if rows and per_row else rows
         before, after = (max(cost[r] * work(split, b, r) for r in active)
                          for split, b in ((counts, rows), (new, new_rows)))
         return (new, new_rows), before / after - 1

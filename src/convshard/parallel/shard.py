@@ -93,6 +93,7 @@ def shard_model(
     fuse_channelwise: bool = True,
     modes: Mapping[str, str] | None = None,
     rows: Sequence[float] | None = None,
+    gradient_dtype: torch.dtype | None = None,
     check_batch: bool = True,
 ) -> nn.Module:
     """Shard every ``nn.Conv2d`` of ``model`` by its kernels; returns the sharded model.
@@ -122,7 +123,8 @@ def shard_model(
     stay whole, the global batch is split over the ranks by the weights
     ``rows`` (None = equal; ``convshard.parallel.batch``), BatchNorm normalises over
     the global batch, and the weights' gradients are summed over the ranks
-    during backward (``sync_replicas`` waits for them).
+    during backward (``sync_replicas`` waits for them), in ``gradient_dtype``
+    when given (``torch.bfloat16`` halves the bytes; the sum is rounded to it).
 
     .. warning::
         Every rank must feed the model the same global batch, in the same
@@ -151,7 +153,8 @@ def shard_model(
 
     graph = layouts.trace(model) if fuse_channelwise else None
     if graph is not None:
-        sharded = layouts.shard_graph(graph, split_for, modes=modes, rows=batch.RowSplit(rows, me, group))
+        sharded = layouts.shard_graph(graph, split_for, modes=modes, rows=batch.RowSplit(rows, me, group),
+                                      gradient_dtype=gradient_dtype)
     else:
         if any(mode == "batch" for mode in (modes or {}).values()):
             log.warning("batch mode needs a traceable model: every group splits its kernels")

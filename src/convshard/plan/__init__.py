@@ -23,8 +23,9 @@ The engines (``convshard.run.engines``):
 last) is split ``splits.split_counts(n, rows)``. ``ranks`` names the
 started processes that train when a job's processes are fixed (torchrun):
 the others stand by (``convshard.run.alone``). ``precision`` (32, bf16,
-fp16) and ``memory_format`` say what every rank computes in
-(``convshard.precision``). The CLI's strategy flags,
+fp16) and ``memory_format`` say what every rank computes in, and
+``grad_precision`` (32, bf16) what the gradient sums of batch-mode groups
+and DDP travel in (``convshard.precision``). The CLI's strategy flags,
 ``--strategy auto`` and rebalancing only build values of this type;
 ``cost.predict`` prices one, ``to_json`` / ``from_json`` save and replay it
 (``--plan FILE``, a run's ``job_plan``).
@@ -36,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
-from ..precision import MEMORY_FORMATS, PRECISIONS
+from ..precision import GRAD_PRECISIONS, MEMORY_FORMATS, PRECISIONS
 from . import splits
 
 KERNEL, BATCH = "kernel", "batch"
@@ -75,6 +76,7 @@ class Plan:
     ranks: tuple[int, ...] | None = None  # started processes that train (torchrun); None: all of them
     precision: str = "32"  # compute: 32 | bf16 | fp16 (weights and optimizer state stay float32)
     memory_format: str = "contiguous"  # contiguous | channels_last
+    grad_precision: str = "32"  # gradient sums on the wire: 32 | bf16
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -95,6 +97,9 @@ class Plan:
         if self.memory_format not in MEMORY_FORMATS:
             raise ConfigError(f"a plan's memory format is one of {', '.join(MEMORY_FORMATS)}; "
                               f"got {self.memory_format!r}")
+        if self.grad_precision not in GRAD_PRECISIONS:
+            raise ConfigError(f"a plan's gradient precision is one of {', '.join(GRAD_PRECISIONS)}; "
+                              f"got {self.grad_precision!r}")
         if self.ranks is not None and len(self.ranks) != world:
             raise ConfigError(f"a plan's ranks {list(self.ranks)} name {len(self.ranks)} processes for "
                               f"{world} devices")
@@ -135,7 +140,7 @@ class Plan:
     def to_json(self) -> dict:
         return {"format": FORMAT, "engine": self.engine, "devices": list(self.devices), "threads": self.threads,
                 "batch_size": self.batch_size, "rows": list(self.rows), "precision": self.precision,
-                "memory_format": self.memory_format,
+                "memory_format": self.memory_format, "grad_precision": self.grad_precision,
                 "groups": [{"name": g.name, "kernels": g.kernels, "mode": g.mode, "counts": list(g.counts)}
                            for g in self.groups],
                 **({"ranks": list(self.ranks)} if self.ranks is not None else {})}
@@ -208,7 +213,8 @@ def _current(saved: dict) -> Plan:
     ranks = tuple(int(r) for r in saved["ranks"]) if saved.get("ranks") is not None else None
     return Plan(saved["engine"], tuple(saved["devices"]), groups, tuple(int(r) for r in saved["rows"]),
                 int(saved["batch_size"]), _threads(saved.get("threads")), ranks,
-                str(saved.get("precision", "32")), saved.get("memory_format", "contiguous"))
+                str(saved.get("precision", "32")), saved.get("memory_format", "contiguous"),
+                str(saved.get("grad_precision", "32")))
 
 
 def _earlier(saved: dict, groups: Mapping[str, int], batch_size: int) -> Plan:
@@ -252,7 +258,8 @@ def describe(plan: Plan) -> str:
              + (f", {plan.threads} thread(s) each" if plan.threads else "")
              + (f", ranks {list(plan.ranks)}" if plan.ranks is not None else ""),
              f"  batch {plan.batch_size}, rows per rank {list(plan.rows)}, precision {plan.precision}, "
-             f"{plan.memory_format}"]
+             f"{plan.memory_format}"
+             + (f", gradient sums in {plan.grad_precision}" if plan.grad_precision != "32" else "")]
     if plan.groups:
         lines.append(f"  {'group':<{width}}  {'mode':<6}  kernels per rank")
         for g in plan.groups:

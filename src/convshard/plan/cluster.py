@@ -268,6 +268,7 @@ def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:
             built[key] = base[key]
     if any(m is not None for m in memory):
         built["device_memory"] = [UNBOUNDED if m is None else m for m in memory]
+        built["runtime_bytes"] = [m.get("runtime_bytes", [0] * len(m["devices"]))[i] for _, _, m, i, _, _ in devices]
     return built
 
 

@@ -12,7 +12,9 @@ topology by ``ring_links``, a ring at its slowest hop.
 
 Bytes per element come from the plan: activations and their gradients
 travel in its compute precision (``convshard.precision``: 2 bytes in bf16
-and fp16, 4 in float32), weights' gradients and broadcasts in float32. A
+and fp16, 4 in float32), broadcasts in float32, and the sums of weights'
+gradients (P_batch below, and DDP's P) in the plan's ``grad_precision``
+(``grad_bytes``: half of P in bf16). A
 profile counts its activation bytes in the precision it was timed in;
 ``in_precision`` rescales them to the plan's (its times stay as measured,
 so a profile is taken in the precision of the job it plans).
@@ -75,7 +77,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..precision import activation_bytes
+from ..precision import activation_bytes, grad_dtype
 from . import BATCH, DDP, KERNEL, Plan
 
 OVERLAP = 0.6  # the share of DDP's backward window that hides its all-reduce (fit in the module docstring)
@@ -133,6 +135,12 @@ def in_precision(profile: Mapping, precision: str) -> Mapping:
                "inputs": [{**value, "bytes": value["bytes"] * ratio} for value in layer["inputs"]]}
               for layer in profile["layers"]]
     return {**profile, "layers": layers, "precision": precision}
+
+
+def grad_bytes(plan: Plan, nbytes: float) -> float:
+    """The bytes a sum of ``nbytes`` of float32 gradients sends at the plan's ``grad_precision``."""
+    dtype = grad_dtype(plan.grad_precision)
+    return nbytes if dtype is None else nbytes * dtype.itemsize / 4
 
 
 def transfer(profile: Mapping, kind: str, nbytes: float) -> float:
@@ -221,7 +229,7 @@ def _sharded(profile: Mapping, plan: Plan) -> Prediction:
         busy = [s + c for s, c in zip(busy, compute)]
         update += group_update(profile, layer, mode[name], counts[name])
     summed = sum(layer["param_bytes"] for layer in layers if mode[layer["name"]] == BATCH)
-    gradient_sum = transfer(profile, "all_reduce", summed) if summed else 0.0
+    gradient_sum = transfer(profile, "all_reduce", grad_bytes(plan, summed)) if summed else 0.0
     broadcast = transfer(profile, "broadcast", profile["replicated_param_bytes"])
     rest = max(profile["rest_seconds"])  # every rank runs it on the whole batch
     busy = [s + r + update for s, r in zip(busy, profile["rest_seconds"])]
@@ -232,7 +240,7 @@ def _sharded(profile: Mapping, plan: Plan) -> Prediction:
 def _ddp(profile: Mapping, plan: Plan) -> Prediction:
     layers, rows, batch = profile["layers"], plan.rows, plan.batch_size
     all_reduce = transfer(profile, "ddp_all_reduce" if "ddp_all_reduce" in profile.get("links", {}) else
-                          "all_reduce", profile["param_bytes"])
+                          "all_reduce", grad_bytes(plan, profile["param_bytes"]))
     grouped = profile["param_bytes"] - profile["replicated_param_bytes"]
     per_byte = profile.get("update_seconds_per_byte", [0.0] * plan.world)
     per_group = {layer["name"]: group_compute(layer, BATCH, (), rows) for layer in layers}  # seconds per rank

@@ -5,9 +5,13 @@ channel group g its K_g kernels, parameter bytes P_g, the bytes of its
 output over the whole batch with all kernels O_g = max(K_g
 gather_bytes_per_kernel, sum of its outputs' bytes) and of its inputs held
 whole I_g (replicated inputs and inputs gathered from a channel split);
-P_rep, the parameters of the replicated rest. Each parameter byte comes
-with a gradient and ``OPTIMIZER_COPIES`` bytes of optimizer state (SGD
-momentum): (2 + s) bytes held per parameter byte. Rank r of a plan holds
+P_rep, the parameters of the replicated rest; R_r the bytes rank r's
+process holds before it trains (Python, torch, the data, the model),
+measured by the profile on a CPU (``runtime_bytes``; 0 on a GPU, whose
+free memory is read with the process already there). Each parameter byte
+comes with a gradient and ``OPTIMIZER_COPIES`` bytes of optimizer state
+(SGD momentum): (2 + s) bytes held per parameter byte. Rank r of a plan
+holds R_r plus
 
     sharded engine:  (2+s) P_rep + sum_g m_{r,g}
       kernel mode:   m_{r,g} = (2+s) P_g c_r/K + I_g + SAVED O_g c_r/K + O_g W max_r c_r / K
@@ -26,18 +30,22 @@ every group, and the most rows b_r, that keep rank r within its memory
 M_r, from the model above with each gathered buffer taken as O_g (an even
 split's; the planner still checks every plan it builds with ``peak_bytes``):
 
-    f_r <= (M_r - (2+s) P_rep - sum_g (I_g + O_g)) / sum_g ((2+s) P_g + SAVED O_g)
-    b_r <= B (M_r - (2+s) P - sum_g O_g) / sum_g (I_g + SAVED O_g)
+    f_r <= (M_r - R_r - (2+s) P_rep - sum_g (I_g + O_g)) / sum_g ((2+s) P_g + SAVED O_g)
+    b_r <= B (M_r - R_r - (2+s) P - sum_g O_g) / sum_g (I_g + SAVED O_g)
+
+M_r is the device's memory as the profile read it (``device_memory``), or
+the limit a user sets (``--device-memory``, ``with_limits``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from . import DDP, KERNEL, Plan
 
 SAVED = 4  # bytes backward keeps per byte of a group's output
@@ -59,10 +67,12 @@ def peak_bytes(profile: Mapping, plan: Plan) -> tuple[float, ...]:
     """Per rank of ``plan``, the bytes it holds at its peak (module docstring)."""
     batch, world = plan.batch_size, plan.world
     split = {g.name: g for g in plan.groups}
+    runtime = profile.get("runtime_bytes", [0] * world)
     if plan.engine == DDP:
         acts = sum(input_bytes(layer) + SAVED * output_bytes(layer) for layer in profile["layers"])
-        return tuple((HELD + 1) * profile["param_bytes"] + acts * b / batch for b in plan.rows)
-    peak = [HELD * profile["replicated_param_bytes"]] * world
+        return tuple(held + (HELD + 1) * profile["param_bytes"] + acts * b / batch
+                     for held, b in zip(runtime, plan.rows))
+    peak = [held + HELD * profile["replicated_param_bytes"] for held in runtime]
     for layer in profile["layers"]:
         g, k = split[layer["name"]], layer["kernels"]
         out, inp, params = output_bytes(layer), input_bytes(layer), layer["param_bytes"]
@@ -87,9 +97,30 @@ def caps(profile: Mapping) -> tuple[list[float], list[int]]:
     per_share = sum(HELD * g["param_bytes"] + SAVED * output_bytes(g) for g in layers)
     whole = HELD * profile["param_bytes"] + sum(output_bytes(g) for g in layers)
     per_row = sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) / batch
-    shares = [min(1.0, (m - fixed) / per_share) if per_share else (1.0 if m >= fixed else -1.0) for m in limits]
-    rows = [min(batch, math.floor((m - whole) / per_row)) if per_row else batch for m in limits]
+    free = [m - held for m, held in zip(limits, profile.get("runtime_bytes", [0] * world))]
+    shares = [min(1.0, (m - fixed) / per_share) if per_share else (1.0 if m >= fixed else -1.0) for m in free]
+    rows = [min(batch, math.floor((m - whole) / per_row)) if per_row else batch for m in free]
     return shares, rows
+
+
+def with_limits(profile: Mapping, limits: Sequence[float] | None) -> Mapping:
+    """``profile`` with each device's memory set to ``limits`` (bytes, one per
+    device, or one for all; ``--device-memory``); the profile itself without."""
+    if not limits:
+        return profile
+    world = len(profile["devices"])
+    if len(limits) not in (1, world):
+        raise ConfigError(f"--device-memory gives {len(limits)} sizes for {world} devices: give one, or one "
+                          f"per device")
+    return {**profile, "device_memory": [float(m) for m in (limits * world if len(limits) == 1 else limits)]}
+
+
+def runtime_bytes(device: torch.device) -> int:
+    """R_r: what this process holds now on a CPU (its resident set); 0 on a GPU."""
+    if device.type == "cuda":
+        return 0
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def device_memory(device: torch.device) -> int:

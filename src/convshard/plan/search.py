@@ -64,6 +64,7 @@ class Candidate:
     plan: Plan
     prediction: cost.Prediction
     memory: tuple[float, ...] = ()  # per rank of the plan: peak bytes (``memory.peak_bytes``)
+    caps: dict | None = None  # per rank: the largest kernel share and rows its memory holds (``memory.caps``)
 
 
 def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
@@ -76,7 +77,7 @@ def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
               for layer in profile["layers"]]
     out = {**profile, "devices": pick(profile["devices"]), "layers": layers,
            "rest_seconds": pick(profile["rest_seconds"])}
-    for key in ("update_seconds_per_byte", "device_memory"):
+    for key in ("update_seconds_per_byte", "device_memory", "runtime_bytes"):
         if key in profile:
             out[key] = pick(profile[key])
     if "topology" in profile:
@@ -172,11 +173,13 @@ def best_modes(profile: Mapping, counts: Mapping[str, Sequence[int]], rows: Sequ
     return {layer["name"]: mode for layer, mode in zip(layers, modes)}
 
 
-def candidates(profile: Mapping, *, can_drop: bool = True,
-               threads: int | None = None) -> list[Candidate]:
+def candidates(profile: Mapping, *, can_drop: bool = True, threads: int | None = None,
+               grad_precision: str = "32") -> list[Candidate]:
     """Every plan the planner considers (module docstring), with its
-    prediction. Without ``can_drop`` (torchrun) the split plans use every
-    device, and ``single``'s plan names the process that trains alone."""
+    prediction, summing gradients in ``grad_precision``. Without
+    ``can_drop`` (torchrun) the split plans use every device, and
+    ``single``'s plan names the process that trains alone."""
+
     world = len(profile["devices"])
     alone = [single_step(profile, r) for r in range(world)]
     order = sorted(range(world), key=lambda r: (alone[r], r))
@@ -185,7 +188,7 @@ def candidates(profile: Mapping, *, can_drop: bool = True,
         sub = restrict(profile, [r])
         single = plan.single(sub["devices"][0], groups_of(sub), sub["batch_size"], threads=threads,
                              rank=None if can_drop else r)
-        c = _priced(sub, "single", single)
+        c = _priced(sub, "single", single, grad_precision)
         if _fits(sub, c):
             out.append(c)
             break
@@ -198,11 +201,11 @@ def candidates(profile: Mapping, *, can_drop: bool = True,
             continue
         kernel = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                    threads=threads)
-        tries = [_priced(sub, "kernel", kernel)]
+        tries = [_priced(sub, "kernel", kernel, grad_precision)]
         if all("batch_seconds" in layer for layer in sub["layers"]):
             layers = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                        modes=best_modes(sub, counts, rows), rows=rows, threads=threads)
-            tries.append(_priced(sub, "layers", layers))
+            tries.append(_priced(sub, "layers", layers, grad_precision))
         for c in tries:
             if not _fits(sub, c):
                 too_big.append(c)
@@ -217,22 +220,26 @@ def candidates(profile: Mapping, *, can_drop: bool = True,
                                threads=threads)
             except ConfigError:  # a share too small for one image
                 continue
-            c = _priced(profile, name, job)
+            c = _priced(profile, name, job, grad_precision)
             if not _fits(profile, c) and name == "ddp sized" and (rows := _ddp_rows(profile, alone)):
                 c = _priced(profile, name, plan.ddp(profile["devices"], groups_of(profile),
-                                                    profile["batch_size"], shares=rows, threads=threads))
+                                                    profile["batch_size"], shares=rows, threads=threads),
+                            grad_precision)
             (out if _fits(profile, c) else too_big).append(c)
     if not out:
         raise ConfigError(_refusal(profile, too_big))
     return out
 
 
-def _priced(profile: Mapping, name: str, job: Plan) -> Candidate:
+def _priced(profile: Mapping, name: str, job: Plan, grad_precision: str) -> Candidate:
     """A candidate with its predicted step and peak bytes per rank, computing
-    in the precision and memory format the profile was timed in."""
+    in the precision and memory format the profile was timed in, summing
+    gradients in ``grad_precision``."""
     job = replace(job, precision=profile.get("precision", "32"),
-                  memory_format=profile.get("memory_format", "contiguous"))
-    return Candidate(name, job, cost.predict(profile, job), memory.peak_bytes(profile, job))
+                  memory_format=profile.get("memory_format", "contiguous"), grad_precision=grad_precision)
+    shares, rows = memory.caps(profile)
+    caps = {"shares": shares, "rows": rows} if "device_memory" in profile else None
+    return Candidate(name, job, cost.predict(profile, job), memory.peak_bytes(profile, job), caps)
 
 
 def _fits(profile: Mapping, c: Candidate) -> bool:

@@ -24,7 +24,9 @@ backend's own all-reduce, as DDP runs it) is timed at a small and a large size, 
 t(n bytes) = latency + n / bandwidth. ``batchnorm`` says whether the model
 holds a BatchNorm anywhere; ``device_memory[r]`` the bytes rank r's device
 can hold (``convshard.plan.memory.device_memory``: a GPU's free memory, a
-CPU host's RAM), which the planner keeps every plan within.
+CPU host's RAM), which the planner keeps every plan within, and
+``runtime_bytes[r]`` what rank r's process held when the profile began
+(its resident set on a CPU: Python, torch, the data, the model).
 
 Every timing runs in the job's compute: ``precision`` (under autocast, as
 training runs) and memory format. With memory format ``auto`` the whole
@@ -58,7 +60,7 @@ from torch import nn
 
 from .. import precision as compute
 from ..parallel import comm
-from ..plan.memory import device_memory
+from ..plan.memory import device_memory, runtime_bytes
 from ..plan.splits import choose_counts
 from .schema import VERSION, Profile, ProfileKey, check
 from .segments import Cut, Group, cut
@@ -284,6 +286,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     same profile on every rank."""
     device = next(model.parameters()).device
     world = comm.world_size(group)
+    mine: dict = {"fits": [], "batch": [], "runtime": runtime_bytes(device)}
     model_cut = cut(model, input_shape)
     precision, fmt = key.get("precision", "32"), key.get("memory_format", "contiguous")
     format_seconds = None
@@ -291,7 +294,6 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         fmt, format_seconds = _faster_format(model, input_shape, classes, batch_size, device, group, precision)
     how = _Compute(precision, fmt)
     elem = compute.activation_bytes(precision, next(model.parameters()).dtype)  # per activation element
-    mine: dict = {"fits": [], "batch": []}
     layers = []
     rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     for layer in model_cut.groups:
@@ -342,6 +344,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         "replicated_param_bytes": param_bytes - sharded_bytes,
         "links": links,
         "device_memory": [r["memory"] for r in everyone],
+        "runtime_bytes": [r["runtime"] for r in everyone],
         "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
         "precision": precision,
         "memory_format": fmt,

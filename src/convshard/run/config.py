@@ -27,7 +27,8 @@ from . import launch
 log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("kernel", "single", "ddp", "layers", "auto")
-PLANNED = ("strategy", "devices", "threads", "batch_size", "shares", "precision", "memory_format")  # flags a --plan FILE answers
+PLANNED = ("strategy", "devices", "threads", "batch_size", "shares", "precision", "memory_format",
+           "grad_precision")  # flags a --plan FILE answers
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -69,6 +70,8 @@ class TrainConfig:
     dtype: str = "float32"  # parameters and data; float64 serves exactness tests
     precision: str = "32"  # compute: 32 | bf16 | fp16 (autocast; weights stay in ``dtype``)
     memory_format: str = "contiguous"  # contiguous | channels_last | auto (the profile's faster one)
+    grad_precision: str = "32"  # the gradient sums of batch-mode groups and DDP travel in: 32 | bf16
+    device_memory: tuple[float, ...] | None = None  # bytes each worker may use (one for all, or per device)
     warmup_steps: int = 3  # steps left out of mean_step_seconds
     timeout: float = 300.0  # seconds any collective may wait before the job fails
     quiet: bool = False  # no progress bar, warnings and the final summary only
@@ -143,7 +146,8 @@ def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: li
                     memory_format: str) -> plan.Plan:
     """The plan ``--strategy single|kernel|ddp`` with ``--shares`` weights
     (or equal) describes on ``job_devices`` (every rank's device), computing
-    in ``--precision`` and ``memory_format`` (``--memory-format``, resolved)."""
+    in ``--precision`` and ``memory_format`` (``--memory-format``, resolved),
+    summing gradients in ``--grad-precision``."""
     shares = config.shares if isinstance(config.shares, tuple) else None
     if config.strategy == "single":
         job = plan.single(job_devices[0], groups, config.batch_size, threads=config.threads)
@@ -153,7 +157,8 @@ def plan_from_flags(config: TrainConfig, groups: dict[str, int], job_devices: li
         job = plan.kernel_split(job_devices, groups, config.batch_size, shares=shares, threads=config.threads)
     else:
         raise ConfigError(f"--strategy {config.strategy} is planned from a profile")
-    return replace(job, precision=config.precision, memory_format=memory_format)
+    return replace(job, precision=config.precision, memory_format=memory_format,
+                   grad_precision=config.grad_precision)
 
 
 def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
@@ -171,7 +176,7 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
                          batch_size=given.get("batch_size") or config.batch_size)
     held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,
             "batch_size": job.batch_size, "shares": None, "precision": job.precision,
-            "memory_format": job.memory_format}
+            "memory_format": job.memory_format, "grad_precision": job.grad_precision}
     for name in PLANNED:
         mine = given.get(name)
         if name == "devices" and mine is not None:
@@ -189,7 +194,7 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
     strategy = {"ddp": "ddp", "single": "single"}.get(job.name, "layers")  # for the checks in ``validate``
     return replace(config, job=job, devices=devices_here, batch_size=job.batch_size, strategy=strategy,
                    threads=job.threads or config.threads, shares=None, precision=job.precision,
-                   memory_format=job.memory_format)
+                   memory_format=job.memory_format, grad_precision=job.grad_precision)
 
 
 def _shown(value: object) -> str:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from .. import precision
 from ..parallel import comm
 from ..parallel.rebalance import Rebalancer
 from ..parallel.shard import shard_model
@@ -44,7 +45,8 @@ class ShardedEngine:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return shard_model(model, group=self.group, layer_shares=self.plan.kernel_counts(),
-                           modes={name: "batch" for name in self.plan.batch_groups()}, rows=self.plan.rows)
+                           modes={name: "batch" for name in self.plan.batch_groups()}, rows=self.plan.rows,
+                           gradient_dtype=precision.grad_dtype(self.plan.grad_precision))
 
     @staticmethod
     def net(model: nn.Module) -> nn.Module:
@@ -65,20 +67,22 @@ class ShardedEngine:
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
-    def rebalancer(self, model: nn.Module, mode: str | int) -> Rebalancer | None:
-        return None if mode == "off" else Rebalancer(model, mode, group=self.group)
+    def rebalancer(self, model: nn.Module, mode: str | int, caps: dict | None = None) -> Rebalancer | None:
+        return None if mode == "off" else Rebalancer(model, mode, group=self.group, caps=caps)
 
 
 class AllReduceClock:
     """DDP's communication hook, timed: each gradient bucket's all-reduce
-    (``allreduce_hook``, DDP's own arithmetic: divide by W, sum) from its
-    launch to its end. The reducer launches a bucket as soon as backward has
+    (DDP's own hooks: ``allreduce_hook`` divides by W and sums;
+    ``bf16_compress_hook``, for ``grad_precision`` bf16, does so in bf16
+    and casts the result back) from its launch to its end. The reducer launches a bucket as soon as backward has
     computed its gradients and waits for all of them after the last; from the
     last launch to the last end backward has nothing left to compute, so
     that span is the all-reduce the step waits for, and ``settle`` adds it
     to ``comm.seconds_in_collectives``. Earlier buckets overlap compute."""
 
-    def __init__(self) -> None:
+    def __init__(self, grad_precision: str = "32") -> None:
+        self.reduce = default_hooks.bf16_compress_hook if grad_precision == "bf16" else default_hooks.allreduce_hook
         self.starts: list[float] = []
         self.ends: list[float] = []
 
@@ -90,7 +94,7 @@ class AllReduceClock:
             self.ends.append(time.perf_counter())
             return future.value()
 
-        return default_hooks.allreduce_hook(group, bucket).then(done)
+        return self.reduce(group, bucket).then(done)
 
     def settle(self) -> None:
         """Count this step's exposed all-reduce time and start the next step's record."""
@@ -106,7 +110,7 @@ class DDPEngine:
     def __init__(self, plan: Plan, rank: int, group: comm.Group) -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.world = comm.world_size(group)
-        self._clock = AllReduceClock()
+        self._clock = AllReduceClock(plan.grad_precision)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
@@ -136,7 +140,7 @@ class DDPEngine:
             dist.all_reduce(values, group=self.group)
         return values
 
-    def rebalancer(self, model: nn.Module, mode: str | int) -> None:
+    def rebalancer(self, model: nn.Module, mode: str | int, caps: dict | None = None) -> None:
         return None  # DDP's rows stay as planned
 
 

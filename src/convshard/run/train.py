@@ -251,7 +251,7 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     optimizer = _make_optimizer(config, model.parameters())
     run = _Run(config, config.job, dataset, engine, model, optimizer, {"epoch": 0, "batch": 0, "step": 0,
                "history": []}, device, rank, group, metrics.StepClock(config.warmup_steps))
-    run.rebalancer = engine.rebalancer(model, config.rebalance_mode)
+    run.rebalancer = engine.rebalancer(model, config.rebalance_mode, (config.planning or {}).get("caps"))
     run.scaler = precision.LossScaler(config.job.precision == "fp16")
     if saved is not None:
         checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"],

@@ -31,7 +31,7 @@ from dataclasses import replace
 from .. import devices, plan
 from ..data import Dataset
 from ..errors import ConfigError
-from ..plan import search
+from ..plan import memory, search
 from .config import TrainConfig, model_groups, plan_from_flags
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def all_cores(config: TrainConfig, groups: Mapping[str, int], memory_format: str
     if len(job) < 2 or any(d.kind != "cpu" or not d.cpus for d in job) or len(set(cores)) != len(cores):
         return None
     job = plan.single(f"cpu@{devices.format_cores(cores)}", groups, config.batch_size, threads=len(cores))
-    return replace(job, precision=config.precision, memory_format=memory_format)
+    return replace(job, precision=config.precision, memory_format=memory_format,
+                   grad_precision=config.grad_precision)
 
 
 def as_trial(config: TrainConfig) -> TrainConfig:
@@ -75,10 +76,11 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                     "after a profile of every device); --strategy kernel, single or ddp starts at once",
                     steps, search.TRIAL_STEPS)
     started = time.perf_counter()
-    profile = measure(config)
+    profile = memory.with_limits(measure(config), config.device_memory)
     profiled = time.perf_counter() - started
     groups = search.groups_of(profile)
-    found = search.candidates(profile, can_drop=can_drop, threads=config.threads)
+    found = search.candidates(profile, can_drop=can_drop, threads=config.threads,
+                              grad_precision=config.grad_precision)
     by_name = {c.name: c for c in found}
     trials: dict[str, float] = {}
     if config.strategy == "auto":
@@ -99,6 +101,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     job = chosen if isinstance(chosen, plan.Plan) else chosen.plan
     name = ALL_CORES if isinstance(chosen, plan.Plan) else chosen.name
     planning = {"chosen": name, "predicted": {c.name: c.prediction.step for c in found},
+                "caps": None if name == ALL_CORES else chosen.caps,
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
                 "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
                                                  trials=trials)}

@@ -98,22 +98,25 @@ class _Runner:
     job's figure is the median of its rounds."""
 
     def __init__(self, out_dir: Path, steps: int, rounds: int = 1, precisions: Sequence[str] = ("32",),
-                 only: Sequence[str] | None = None) -> None:
+                 only: Sequence[str] | None = None, grad_precision: str = "32") -> None:
         self.out_dir, self.steps, self.rounds, self.cache = out_dir, steps, rounds, {}
-        self.precisions, self.only = tuple(precisions), only
+        self.precisions, self.only, self.grad_precision = tuple(precisions), only, grad_precision
 
     def in_precisions(self, jobs: dict[str, Sequence[str]]) -> dict[str, list[str]]:
         """Each job in every precision of ``--precision`` (named "NAME bf16"
         beyond float32), but ``one device``, the reference of every speedup,
         in the first only and under its own name; with ``--jobs`` only the
-        named jobs (and ``one device``)."""
+        named jobs (and ``one device``); every convshard job summing its
+        gradients in ``--grad-precision``."""
         out = {}
         for name, args in jobs.items():
             if self.only is not None and name not in self.only and name != "one device":
                 continue
             for p in self.precisions[:1] if name == "one device" else self.precisions:
                 key = name if p == "32" or name == "one device" else f"{name} {p}"
-                out[key] = [*args, *(["--precision", p] if p != "32" else [])]
+                plain = bool(args) and args[0] == PLAIN
+                summed = ["--grad-precision", self.grad_precision] if self.grad_precision != "32" and not plain else []
+                out[key] = [*args, *(["--precision", p] if p != "32" else []), *summed]
         return out
 
     def measure(self, jobs: dict[str, Sequence[str]], *, hosts: list[netns.Host] | None = None,
@@ -359,7 +362,8 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
 def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: int | None = None,
               batches: Sequence[int] | None = None, rounds: int = 1, model: str = "paper",
               cluster: str | Path | None = None, precisions: Sequence[str] = ("32",),
-              jobs: Sequence[str] | None = None, rates: Sequence[str] | None = None) -> dict:
+              jobs: Sequence[str] | None = None, rates: Sequence[str] | None = None,
+              grad_precision: str = "32") -> dict:
     """Run the sweeps on ``model``; write bench.json, <sweep>.png and bench.md into ``out_dir``;
     return the results. ``batches`` replaces the size's batch sizes of the batch
     and models sweeps and gives the bandwidth sweep a set of points per batch;
@@ -372,7 +376,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
     cores = sorted(devices.usable_cores())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Runner(out, steps or SIZES[size]["steps"], rounds, precisions, jobs)
+    run = _Runner(out, steps or SIZES[size]["steps"], rounds, precisions, jobs, grad_precision)
     if cluster is not None:
         if "scale" not in sweeps:
             raise ConfigError("--cluster adds the described cluster to the scale sweep: add scale to --sweeps")
