@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import helpers
 import pytest
 
@@ -87,3 +91,34 @@ def test_bad_device_memory_is_one_line_and_exit_2(capsys):
     assert "bad size '2 parsecs'" in capsys.readouterr().err
     assert helpers.main_exit_code(["train", "--device-memory", "1GiB", "--strategy", "kernel"]) == 2
     assert "--device-memory limits a planned split" in capsys.readouterr().err
+
+
+def test_a_worker_given_too_little_memory_trains_a_smaller_share_within_it(tmp_path):
+    """A real run: cpu@1 is limited (``--device-memory``) to 80% of the way from what its
+    process holds to what an even split would need (the memory model, from a profile
+    measured before). The planned job gives it less than half the work, and the peak
+    resident memory the worker reports stays under the limit."""
+    job = ["--devices", "cpu@0,cpu@1", "--threads", "1", "--dataset", "synthetic", "--synthetic-shape", "3,32,32",
+           "--synthetic-size", "128", "--kernels", "1024,128", "--batch-size", "64"]
+    path = tmp_path / "profile.json"
+    env = helpers.child_env(OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "convshard", "profile", *job, "--profile", str(path)], env=env, check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    profile = json.loads(path.read_text())
+    groups = search.groups_of(profile)
+    even = [memory.peak_bytes(profile, plan.kernel_split(profile["devices"], groups, 64, modes=modes))[1]
+            for modes in ({}, {name: "batch" for name in groups})]  # all kernel, all batch
+    held = profile["runtime_bytes"][1]
+    limit = held + 0.8 * (min(even) - held)
+    metrics_path = tmp_path / "metrics.json"
+    subprocess.run([sys.executable, "-m", "convshard", "train", *job, "--profile", str(path), "--strategy", "layers",
+                    "--device-memory", f"64GiB,{limit:.0f}B", "--max-steps", "3", "--epochs", "1", "--quiet",
+                    "--metrics-out", str(metrics_path)], env=env, check=True, stdin=subprocess.DEVNULL,
+                   capture_output=True, timeout=300)
+    metrics = json.loads(metrics_path.read_text())
+    ran = plan.from_json(metrics["job_plan"], groups=groups, batch_size=64)
+    assert memory.peak_bytes(profile, ran)[1] <= limit
+    assert all(g.counts[1] < g.kernels / 2 for g in ran.groups if g.mode == plan.KERNEL)
+    assert ran.rows[1] < 32 or not ran.batch_groups()
+    peak = metrics["timeline"]["peak_rss_mib"][1] * 2 ** 20
+    assert peak < limit, f"cpu@1 peaked at {peak / 2 ** 20:.0f} MiB, limit {limit / 2 ** 20:.0f} MiB"

@@ -95,7 +95,7 @@ def _gradient_sum_worker() -> dict:
     backward: what travels, and the sum it writes back against the exact one."""
     rank, world = join_gloo(timeout=60)
     torch.manual_seed(0)
-    grads = [[torch.randn(70, 3), torch.randn(5)] for _ in range(world)]  # rank s's gradients, known to all
+    grads = [[torch.randn(70, 3), torch.randn(40)] for _ in range(world)]  # rank s's gradients, known to all
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads[rank]]
     summed = GradientSum(params, dist.group.WORLD, bucket_bytes=64, dtype=torch.bfloat16)  # one bucket each
     sent = []

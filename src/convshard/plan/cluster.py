@@ -268,7 +268,8 @@ def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:
             built[key] = base[key]
     if any(m is not None for m in memory):
         built["device_memory"] = [UNBOUNDED if m is None else m for m in memory]
-        built["runtime_bytes"] = [m.get("runtime_bytes", [0] * len(m["devices"]))[i] for _, _, m, i, _, _ in devices]
+        for key, alone in (("runtime_bytes", 0), ("activation_scale", 1.0)):  # as each device's profile measured
+            built[key] = [m.get(key, [alone] * len(m["devices"]))[i] for _, _, m, i, _, _ in devices]
     return built
 
 

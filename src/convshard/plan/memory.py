@@ -5,25 +5,30 @@ channel group g its K_g kernels, parameter bytes P_g, the bytes of its
 output over the whole batch with all kernels O_g = max(K_g
 gather_bytes_per_kernel, sum of its outputs' bytes) and of its inputs held
 whole I_g (replicated inputs and inputs gathered from a channel split);
-P_rep, the parameters of the replicated rest; R_r the bytes rank r's
-process holds before it trains (Python, torch, the data, the model),
-measured by the profile on a CPU (``runtime_bytes``; 0 on a GPU, whose
-free memory is read with the process already there). Each parameter byte
-comes with a gradient and ``OPTIMIZER_COPIES`` bytes of optimizer state
-(SGD momentum): (2 + s) bytes held per parameter byte. Rank r of a plan
-holds R_r plus
+P_rep, the parameters of the replicated rest. Each parameter byte comes
+with a gradient and ``OPTIMIZER_COPIES`` bytes of optimizer state (SGD
+momentum): (2 + s) bytes held per parameter byte. Rank r of a plan holds
 
-    sharded engine:  (2+s) P_rep + sum_g m_{r,g}
-      kernel mode:   m_{r,g} = (2+s) P_g c_r/K + I_g + SAVED O_g c_r/K + O_g W max_r c_r / K
-      batch mode:    m_{r,g} = (2+s) P_g + (I_g + SAVED O_g) b_r/B + O_g
-    ddp engine:      (2+s) P + P + sum_g (I_g + SAVED O_g) b_r/B
+    R_r + sharded engine:  (2+s) P_rep + sum_g m_{r,g}
+      kernel mode:   m_{r,g} = (2+s) P_g c_r/K + sigma_r (I_g + SAVED O_g c_r/K + O_g W max_r c_r / K)
+      batch mode:    m_{r,g} = (2+s) P_g + sigma_r ((I_g + SAVED O_g) b_r/B + O_g)
+    R_r + ddp engine:      (2+s) P + P + sigma_r sum_g (I_g + SAVED O_g) b_r/B
 
 SAVED = 4 counts what backward keeps per byte of a group's output (the
 conv's output before pooling, the normalised and activated values); the
 last term of each mode is the gathered buffer (padded to the largest share
-in kernel mode); DDP adds its gradient buckets, a copy of P. It is an upper
-bound: every group's activations and buffers at once; the rest's own
-activations (a classifier's) are left out.
+in kernel mode); DDP adds its gradient buckets, a copy of P.
+
+Two terms are measured by the profile on each device
+(``convshard.profile.timings``), because a process holds more than its
+tensors: R_r, the bytes rank r's process held before a training step
+(Python, torch, the data, the model, the allocator's cache: its resident
+set on a CPU; 0 on a GPU, whose free memory is read with the process
+already there), and sigma_r (``activation_scale``), the bytes one step of
+the whole model at b rows added, S_r, over what the terms above count for
+it: sigma_r = max(1, (S_r - 2 P) / (sum_g (I_g + SAVED O_g) b / B)). It
+folds in what the count leaves out: the rest's activations, the
+convolution's work buffers, the allocator's slack.
 
 ``caps`` inverts it for the planner: the largest share f_r = c_r / K of
 every group, and the most rows b_r, that keep rank r within its memory
@@ -68,10 +73,11 @@ def peak_bytes(profile: Mapping, plan: Plan) -> tuple[float, ...]:
     batch, world = plan.batch_size, plan.world
     split = {g.name: g for g in plan.groups}
     runtime = profile.get("runtime_bytes", [0] * world)
+    sigma = profile.get("activation_scale", [1.0] * world)
     if plan.engine == DDP:
         acts = sum(input_bytes(layer) + SAVED * output_bytes(layer) for layer in profile["layers"])
-        return tuple(held + (HELD + 1) * profile["param_bytes"] + acts * b / batch
-                     for held, b in zip(runtime, plan.rows))
+        return tuple(held + (HELD + 1) * profile["param_bytes"] + s * acts * b / batch
+                     for held, s, b in zip(runtime, sigma, plan.rows))
     peak = [held + HELD * profile["replicated_param_bytes"] for held in runtime]
     for layer in profile["layers"]:
         g, k = split[layer["name"]], layer["kernels"]
@@ -79,9 +85,10 @@ def peak_bytes(profile: Mapping, plan: Plan) -> tuple[float, ...]:
         for r in range(world):
             if g.mode == KERNEL:
                 share = g.counts[r] / k
-                peak[r] += HELD * params * share + inp + SAVED * out * share + out * world * max(g.counts) / k
+                gathered = out * world * max(g.counts) / k  # padded to the largest share
+                peak[r] += HELD * params * share + sigma[r] * (inp + SAVED * out * share + gathered)
             else:
-                peak[r] += HELD * params + (inp + SAVED * out) * plan.rows[r] / batch + out
+                peak[r] += HELD * params + sigma[r] * ((inp + SAVED * out) * plan.rows[r] / batch + out)
     return tuple(peak)
 
 
@@ -93,13 +100,16 @@ def caps(profile: Mapping) -> tuple[list[float], list[int]]:
     if limits is None:
         return [1.0] * world, [batch] * world
     layers = profile["layers"]
-    fixed = HELD * profile["replicated_param_bytes"] + sum(input_bytes(g) + output_bytes(g) for g in layers)
-    per_share = sum(HELD * g["param_bytes"] + SAVED * output_bytes(g) for g in layers)
-    whole = HELD * profile["param_bytes"] + sum(output_bytes(g) for g in layers)
-    per_row = sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) / batch
-    free = [m - held for m, held in zip(limits, profile.get("runtime_bytes", [0] * world))]
-    shares = [min(1.0, (m - fixed) / per_share) if per_share else (1.0 if m >= fixed else -1.0) for m in free]
-    rows = [min(batch, math.floor((m - whole) / per_row)) if per_row else batch for m in free]
+    shares, rows = [], []
+    for m, held, s in zip(limits, profile.get("runtime_bytes", [0] * world),
+                          profile.get("activation_scale", [1.0] * world)):
+        fixed = HELD * profile["replicated_param_bytes"] + s * sum(input_bytes(g) + output_bytes(g) for g in layers)
+        per_share = sum(HELD * g["param_bytes"] + s * SAVED * output_bytes(g) for g in layers)
+        whole = HELD * profile["param_bytes"] + s * sum(output_bytes(g) for g in layers)
+        per_row = s * sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) / batch
+        free = m - held
+        shares.append(min(1.0, (free - fixed) / per_share) if per_share else (1.0 if free >= fixed else -1.0))
+        rows.append(min(batch, math.floor((free - whole) / per_row)) if per_row else batch)
     return shares, rows
 
 
@@ -115,12 +125,53 @@ def with_limits(profile: Mapping, limits: Sequence[float] | None) -> Mapping:
     return {**profile, "device_memory": [float(m) for m in (limits * world if len(limits) == 1 else limits)]}
 
 
-def runtime_bytes(device: torch.device) -> int:
-    """R_r: what this process holds now on a CPU (its resident set); 0 on a GPU."""
+def activation_scale(layers: Sequence[Mapping], param_bytes: float, batch: int, rows: int, step: float) -> float:
+    """sigma_r: the bytes one measured training step of the whole model at
+    ``rows`` rows added (``step``: gradients, optimizer state, what backward
+    kept, the allocator's own) over what the model counts for it,
+    2 P + sum_g (I_g + SAVED O_g) rows / B; at least 1."""
+    counted = sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) * rows / batch
+    return max(1.0, (step - 2 * param_bytes) / counted) if counted > 0 else 1.0
+
+
+def held_bytes(device: torch.device) -> int:
+    """What this process holds on ``device`` now: its resident set on a CPU, its tensors on a GPU."""
     if device.type == "cuda":
-        return 0
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return torch.cuda.memory_allocated(device)
+    return _status_bytes("VmRSS")
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new high-water mark of ``held_bytes`` (on Linux, writing 5 to
+    /proc/self/clear_refs resets VmHWM; where that is refused the mark stays
+    the process's own, an over-estimate)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_held_bytes(device: torch.device) -> int:
+    """The high-water mark of ``held_bytes`` since ``reset_peak``."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def device_memory(device: torch.device) -> int:

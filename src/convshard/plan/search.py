@@ -77,7 +77,7 @@ def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
               for layer in profile["layers"]]
     out = {**profile, "devices": pick(profile["devices"]), "layers": layers,
            "rest_seconds": pick(profile["rest_seconds"])}
-    for key in ("update_seconds_per_byte", "device_memory", "runtime_bytes"):
+    for key in ("update_seconds_per_byte", "device_memory", "runtime_bytes", "activation_scale"):
         if key in profile:
             out[key] = pick(profile[key])
     if "topology" in profile:

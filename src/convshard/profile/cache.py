@@ -63,6 +63,11 @@ def format_profile(profile: Profile) -> str:
     if "device_memory" in profile:
         lines.append("memory (GiB): " + ", ".join(
             f"{d} {m / 2 ** 30:.1f}" for d, m in zip(profile["devices"], profile["device_memory"])))
+    if "runtime_bytes" in profile:
+        lines.append("held by each worker (MiB) and a step's bytes over the memory model's count: " + ", ".join(
+            f"{d} {r / 2 ** 20:.0f}, x{s:.2f}" for d, r, s in zip(
+                profile["devices"], profile["runtime_bytes"],
+                profile.get("activation_scale", [1.0] * len(profile["devices"])))))
     for name, link in profile["links"].items():
         lines.append(f"{name}: latency {1e6 * link['latency']:.0f} us, bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     return "\n".join(lines)

@@ -147,7 +147,8 @@ class Profile(_RequiredProfile, total=False):
     memory_format: str  # contiguous | channels_last: the format every timing ran in (absent: contiguous)
     format_seconds: dict[str, PerDevice]  # the whole model's step in each memory format (memory_format auto)
     device_memory: PerDevice  # bytes each device can hold (``convshard.plan.memory``); absent: unbounded
-    runtime_bytes: PerDevice  # bytes each worker held before the profile (a CPU's resident set; 0 on a GPU)
+    runtime_bytes: PerDevice  # bytes each worker holds before a step (a CPU's resident set; 0 on a GPU)
+    activation_scale: PerDevice  # sigma: a measured step's bytes over the memory model's count (>= 1)
     topology: Topology  # a cluster's hosts and links; absent: ``links`` as measured, for any subset
 
 

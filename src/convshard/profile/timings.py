@@ -24,9 +24,11 @@ backend's own all-reduce, as DDP runs it) is timed at a small and a large size, 
 t(n bytes) = latency + n / bandwidth. ``batchnorm`` says whether the model
 holds a BatchNorm anywhere; ``device_memory[r]`` the bytes rank r's device
 can hold (``convshard.plan.memory.device_memory``: a GPU's free memory, a
-CPU host's RAM), which the planner keeps every plan within, and
-``runtime_bytes[r]`` what rank r's process held when the profile began
-(its resident set on a CPU: Python, torch, the data, the model).
+CPU host's RAM), which the planner keeps every plan within;
+``runtime_bytes[r]`` what rank r's process holds (its resident set on a
+CPU) and ``activation_scale[r]`` how much more than the memory model
+counts one training step of the whole model added to it, at
+``batch_rows`` rows (``convshard.plan.memory``).
 
 Every timing runs in the job's compute: ``precision`` (under autocast, as
 training runs) and memory format. With memory format ``auto`` the whole
@@ -60,7 +62,7 @@ from torch import nn
 
 from .. import precision as compute
 from ..parallel import comm
-from ..plan.memory import device_memory, runtime_bytes
+from ..plan.memory import activation_scale, device_memory, held_bytes, peak_held_bytes, reset_peak
 from ..plan.splits import choose_counts
 from .schema import VERSION, Profile, ProfileKey, check
 from .segments import Cut, Group, cut
@@ -217,6 +219,24 @@ def _step_seconds(model: nn.Module, input_shape: Sequence[int], classes: int, ba
     return _median_seconds(run, device, repeats=repeats, group=group)
 
 
+def _step_memory(model: nn.Module, input_shape: Sequence[int], classes: int, rows: int, device: torch.device,
+                 how: _Compute) -> tuple[int, int]:
+    """(R, S): the bytes this process holds, and the most one training step of
+    the whole ``model`` at ``rows`` rows adds to them (forward, backward, an
+    SGD-with-momentum step, on a copy; ``convshard.plan.memory``)."""
+    model = how.module(copy.deepcopy(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    x = how.input(torch.randn(rows, *input_shape, device=device))
+    y = torch.randint(classes, (rows,), device=device)
+    before = held_bytes(device)
+    reset_peak(device)
+    with how.autocast(device):
+        out = model(x)
+    F.cross_entropy(out.float(), y).backward()
+    optimizer.step()
+    return before, max(0, peak_held_bytes(device) - before)
+
+
 def _faster_format(model: nn.Module, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
                    group: comm.Group, precision: str) -> tuple[str, dict[str, list[float]]]:
     """The memory format whose whole-model step is faster on the slowest
@@ -286,16 +306,19 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     same profile on every rank."""
     device = next(model.parameters()).device
     world = comm.world_size(group)
-    mine: dict = {"fits": [], "batch": [], "runtime": runtime_bytes(device)}
     model_cut = cut(model, input_shape)
     precision, fmt = key.get("precision", "32"), key.get("memory_format", "contiguous")
+    rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
+    # memory first, before any timing leaves the allocator holding freed buffers
+    held, step = _step_memory(model, input_shape, classes, rows, device, _Compute(precision))
+    mine: dict = {"fits": [], "batch": [], "step": step,
+                  "runtime": 0 if device.type == "cuda" else held}  # a GPU's free memory is read with us there
     format_seconds = None
     if fmt == "auto":
         fmt, format_seconds = _faster_format(model, input_shape, classes, batch_size, device, group, precision)
     how = _Compute(precision, fmt)
     elem = compute.activation_bytes(precision, next(model.parameters()).dtype)  # per activation element
     layers = []
-    rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     for layer in model_cut.groups:
         mine["fits"].append(_fit_layer(
             lambda k: _time_group(layer, k, batch_size, device, repeats, group, how), layer.kernels, world, group))
@@ -345,6 +368,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         "links": links,
         "device_memory": [r["memory"] for r in everyone],
         "runtime_bytes": [r["runtime"] for r in everyone],
+        "activation_scale": [activation_scale(layers, param_bytes, batch_size, rows, r["step"]) for r in everyone],
         "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
         "precision": precision,
         "memory_format": fmt,
