@@ -51,3 +51,21 @@ def test_scale_predicts_speedup_and_efficiency_from_a_cluster_file(tmp_path):
     assert points[1]["speedup"] == 1.0 and points[1]["efficiency"] == 1.0 and points[1]["chosen"] == "single"
     assert points[4]["speedup"] > 1 and 0 < points[4]["efficiency"] <= 1
     assert set(points[4]["predicted_ms"]) >= {"single", "kernel", "ddp"}
+
+
+def test_measured_runs_are_marked_on_the_scale_axes_they_fall_on():
+    """Two hosts alike land on the bandwidth axis at their rate (and at 10 Gbit/s on the devices
+    axis at 2); mixed speeds or mixed links land on neither. Speedups are those of auto's plan."""
+    def point(label, rates, speeds, single, kernel):
+        return {"x": label, "hosts": len(rates), "rates": list(rates), "speeds": list(speeds), "auto": "kernel",
+                "single": {"ms": single[0], "predicted_ms": single[1]}, "kernel": {"ms": kernel[0],
+                                                                                   "predicted_ms": kernel[1]}}
+    measured = [point("a", ("10gbit",) * 2, (1, 1), (800, 840), (400, 420)),
+                point("b", ("100mbit",) * 2, (1, 1), (800, 840), (1000, 700)),
+                point("c", ("10gbit",) * 3, (1, 0.5, 0.5), (800, 840), (450, 420)),
+                point("d", ("1gbit", "1gbit", "100mbit"), (1, 0.5, 0.5), (800, 840), (600, 600))]
+    bandwidth = clusters._measured_on("bandwidth", measured)
+    assert [(x, s, p) for x, s, p, _ in bandwidth] == [(clusters.SCALE_RATES.index("10gbit"), 2.0, 2.0),
+                                                      (clusters.SCALE_RATES.index("100mbit"), 0.8, 1.2)]
+    devices = clusters._measured_on("devices", measured)
+    assert [(x, s) for x, s, _, _ in devices] == [(clusters.SCALE_DEVICES.index(2), 2.0)]

@@ -388,7 +388,7 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
         if name == "predict":
             clusters.plot_predict(points, out / "predict.png")
         elif name == "scale":
-            clusters.plot_scale(points, out)
+            clusters.plot_scale(points, out, measured=results.get("predict", ()))
         else:
             _plot(name, points, out / f"{name}.png", len(cores))
     atomic.write_text(out / "bench.json", json.dumps({"cores": cores, "model": model, "size": size, "rounds": rounds,

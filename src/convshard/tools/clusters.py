@@ -21,7 +21,9 @@ predicts the step of every candidate, and auto's speedup over the best
 single device and its efficiency (speedup / (sum of speeds / fastest
 speed)), against the number of devices (1-64, alike and mixed), the link
 bandwidth, the batch size and the width, and for the paper's setting: four
-devices alike on one host.
+devices alike on one host. Run in one command with ``predict``
+(``--sweeps predict,scale``), its plots also mark the measured runs that
+fall on their axes, beside their prediction.
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ def predict_sweep(run, size: dict, cores: list[int]) -> list[dict]:
                  for h, (spec, (_, speed), rate) in enumerate(zip(specs, layout, rates))]
         described = _write_cluster(run.out_dir / "clusters" / f"predict-{i}.toml", size["batch"], hosts)
         found = search.candidates(described)
-        point: dict = {"x": label}
+        auto = search.fastest(search.auto_candidates(found, described)).name
+        point: dict = {"x": label, "hosts": len(hosts), "rates": list(rates),
+                       "speeds": [speed for _, speed in layout], "auto": auto}
         with netns.hosts(len(hosts), rate=list(rates)) as built:
             for c in found:
                 used = [described["devices"].index(d) for d in c.plan.devices]
@@ -259,8 +263,27 @@ def predicted_speedup(described: dict, speeds: Sequence[float]) -> dict:
             "devices_used": best.plan.world, "speedup": speedup, "efficiency": speedup * max(speeds) / sum(speeds)}
 
 
-def plot_scale(points: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per axis: speedup (solid) and efficiency (dotted) per model."""
+def _measured_on(name: str, measured: Sequence[dict]) -> list[tuple[int, float, float, str]]:
+    """The predict sweep's runs that fall on scale plot ``name``, as (x index,
+    measured speedup, predicted speedup, label) of the plan auto would run:
+    two hosts alike on the bandwidth axis; on the devices axis two hosts
+    alike at 10 Gbit/s and the three hosts of speeds 1, 1/2, 1/2."""
+    marks = []
+    for p in measured:
+        job, single = p[p["auto"]], p["single"]
+        alike, rate = len(set(p["speeds"])) == 1, p["rates"][0] if len(set(p["rates"])) == 1 else None
+        speedup, predicted = single["ms"] / job["ms"], single["predicted_ms"] / job["predicted_ms"]
+        if name == "bandwidth" and alike and rate in SCALE_RATES:
+            marks.append((SCALE_RATES.index(rate), speedup, predicted, f"{p['hosts']} namespace hosts"))
+        elif name == "devices" and rate == "10gbit" and p["hosts"] in SCALE_DEVICES:
+            marks.append((SCALE_DEVICES.index(p["hosts"]), speedup, predicted, p["x"]))
+    return marks
+
+
+def plot_scale(points: list[dict], out_dir: Path, measured: Sequence[dict] = ()) -> list[Path]:
+    """One PNG per axis: speedup (solid) and efficiency (dotted) per model;
+    with ``measured`` (the predict sweep's points, the paper CNN) its runs on
+    the same axes: measured (x) beside predicted (+) speedup of auto's plan."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,6 +305,12 @@ def plot_scale(points: list[dict], out_dir: Path) -> list[Path]:
                 ax.plot(xs, [p["efficiency"] for p in chosen], linestyle=":", color=line.get_color(),
                         label=f"{tag}: efficiency")
                 ax.set_xticks(list(xs), [str(p["x"]) for p in chosen])
+        for i, (x, speedup, predicted, label) in enumerate(_measured_on(name, measured)):
+            ax.scatter([x], [speedup], marker="x", color="black", zorder=3,
+                       label="paper CNN, measured on namespace hosts" if i == 0 else None)
+            ax.scatter([x], [predicted], marker="+", s=80, color="red", zorder=3,
+                       label="paper CNN, predicted for those hosts" if i == 0 else None)
+            ax.annotate(label, (x, speedup), textcoords="offset points", xytext=(4, -10), fontsize=6)
         ax.axhline(1, color="black", linewidth=0.5)
         ax.set_xlabel({"devices": "devices (mixed: speeds 1, 1/2, 1/4, ...)", "bandwidth": "link per host (4 hosts)",
                        "batch": "batch size (4 hosts, 10 Gbit/s)", "width": "width (4 hosts, 10 Gbit/s)"}[name])
