@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from .. import devices, plan
 from ..data import Dataset
@@ -75,6 +76,10 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
         log.warning("--strategy auto: the %d training steps are fewer than one of its trials (%d steps per plan, "
                     "after a profile of every device); --strategy kernel, single or ddp starts at once",
                     steps, search.TRIAL_STEPS)
+    if config.device_memory and not (config.profile and Path(config.profile).exists()):
+        log.warning("--device-memory: the job is profiled in its own workers first, each group whole on every "
+                    "worker, which may pass the limit; profile beforehand (convshard profile --profile PATH) and "
+                    "train with --profile PATH to keep within it")
     started = time.perf_counter()
     profile = memory.with_limits(measure(config), config.device_memory)
     profiled = time.perf_counter() - started
