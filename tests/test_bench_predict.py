@@ -57,7 +57,7 @@ def test_measured_runs_are_marked_on_the_scale_axes_they_fall_on():
     """Two hosts alike land on the bandwidth axis at their rate (and at 10 Gbit/s on the devices
     axis at 2); mixed speeds or mixed links land on neither. Speedups are those of auto's plan."""
     def point(label, rates, speeds, single, kernel):
-        return {"x": label, "hosts": len(rates), "rates": list(rates), "speeds": list(speeds), "auto": "kernel",
+        return {"x": label, "hosts": len(rates), "rates": list(rates), "speeds": list(speeds), "auto_plan": "kernel",
                 "single": {"ms": single[0], "predicted_ms": single[1]}, "kernel": {"ms": kernel[0],
                                                                                    "predicted_ms": kernel[1]}}
     measured = [point("a", ("10gbit",) * 2, (1, 1), (800, 840), (400, 420)),

@@ -93,12 +93,14 @@ def test_bad_cluster_files_get_one_line_naming_the_key(tmp_path, capsys, text, n
 
 def test_a_link_named_by_a_profile_reproduces_the_all_gather_it_measured(tmp_path):
     """Two hosts whose link is a profile of two hosts, and one host whose link within is a profile of one host:
-    the ring of the two devices prices the all-gather as the profile measured it."""
+    the ring of the two devices prices the all-gather as the profile measured it, and the reduce-scatter
+    at the rate the profile measured for it (here 0.6 of the all-gather's)."""
     helpers.write_profile(tmp_path / "cpu.json")
     for name, hosts in (("across.json", ["x", "y"]), ("within.json", ["x", "x"])):
         measured = helpers.write_profile(tmp_path / name, speeds=(1.0, 1.0))
         measured["key"]["hosts"] = hosts
         measured["links"]["all_gather"] = {"latency": 1e-3, "bandwidth": 2e8}
+        measured["links"]["reduce_scatter"] = {"latency": 1e-3, "bandwidth": 1.2e8}
         (tmp_path / name).write_text(json.dumps(measured))
     device = '{ profile = "cpu.json" }'
     across = cluster.load(write_cluster(tmp_path, f"""
@@ -116,5 +118,7 @@ devices = [{device}, {device}]
 """))
     for built in (across, within):
         assert built["links"]["all_gather"] == pytest.approx({"latency": 1e-3, "bandwidth": 2e8})
+        assert built["links"]["reduce_scatter"] == pytest.approx({"latency": 1e-3, "bandwidth": 1.2e8})
+        assert built["links"]["all_to_all"]["bandwidth"] == pytest.approx(2e8)  # the ring's, as before
     with pytest.raises(ConfigError, match="no profile of one device on each of two hosts"):
         cluster.load(write_cluster(tmp_path, f'[[hosts]]\nbetween = {{ profile = "cpu.json" }}\ndevices = [{device}]\n'))

@@ -116,7 +116,8 @@ class _Reader:
         return {"bandwidth": self.number(given["bandwidth"], f"{where}.bandwidth", BANDWIDTH)
                 if "bandwidth" in given else default["bandwidth"],
                 "latency": self.number(given["latency"], f"{where}.latency", LATENCY, zero=True)
-                if "latency" in given else default["latency"]}
+                if "latency" in given else default["latency"],
+                **({"reduce_scatter": default["reduce_scatter"]} if "reduce_scatter" in default else {})}
 
 
     def measured_link(self, value: object, where: str, *, between: bool) -> dict:
@@ -129,8 +130,9 @@ class _Reader:
         measured = profiles.read(self.path.parent / value)
         if measured is None or len(measured["devices"]) != 2 or "all_gather" not in measured["links"]:
             raise self.fail(where, f"{value!r} is no profile of {wanted}")
-        link = measured["links"]["all_gather"]
-        return {"bandwidth": link["bandwidth"] / 2, "latency": link["latency"] / hosts}
+        link, links = measured["links"]["all_gather"], measured["links"]
+        ratio = links["reduce_scatter"]["bandwidth"] / link["bandwidth"] if "reduce_scatter" in links else 1.0
+        return {"bandwidth": link["bandwidth"] / 2, "latency": link["latency"] / hosts, "reduce_scatter": ratio}
 
 
 def load(path: str | Path, *, batch_size: int | None = None) -> dict:

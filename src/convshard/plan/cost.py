@@ -267,7 +267,10 @@ def ring_links(topology: Mapping, ranks: Sequence[int]) -> dict[str, dict[str, f
     hosts' links to the switch: bandwidth min(beta_h, beta_g), latency
     alpha_h + alpha_g. The ring moves at its slowest hop: beta = min over
     hops of the bandwidth, alpha = max over hops of the latency (every step
-    waits for the slowest hop). With n bytes as the profile counts them
+    waits for the slowest hop). A reduce-scatter moves at min over hops of
+    rho beta_hop instead, rho the rate a link's profile measured for
+    convshard's reduce-scatter (gloo's, on slices padded to the largest)
+    over its all-gather's (1 for a link given by numbers). With n bytes as the profile counts them
     (all-gather, reduce-scatter: the whole result; all-reduce, broadcast:
     the tensor; all-to-all: what each rank sends):
 
@@ -284,13 +287,14 @@ def ring_links(topology: Mapping, ranks: Sequence[int]) -> dict[str, dict[str, f
     hops = []
     for i, r in enumerate(ranks):
         h, g = hosts[r], hosts[ranks[(i + 1) % world]]
-        hops.append((within[h]["bandwidth"], within[h]["latency"]) if h == g else
-                    (min(between[h]["bandwidth"], between[g]["bandwidth"]),
-                     between[h]["latency"] + between[g]["latency"]))
-    beta, alpha = min(b for b, _ in hops), max(a for _, a in hops)
+        ends = [within[h]] if h == g else [between[h], between[g]]
+        hops.append((min(end["bandwidth"] for end in ends), sum(end["latency"] for end in ends),
+                     min(end.get("reduce_scatter", 1.0) for end in ends)))
+    beta, alpha = min(b for b, _, _ in hops), max(a for _, a, _ in hops)
     links = {}
     for kind, (steps, volume) in RING_STEPS.items():
-        bandwidth = beta if volume is None else beta * world / (volume * (world - 1))
+        slowest = min(b * rho for b, _, rho in hops) if kind == "reduce_scatter" else beta
+        bandwidth = slowest if volume is None else slowest * world / (volume * (world - 1))
         links[kind] = {"latency": steps * (world - 1) * alpha, "bandwidth": bandwidth}
     return links
 

@@ -73,14 +73,20 @@ class Link(TypedDict):
     bandwidth: Annotated[float, _Bound(0, strict=True)]  # bytes per second
 
 
+class HostLink(Link, total=False):
+    """A cluster host's link (``convshard.plan.cluster``)."""
+
+    reduce_scatter: Annotated[float, _Bound(0, strict=True)]  # reduce-scatter's rate over all-gather's, measured; 1
+
+
 class Topology(TypedDict):
     """Where a cluster's devices sit (``convshard.plan.cluster``): collectives
     are priced on it (``convshard.plan.cost.ring_links``)."""
 
     hosts: Annotated[list[Size], _PER_DEVICE]  # each device's host, an index into the lists below
     names: list[str]  # each host's name
-    within: list[Link]  # each host's link between its own devices
-    between: list[Link]  # each host's link to the switch that joins the hosts
+    within: list[HostLink]  # each host's link between its own devices
+    between: list[HostLink]  # each host's link to the switch that joins the hosts
 
 
 class Output(TypedDict):

@@ -127,7 +127,7 @@ def predict_sweep(run, size: dict, cores: list[int]) -> list[dict]:
         found = search.candidates(described)
         auto = search.fastest(search.auto_candidates(found, described)).name
         point: dict = {"x": label, "hosts": len(hosts), "rates": list(rates),
-                       "speeds": [speed for _, speed in layout], "auto": auto}
+                       "speeds": [speed for _, speed in layout], "auto_plan": auto}
         with netns.hosts(len(hosts), rate=list(rates)) as built:
             for c in found:
                 used = [described["devices"].index(d) for d in c.plan.devices]
@@ -270,7 +270,7 @@ def _measured_on(name: str, measured: Sequence[dict]) -> list[tuple[int, float, 
     alike at 10 Gbit/s and the three hosts of speeds 1, 1/2, 1/2."""
     marks = []
     for p in measured:
-        job, single = p[p["auto"]], p["single"]
+        job, single = p[p["auto_plan"]], p["single"]
         alike, rate = len(set(p["speeds"])) == 1, p["rates"][0] if len(set(p["rates"])) == 1 else None
         speedup, predicted = single["ms"] / job["ms"], single["predicted_ms"] / job["predicted_ms"]
         if name == "bandwidth" and alike and rate in SCALE_RATES:
