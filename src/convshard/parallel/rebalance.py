@@ -15,8 +15,8 @@ Mode ``auto`` checks every ``window`` steps: new counts per layer come from
 (batch rows hold no state: the row split just changes), within each
 rank's memory when the plan was made within it (``caps``: at most
 floor(f_r K_l) kernels of a layer and b_r rows; ``convshard.plan.memory.caps``),
-and they are taken when they cut
-the predicted slowest busy time max_r s_r u_r by at least ``min_gain`` (3%;
+and they are taken when they cut the predicted slowest busy time
+max_r s_r u_r by at least ``min_gain`` (3%;
 smaller predicted gains are within the noise of the timings). Mode N
 re-splits every N steps. The first step of a run, which carries one-time
 costs (allocations, lazy initialisation), is not counted.
@@ -184,11 +184,13 @@ class Rebalancer:
         cost = {r: busy[r] / work(counts, rows, r) for r in active}
 
         def spread(now: Sequence[int], weight: float, caps: Sequence[int] | None) -> tuple[int, ...]:
+            limit = None if caps is None else [caps[r] for r in active]
             try:
-                mine = dict(zip(active, choose_counts(sum(now), [0.0] * len(active), [cost[r] * weight for r in active],
-                                                      caps=None if caps is None else [caps[r] for r in active])))
+                counts_now = choose_counts(sum(now), [0.0] * len(active), [cost[r] * weight for r in active],
+                                           caps=limit)
             except ConfigError:  # the active ranks' memory cannot hold it otherwise: keep the split
                 return tuple(now)
+            mine = dict(zip(active, counts_now))
             return tuple(mine.get(r, 0) for r in range(world))
 
         shares, most_rows = (self.caps["shares"], self.caps["rows"]) if self.caps else (None, None)

@@ -75,8 +75,9 @@ class AllReduceClock:
     """DDP's communication hook, timed: each gradient bucket's all-reduce
     (DDP's own hooks: ``allreduce_hook`` divides by W and sums;
     ``bf16_compress_hook``, for ``grad_precision`` bf16, does so in bf16
-    and casts the result back) from its launch to its end. The reducer launches a bucket as soon as backward has
-    computed its gradients and waits for all of them after the last; from the
+    and casts the result back) from its launch to its end. The reducer
+    launches a bucket as soon as backward has computed its gradients and
+    waits for all of them after the last; from the
     last launch to the last end backward has nothing left to compute, so
     that span is the all-reduce the step waits for, and ``settle`` adds it
     to ``comm.seconds_in_collectives``. Earlier buckets overlap compute."""
