@@ -75,14 +75,16 @@ def test_strategy_auto_falls_back_to_one_device_on_slow_links(tmp_path, measured
 
 
 def test_workers_plan_for_themselves_under_torchrun(tmp_path):
-    """torchrun fixes the processes: every rank profiles, plans alike and trains the plan."""
+    """torchrun fixes the processes: every rank profiles, plans alike and trains the plan;
+    what the planning warns of (here: profiling under --device-memory) is said once, by rank 0."""
     out = tmp_path / "metrics.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "convshard", "train", *JOB, "--shares", "auto", "--max-steps", "2", "--quiet",
-           "--metrics-out", str(out)]
+           "--device-memory", "64GiB", "--metrics-out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("--device-memory: the job is profiled") == 1, proc.stderr[-3000:]
     metrics = json.loads(out.read_text())
     job = plan.from_json(metrics["job_plan"], groups={"features.0": 4, "features.3": 8}, batch_size=16)
     assert metrics["strategy"] == job.name

@@ -507,5 +507,12 @@ def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devic
         return seconds.item()
 
     job_devices = comm.gather_objects(str(device_spec), group=group)
-    return trials.resolve(config, dataset, job_devices=job_devices, can_drop=False, run_trial=run_trial,
-                          measure=lambda c: measure_job(c, dataset, device_spec))
+    said = logging.getLogger(trials.__name__)  # every rank decides alike: rank 0 alone says why
+    level = said.level
+    if comm.rank(group) != 0:
+        said.setLevel(logging.ERROR)
+    try:
+        return trials.resolve(config, dataset, job_devices=job_devices, can_drop=False, run_trial=run_trial,
+                              measure=lambda c: measure_job(c, dataset, device_spec))
+    finally:
+        said.setLevel(level)
