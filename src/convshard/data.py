@@ -169,19 +169,29 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
 AUGMENTS: tuple[str, ...] = ("crop", "flip")  # the transforms ``augment`` draws from
 
 
+def black(dataset: Dataset) -> tuple[float, ...]:
+    """The normalised value of a black pixel in each channel, -mean[c] / std[c]
+    (MNIST: -0.42); empty for synthetic data, which has no pixels."""
+    return tuple(-m / s for m, s in zip(dataset.mean, dataset.std))
+
+
 def default_augment(dataset: str) -> tuple[str, ...]:
     """The transforms that suit ``dataset``: digits are not mirror images (a
     flipped 2 is no 2), so MNIST is only cropped; photos are cropped and flipped."""
     return ("crop",) if dataset == "mnist" else AUGMENTS
 
 
-def augment(images: torch.Tensor, *, seed: int, step: int, transforms: Sequence[str] = AUGMENTS) -> torch.Tensor:
+def augment(images: torch.Tensor, *, seed: int, step: int, transforms: Sequence[str] = AUGMENTS,
+            fill: Sequence[float] = ()) -> torch.Tensor:
     """Random crop and/or horizontal flip of a batch: (B, C, H, W) -> (B, C, H, W).
 
-    ``crop``: each image is padded with p = ceil(min(H, W) / 8) zeros on
-    every side (4 pixels at 28x28 and 32x32; zero is the mean of normalised
-    data) and an H x W window at a random offset (dy, dx) in [0, 2p]^2 is cut
-    from it (without crop, the window at (p, p): the image itself).
+    ``crop``: each image is padded with p = ceil(min(H, W) / 8) pixels on
+    every side (4 pixels at 28x28 and 32x32) and an H x W window at a random
+    offset (dy, dx) in [0, 2p]^2 is cut from it (without crop, the window at
+    (p, p): the image itself). The padding of channel c is ``fill[c]``: a
+    black pixel's normalised value -mean[c] / std[c] (``black``), so that a
+    shifted digit keeps its black background, as torchvision's RandomCrop
+    pads before normalising; zero (the mean) when ``fill`` is empty.
     ``flip``: with probability 1/2 the image is flipped left-right. The
     offsets and flips are a pure function of (seed, step) and the batch
     shape, drawn on the CPU, so every rank of a job augments the same global
@@ -207,6 +217,13 @@ def augment(images: torch.Tensor, *, seed: int, step: int, transforms: Sequence[
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    if fill:
+        if len(fill) != c:
+            raise ValueError(f"augment got {len(fill)} fill values for {c} channels")
+        border = torch.ones(h + 2 * pad, w + 2 * pad, dtype=torch.bool, device=images.device)
+        border[pad:pad + h, pad:pad + w] = False
+        value = torch.tensor(fill, dtype=images.dtype, device=images.device)[:, None, None]
+        padded = torch.where(border, value, padded)  # (B, C, H + 2p, W + 2p)
     index = (torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
              rows[:, None, :, None], cols[:, None, None, :])  # broadcast to (B, C, H, W)
     return padded[tuple(i.to(images.device) for i in index)]

@@ -333,7 +333,7 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
     mine = batch[part]
     if config.augment:  # the whole global batch, so that every rank and plan augments each image alike
         x = data.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"],
-                         transforms=config.augment)[part]
+                         transforms=config.augment, fill=data.black(dataset))[part]
     else:
         x = dataset.train_x[mine]
     # (b, C, H, W): b = n, or this rank's rows
