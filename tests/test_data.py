@@ -22,6 +22,7 @@ from convshard.data import (
     DATASETS,
     Dataset,
     augment,
+    black,
     default_augment,
     download_cifar10,
     epoch_permutation,
@@ -456,6 +457,24 @@ def test_augment_pads_an_eighth_of_the_side() -> None:
     x = torch.ones(256, 1, 28, 28)
     zero_rows = (augment(x, seed=0, step=0)[:, 0] == 0).all(dim=2).sum(dim=1)  # padding rows per image
     assert zero_rows.max() == 4  # ceil(28 / 8)
+
+
+def test_augment_pads_with_the_fill_of_each_channel() -> None:
+    x = torch.ones(256, 2, 28, 28)
+    y = augment(x, seed=0, step=0, transforms=("crop",), fill=(-0.5, 3.0))
+    assert set(y[:, 0].unique().tolist()) == {-0.5, 1.0} and set(y[:, 1].unique().tolist()) == {3.0, 1.0}
+    border = (y[:, 0] == -0.5).all(dim=2).sum(dim=1)  # padding rows per image, now of the fill
+    assert border.max() == 4 and torch.equal(border, (augment(x, seed=0, step=0, transforms=("crop",))[:, 0] == 0)
+                                             .all(dim=2).sum(dim=1))  # the same offsets as zero padding
+    with pytest.raises(ValueError, match="1 fill values for 2 channels"):
+        augment(x, seed=0, step=0, fill=(0.0,))
+
+
+def test_black_is_a_zero_pixel_normalised() -> None:
+    x, y = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
+    mnist = Dataset("mnist", x, y, x, y, 10, mean=(0.1307,), std=(0.3081,))
+    assert black(mnist) == pytest.approx((-0.1307 / 0.3081,))
+    assert black(Dataset("synthetic", x, y, x, y, 10)) == ()  # no pixels: zero padding
 
 
 def test_augment_refuses_a_single_image() -> None:
