@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -20,6 +21,7 @@ from PIL import Image
 
 from convshard.data import (
     DATASETS,
+    ROTATE_DEGREES,
     Dataset,
     augment,
     black,
@@ -494,7 +496,25 @@ def test_augment_applies_only_the_transforms_asked_and_suits_the_dataset() -> No
         assert torch.equal(out, crop) or torch.equal(out, crop.flip(-1))  # the same draws as crop,flip
     assert not torch.equal(cropped, x) and not torch.equal(flipped, x)
     assert torch.equal(augment(x, seed=0, step=0, transforms=()), x)
-    assert default_augment("mnist") == ("crop",)  # a flipped digit is another shape
+    assert default_augment("mnist") == ("crop", "rotate")  # a flipped digit is another shape
     assert default_augment("cifar10") == default_augment("folder") == ("crop", "flip")
-    with pytest.raises(ConfigError, match="'rotate'"):
-        augment(x, seed=0, step=0, transforms=("rotate",))
+    with pytest.raises(ConfigError, match="'shear'"):
+        augment(x, seed=0, step=0, transforms=("shear",))
+
+
+def test_rotate_turns_each_image_about_its_centre_within_the_range() -> None:
+    x = torch.zeros(64, 1, 29, 29, dtype=torch.float64)
+    x[:, :, 14, :] = 1.0  # a horizontal bar through the centre
+    y = augment(x, seed=3, step=1, transforms=("rotate",), fill=(-1.0,))
+    assert torch.equal(y, augment(x, seed=3, step=1, transforms=("rotate",), fill=(-1.0,)))
+    assert y[:, 0, 14, 14].min() > 0.99  # the centre stays where it is
+    left, right = y[:, 0, :, 4].argmax(dim=1), y[:, 0, :, 24].argmax(dim=1)  # the bar's row 10 pixels either side
+    slope = (left - right).double() / 20  # tan of the angle (rows grow downwards)
+    assert slope.abs().max() <= math.tan(math.radians(ROTATE_DEGREES)) + 0.1
+    assert (slope > 0.05).any() and (slope < -0.05).any()  # both ways
+    corners = y[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert torch.all((corners >= -1.0) & (corners <= 0.0))
+    turned = slope.abs() >= 0.15  # over 5.7 degrees: every corner reads from past the edge (14 (cos + sin) > 15)
+    assert turned.any() and torch.all(corners[turned] == -1.0)  # ... and takes the fill
+    both = augment(x, seed=3, step=1, transforms=("crop", "rotate"), fill=(-1.0,))
+    assert torch.equal(both, augment(y, seed=3, step=1, transforms=("crop",), fill=(-1.0,)))  # turned, then cropped
