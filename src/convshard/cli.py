@@ -342,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", metavar="T1,T2", nargs="?", const="default", type=_augments,
                    help="transforms of every training image, drawn from --seed and the step, so every worker "
                         "and strategy sees the same augmented batch: crop (random crop of the image padded "
-                        "with ceil(side/8) black pixels: 4 at 28 and 32), flip (horizontal flip). --augment "
-                        "alone: what suits the dataset: crop for mnist (a flipped digit is another shape), "
-                        "crop,flip for the others"),
+                        "with ceil(side/8) black pixels: 4 at 28 and 32), flip (horizontal flip), rotate (by up to 15 "
+                        "degrees either way). --augment alone: what suits the dataset: crop,rotate for mnist "
+                        "(a flipped digit is another shape), crop,flip for the others"),
     g = t.add_argument_group("output")
     g.add_argument("--metrics-out", metavar="PATH", help="write metrics JSON here")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
