@@ -60,10 +60,10 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd (with momentum) | adam | adamw
     lr: float = 0.05
     momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) decay of the weights of 2 or more dims
+    weight_decay: float = 5e-4  # L2 (sgd, adam) or decoupled (adamw) decay of the weights of 2 or more dims
     decay_all: bool = False  # decay biases and BatchNorm's per-channel weights too
     clip_grad_norm: float | None = None  # scale the gradients to at most this global L2 norm
-    label_smoothing: float = 0.0  # cross-entropy against (1 - s) one-hot + s / classes
+    label_smoothing: float = 0.1  # cross-entropy against (1 - s) one-hot + s / classes
     schedule: str = "cosine"  # cosine: lr decays to 0 over the run | constant
     lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate from lr / steps to lr over this many epochs
     seed: int = 0
