@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 JOB = ["train", "--devices", "cpu@0,cpu@1", "--threads", "1", "--kernels", "32,64", "--batch-size", "64",
-       "-v"]
+       "--weight-decay", "0", "--label-smoothing", "0", "-v"]  # plain SGD, as the README's soak figures ran
 STEPS_PER_EPOCH = 63  # 4000 MNIST training images in batches of 64
 PID_LINE = re.compile(r"worker rank (\d+) \((\S+)\) pid (\d+)")
 

@@ -55,9 +55,9 @@ examples:
   convshard train --dataset synthetic --kernels 500,1500 --batch-size 64 --max-steps 20 \\
                   --metrics-out runs/paper.json
   convshard train --dataset cifar10 --data-dir data --checkpoint-dir runs/c10 --resume
-  convshard train --model resnet18 --augment        # CIFAR-form ResNet-18, random crop + flip
+  convshard train --model resnet18 --augment        # CIFAR-form ResNet-18, augmented as suits the data
   convshard train --model mymodels:resnet18 --dataset folder --data-dir photos --image-size 64
-  convshard train --model resnet18 --augment --weight-decay 5e-4 --warmup-epochs 1 --checkpoint-dir runs/r18 \\
+  convshard train --model resnet18 --augment --warmup-epochs 1 --checkpoint-dir runs/r18 \\
                   --keep-best --log-dir runs/r18/logs
   convshard evaluate --checkpoint runs/r18/best.pt   # accuracy, per class, confusion matrix
   convshard predict --checkpoint runs/r18 a.png b.png
