@@ -285,6 +285,30 @@ def test_sigkill_of_a_worker_ends_the_command(tmp_path: Path, record_property) -
             _kill_worker_if_alive(pid)
 
 
+def test_a_worker_whose_launcher_died_while_it_started_exits(tmp_path: Path) -> None:
+    """A launcher that dies while its worker is still starting (before the
+    worker asked for the death signal) leaves no worker behind: the worker
+    sees another parent and exits instead of running."""
+    marker = tmp_path / "ran"
+    code = f"""
+import os, sys, time
+from convshard.run.launch import _die_with_parent
+launcher = os.getpid()
+if os.fork() == 0:  # the worker, orphaned while it starts
+    deadline = time.monotonic() + 30
+    while os.getppid() == launcher and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open({str(tmp_path / "pid")!r}, "w").write(str(os.getpid()))
+    _die_with_parent(launcher)
+    open({str(marker)!r}, "w").write("ran")
+    os._exit(0)
+"""  # the launcher returns at once
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=JOB_TIMEOUT, env=helpers.child_env())
+    _wait_for_files([tmp_path / "pid"], timeout=60)
+    _assert_gone([int((tmp_path / "pid").read_text())])
+    assert not marker.exists()
+
+
 @pytest.fixture
 def job_store(monkeypatch: pytest.MonkeyPatch):
     """A rendezvous store on loopback, named by the environment as torchrun names it."""

@@ -11,7 +11,8 @@ kernel picks (no race for a "free" port), as torchrun's agent does. It then
 watches the workers: the first one to fail (an exception, a signal, a lost
 process) stops the job. The others are terminated at once, and
 ``WorkerFailed`` names the failed rank, its device and its error. Each worker
-also dies with the launcher (``PR_SET_PDEATHSIG``), so none is left behind.
+also dies with the launcher (``PR_SET_PDEATHSIG``), and one whose launcher
+died while it was still starting exits at once, so none is left behind.
 """
 
 from __future__ import annotations
@@ -81,16 +82,22 @@ def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies. With
+    ``parent`` (the launcher's pid), also exit at once if the launcher is
+    already gone: it may die while a spawned worker still starts (importing
+    torch takes seconds), before the death signal was asked for."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the launcher's own clean-up still applies
         pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
-def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: str) -> None:
+def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: str, launcher: int) -> None:
     """Body of a spawned worker: set torchrun's environment, run, report."""
-    _die_with_parent()
+    _die_with_parent(launcher)
     os.environ.update(env)
     out = Path(outdir)
     try:
@@ -181,7 +188,7 @@ def launch_local(
             for r in range(world_size):
                 worker_env = {**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}
                 p = ctx.Process(
-                    target=_entry, args=(r, worker_env, fn, args, outdir),
+                    target=_entry, args=(r, worker_env, fn, args, outdir, os.getpid()),
                     name=f"convshard-rank{r}", daemon=True,
                 )
                 p.start()
