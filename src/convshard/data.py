@@ -27,7 +27,7 @@
 
 Every rank of a job loads the full dataset and walks it in the order given by
 ``epoch_permutation``, so ranks agree on each batch without exchanging images.
-``augment`` (random crop and horizontal flip) is a pure function of the
+``augment`` (random crop, horizontal flip, rotation) is a pure function of the
 batch, the seed and the step, so ranks also agree on the augmented batch.
 """
 
