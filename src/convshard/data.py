@@ -228,7 +228,7 @@ def augment(images: torch.Tensor, *, seed: int, step: int, transforms: Sequence[
     cols = torch.arange(w)
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    padded = F.pad(images, (pad, pad, pad, pad))
     if fill:
         border = torch.ones(h + 2 * pad, w + 2 * pad, dtype=torch.bool, device=images.device)
         border[pad:pad + h, pad:pad + w] = False
