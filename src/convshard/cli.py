@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__, atomic, data, devices, precision, profile
 from .errors import ConfigError, TrainingError
 from .models import MODELS, is_model_name
-from .parallel.rebalance import parse_mode
+from . import plan
 from .plan import cluster, memory, search
 from .run import checkpoint, inference, launch
 from .run.config import (
@@ -35,9 +35,11 @@ from .run.config import (
     load_data,
     make_model,
     with_saved_plan,
+    workers,
 )
 from .run.local import launch_job, prepare, profile_job
-from .run.train import train_worker
+from .run.rebalance import parse_mode
+from .run.train import torchrun_worker
 from .tools import bench, report
 
 log = logging.getLogger("convshard")
@@ -492,9 +494,11 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
     """Everything that can be checked before a worker starts; raises ConfigError.
     Returns the dataset, which it loads (unless given) to check the data and
     the model (one training image through it must give (1, classes) logits)."""
-    job = config.device_list[: config.world_size]
+    job = workers(config)
     devices.check_available(job)
-    precision.check(config.precision, [d.kind for d in config.device_list])
+    precision.check(config.job.precision if config.job else config.precision, [d.kind for d in job])
+    if config.job is not None:
+        _validate_plan(config, config.job)
     if config.device_memory and not config.needs_search:
         raise ConfigError("--device-memory limits a planned split: use it with --strategy auto or layers, or "
                           "--shares auto")
@@ -507,9 +511,9 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
                           f"to the schedule: warm up for fewer epochs")
     if launch.in_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        if config.strategy == "single" and int(os.environ["WORLD_SIZE"]) != 1:
+        if config.strategy == "single" and config.job is None and int(os.environ["WORLD_SIZE"]) != 1:
             raise ConfigError("--strategy single runs one process; start torchrun with one")
-        if config.strategy != "single" and local != len(config.device_list):
+        if (config.strategy != "single" or config.job is not None) and local != len(config.device_list):
             raise ConfigError(f"torchrun started {local} processes on this host but --devices "
                               f"{config.devices!r} lists {len(config.device_list)}")
     if config.shares == "auto" and config.strategy == "single":
@@ -517,10 +521,11 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
                           "not single")
     if isinstance(config.shares, tuple) and config.strategy in ("auto", "layers") and config.job is None:
         raise ConfigError(f"--strategy {config.strategy} plans the shares itself: give --shares auto or leave it out")
-    if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "layers", "auto"):
+    if config.rebalance not in (None, "off") and config.job is None and \
+            config.strategy not in ("kernel", "layers", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
                           f"not {config.strategy}")
-    world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
+    world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else len(job)
     if isinstance(config.shares, tuple) and config.strategy == "ddp" and not all(config.shares):
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)}: every ddp worker needs a "
                           f"share of the batch above 0")
@@ -550,23 +555,34 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
         raise ConfigError(f"model {config.model!r} outputs {got} for one image, not (1, {dataset.classes}): "
                           f"the dataset has {dataset.classes} classes")
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if config.strategy in ("kernel", "layers", "auto"):
+    if config.strategy in ("kernel", "layers", "auto") and config.job is None:
         for name, module in convs:
             if module.out_channels < world:
                 raise ConfigError(f"layer {name} has {module.out_channels} kernels for {world} workers; "
                                   f"use more --kernels or fewer --devices")
-    if not convs and config.strategy in ("kernel", "layers") and world > 1 and os.environ.get("RANK", "0") == "0":
+    if not convs and config.strategy in ("kernel", "layers") and config.job is None and world > 1 \
+            and os.environ.get("RANK", "0") == "0":
         log.warning("model %r has no conv layers: nothing is sharded and every worker runs the whole model on "
                     "the whole batch; use --strategy single or ddp", config.model)
     return dataset
 
 
+def _validate_plan(config: TrainConfig, job: plan.Plan) -> None:
+    """The checks of a plan given whole (``--plan``) that its own constructor
+    cannot make: what the flags ask of it."""
+    if config.rebalance not in (None, "off") and job.engine == plan.DDP:
+        raise ConfigError(f"--rebalance {config.rebalance} moves kernels: the plan runs ddp, whose rows stay")
+    if launch.in_torchrun() and job.ranks is None and int(os.environ["WORLD_SIZE"]) != job.world:
+        raise ConfigError(f"the plan runs {job.world} workers ({', '.join(job.devices)}); torchrun started "
+                          f"{os.environ['WORLD_SIZE']}")
+
+
 def run(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
     """Train locally (spawning one worker per planned device) or as this torchrun rank."""
     dataset = validate(config, dataset)
-    config = cap_batch(config, dataset)
+    config = cap_batch(config, dataset) if config.job is None else config
     if launch.in_torchrun():
-        return train_worker(config, dataset)
+        return torchrun_worker(config, dataset)
     return launch_job(prepare(config, dataset), dataset)
 
 
