@@ -406,11 +406,9 @@ def _shard_in_place(model: nn.Module, style_of: Callable[[str, int], Style], ran
 
 def group_kernels(model: nn.Module) -> dict[str, int]:
     """The channel groups ``shard`` makes of an unsharded ``model``:
-    name -> kernels, in graph order (a plan names these)."""
-    quiet = log.level
-    log.setLevel(logging.WARNING)  # the one-rank split's "kernels per rank" line says nothing here
-    try:
-        one_rank = shard(copy.deepcopy(model).cpu(), lambda name, kernels: KernelSplit((kernels,)))
-    finally:
-        log.setLevel(quiet)
-    return {name: sum(counts) for name, counts in one_rank.counts().items()}
+    name -> kernels, in graph order (a plan names these). No collective."""
+    graph = layouts.trace(copy.deepcopy(model))
+    if graph is None:
+        return {s.name: s.conv.out_channels for s in conv_sites(model) if s.shardable}
+    return {name: graph.get_submodule(str(convs[0].target)).out_channels
+            for name, convs in layouts.analyse(graph).group_convs().items()}

@@ -9,7 +9,8 @@ W where a job's processes are fixed):
   ``splits.choose_counts`` on its fits a + b k (the m devices finish the
   group together);
 - ``layers``: the best mix of modes (``best_modes``), kernel counts as
-  above, the batch rows sized to the devices (``sized_rows``);
+  above, the batch rows sized to the devices (``sized_rows``); only for a
+  model fx traced (``batch_mode``): an untraceable one runs kernel mode;
 - ``ddp``, ``ddp sized``: PyTorch DDP over all W, even rows or rows sized
   to the devices. For a model with BatchNorm these are left out of
   ``--strategy auto``: DDP normalises over each rank's rows, another
@@ -254,7 +255,7 @@ def candidates(profile: Mapping, *, can_drop: bool = True, threads: int | None =
         kernel = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                    threads=threads)
         tries = [_priced(sub, "kernel", kernel, grad_precision)]
-        if all("batch_seconds" in layer for layer in sub["layers"]):
+        if batch_mode(sub):
             layers = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                        modes=best_modes(sub, counts, rows), rows=rows, threads=threads)
             tries.append(_priced(sub, "layers", layers, grad_precision))
@@ -334,6 +335,12 @@ def _subsets(order: Sequence[int], can_drop: bool) -> list[list[int]]:
     if world <= EVERY_SUBSET:
         return [list(c) for m in range(2, world + 1) for c in itertools.combinations(range(world), m)]
     return [sorted(order[:m]) for m in range(2, world + 1)]
+
+
+def batch_mode(profile: Mapping) -> bool:
+    """Whether convshard's batch mode can run the profiled model: it was
+    traced (batch mode rewrites the graph) and timed in batch mode."""
+    return profile.get("traced", True) and all("batch_seconds" in layer for layer in profile["layers"])
 
 
 def has_batchnorm(profile: Mapping) -> bool:

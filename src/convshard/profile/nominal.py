@@ -53,8 +53,8 @@ def nominal(model: nn.Module, *, devices: Sequence[str], input_shape: Sequence[i
     rows = -(-batch_size // world)
     param = next(model.parameters())
     elem = activation_bytes(precision, param.dtype)
-    layers = []
-    for group in cut(model, input_shape).groups:
+    layers, model_cut = [], cut(model, input_shape)
+    for group in model_cut.groups:
         per_kernel = 3 * sum(conv_work(s) for s in group.segments) / RATE  # seconds per kernel and image
         layers.append({**layer_fields(group, batch_size, elem, param.element_size(), rows),
                        "a": [0.0] * world, "b": [per_kernel * batch_size] * world,
@@ -67,4 +67,4 @@ def nominal(model: nn.Module, *, devices: Sequence[str], input_shape: Sequence[i
                   "layers": layers, "rest_seconds": [0.0] * world, "update_seconds_per_byte": [0.0] * world,
                   "param_bytes": param_bytes, "replicated_param_bytes": param_bytes - grouped,
                   "links": {kind: dict(FREE_LINK) for kind in COLLECTIVES} if world > 1 else {},
-                  "precision": precision}, "nominal profile")
+                  "precision": precision, "traced": model_cut.traced}, "nominal profile")

@@ -106,6 +106,7 @@ class Cut:
 
     groups: list[Group]
     rest: Callable[[int, torch.device], nn.Module]  # batch, device -> the model with constants for segments
+    traced: bool = True  # False: fx could not trace the model, whose groups then run in kernel mode only
 
 
 def cut(model: nn.Module, input_shape: Sequence[int]) -> Cut:
@@ -273,4 +274,4 @@ def _cut_sequential(model: nn.Module, input_shape: Sequence[int]) -> Cut:
             setattr(site.parent, site.attr, _constant(shapes[site.name]["output"], batch, device))
         return copied
 
-    return Cut(groups, rest)
+    return Cut(groups, rest, traced=False)

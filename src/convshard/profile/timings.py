@@ -356,6 +356,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         "runtime_bytes": [r["runtime"] for r in everyone],
         "activation_scale": [activation_scale(layers, param_bytes, batch_size, rows, r["step"]) for r in everyone],
         "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        "traced": model_cut.traced,
         "precision": precision,
         "memory_format": fmt,
         **({"format_seconds": format_seconds} if format_seconds else {}),
