@@ -148,7 +148,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a config gets past validation: training must not start."""
     def refuse(*args, **kwargs):
         pytest.fail("the bad input passed validation and training started")
-    monkeypatch.setattr(cli, "train_worker", refuse)
+    monkeypatch.setattr(cli.job, "train_worker", refuse)
     monkeypatch.setattr(local, "train_worker", refuse)
     monkeypatch.setattr(launch, "launch_local", refuse)
 
