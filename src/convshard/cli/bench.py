@@ -56,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    """Run the chosen sweeps; ``tools.bench`` writes their results into ``--out-dir``."""
     bench.run_bench(sweeps=args.sweeps.split(","), size=args.size, out_dir=args.out_dir, steps=args.steps,
                     batches=args.batches, rounds=args.rounds, model=args.model, cluster=args.cluster,
                     precisions=args.precision, jobs=args.jobs, rates=args.rates,

@@ -20,5 +20,6 @@ def add_parser(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
+    """Fetch CIFAR-10 into ``--data-dir`` and verify it."""
     path = data.download_cifar10(args.data_dir)
     log.info("CIFAR-10 ready in %s", path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 from .. import data
 from ..run import checkpoint, inference
@@ -12,7 +11,6 @@ from .options import fraction, positive
 
 CHECKPOINT_OPTION = {"metavar": "PATH", "required": True,  # evaluate and predict read one checkpoint
                      "help": "a --checkpoint-dir (its checkpoint.pt) or a checkpoint file (best.pt, ...)"}
-
 
 
 def add_parsers(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
@@ -29,7 +27,6 @@ def add_parsers(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
                    help="folder without val/: the share of each class evaluated (default: the checkpoint's)")
     e.add_argument("--batch-size", metavar="N", type=positive(int, "--batch-size"), default=d.batch_size,
                    help="(default: %(default)s)")
-
     e.set_defaults(handler=_evaluate)
 
     pr = sub.add_parser("predict", help="class and probability of image files, from a checkpoint",
@@ -37,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
                                     "file, the class it predicts and that class's probability.")
     pr.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     pr.add_argument("images", metavar="IMAGE", nargs="+", help="image files Pillow reads")
-    pr.set_defaults(handler=lambda args: _predict(args.checkpoint, args.images))
+    pr.set_defaults(handler=_predict)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -52,8 +49,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(inference.format_evaluation(confusion, info.class_names))
 
 
-def _predict(path: str, images: Sequence[str]) -> None:
+def _predict(args: argparse.Namespace) -> None:
     """``convshard predict``: each image's most probable class and its probability."""
+    path, images = args.checkpoint, args.images
     model, info = inference.load(path)
     probabilities = inference.predict(model, inference.images(images, info))
     best, index = probabilities.max(1)

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 
+import torch
 from torch import nn
 
 from .. import data, devices, precision, profile
@@ -60,6 +61,18 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
     job = config.device_list[: config.world_size]
     devices.check_available(job)
     precision.check(config.precision, [d.kind for d in config.device_list])
+    world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
+    _check_flags(config, world)
+    if config.profile:
+        profile.read(config.profile)  # a cache that is there must be a profile (ConfigError)
+    dataset = dataset if dataset is not None else load_data(config)
+    _check_model(config, make_model(config, dataset), dataset, world)
+    return dataset
+
+
+def _check_flags(config: TrainConfig, world: int) -> None:
+    """The flags against each other and against torchrun's processes; ``world``
+    is the job's worker count. Raises ConfigError."""
     if config.device_memory and not config.needs_search:
         raise ConfigError("--device-memory limits a planned split: use it with --strategy auto or layers, or "
                           "--shares auto")
@@ -85,21 +98,22 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
     if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "layers", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
                           f"not {config.strategy}")
-    world = int(os.environ["WORLD_SIZE"]) if launch.in_torchrun() else config.world_size
+    # plan.ddp and plan.kernel_split refuse these shares too, but only once the model's groups are known
+    # (after a profile under --memory-format auto, in every rank under torchrun), and not in the flag's words
     if isinstance(config.shares, tuple) and config.strategy == "ddp" and not all(config.shares):
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)}: every ddp worker needs a "
                           f"share of the batch above 0")
     if isinstance(config.shares, tuple) and config.strategy in ("kernel", "ddp") and len(config.shares) != world:
         raise ConfigError(f"--shares {','.join(f'{s:g}' for s in config.shares)} has "
                           f"{len(config.shares)} weights for {world} workers")
-    if config.profile:
-        profile.read(config.profile)  # a cache that is there must be a profile (ConfigError)
-    dataset = dataset if dataset is not None else load_data(config)
-    model = make_model(config, dataset)
+
+
+def _check_model(config: TrainConfig, model: nn.Module, dataset: data.Dataset, world: int) -> None:
+    """The model against the data and the split: one image of shape (1, C, H, W)
+    must give (1, classes) logits, and a kernel-split conv needs at least one
+    kernel per worker. Raises ConfigError; warns once for a conv-less model."""
     # One image through the model, so that a model that does not fit the data
     # (input channels, class count) fails here, in one line, not in every worker.
-    import torch
-
     sample = dataset.train_x[:1]  # (1, C, H, W), on CPU
     model.eval()
     try:
@@ -123,7 +137,6 @@ def validate(config: TrainConfig, dataset: data.Dataset | None = None) -> data.D
     if not convs and config.strategy in ("kernel", "layers") and world > 1 and os.environ.get("RANK", "0") == "0":
         log.warning("model %r has no conv layers: nothing is sharded and every worker runs the whole model on "
                     "the whole batch; use --strategy single or ddp", config.model)
-    return dataset
 
 
 def run(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:

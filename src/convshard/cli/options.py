@@ -195,7 +195,7 @@ def memory_option(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
 
 
 def compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
-    """What the workers compute in (train, profile, plan, bench)."""
+    """What the workers compute in (train, profile, plan)."""
     g = p.add_argument_group("compute")
     g.add_argument("--precision", choices=precision.PRECISIONS,
                    help="32: float32 throughout, the same weights as one device up to float rounding; bf16: "

@@ -36,10 +36,12 @@ def add_parsers(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
+    """``convshard profile``: measure the job, print its profile."""
     _profile_or_plan(config_from_args(args), "profile")
 
 
 def _plan(args: argparse.Namespace) -> None:
+    """``convshard plan``: every candidate on the cluster ``--cluster`` describes, or on the measured devices."""
     if args.cluster:
         _plan_cluster(args)
     else:

@@ -21,10 +21,12 @@ def add_parser(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
     r.add_argument("--png", metavar="PATH", help="where to draw the timeline (default: RUN.png beside RUN.json)")
     r.add_argument("--steps", metavar="N", type=positive(int, "--steps"), default=10,
                    help="steps to draw (default: %(default)s)")
-    r.set_defaults(handler=lambda args: _report(args.metrics, args.png, args.steps))
+    r.set_defaults(handler=_report)
 
 
-def _report(metrics_path: str, png: str | None, steps: int) -> None:
+def _report(args: argparse.Namespace) -> None:
+    """The run's table per device, then its last ``--steps`` steps drawn as a timeline."""
+    metrics_path, png, steps = args.metrics, args.png, args.steps
     try:
         metrics = json.loads(Path(metrics_path).read_text())
     except (OSError, ValueError) as exc:
