@@ -33,7 +33,7 @@ from .. import devices, plan
 from ..data import Dataset
 from ..errors import ConfigError
 from ..plan import memory, search
-from .config import TrainConfig, model_groups, plan_from_flags
+from .config import Job, TrainConfig, job_of, model_groups, plan_from_flags
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,24 @@ def all_cores(config: TrainConfig, groups: Mapping[str, int], memory_format: str
                    grad_precision=config.grad_precision)
 
 
-def as_trial(config: TrainConfig) -> TrainConfig:
-    """``config`` cut to one of auto's trials: ``search.TRIAL_STEPS`` quiet
-    steps, half of them warm-up, with nothing written and nothing moved."""
-    return replace(config, max_steps=search.TRIAL_STEPS, warmup_steps=search.TRIAL_STEPS // 2, quiet=True,
-                   metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off",
-                   keep_last=None, keep_best=False, log_dir=None)
+def as_trial(config: TrainConfig, job: plan.Plan) -> Job:
+    """Plan ``job`` run as one of auto's trials for ``config``:
+    ``search.TRIAL_STEPS`` quiet steps, half of them warm-up, with nothing
+    written and nothing moved."""
+    trial = replace(config, max_steps=search.TRIAL_STEPS, warmup_steps=search.TRIAL_STEPS // 2, quiet=True,
+                    metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off",
+                    keep_last=None, keep_best=False, log_dir=None)
+    return job_of(trial, job)
 
 
 def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], can_drop: bool,
-            measure: Callable[[TrainConfig], dict], run_trial: Callable[[plan.Plan], float]) -> TrainConfig:
-    """``config`` with its ``job`` (and, when searched, ``planning``) set."""
+            measure: Callable[[TrainConfig], dict], run_trial: Callable[[plan.Plan], float]) -> Job:
+    """The job that runs ``config``: its plan given, built from the flags, or searched and tried."""
     if config.job is not None:
-        return config
+        return job_of(config, config.job)
     if not config.needs_search:
         fmt = measure(config)["memory_format"] if config.memory_format == "auto" else config.memory_format
-        return replace(config, job=plan_from_flags(config, model_groups(config, dataset), job_devices, fmt))
+        return job_of(config, plan_from_flags(config, model_groups(config, dataset), job_devices, fmt))
     steps = training_steps(config, dataset)
     short = config.strategy == "auto" and steps <= search.TRIAL_STEPS
     if short:
@@ -118,7 +120,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     else:
         log.info("plan: %s on %s, predicted %.1f ms/step", name, ", ".join(job.devices),
                  1000 * chosen.prediction.step)
-    return replace(config, job=job, planning=planning)
+    return job_of(config, job, planning=planning, profile=None if name == ALL_CORES else chosen.profile)
 
 
 def training_steps(config: TrainConfig, dataset: Dataset) -> int:
