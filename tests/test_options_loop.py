@@ -26,11 +26,11 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from convshard import plan, precision
-from convshard.parallel.rebalance import Rebalancer
 from convshard.parallel.sharded import ShardedConv2d
 from convshard.run import launch
-from convshard.run.config import TrainConfig, load_data, model_groups
-from convshard.run.local import launch_job
+from convshard.run.config import Job, TrainConfig, load_data, model_groups
+from convshard.run.local import launch_job, prepare
+from convshard.run.rebalance import Rebalancer
 from convshard.run.train import train_worker
 
 DEVICES = ("cpu@0", "cpu@1")
@@ -67,9 +67,13 @@ def _relative(a: dict, b: dict) -> float:
                for k in b if b[k].is_floating_point())
 
 
+def _job(config: TrainConfig) -> Job:
+    return prepare(config, load_data(config))
+
+
 def _one_device(config: TrainConfig) -> dict:
     """``config`` run on one device in this process: its checkpoint."""
-    launch_job(config, load_data(config))
+    launch_job(_job(config), load_data(config))
     return _saved(config)
 
 
@@ -102,27 +106,27 @@ def _overflowing_on_rank_1(scaled: list, original):
 def _reporting_busy(original):
     """``Rebalancer.observe`` fed ``BUSY``'s seconds for this rank instead of the clock's: the split it
     moves to is then the same on every run, whatever the load of the machine."""
-    def observe(self, step, busy_seconds, optimizer):
-        return original(self, step, BUSY[dist.get_rank()], optimizer)
+    def observe(self, step, busy_seconds, job):
+        return original(self, step, BUSY[dist.get_rank()], job)
     return observe
 
 
-def _jobs_worker(configs: dict[str, TrainConfig]) -> dict[str, dict]:
-    """Each config through ``train_worker`` in turn, in one process group
+def _jobs_worker(jobs: dict[str, Job]) -> dict[str, dict]:
+    """Each job through ``train_worker`` in turn, in one process group
     (kept between jobs); per job: rank 0's metrics, the convs and the scaler calls seen."""
     unscale, observe, shutdown = precision.LossScaler.unscale, Rebalancer.observe, launch.shutdown
     launch.shutdown = dist.barrier  # the group stays for the next job
     out = {}
     try:
-        for name, config in configs.items():
+        for name, job in jobs.items():
             convs, scaled = [], []
-            if config.job.precision == "fp16":
+            if job.plan.precision == "fp16":
                 precision.LossScaler.unscale = _overflowing_on_rank_1(scaled, unscale)
-            if config.rebalance != "off":
+            if job.rebalance != "off":
                 Rebalancer.observe = _reporting_busy(observe)
             handle = _recording_convs(convs)
             try:
-                metrics = train_worker(config)
+                metrics = train_worker(job)
             finally:
                 handle.remove()
                 precision.LossScaler.unscale, Rebalancer.observe = unscale, observe
@@ -161,7 +165,8 @@ def jobs(tmp_path_factory) -> dict:
                                          synthetic_size=48, rebalance="2")
     configs["fp16"] = _config(tmp, "fp16", _in(_layers(groups), precision="fp16"), max_steps=3,
                               synthetic_size=48, optimizer="adam", lr=1e-3)
-    ranks = launch.launch_local(_jobs_worker, 2, args=(configs,), labels=list(DEVICES), timeout=240,
+    prepared = {name: _job(config) for name, config in configs.items()}
+    ranks = launch.launch_local(_jobs_worker, 2, args=(prepared,), labels=list(DEVICES), timeout=240,
                                 env={"OMP_NUM_THREADS": "1"})
     return {"configs": configs, "ranks": ranks, "groups": groups, "tmp": tmp}
 

@@ -103,7 +103,7 @@ def _first_step(tmp, name: str, **options) -> tuple[dict, dict]:
     groups = _groups(tmp, "vgg", (8, 12, 16))
     config = replace(_config(tmp, name, "vgg", (8, 12, 16), plan.single("cpu@0", groups, 12), **options), max_steps=1)
     dataset = load_data(config)
-    metrics = launch_job(config, dataset)
+    metrics = launch_job(prepare(config, dataset), dataset)
     torch.manual_seed(config.seed)  # the model every run starts from
     model = build_model("vgg", dataset.input_shape, dataset.classes, (8, 12, 16)).double()
     first = data.epoch_permutation(len(dataset.train_y), seed=config.seed, epoch=0)[: config.batch_size]
