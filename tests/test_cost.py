@@ -138,8 +138,9 @@ def test_bf16_gradient_sums_are_priced_at_half_their_bytes():
     summed = next(layer["param_bytes"] for layer in profile["layers"] if layer["name"] == first)
     layers = plan.kernel_split(("a", "b"), groups, profile["batch_size"], modes={first: "batch"})
     full, half = cost.predict(profile, layers), cost.predict(profile, replace(layers, grad_precision="bf16"))
-    assert full.gradient_sum == cost.transfer(profile, "all_reduce", summed)
-    assert half.gradient_sum == cost.transfer(profile, "all_reduce", summed / 2)
+    link = profile["links"]["all_reduce"]  # t(n) = latency + n / bandwidth
+    assert full.gradient_sum == pytest.approx(link["latency"] + summed / link["bandwidth"], rel=1e-12)
+    assert half.gradient_sum == pytest.approx(link["latency"] + summed / 2 / link["bandwidth"], rel=1e-12)
     assert half.busy == full.busy and half.collectives == full.collectives
     assert half.step == pytest.approx(full.step - (full.gradient_sum - half.gradient_sum), rel=1e-12)
     kernel = plan.kernel_split(("a", "b"), groups, profile["batch_size"])

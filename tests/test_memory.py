@@ -42,6 +42,12 @@ def test_caps_bound_a_split_within_the_limit():
 
 
 def test_a_device_with_too_little_memory_gets_a_smaller_share():
+    """Device 1's limit is below what the even split needs there: the kernel
+    candidate gives it fewer than the even 4 and 8 kernels. That every
+    candidate needs no more than each device's limit, by its own estimate,
+    is a property of the planner (it offers no plan its memory model says
+    does not fit), not a value: the model itself is pinned by hand in
+    ``test_peak_bytes_follow_the_docstring_formula``."""
     roomy = small_profile()
     even = next(c for c in search.candidates(roomy) if c.name == "kernel")
     assert even.plan.kernel_counts() == {"conv0": (4, 4), "conv1": (8, 8)}
@@ -117,7 +123,7 @@ def test_a_worker_given_too_little_memory_trains_a_smaller_share_within_it(tmp_p
                    capture_output=True, timeout=300)
     metrics = json.loads(metrics_path.read_text())
     ran = plan.from_json(metrics["job_plan"], groups=groups, batch_size=64)
-    assert memory.peak_bytes(profile, ran)[1] <= limit
+    assert memory.peak_bytes(profile, ran)[1] <= limit  # the planner's own bound; the measured peak below is not
     assert all(g.counts[1] < g.kernels / 2 for g in ran.groups if g.mode == plan.KERNEL)
     assert ran.rows[1] < 32 or not ran.batch_groups()
     peak = metrics["timeline"]["peak_rss_mib"][1] * 2 ** 20

@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import join_gloo
 
-from convshard import plan, precision
+from convshard import data, plan, precision
 from convshard.errors import ConfigError
+from convshard.models import build_model
 from convshard.parallel import comm
 from convshard.parallel.batch import GradientSum
 from convshard.run.config import TrainConfig, load_data, model_groups
@@ -364,14 +365,42 @@ def test_plan_says_when_a_device_has_no_fast_bf16(monkeypatch, capsys):
     assert "cpu: no fast bf16" in capsys.readouterr().out
 
 
+def _bf16_then_float32(config: TrainConfig, dataset, bf16_steps: int) -> dict:
+    """The run a resumed job continues, written here without the loop: the
+    seed's model, SGD with momentum at a constant lr, the epoch's batches in
+    order, the first ``bf16_steps`` steps under bf16 autocast and the rest
+    in float32, the cross-entropy in float32; its final weights."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, dataset.input_shape, dataset.classes, config.kernels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    order = data.epoch_permutation(len(dataset.train_y), seed=config.seed, epoch=0)
+    for step in range(config.max_steps):
+        rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+        optimizer.zero_grad()
+        with precision.autocast(torch.device("cpu"), "bf16" if step < bf16_steps else "32"):
+            logits = model(dataset.train_x[rows].float())
+        F.cross_entropy(logits.float(), dataset.train_y[rows]).backward()
+        optimizer.step()
+    return model.state_dict()
+
+
 def test_a_checkpoint_resumes_across_precisions(tmp_path):
-    """Two float32 steps, then two more in bf16 from the checkpoint: the
-    checkpoint holds float32 weights either way, and the resumed job records bf16."""
-    first = _config(tmp_path, "run", "paper", (6, 10), plan.single("cpu@0", {}, 12), steps=2)
-    groups = model_groups(first, load_data(first))
-    _weights(replace(first, job=plan.single("cpu@0", groups, 12)))
-    resumed = replace(first, job=_in(plan.single("cpu@0", groups, 12), "bf16"), precision="bf16", max_steps=4,
-                      resume=True)
-    weights, metrics = _weights(resumed)
-    assert metrics["steps"] == 4 and metrics["job_plan"]["precision"] == "bf16"
-    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    """Two bf16 steps with a checkpoint, then two float32 steps resumed from
+    it, train the model of one uninterrupted run that takes the same two
+    bf16 steps and then two float32 ones (written here without the loop),
+    within 1e-6 (float32 rounding); a float32 run of four steps from scratch,
+    what a resume that ignored the checkpoint would train, is more than 100
+    times farther away. The checkpoint holds float32 weights, and the resumed job records float32."""
+    plain = {"weight_decay": 0.0, "label_smoothing": 0.0, "schedule": "constant"}
+    first = replace(_config(tmp_path, "run", "paper", (6, 10), plan.single("cpu@0", {}, 12), steps=2), **plain)
+    dataset = load_data(first)
+    single = plan.single("cpu@0", model_groups(first, dataset), 12)
+    _weights(replace(first, job=_in(single, "bf16"), precision="bf16"))
+    resumed, metrics = _weights(replace(first, job=single, max_steps=4, resume=True))
+    assert metrics["steps"] == 4 and metrics["job_plan"]["precision"] == "32"
+    assert all(v.dtype == torch.float32 for v in resumed.values() if v.is_floating_point())
+    expected = _bf16_then_float32(replace(first, max_steps=4), dataset, bf16_steps=2)
+    scratch, _ = _weights(replace(first, job=single, max_steps=4, checkpoint_dir=str(tmp_path / "scratch")))
+    error = _distance(resumed, expected)
+    assert error <= 1e-6, error
+    assert _distance(scratch, expected) > 100 * 1e-6, _distance(scratch, expected)

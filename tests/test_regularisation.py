@@ -9,12 +9,14 @@ BatchNorm statistics and optimizer state are compared with one device's.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from helpers import main_exit_code
+import torch.nn.functional as F
+from helpers import assert_same_weights, main_exit_code
 
-from convshard import plan
+from convshard import data, plan
 from convshard.models import build_model
 from convshard.run.config import TrainConfig, load_data, model_groups
 from convshard.run.local import launch_job, prepare
@@ -25,7 +27,7 @@ OPTIONS = {
     "sgd, weight decay": {"weight_decay": 0.05},
     "adamw, weight decay": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1},
     "sgd, clipped": {"clip_grad_norm": 0.05},
-    "label smoothing, warm-up": {"label_smoothing": 0.1, "lr_warmup_epochs": 1.0},
+    "label smoothing, warm-up": {"label_smoothing": 0.3, "lr_warmup_epochs": 1.0},  # not the default 0.1
 }
 
 
@@ -95,6 +97,60 @@ def test_clipping_under_ddp_trains_the_one_device_model(tmp_path):
     assert _worst(got, ref) < 1e-9
 
 
+def _first_step(tmp, name: str, **options) -> tuple[dict, dict]:
+    """One step of the loop on one device in float64 with ``options``: its
+    metrics and checkpoint; and the seed's model with the first batch, for a reference."""
+    groups = _groups(tmp, "vgg", (8, 12, 16))
+    config = replace(_config(tmp, name, "vgg", (8, 12, 16), plan.single("cpu@0", groups, 12), **options), max_steps=1)
+    dataset = load_data(config)
+    metrics = launch_job(prepare(config, dataset), dataset)
+    torch.manual_seed(config.seed)  # the model every run starts from
+    model = build_model("vgg", dataset.input_shape, dataset.classes, (8, 12, 16)).double()
+    first = data.epoch_permutation(len(dataset.train_y), seed=config.seed, epoch=0)[: config.batch_size]
+    reference = {"model": model, "x": dataset.train_x[first].double(), "y": dataset.train_y[first]}
+    return {"metrics": metrics, "saved": torch.load(f"{config.checkpoint_dir}/checkpoint.pt", weights_only=True)}, \
+        reference
+
+
+def test_label_smoothing_is_torchs_cross_entropy_on_the_first_step(tmp_path):
+    """The loop's first-step loss at s = 0.3 equals ``F.cross_entropy(...,
+    label_smoothing=0.3)`` of the seed's model on the first batch, computed
+    here; the losses at s = 0 and at the default 0.1 are other numbers, so a
+    loop that ignored the option, or took the default, fails."""
+    run, ref = _first_step(tmp_path, "smoothed", label_smoothing=0.3)
+    logits = ref["model"](ref["x"])
+    expected = {s: F.cross_entropy(logits, ref["y"], label_smoothing=s).item() for s in (0.3, 0.0, 0.1)}
+    assert run["metrics"]["step_loss"][0] == pytest.approx(expected[0.3], rel=1e-12, abs=0)
+    assert min(abs(expected[0.3] - expected[s]) for s in (0.0, 0.1)) > 1e-3 * expected[0.3], expected
+
+
+@pytest.mark.parametrize("decay_all", [False, True], ids=["weights decay", "everything decays"])
+def test_adamw_takes_torchs_adamw_step(tmp_path, decay_all):
+    """The weights after the loop's first AdamW step equal ``torch.optim.AdamW``'s
+    (lr 0.01, torch's default betas (0.9, 0.999) and eps 1e-8, decoupled weight
+    decay 0.1 on the parameters of 2 or more dimensions, or on all with
+    --decay-all) from the seed's model on the first batch. Adam with the same
+    decay as L2, and AdamW decaying the other set, step elsewhere: the test tells them apart."""
+    options = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "decay_all": decay_all,
+               "label_smoothing": 0.0, "schedule": "constant"}
+    run, ref = _first_step(tmp_path, "adamw", **options)
+    model = ref["model"]
+    F.cross_entropy(model(ref["x"]), ref["y"]).backward()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def stepped(optimizer: type[torch.optim.Optimizer], decays_all: bool) -> dict[str, torch.Tensor]:
+        model.load_state_dict(start)
+        decayed = [p for p in model.parameters() if decays_all or p.dim() >= 2]
+        kept = [p for p in model.parameters() if not (decays_all or p.dim() >= 2)]
+        optimizer([{"params": decayed, "weight_decay": 0.1}, {"params": kept, "weight_decay": 0.0}], lr=0.01).step()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    expected = stepped(torch.optim.AdamW, decay_all)
+    assert_same_weights(run["saved"]["model"], expected, rtol=1e-9, atol=1e-12)
+    for other in (stepped(torch.optim.Adam, decay_all), stepped(torch.optim.AdamW, not decay_all)):
+        assert max((other[k] - v).abs().max().item() for k, v in expected.items()) > 1e-6
+
+
 def test_weight_decay_skips_biases_and_batchnorm_unless_asked():
     model = build_model("vgg", (3, 16, 16), 10, (8, 12, 16))
     decayed, kept = param_groups(model.parameters(), weight_decay=0.1)
@@ -142,6 +198,11 @@ def test_warmup_rises_linearly_then_follows_the_cosine():
     (["--keep-last", "2"], "--keep-last needs --checkpoint-dir"),
     (["--keep-best"], "--keep-best needs --checkpoint-dir"),
     (["--optimizer", "lamb"], "'lamb'"),
+    (["--precision", "16"], "argument --precision: invalid choice: '16'"),
+    (["--grad-precision", "fp16"], "argument --grad-precision: invalid choice: 'fp16'"),
+    (["--memory-format", "nhwc"], "argument --memory-format: invalid choice: 'nhwc'"),
+    (["--device-memory", "1.2.3GiB"], "argument --device-memory: bad size '1.2.3GiB'"),
+    (["--device-memory", "2GiB,-1MiB"], "bad size '-1MiB'"),
 ])
 def test_bad_training_options_exit_2_naming_the_value(capsys, args, named):
     assert main_exit_code(["train", "--dataset", "synthetic", "--devices", "cpu@0", *args]) == 2

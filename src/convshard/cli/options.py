@@ -99,7 +99,7 @@ def size_list(text: str) -> tuple[float, ...]:
     """Memory sizes such as 2GiB,900MiB (units of a cluster file), in bytes."""
     sizes = []
     for item in text.split(","):
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]+)\s*", item)
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]+)\s*", item)
         if not match or match.group(2) not in cluster.MEMORY or float(match.group(1) or 0) <= 0:
             raise argparse.ArgumentTypeError(f"bad size {item.strip()!r}: a number and a unit of "
                                              f"{', '.join(cluster.MEMORY)}, such as 900MiB")
