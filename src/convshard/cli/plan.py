@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 
-from .. import atomic, precision, profile
+from .. import atomic, devices, precision, profile
 from ..errors import ConfigError
 from ..plan import cluster, memory, search
 from ..run import launch
@@ -94,3 +95,21 @@ def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str
         atomic.write_text(plan_out, json.dumps({"job_plan": chosen.plan.to_json(),
                                                 "predicted_seconds": chosen.prediction.step}, indent=1) + "\n")
         print(f"plan written to {plan_out}")
+        if "topology" in job_profile:
+            print(how_it_runs(chosen.plan.devices, plan_out))
+
+
+def how_it_runs(planned: Sequence[str], plan_out: str) -> str:
+    """How a plan for a described cluster runs: one torchrun per host that
+    has planned devices (labels ``host/device``), and how to try its split
+    on this machine's devices instead."""
+    hosts: dict[str, int] = {}
+    for label in planned:
+        host = label.split("/", 1)[0]
+        hosts[host] = hosts.get(host, 0) + 1
+    each = ", ".join(f"{host}: {n} device(s)" for host, n in hosts.items())
+    cores = sorted(devices.usable_cores())
+    here = ",".join(f"cpu@{cores[i % len(cores)]}" for i in range(len(planned)))
+    return (f"it runs under torchrun, one node per host in this order ({each}), each with --plan {plan_out} "
+            f"and --devices naming that host's devices (docs/cluster.md, section 4); to try its split on this "
+            f"machine: convshard train --plan {plan_out} --devices {here}")
