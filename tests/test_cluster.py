@@ -174,3 +174,21 @@ def test_a_cluster_plan_without_its_devices_says_how_to_run_it(tmp_path, capsys,
     assert main(["train", *TINY_TRAIN, "--plan", str(path), *(["--devices", devices] if devices else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and all(n in err[0] for n in needles), err
+
+
+def test_every_device_a_plan_leaves_out_says_why(tmp_path, capsys):
+    """A device with too little memory is named with the bytes a plan needs
+    there; a device behind a slow link with the fastest plan it is in."""
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    small = TWO_HOSTS.replace('speed = 0.5 }', 'speed = 0.5, memory = "1 KiB" }')
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, small))]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("b/old: not used")]
+    assert len(lines) == 1 and "overflows a device's memory" in lines[0] and "which holds 1.0 KiB" in lines[0]
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, TWO_HOSTS))]) == 0
+    out = capsys.readouterr().out
+    chosen = out.split("chosen: ")[1].split(",")[0]
+    lines = [line for line in out.splitlines() if ": not used: " in line]
+    if "b/old" not in out.split("per device: ")[1].split("\n")[0]:  # the plan leaves b out
+        (line,) = [line for line in lines if line.startswith("b/old")]
+        assert "too slow to pay its transfers" in line and "its host b joins the others at 0.1 Gbit/s" in line
+    assert chosen and all(not line.startswith("a/") for line in lines if "overflows" in line)

@@ -67,9 +67,8 @@ def _profile_or_plan(config: TrainConfig, command: str, plan_out: str | None = N
             if not precision.fast_bf16(device.torch_device):
                 print(f"{device}: no fast bf16 (no AVX512-BF16 or AMX on a CPU, compute capability below 8.0 "
                       f"on a GPU): bf16 is emulated there, slower than --precision 32")
-    job_profile = memory.with_limits(job_profile, config.device_memory)
-    _print_plans(job_profile, search.candidates(job_profile, threads=config.threads,
-                                                grad_precision=config.grad_precision), plan_out)
+    _print_plans(memory.with_limits(job_profile, config.device_memory), plan_out, threads=config.threads,
+                 grad_precision=config.grad_precision)
 
 
 def _plan_cluster(args: argparse.Namespace) -> None:
@@ -79,15 +78,20 @@ def _plan_cluster(args: argparse.Namespace) -> None:
             raise ConfigError(f"--cluster describes the devices and their profiles: leave --{flag} out")
     described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size), args.device_memory)
     print(cluster.describe(described))
-    _print_plans(described, search.candidates(described, grad_precision=args.grad_precision or "32"),
-                 args.plan_out)
+    _print_plans(described, args.plan_out, grad_precision=args.grad_precision or "32")
 
 
-def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str | None) -> None:
-    """Every candidate's prediction and the plan auto would start from, which ``plan_out`` receives."""
+def _print_plans(job_profile: dict, plan_out: str | None, *, threads: int | None = None,
+                 grad_precision: str = "32") -> None:
+    """Every candidate's prediction, the plan auto would start from (which
+    ``plan_out`` receives) and why each device it leaves out is left out."""
+    rejected: list[search.Candidate] = []
+    found = search.candidates(job_profile, threads=threads, grad_precision=grad_precision, rejected=rejected)
     pool = search.auto_candidates(found, job_profile)
     chosen = search.fastest(pool)
     print(search.format_candidates(found, chosen))
+    for line in search.left_out(job_profile, chosen, found, rejected):
+        print(line)
     if len(pool) < len(found):
         print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
               "worker's rows alone)")

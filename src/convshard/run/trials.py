@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -86,8 +85,9 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     profile = memory.with_limits(measure(config), config.device_memory)
     profiled = time.perf_counter() - started
     groups = search.groups_of(profile)
+    rejected: list[search.Candidate] = []
     found = search.candidates(profile, can_drop=can_drop, threads=config.threads,
-                              grad_precision=config.grad_precision)
+                              grad_precision=config.grad_precision, rejected=rejected)
     by_name = {c.name: c for c in found}
     trials: dict[str, float] = {}
     if config.strategy == "auto":
@@ -112,9 +112,9 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
                 "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
                                                  trials=trials)}
-    left_out = Counter(job_devices) - Counter(job.devices) if job.ranks is None and name != ALL_CORES else Counter()
-    for device in left_out.elements():
-        log.warning("%s gets no work: the plan predicts it would slow the step", device)
+    if job.ranks is None and name != ALL_CORES:
+        for line in search.left_out(profile, chosen, found, rejected):
+            log.warning("%s", line)
     if name == ALL_CORES:
         log.info("plan: one process on %s, measured %.1f ms/step", job.devices[0], 1000 * trials[ALL_CORES])
     else:
