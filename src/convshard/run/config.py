@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import data, devices, plan
+from ..plan import search
 from ..errors import ConfigError
 from ..models import build_model
 from ..parallel.shard import group_kernels
@@ -97,6 +98,7 @@ class TrainConfig(RunSettings):
     grad_precision: str = "32"  # the gradient sums of batch-mode groups and DDP travel in: 32 | bf16
     device_memory: tuple[float, ...] | None = None  # bytes each worker may use (one for all, or per device)
     rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
+    trials: int = search.TRIAL_STEPS  # steps of each of --strategy auto's trials; 0: the plan predicted fastest
     job: plan.Plan | None = None  # a plan given whole (--plan FILE); None: built from the flags
     device_list: tuple[devices.Device, ...] = field(init=False, repr=False, compare=False)
 
