@@ -128,9 +128,9 @@ def _config(**changes) -> TrainConfig:
                           "threads": 1, **changes})
 
 
-def _resolve(config: TrainConfig, profile: dict, seconds: dict[str, float]) -> tuple[TrainConfig, list]:
+def _resolve(config: TrainConfig, profile: dict, seconds: dict[str, float], startup: float = 0.0) -> tuple:
     """``trials.resolve`` on ``profile`` with trials that take ``seconds[plan name]`` (ALL_CORES: one
-    process on more than one core), recording what ran."""
+    process on more than one core) after ``startup`` seconds to start, recording what ran."""
     ran = []
 
     def run_trial(job: plan.Plan) -> float:
@@ -140,7 +140,7 @@ def _resolve(config: TrainConfig, profile: dict, seconds: dict[str, float]) -> t
 
     listed = [str(d) for d in config.device_list]
     resolved = trials.resolve(config, load_data(config), job_devices=listed, can_drop=True,
-                              measure=lambda c: profile, run_trial=run_trial)
+                              measure=lambda c: profile, run_trial=run_trial, startup=lambda: startup)
     return resolved, ran
 
 
@@ -202,7 +202,7 @@ def test_auto_prints_its_trials_and_why_it_chose(monkeypatch, measured, caplog):
     _resolve(_config(epochs=50), with_bn, {(found[n].plan.name if n in found else n): t for n, t in seconds.items()})
     (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy auto tried")]
     lines = table.splitlines()
-    assert lines[0] == "--strategy auto tried 4 plans, 6 steps each (3 timed):"
+    assert re.fullmatch(r"--strategy auto tried 4 plans, 6 steps each \(3 timed\), \d+\.\d s in all:", lines[0])
     for line, name in zip(lines[2:-1], sorted(seconds, key=seconds.get), strict=True):
         predicted = "-" if name == trials.ALL_CORES else f"{1e3 * found[name].prediction.step:.1f}"
         assert re.fullmatch(rf"  {re.escape(name)} +{re.escape(predicted)} +{1e3 * seconds[name]:.1f}  \S.*", line), line
@@ -216,12 +216,29 @@ def test_auto_says_when_planning_costs_more_than_the_training(monkeypatch, measu
     seconds = {"single": 0.9, "kernel": 0.8, "layers": 0.7, "batch": 0.7, "ddp": 0.6, "ddp sized": 0.6,
                trials.ALL_CORES: 0.95}
     _resolve(_config(max_steps=5), measured, seconds)  # fewer steps than one trial: said before profiling
-    _resolve(_config(max_steps=20), measured, seconds)  # six trials of 6 steps: more than the 20
-    _resolve(_config(max_steps=None, epochs=500), measured, seconds)  # 2,000 steps: worth it
+    _resolve(_config(max_steps=20), measured, seconds, startup=4.0)  # six trials of 6 steps: more than the 20
+    _resolve(_config(max_steps=None, epochs=500), measured, seconds, startup=0.1)  # 2,000 steps: worth it
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(said) == 2, said
     assert said[0].startswith("--strategy auto: the 5 training steps are fewer than one of its trials")
-    assert said[1].startswith("--strategy auto: profiling took") and "than the 20 training steps" in said[1]
+    assert "--trials 0 trains the predicted fastest plan" in said[0]
+    # each trial: 4 s to start its workers and 6 steps at the fastest predicted step
+    pool = search.auto_candidates(search.candidates(measured, threads=1), measured)
+    step, count = search.fastest(pool).prediction.step, len(search.worth_trying(pool)) + 1  # + all cores
+    cost = f"{count} trials take about {count * (4.0 + 6 * step):.1f} s: each starts its workers (4.0 s"
+    assert cost in said[1] and "more than the 20 training steps" in said[1]
+    assert f"--trials 0 trains the plan predicted fastest ({search.fastest(pool).name}) at once" in said[1]
+    worth = f"{count} trials take about {count * (0.1 + 6 * step):.1f} s: each starts its workers (0.1 s"
+    told = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and worth in r.getMessage()]
+    assert len(told) == 1 and "more than" not in told[0]  # worth it: said, not warned
+
+
+def test_trials_0_trains_the_plan_predicted_fastest_untried(monkeypatch, measured):
+    monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)  # every candidate would be worth a trial
+    resolved, ran = _resolve(_config(trials=0), measured, {})
+    pool = search.auto_candidates(search.candidates(measured, threads=1), measured)
+    assert ran == [] and resolved.planning["chosen"] == search.fastest(pool).name
+    assert resolved.planning["trials"] is None
 
 
 def test_nothing_is_tried_when_one_plan_stands_out(measured):

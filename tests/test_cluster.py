@@ -122,3 +122,73 @@ devices = [{device}, {device}]
         assert built["links"]["all_to_all"]["bandwidth"] == pytest.approx(2e8)  # the ring's, as before
     with pytest.raises(ConfigError, match="no profile of one device on each of two hosts"):
         cluster.load(write_cluster(tmp_path, f'[[hosts]]\nbetween = {{ profile = "cpu.json" }}\ndevices = [{device}]\n'))
+
+
+def test_a_cluster_plan_says_how_it_runs(tmp_path, capsys):
+    """``plan --cluster --plan-out``: the plan names the torchrun recipe for its
+    hosts and the command that tries its split on this machine."""
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    out_file = tmp_path / "plan.json"
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, TWO_HOSTS)), "--plan-out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    planned = json.loads(out_file.read_text())["job_plan"]["devices"]
+    assert "it runs under torchrun, one node per host" in out and "docs/cluster.md, section 4" in out
+    assert f"convshard train --plan {out_file} --devices " in out
+    tried = out.split(f"convshard train --plan {out_file} --devices ")[1].split()[0]
+    assert len(tried.split(",")) == len(planned)  # as many local devices as the plan runs on
+
+
+def _cluster_plan_file(tmp_path, devices=("gpubox/gpu.0", "gpubox/gpu.1")):
+    """A plan for two cluster devices, of the model ``TINY_TRAIN`` builds."""
+    from convshard import plan
+
+    job = plan.kernel_split(list(devices), {"features.0": 4, "features.3": 8}, 16, counts={
+        "features.0": (3, 1), "features.3": (2, 6)})
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"job_plan": job.to_json()}))
+    return path, job
+
+
+TINY_TRAIN = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "32", "--kernels", "4,8",
+              "--max-steps", "2", "--quiet"]
+
+
+def test_a_cluster_plan_runs_here_on_the_devices_given_in_order(tmp_path, caplog):
+    """``train --plan`` of a cluster's plan with ``--devices`` of as many local
+    devices: its split runs on them in order, said in one line."""
+    path, job = _cluster_plan_file(tmp_path)
+    metrics = tmp_path / "m.json"
+    assert main(["train", *TINY_TRAIN, "--plan", str(path), "--devices", "cpu@0,cpu@1",
+                 "--metrics-out", str(metrics)]) == 0
+    ran = json.loads(metrics.read_text())
+    assert ran["devices"] == ["cpu@0", "cpu@1"] and ran["shares"] == {"features.0": [3, 1], "features.3": [2, 6]}
+    assert "its devices gpubox/gpu.0, gpubox/gpu.1 run as cpu@0, cpu@1, in order" in caplog.text
+
+
+@pytest.mark.parametrize("devices, needles", [
+    (None, ("runs on a cluster's devices (gpubox/gpu.0, gpubox/gpu.1)", "torchrun", "--devices naming 2")),
+    ("cpu@0", ("--devices cpu@0 lists 1 devices", "runs on 2", "list 2")),
+])
+def test_a_cluster_plan_without_its_devices_says_how_to_run_it(tmp_path, capsys, devices, needles):
+    path, _ = _cluster_plan_file(tmp_path)
+    assert main(["train", *TINY_TRAIN, "--plan", str(path), *(["--devices", devices] if devices else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(n in err[0] for n in needles), err
+
+
+def test_every_device_a_plan_leaves_out_says_why(tmp_path, capsys):
+    """A device with too little memory is named with the bytes a plan needs
+    there; a device behind a slow link with the fastest plan it is in."""
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    small = TWO_HOSTS.replace('speed = 0.5 }', 'speed = 0.5, memory = "1 KiB" }')
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, small))]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("b/old: not used")]
+    assert len(lines) == 1 and "overflows a device's memory" in lines[0] and "which holds 1.0 KiB" in lines[0]
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, TWO_HOSTS))]) == 0
+    out = capsys.readouterr().out
+    chosen = out.split("chosen: ")[1].split(",")[0]
+    lines = [line for line in out.splitlines() if ": not used: " in line]
+    if "b/old" not in out.split("per device: ")[1].split("\n")[0]:  # the plan leaves b out
+        (line,) = [line for line in lines if line.startswith("b/old")]
+        assert "too slow to pay its transfers" in line and "its host b joins the others at 0.1 Gbit/s" in line
+    assert chosen and all(not line.startswith("a/") for line in lines if "overflows" in line)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +181,44 @@ def test_checkpoint_of_another_model_names_file_config_and_mismatch(trained, tmp
     assert str(tmp_path / "ckpt" / checkpoint.FILENAME) in err[0]
     assert "--model paper --kernels 4,8 --dataset folder" in err[0] and "--kernels 4,6" in err[0]
     assert "features.3.weight" in err[0]
+
+
+FACTORY = '''import torch.nn as nn
+
+
+def build(input_shape, classes):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * h * w, classes))
+'''
+
+
+def _convshard(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(convshard.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "convshard", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_an_own_models_checkpoint_is_evaluated_from_anywhere(tmp_path):
+    """Trained with ``--model tinycnn:build`` on a folder given relative to the
+    training directory, the checkpoint is evaluated and predicts from another
+    directory: it keeps where the factory was imported from and where the
+    data was. Without the data there, one line names --data-dir."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _folder(project / "photos", split=True)
+    (project / "tinycnn.py").write_text(FACTORY)
+    trained = _convshard(["train", "--model", "tinycnn:build", "--dataset", "folder", "--data-dir", "photos",
+                          "--image-size", "16", "--batch-size", "8", "--devices", "cpu@0", "--strategy", "single",
+                          "--epochs", "1", "--checkpoint-dir", "ckpt", "--quiet"], project)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    evaluated = _convshard(["evaluate", "--checkpoint", "../project/ckpt"], elsewhere)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "--model tinycnn:build on folder" in evaluated.stdout and "accuracy" in evaluated.stdout
+    image = next((project / "photos" / "val").rglob("*.png"))
+    predicted = _convshard(["predict", "--checkpoint", "../project/ckpt", str(image)], elsewhere)
+    assert predicted.returncode == 0 and str(image) in predicted.stdout, predicted.stderr[-2000:]
+    (project / "photos").rename(project / "moved")
+    missing = _convshard(["evaluate", "--checkpoint", "../project/ckpt"], elsewhere)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert f"{project / 'photos'}, which is not there" in missing.stderr and "--data-dir" in missing.stderr

@@ -25,7 +25,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     and plan as ``--strategy auto`` would."""
     d = TrainConfig()
     train_only = {name: getattr(args, name) for name in (
-        "shares", "rebalance", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
+        "shares", "rebalance", "trials", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
         "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment", "weight_decay",
         "decay_all", "clip_grad_norm", "label_smoothing", "keep_last", "keep_best", "log_every", "log_dir",
         "device_memory")
@@ -118,6 +118,8 @@ def _check_flags(config: TrainConfig, world: int) -> None:
                           "not single")
     if isinstance(config.shares, tuple) and config.strategy in ("auto", "layers") and config.job is None:
         raise ConfigError(f"--strategy {config.strategy} plans the shares itself: give --shares auto or leave it out")
+    if config.trials != TrainConfig.trials and config.strategy != "auto":
+        raise ConfigError(f"--trials {config.trials} sets the trials of --strategy auto, not {config.strategy}")
     if config.rebalance not in (None, "off") and config.strategy not in ("kernel", "layers", "auto"):
         raise ConfigError(f"--rebalance {config.rebalance} moves kernels: it needs --strategy kernel or auto, "
                           f"not {config.strategy}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 
-from .. import atomic, precision, profile
+from .. import atomic, devices, precision, profile
 from ..errors import ConfigError
 from ..plan import cluster, memory, search
 from ..run import launch
@@ -66,9 +67,8 @@ def _profile_or_plan(config: TrainConfig, command: str, plan_out: str | None = N
             if not precision.fast_bf16(device.torch_device):
                 print(f"{device}: no fast bf16 (no AVX512-BF16 or AMX on a CPU, compute capability below 8.0 "
                       f"on a GPU): bf16 is emulated there, slower than --precision 32")
-    job_profile = memory.with_limits(job_profile, config.device_memory)
-    _print_plans(job_profile, search.candidates(job_profile, threads=config.threads,
-                                                grad_precision=config.grad_precision), plan_out)
+    _print_plans(memory.with_limits(job_profile, config.device_memory), plan_out, threads=config.threads,
+                 grad_precision=config.grad_precision)
 
 
 def _plan_cluster(args: argparse.Namespace) -> None:
@@ -78,15 +78,20 @@ def _plan_cluster(args: argparse.Namespace) -> None:
             raise ConfigError(f"--cluster describes the devices and their profiles: leave --{flag} out")
     described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size), args.device_memory)
     print(cluster.describe(described))
-    _print_plans(described, search.candidates(described, grad_precision=args.grad_precision or "32"),
-                 args.plan_out)
+    _print_plans(described, args.plan_out, grad_precision=args.grad_precision or "32")
 
 
-def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str | None) -> None:
-    """Every candidate's prediction and the plan auto would start from, which ``plan_out`` receives."""
+def _print_plans(job_profile: dict, plan_out: str | None, *, threads: int | None = None,
+                 grad_precision: str = "32") -> None:
+    """Every candidate's prediction, the plan auto would start from (which
+    ``plan_out`` receives) and why each device it leaves out is left out."""
+    rejected: list[search.Candidate] = []
+    found = search.candidates(job_profile, threads=threads, grad_precision=grad_precision, rejected=rejected)
     pool = search.auto_candidates(found, job_profile)
     chosen = search.fastest(pool)
     print(search.format_candidates(found, chosen))
+    for line in search.left_out(job_profile, chosen, found, rejected):
+        print(line)
     if len(pool) < len(found):
         print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
               "worker's rows alone)")
@@ -94,3 +99,21 @@ def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str
         atomic.write_text(plan_out, json.dumps({"job_plan": chosen.plan.to_json(),
                                                 "predicted_seconds": chosen.prediction.step}, indent=1) + "\n")
         print(f"plan written to {plan_out}")
+        if "topology" in job_profile:
+            print(how_it_runs(chosen.plan.devices, plan_out))
+
+
+def how_it_runs(planned: Sequence[str], plan_out: str) -> str:
+    """How a plan for a described cluster runs: one torchrun per host that
+    has planned devices (labels ``host/device``), and how to try its split
+    on this machine's devices instead."""
+    hosts: dict[str, int] = {}
+    for label in planned:
+        host = label.split("/", 1)[0]
+        hosts[host] = hosts.get(host, 0) + 1
+    each = ", ".join(f"{host}: {n} device(s)" for host, n in hosts.items())
+    cores = sorted(devices.usable_cores())
+    here = ",".join(f"cpu@{cores[i % len(cores)]}" for i in range(len(planned)))
+    return (f"it runs under torchrun, one node per host in this order ({each}), each with --plan {plan_out} "
+            f"and --devices naming that host's devices (docs/cluster.md, section 4); to try its split on this "
+            f"machine: convshard train --plan {plan_out} --devices {here}")

@@ -73,11 +73,22 @@ def _strategy_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "it, and --strategy, --shares, --devices, --threads or --batch-size that differ are an "
                         "error")
     g.add_argument("--rebalance", metavar="MODE", type=rebalance_mode, default=d.rebalance,
-                   help="re-split the kernels while training: off, auto (checked every 5 steps: when a "
-                        "new split is predicted to cut the slowest worker's busy time by 3%% or more) or N "
-                        "(every N steps) (default: auto for a planned split, --shares auto or --strategy "
-                        "auto; off otherwise)")
+                   help="re-split the kernels while training: off, auto (checked every 5 steps: when the cost "
+                        "model predicts a new split cuts the step by 3%% or more) or N (every N steps) (default: "
+                        "auto for a planned split, --shares auto or --strategy auto; off otherwise)")
+    g.add_argument("--trials", metavar="N", type=_steps, default=d.trials,
+                   help="steps of each of --strategy auto's trials, half of them warm-up; each trial starts its "
+                        "own workers, and auto says before them what they will cost; 0: no trials, the plan "
+                        "predicted fastest trains (default: %(default)s)")
     memory_option(g)
+
+
+def _steps(text: str) -> int:
+    """``--trials``: 0, or a count of at least 2 steps (half of them, rounded down, warm-up)."""
+    if not text.isdigit() or int(text) == 1:
+        raise argparse.ArgumentTypeError(f"--trials takes 0 (no trials) or a number of steps of at least 2, "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def _training_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -227,11 +228,12 @@ def best_modes(profile: Mapping, counts: Mapping[str, Sequence[int]], rows: Sequ
 
 
 def candidates(profile: Mapping, *, can_drop: bool = True, threads: int | None = None,
-               grad_precision: str = "32") -> list[Candidate]:
+               grad_precision: str = "32", rejected: list[Candidate] | None = None) -> list[Candidate]:
     """Every plan the planner considers (module docstring), with its
     prediction, summing gradients in ``grad_precision``. Without
     ``can_drop`` (torchrun) the split plans use every device, and
-    ``single``'s plan names the process that trains alone."""
+    ``single``'s plan names the process that trains alone. The plans that
+    overflow a device's memory are left out, and added to ``rejected``."""
 
     world = len(profile["devices"])
     alone = [single_step(profile, r) for r in range(world)]
@@ -281,7 +283,55 @@ def candidates(profile: Mapping, *, can_drop: bool = True, threads: int | None =
             (out if _fits(profile, c) else too_big).append(c)
     if not out:
         raise ConfigError(_refusal(profile, too_big))
+    if rejected is not None:
+        rejected.extend(too_big)
     return out
+
+
+def left_out(profile: Mapping, chosen: Candidate, found: Sequence[Candidate],
+             rejected: Sequence[Candidate] = ()) -> list[str]:
+    """One line for every profiled device ``chosen`` does not use, and why:
+    every plan with it overflows a device's memory (the closest named, with
+    the bytes it needs and the bytes there are), or the fastest plan with it
+    is predicted slower than ``chosen`` (it is too slow to pay its
+    transfers; a cluster's device also names its host's link)."""
+    lines = []
+    limits = dict(zip(profile["devices"], profile.get("device_memory", ())))
+    unused = Counter(profile["devices"]) - Counter(chosen.plan.devices)  # a device may be listed twice
+    for r, device in enumerate(profile["devices"]):
+        if not unused[device]:
+            continue
+        unused[device] -= 1
+        fitting = [c for c in found if device in c.plan.devices]
+        if not fitting and (overflowing := [c for c in rejected if device in c.plan.devices]):
+            def overflow(c: Candidate) -> tuple[float, str, float]:
+                return max((need / limits[d], d, need) for d, need in zip(c.plan.devices, c.memory))
+            closest = min(overflowing, key=overflow)
+            _, where, need = overflow(closest)
+            lines.append(f"{device}: not used: every plan with it overflows a device's memory; the closest, "
+                         f"{closest.name} on {', '.join(closest.plan.devices)}, needs {memory.format_bytes(need)} "
+                         f"on {where}, which holds {memory.format_bytes(limits[where])}")
+        elif fitting:
+            best = fastest(fitting)
+            link = _host_link(profile, r)
+            lines.append(f"{device}: not used: too slow to pay its transfers: the fastest plan with it, "
+                         f"{best.name} on {', '.join(best.plan.devices)}, is predicted "
+                         f"{1e3 * best.prediction.step:.1f} ms against {1e3 * chosen.prediction.step:.1f} ms "
+                         f"without it{link}")
+        else:
+            lines.append(f"{device}: not used: no plan the planner considers runs on it")
+    return lines
+
+
+def _host_link(profile: Mapping, rank: int) -> str:
+    """``; its host's link: B/s, latency`` for a cluster's device; '' for measured devices."""
+    topology = profile.get("topology")
+    if topology is None or len(topology["names"]) < 2:
+        return ""
+    h = topology["hosts"][rank]
+    link = topology["between"][h]
+    return (f"; its host {topology['names'][h]} joins the others at {8 * link['bandwidth'] / 1e9:.2g} Gbit/s, "
+            f"{1e6 * link['latency']:.0f} us")
 
 
 def _priced(profile: Mapping, name: str, job: Plan, grad_precision: str) -> Candidate:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import data, devices, plan
+from ..plan import search
 from ..errors import ConfigError
 from ..models import build_model
 from ..parallel.shard import group_kernels
@@ -97,6 +98,7 @@ class TrainConfig(RunSettings):
     grad_precision: str = "32"  # the gradient sums of batch-mode groups and DDP travel in: 32 | bf16
     device_memory: tuple[float, ...] | None = None  # bytes each worker may use (one for all, or per device)
     rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
+    trials: int = search.TRIAL_STEPS  # steps of each of --strategy auto's trials; 0: the plan predicted fastest
     job: plan.Plan | None = None  # a plan given whole (--plan FILE); None: built from the flags
     device_list: tuple[devices.Device, ...] = field(init=False, repr=False, compare=False)
 
@@ -193,8 +195,11 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
                     dataset: data.Dataset) -> TrainConfig:
     """``config`` running the plan saved in ``path`` (``--plan``). ``given``
     holds the flags of PLANNED the user set (None: not given); one with
-    another value than the plan's is an error naming both. ``dataset`` is
-    the run's data, which gives the model's groups."""
+    another value than the plan's is an error naming both. ``--devices``
+    of as many devices as the plan's runs its split on them, in order (a
+    plan for a cluster tried here, say so in one line); under torchrun it
+    lists this host's devices. ``dataset`` is the run's data, which gives
+    the model's groups."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -202,15 +207,10 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
     saved = saved.get("job_plan", saved) if isinstance(saved, dict) else saved
     job = plan.from_json(saved, groups=model_groups(config, dataset), source=f"--plan {path}",
                          batch_size=given.get("batch_size") or config.batch_size)
-    held = {"strategy": job.name, "devices": ",".join(job.devices), "threads": job.threads,
-            "batch_size": job.batch_size, "shares": None, "precision": job.precision,
-            "memory_format": job.memory_format, "grad_precision": job.grad_precision}
-    for name in PLANNED:
+    held = {"strategy": job.name, "threads": job.threads, "batch_size": job.batch_size, "shares": None,
+            "precision": job.precision, "memory_format": job.memory_format, "grad_precision": job.grad_precision}
+    for name in held:
         mine = given.get(name)
-        if name == "devices" and mine is not None:
-            if launch.in_torchrun():
-                continue  # --devices lists this host's devices, the plan every rank's
-            mine = ",".join(str(dev) for dev in devices.parse_devices(mine))
         if name == "threads" and held[name] is None:
             continue  # the plan leaves threads to the flag
         if mine is not None and mine != held[name]:
@@ -218,7 +218,30 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
             raise ConfigError(f"{flag} {_shown(mine)} conflicts with --plan {path}, which "
                               f"{'holds the split' if name == 'shares' else f'runs {flag} {_shown(held[name])}'}; "
                               f"leave {flag} out or write a new plan")
+    if not launch.in_torchrun():
+        job = _on_local_devices(job, given.get("devices"), path)
     return replace(config, job=job)
+
+
+def _on_local_devices(job: plan.Plan, listed: object, path: str) -> plan.Plan:
+    """``job`` on this machine: on its own devices, or on ``listed`` (a
+    ``--devices`` string of as many devices), which take its split in order."""
+    if listed is None:
+        try:
+            for device in job.devices:
+                devices.parse_devices(device)
+        except ConfigError:
+            raise ConfigError(f"--plan {path} runs on a cluster's devices ({', '.join(job.devices)}): start it "
+                              f"under torchrun on those hosts (docs/cluster.md, section 4), or try its split here "
+                              f"with --devices naming {job.world} devices of this machine") from None
+        return job
+    here = tuple(str(d) for d in devices.parse_devices(str(listed)))
+    if len(here) != job.world:
+        raise ConfigError(f"--devices {listed} lists {len(here)} devices; --plan {path} runs on {job.world} "
+                          f"({', '.join(job.devices)}): list {job.world} to run its split on them in order")
+    if here != job.devices:
+        log.warning("--plan %s: its devices %s run as %s, in order", path, ", ".join(job.devices), ", ".join(here))
+    return replace(job, devices=here)
 
 
 def workers(config: TrainConfig) -> tuple[devices.Device, ...]:

@@ -9,7 +9,10 @@ what a model needs once training is over, written by ``spec``:
      "class_names": one name per output, in label order,
      "mean", "std": per channel: a pixel p in [0, 1] enters the model as (p - mean) / std
                     (empty for synthetic data, which has no pixels),
-     "dataset": what it was trained on}
+     "dataset": what it was trained on,
+     "data_dir": where its data was, as an absolute path,
+     "module_root": for a package.module:function model, the directory its
+                    package was imported from (absolute; None for a built-in)}
 
 ``load_model`` rebuilds the plain, unsharded ``nn.Module`` from it: one
 device, no process group. ``evaluate`` counts a confusion matrix over a
@@ -20,8 +23,10 @@ dataset; ``predict`` gives each image file's class and probability.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +35,7 @@ from .. import data
 from ..errors import ConfigError
 from ..models import build_model
 from . import checkpoint
-from .config import TrainConfig
+from .config import RunSettings, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,26 @@ class ModelSpec:
     dataset: str
 
 
-def spec(config: TrainConfig, dataset: data.Dataset) -> dict:
+def spec(config: RunSettings, dataset: data.Dataset) -> dict:
     """The ``inference`` entry of a checkpoint of ``config``'s model trained on ``dataset``."""
     names = dataset.class_names or tuple(str(i) for i in range(dataset.classes))
     return {"model": config.model, "kernels": list(config.kernels) if config.kernels else None,
             "input_shape": list(dataset.input_shape), "class_names": list(names), "mean": list(dataset.mean),
-            "std": list(dataset.std), "dataset": dataset.name}
+            "std": list(dataset.std), "dataset": dataset.name, "data_dir": os.path.abspath(config.data_dir),
+            "module_root": _module_root(config.model)}
+
+
+def _module_root(model: str) -> str | None:
+    """The directory from which a ``package.module:function`` model's module
+    was imported (the one that holds its top package); None for a built-in
+    or a module without a file."""
+    name = model.partition(":")[0] if ":" in model else None
+    module = sys.modules.get(name) if name else None
+    if module is None or not getattr(module, "__file__", None):
+        return None
+    path = Path(module.__file__).resolve()
+    up = name.count(".") + (path.name == "__init__.py")  # pkg/sub/mod.py: 2 levels; pkg/__init__.py: 1
+    return str(path.parents[up])
 
 
 def load(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
@@ -69,7 +88,14 @@ def from_checkpoint(payload: dict, path: str | os.PathLike) -> tuple[nn.Module, 
     info = ModelSpec(saved["model"], tuple(saved["kernels"]) if saved["kernels"] else None,
                      tuple(saved["input_shape"]), tuple(saved["class_names"]), tuple(saved["mean"]),
                      tuple(saved["std"]), saved["dataset"])
-    model = build_model(info.model, info.input_shape, len(info.class_names), info.kernels)
+    root = saved.get("module_root")
+    if root and root not in sys.path:  # the factory's package, wherever this runs from
+        sys.path.append(root)
+    try:
+        model = build_model(info.model, info.input_shape, len(info.class_names), info.kernels)
+    except ConfigError as exc:
+        where = f"it was imported from {root}" if root else "its module must be importable here"
+        raise ConfigError(f"checkpoint {path}: {exc} ({where}; put its directory on PYTHONPATH)") from exc
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
@@ -131,8 +157,12 @@ def test_data(payload: dict, info: ModelSpec, *, dataset: str | None = None, dat
     saved, d = payload.get("config", {}), TrainConfig()
     name = dataset or saved.get("dataset", info.dataset)
     size = saved.get("synthetic_size", d.synthetic_size)
+    trained_on = payload.get("inference", {}).get("data_dir") or saved.get("data_dir", d.data_dir)
+    if data_dir is None and name in ("folder", "cifar10") and not Path(trained_on).is_dir():
+        raise ConfigError(f"the model was trained on {name} data in {trained_on}, which is not there: "
+                          f"name the data with --data-dir")
     loaded = data.load_dataset(
-        name, data_dir=data_dir or saved.get("data_dir", d.data_dir), seed=saved.get("seed", d.seed),
+        name, data_dir=data_dir or trained_on, seed=saved.get("seed", d.seed),
         synthetic_shape=info.input_shape, synthetic_sizes=(size, max(1, size // 4)), image_size=info.input_shape[1],
         val_fraction=val_fraction if val_fraction is not None else saved.get("val_fraction", d.val_fraction),
         normalisation=(info.mean, info.std) if name == "folder" and info.mean else None)

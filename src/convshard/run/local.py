@@ -34,14 +34,16 @@ def _logging_restored() -> Iterator[None]:
         root.setLevel(level)
 
 
-def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
+def profile_job(config: TrainConfig, dataset: data.Dataset, timing: dict[str, float] | None = None) -> dict:
     """The profile of ``config``'s listed devices and model at its batch size,
-    measured (or read from the cache) by one worker per device."""
+    measured (or read from the cache) by one worker per device; ``timing``
+    receives the seconds its workers took to start (``launch_local``)."""
     job = config.device_list
     if len(job) == 1:
         with devices.pinning_restored(), _logging_restored():
             return profile_worker(config, dataset)
-    return launch.launch_local(profile_worker, len(job), args=(config,), labels=[str(d) for d in job])[0]
+    return launch.launch_local(profile_worker, len(job), args=(config,), labels=[str(d) for d in job],
+                               timing=timing)[0]
 
 
 def prepare(config: TrainConfig, dataset: data.Dataset) -> Job:
@@ -50,8 +52,10 @@ def prepare(config: TrainConfig, dataset: data.Dataset) -> Job:
         return launch_job(trials.as_trial(config, job), dataset)["mean_step_seconds"]
 
     listed = [str(d) for d in config.device_list]
+    timing: dict[str, float] = {}  # a trial starts its workers as the profile did
     return trials.resolve(config, dataset, job_devices=listed, can_drop=True,
-                          measure=lambda c: profile_job(c, dataset), run_trial=run_trial)
+                          measure=lambda c: profile_job(c, dataset, timing), run_trial=run_trial,
+                          startup=lambda: timing.get("startup", 0.0))
 
 
 def launch_job(job: Job, dataset: data.Dataset) -> dict | None:

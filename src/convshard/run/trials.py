@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -58,26 +57,30 @@ def as_trial(config: TrainConfig, job: plan.Plan) -> Job:
     """Plan ``job`` run as one of auto's trials for ``config``:
     ``search.TRIAL_STEPS`` quiet steps, half of them warm-up, with nothing
     written and nothing moved."""
-    trial = replace(config, max_steps=search.TRIAL_STEPS, warmup_steps=search.TRIAL_STEPS // 2, quiet=True,
+    trial = replace(config, max_steps=config.trials, warmup_steps=config.trials // 2, quiet=True,
                     metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off",
                     keep_last=None, keep_best=False, log_dir=None)
     return job_of(trial, job)
 
 
 def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], can_drop: bool,
-            measure: Callable[[TrainConfig], dict], run_trial: Callable[[plan.Plan], float]) -> Job:
-    """The job that runs ``config``: its plan given, built from the flags, or searched and tried."""
+            measure: Callable[[TrainConfig], dict], run_trial: Callable[[plan.Plan], float],
+            startup: Callable[[], float] = lambda: 0.0) -> Job:
+    """The job that runs ``config``: its plan given, built from the flags, or
+    searched and tried. ``startup()`` is what a trial pays before its first
+    step (starting its workers, as the profile's started), 0 where a trial
+    runs in the processes already there."""
     if config.job is not None:
         return job_of(config, config.job)
     if not config.needs_search:
         fmt = measure(config)["memory_format"] if config.memory_format == "auto" else config.memory_format
         return job_of(config, plan_from_flags(config, model_groups(config, dataset), job_devices, fmt))
     steps = training_steps(config, dataset)
-    short = config.strategy == "auto" and steps <= search.TRIAL_STEPS
+    short = config.strategy == "auto" and 0 < config.trials and steps <= config.trials
     if short:
         log.warning("--strategy auto: the %d training steps are fewer than one of its trials (%d steps per plan, "
-                    "after a profile of every device); --strategy kernel, single or ddp starts at once",
-                    steps, search.TRIAL_STEPS)
+                    "after a profile of every device); --trials 0 trains the predicted fastest plan, and "
+                    "--strategy kernel, single or ddp starts at once", steps, config.trials)
     if config.device_memory and not (config.profile and Path(config.profile).exists()):
         log.warning("--device-memory: the job is profiled in its own workers first, each group whole on every "
                     "worker, which may pass the limit; profile beforehand (convshard profile --profile PATH) and "
@@ -86,17 +89,22 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     profile = memory.with_limits(measure(config), config.device_memory)
     profiled = time.perf_counter() - started
     groups = search.groups_of(profile)
+    rejected: list[search.Candidate] = []
     found = search.candidates(profile, can_drop=can_drop, threads=config.threads,
-                              grad_precision=config.grad_precision)
+                              grad_precision=config.grad_precision, rejected=rejected)
     by_name = {c.name: c for c in found}
     trials: dict[str, float] = {}
     if config.strategy == "auto":
         pool = search.auto_candidates(found, profile)
         merged = all_cores(config, groups, profile.get("memory_format", "contiguous")) if can_drop else None
         tried = {c.name: c for c in search.worth_trying(pool)} | ({ALL_CORES: merged} if merged else {})
-        if not short:
-            _say_if_costly(config, steps, profiled, len(tried) if len(tried) > 1 else 0, search.fastest(pool))
-        chosen, trials = _try(tried, run_trial)
+        if config.trials == 0:
+            chosen = search.fastest(pool)
+            log.info("--trials 0: %s, the plan predicted fastest, trains untried", chosen.name)
+        else:
+            if not short and len(tried) > 1:
+                _say_trials(config, steps, profiled, len(tried), search.fastest(pool), startup())
+            chosen, trials = _try(tried, run_trial, config.trials)
     elif config.strategy == "layers":
         if "layers" not in by_name:
             raise ConfigError("--strategy layers needs more than one device")
@@ -112,9 +120,9 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
                 "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
                                                  trials=trials)}
-    left_out = Counter(job_devices) - Counter(job.devices) if job.ranks is None and name != ALL_CORES else Counter()
-    for device in left_out.elements():
-        log.warning("%s gets no work: the plan predicts it would slow the step", device)
+    if job.ranks is None and name != ALL_CORES:
+        for line in search.left_out(profile, chosen, found, rejected):
+            log.warning("%s", line)
     if name == ALL_CORES:
         log.info("plan: one process on %s, measured %.1f ms/step", job.devices[0], 1000 * trials[ALL_CORES])
     else:
@@ -129,42 +137,51 @@ def training_steps(config: TrainConfig, dataset: Dataset) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-def _say_if_costly(config: TrainConfig, steps: int, profiled: float, trials: int, best: search.Candidate) -> None:
-    """One line when the profile (``profiled`` seconds) and ``trials`` trials,
-    priced at the fastest predicted step, cost more than the ``steps``
-    training steps they choose a plan for."""
+def _say_trials(config: TrainConfig, steps: int, profiled: float, count: int, best: search.Candidate,
+                startup: float) -> None:
+    """One line, before the trials, of what they will cost: ``count``
+    trials, each ``startup`` seconds to start plus ``config.trials`` steps at
+    the fastest predicted step; a warning when the profile (``profiled``
+    seconds) and the trials cost more than the ``steps`` training steps
+    they choose a plan for. It names ``--trials 0``, the cheap way."""
     step = best.prediction.step
-    trying = trials * search.TRIAL_STEPS * step
-    if profiled + trying > steps * step:
-        log.warning("--strategy auto: profiling took %.1f s and %d trial(s) of %d steps take about %.1f s, more than "
-                    "the %d training steps they choose a plan for (about %.1f s); --strategy kernel, single or "
-                    "ddp starts at once", profiled, trials, search.TRIAL_STEPS, trying, steps, steps * step)
+    trying = count * (startup + config.trials * step)
+    costly = profiled + trying > steps * step
+    more = f", more than the {steps} training steps they choose a plan for (about {steps * step:.1f} s)"
+    (log.warning if costly else log.info)(
+        "--strategy auto: %d trials take about %.1f s: each starts its workers (%.1f s when the profile started "
+        "them) and runs %d steps of about %.0f ms%s; --trials 0 trains the plan predicted fastest (%s) at once",
+        count, trying, startup, config.trials, 1e3 * step, more if costly else "", best.name)
 
 
-def _try(tried: Mapping[str, search.Candidate | plan.Plan],
-         run_trial: Callable[[plan.Plan], float]) -> tuple[search.Candidate | plan.Plan, dict[str, float]]:
+def _try(tried: Mapping[str, search.Candidate | plan.Plan], run_trial: Callable[[plan.Plan], float],
+         steps: int) -> tuple[search.Candidate | plan.Plan, dict[str, float]]:
     """The fastest measured of ``tried`` (the candidates worth trying and
-    one process on all cores), each run by ``run_trial``; their seconds per step."""
+    one process on all cores), each run by ``run_trial`` for ``steps``
+    steps; their seconds per step."""
     if len(tried) == 1:
         (name, only), = tried.items()
         log.info("--strategy auto: %s is the only plan predicted within %.0f%% of the fastest: no trials",
                  name, 100 * search.TRIAL_MARGIN)
         return only, {}
+    started = time.perf_counter()
     trials = {name: run_trial(c if isinstance(c, plan.Plan) else c.plan) for name, c in tried.items()}
     best = min(trials, key=trials.get)
-    log.info("%s", format_trials(tried, trials))
+    log.info("%s", format_trials(tried, trials, steps, time.perf_counter() - started))
     return tried[best], trials
 
 
-def format_trials(tried: Mapping[str, search.Candidate | plan.Plan], trials: Mapping[str, float]) -> str:
-    """auto's trials as a table, fastest measured first, each with its
-    predicted step (one process on all cores has none), then the choice and
-    one line why: how far ahead it ran, and whether the cost model agreed."""
+def format_trials(tried: Mapping[str, search.Candidate | plan.Plan], trials: Mapping[str, float],
+                  steps: int = search.TRIAL_STEPS, seconds: float | None = None) -> str:
+    """auto's trials (``steps`` each, ``seconds`` in all, start-up
+    included) as a table, fastest measured first, each with its predicted
+    step (one process on all cores has none), then the choice and one line
+    why: how far ahead it ran, and whether the cost model agreed."""
     ranked = sorted(trials, key=trials.get)
     best = ranked[0]
     width = max(len("plan"), *(len(n) for n in ranked))
-    timed = search.TRIAL_STEPS - search.TRIAL_STEPS // 2
-    lines = [f"--strategy auto tried {len(ranked)} plans, {search.TRIAL_STEPS} steps each ({timed} timed):",
+    took = f", {seconds:.1f} s in all" if seconds is not None else ""
+    lines = [f"--strategy auto tried {len(ranked)} plans, {steps} steps each ({steps - steps // 2} timed){took}:",
              f"  {'plan':<{width}}  {'predicted ms':>12}  {'measured ms':>11}  devices"]
     for name in ranked:
         c = tried[name]
