@@ -134,7 +134,8 @@ def test_bad_inputs_say_so_in_one_line_and_exit_2(trained, tmp_path, capsys, cas
         "missing checkpoint": (tmp_path / "nowhere", tmp_path / "m.pt2", f"no checkpoint at {tmp_path / 'nowhere'}"),
         "out under a file": (trained / "ckpt", tmp_path / "file" / "m.pt2",
                              f"cannot write --out {tmp_path / 'file' / 'm.pt2'}: "),
-        "out named like the spec": (trained / "ckpt", tmp_path / "m.json", f"--out {tmp_path / 'm.json'} ends in .json"),
+        "out named like the spec": (trained / "ckpt", tmp_path / "m.json",
+                                    f"--out {tmp_path / 'm.json'} ends in .json"),
     }[case]
     capsys.readouterr()
     assert main_exit_code(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
