@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import ConfigError, TrainingError
 from ..run import launch
 from ..run.config import TrainConfig
-from . import bench, download, inference, plan, report, train
+from . import bench, download, export, inference, plan, report, train
 from .options import Parser
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub, d)
     report.add_parser(sub, d)
     inference.add_parsers(sub, d)
+    export.add_parser(sub, d)
     download.add_parser(sub, d)
     return parser
 
