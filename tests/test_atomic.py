@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from convshard import atomic
@@ -32,3 +35,15 @@ def test_a_killed_write_is_cleared_by_the_next(tmp_path):
     (tmp_path / ".other.json.x1y2.tmp").write_text("another file's write")
     atomic.write_text(tmp_path / "m.json", "new\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.x1y2.tmp", "m.json"]
+
+
+def test_a_written_file_takes_the_umask_like_open(tmp_path):
+    """Not mkstemp's 0600: others may read a checkpoint or an export where the umask lets them."""
+    old = os.umask(0o027)
+    try:
+        atomic.write_text(tmp_path / "a.json", "{}")
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == stat.S_IMODE((tmp_path / "b.json").stat().st_mode) \
+        == 0o640

@@ -4,8 +4,9 @@
 temporary name (``.NAME.*.tmp``). When the block ends it is flushed and
 fsynced, renamed over ``path`` (``os.replace``: atomic on POSIX within one
 filesystem) and the directory is fsynced, so that the rename itself survives
-a power loss. If the block raises, the temporary file is deleted and
-``path`` is left as it was. A process killed mid-write leaves its temporary
+a power loss. The file gets the mode a plain ``open`` would give it (0666
+less the umask; ``mkstemp`` alone gives 0600). If the block raises, the
+temporary file is deleted and ``path`` is left as it was. A process killed mid-write leaves its temporary
 file behind; the next write of the same path deletes it.
 """
 
@@ -29,6 +30,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -42,6 +44,13 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
