@@ -1,13 +1,20 @@
-"""``shard_model``: a model made ready for a plan, every conv group split by kernels or by batch rows.
+"""``shard``: a model made ready for a plan, every conv group split by kernels or by batch rows.
+
+``shard(model, styles)`` takes each channel group's typed style
+(``plan.KernelSplit(counts)`` or ``plan.BatchSplit(rows)``) and returns a
+``Sharded`` handle: the model that trains, its channel groups, the row
+split and the batch-mode gradient sum, with ``sync`` (between backward and
+the optimizer step) and ``apply`` (a re-split plan). ``shard_model`` is the
+library's form: shares as weights, the model itself returned.
 
 The pass (``convshard.parallel.layouts``) traces the model and gives every
 activation a layout: replicated, channel-split (a kernel-mode group,
 ``convshard.parallel.sharded``) or row-split (a batch-mode group,
 ``convshard.parallel.batch``), with the transitions between them. A model that
-cannot be traced keeps its own class: each conv gathers its own output.
-Before the first forward of a sharded model at world size > 1, the ranks
-compare a fingerprint of the batch they feed: kernel-mode groups need the
-same global batch on every rank.
+cannot be traced keeps its own class: each conv gathers its own output, and
+batch mode is refused. Before the first forward of a sharded model at world
+size > 1, the ranks compare a fingerprint of the batch they feed:
+kernel-mode groups need the same global batch on every rank.
 """
 
 from __future__ import annotations
