@@ -92,6 +92,10 @@ def _nonpositive(option: str, value: str):
 BAD_INPUT = [
     pytest.param(["--devices", "cpu@x"], ("'cpu@x'",), None, id="devices-cpu@x"),
     pytest.param(["--devices", "gpu"], ("'gpu'",), None, id="devices-gpu"),
+    # one worker on two cores or two workers? refused, with both spellings (it once ran ddp on 1 worker)
+    pytest.param(["--strategy", "ddp", "--devices", "cpu@0,1"],
+                 ("'cpu@0,1'", "cpu@0,cpu@1 for two workers", "cpu@0-1 or cpu@0+1 for one worker"), None,
+                 id="devices-comma-inside-a-device"),
     pytest.param(["--devices", "cpu@3-1"], ("'cpu@3-1'",), None, id="devices-backwards-range"),
     pytest.param(["--devices", ","], ("--devices ','",), None, id="devices-empty-element"),
     pytest.param(["--devices", "cuda:x"], ("'cuda:x'",), None, id="devices-cuda:x"),
