@@ -297,6 +297,31 @@ def test_bad_factory_exits_2_with_one_line(model: str, needle: str, capsys: pyte
     _assert_one_line_error(capsys.readouterr().err, f"'{model}'", needle)
 
 
+@pytest.mark.parametrize(("args", "raised_in", "needle"), [
+    (["--model", "factory_models:raises"], "factory_models.py", "raised RuntimeError"),
+    (["--dataset", "folder", "--data-dir", "{tmp}"], "data.py", "{tmp}/one/img_2.png"),
+])
+def test_verbose_shows_the_traceback_behind_the_one_line_error(
+    args: list[str], raised_in: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+    no_training: None,
+) -> None:
+    """-v prints what the user's factory or data raised (its traceback, down to the
+    file that raised) before the same one-line error; without -v only that line."""
+    _image_folder(tmp_path, corrupt="img_2.png")
+    tiny = [arg for arg in TINY if arg not in ("--kernels", "4,8")]
+    argv = ["train", *tiny, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    needle = needle.replace("{tmp}", str(tmp_path))
+    assert _main_exit_code(argv) == 2
+    plain = capsys.readouterr().err
+    _assert_one_line_error(plain, needle)
+    assert _main_exit_code([*argv, "-v"]) == 2
+    err = capsys.readouterr().err
+    lines = err.rstrip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert raised_in in err
+    assert lines[-1] == plain.strip()
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     (None, "No such file"),
     ("not json", "Expecting value"),

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .. import __version__
@@ -52,12 +53,14 @@ def _keep_negative_lists(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(_keep_negative_lists(argv))
-    quiet = getattr(args, "quiet", False)
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if quiet else logging.INFO
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     try:
         args.handler(args)
     except ConfigError as exc:
+        if verbose and exc.__cause__ is not None:  # what the user's model or data raised, where it raised it
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 2
     except launch.WorkerFailed as exc:
