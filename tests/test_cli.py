@@ -199,7 +199,20 @@ def test_corrupt_checkpoint_exits_2_naming_the_file(
     path.write_bytes(GARBAGE)
     code = _main_exit_code(["train", *TINY, "--devices", "cpu", "--checkpoint-dir", str(tmp_path), "--resume"])
     assert code == 2
-    _assert_one_line_error(capsys.readouterr().err, str(path))
+    _assert_one_line_error(capsys.readouterr().err, str(path), "choose another --checkpoint-dir")
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["predict", "x.png"]])
+def test_corrupt_checkpoint_read_by_evaluate_or_predict_names_their_flag(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    """evaluate and predict take --checkpoint, not --checkpoint-dir: the remedy names the flag they have."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(GARBAGE)
+    assert _main_exit_code([command[0], "--checkpoint", str(tmp_path), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    _assert_one_line_error(err, str(path), "choose another --checkpoint")
+    assert "--checkpoint-dir" not in err
 
 
 def test_bad_devices_end_to_end() -> None:
