@@ -19,6 +19,7 @@ from helpers import child_env
 
 from convshard import __version__
 from convshard.cli import main
+from convshard.run.logbook import Logbook
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64", "--kernels", "4,8",
         "--batch-size", "8", "--threads", "1", "--devices", "cpu@0", "--seed", "0"]
@@ -72,6 +73,37 @@ def test_in_a_terminal_the_progress_bar():
     assert re.search("\r(?!\n)", text) and "epoch 1/1:" in text and "step/s" in text  # tqdm redraws in place
     assert not re.search(STAMP + "step ", text)
     assert done.stdout.startswith("test accuracy ")
+
+
+def test_a_run_resumed_mid_epoch_logs_each_epoch_once(tmp_path):
+    """--max-steps stops the first run in epoch 1 (step 5 of 8), which writes a
+    partial row for it; the resumed run ends epoch 1 and writes its row: epochs.csv
+    must then hold epochs 1 and 2 once each, at their last steps, and steps.csv
+    every step once."""
+    logs = tmp_path / "logs"
+    job = ["train", *TINY, "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "2",
+           "--log-dir", str(logs), "--quiet"]
+    _convshard(*job, "--max-steps", "5")
+    assert [row.split(",")[:2] for row in (logs / "epochs.csv").read_text().split()[1:]] == [["1", "5"]]
+    _convshard(*job, "--resume", "--metrics-out", str(tmp_path / "m.json"))
+    assert [row.split(",")[:2] for row in (logs / "epochs.csv").read_text().split()[1:]] == [["1", "8"], ["2", "16"]]
+    assert [int(row.split(",")[0]) for row in (logs / "steps.csv").read_text().split()[1:]] == list(range(1, 17))
+    history = json.loads((tmp_path / "m.json").read_text())["history"]
+    assert [(h["epoch"], h["steps"]) for h in history] == [(1, 8), (2, 16)]
+
+
+def test_a_resumed_logbook_drops_the_rows_past_its_checkpoint(tmp_path):
+    """A run that crashed at step 7 after a checkpoint at step 5 (epoch 1 finished at
+    step 4): resumed from that checkpoint, steps 6-7 and epoch 2's partial row go."""
+    book = Logbook(tmp_path)
+    for step in range(1, 8):
+        book.step(step=step, epoch=1 + (step > 4), loss=1.0, lr=0.1, seconds=0.01, images=8)
+        if step in (4, 7):
+            book.epoch(epoch=1 + (step > 4), step=step, train_loss=1.0, test_accuracy=0.5, seconds=1.0)
+    book.close()
+    Logbook(tmp_path, resumed={"epoch": 1, "step": 5}).close()
+    assert [row.split(",")[0] for row in (tmp_path / "steps.csv").read_text().split()] == ["step", *"12345"]
+    assert [row.split(",")[:2] for row in (tmp_path / "epochs.csv").read_text().split()[1:]] == [["1", "4"]]
 
 
 def test_version(capsys):

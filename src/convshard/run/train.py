@@ -140,7 +140,7 @@ def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine:
              ", ".join(all_devices), torch.get_num_threads())
     started = time.perf_counter()
     if run.rank == 0 and run.settings.log_dir:
-        run.logbook = Logbook(run.settings.log_dir)
+        run.logbook = Logbook(run.settings.log_dir, resumed=run.progress if run.progress["step"] else None)
     try:
         _epochs(run)
     finally:
@@ -165,6 +165,8 @@ def _epochs(run: _Run) -> None:
         seconds = time.perf_counter() - epoch_start
         progress = run.progress
         epoch = progress["epoch"] if progress["batch"] else progress["epoch"] - 1
+        if progress["history"] and progress["history"][-1]["epoch"] == epoch + 1:  # resumed mid-epoch: it ends now
+            progress["history"].pop()
         progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
                                     "test_accuracy": accuracy, "seconds": seconds})
         log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss, accuracy, seconds)
