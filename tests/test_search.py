@@ -157,6 +157,32 @@ def test_format_puts_the_choice_first_and_its_detail_after():
         f"chosen: single, predicted {1e3 * alone.prediction.step:.2f} ms"
 
 
+def test_the_chosen_plan_has_one_name_in_the_header_and_the_table():
+    """The layers search can find every group in batch mode: the header names the
+    plan as its table does (batch), and the candidate's line says what it found."""
+    profile = make_profile(speeds=(1.0, 1.0), kernels=(8, 16))
+    groups = {"conv0": 8, "conv1": 16}
+    batch = plan.kernel_split(profile["devices"], groups, 64, modes=dict.fromkeys(groups, "batch"))
+    found = [search.Candidate("layers", batch, cost.predict(profile, batch))]
+    text = search.format_candidates(found, found[0])
+    assert text.startswith("chosen: batch, predicted ") and "\nplan: batch (sharded engine)" in text
+    assert "chosen: layers" not in text and "on cpu@0, cpu@1 (a batch plan)" in text
+
+
+def test_ddp_left_out_for_batchnorm_says_why_on_its_own_line():
+    """For a model with BatchNorm auto leaves ddp out, however fast it is predicted:
+    each ddp line says so; no other candidate's does, and without BatchNorm none does."""
+    with_bn = make_profile(speeds=(1.0, 1.0), kernels=(8, 16), batchnorms=1)
+    found = search.candidates(with_bn)
+    left_out = search.left_out_of_auto(found, with_bn)
+    assert set(left_out) == {c.name for c in found if c.plan.engine == plan.DDP} == {"ddp", "ddp sized"}
+    text = search.format_candidates(found, search.fastest(search.auto_candidates(found, with_bn)), left_out=left_out)
+    lines = text.splitlines()
+    why = "not chosen: BatchNorm over each rank's rows is another model's maths"
+    assert [line.split()[0] for line in lines if why in line] == ["ddp", "ddp"]
+    assert search.left_out_of_auto(search.candidates(make_profile(speeds=(1.0, 1.0))), make_profile()) == {}
+
+
 def test_a_device_given_no_work_is_shown_as_not_used():
     profile = make_profile(speeds=(1.0, 1.0), kernels=(8, 16))
     job = plan.kernel_split(profile["devices"], {"conv0": 8, "conv1": 16}, 64, counts={"conv0": (8, 0),

@@ -86,10 +86,7 @@ def _print_plans(job_profile: dict, found: list[search.Candidate], plan_out: str
     """Every candidate's prediction and the plan auto would start from, which ``plan_out`` receives."""
     pool = search.auto_candidates(found, job_profile)
     chosen = search.fastest(pool)
-    print(search.format_candidates(found, chosen))
-    if len(pool) < len(found):
-        print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
-              "worker's rows alone)")
+    print(search.format_candidates(found, chosen, left_out=search.left_out_of_auto(found, job_profile)))
     if plan_out:
         atomic.write_text(plan_out, json.dumps({"job_plan": chosen.plan.to_json(),
                                                 "predicted_seconds": chosen.prediction.step}, indent=1) + "\n")

@@ -355,6 +355,14 @@ def auto_candidates(found: Sequence[Candidate], profile: Mapping) -> list[Candid
     return [c for c in found if not (c.plan.engine == plan.DDP and has_batchnorm(profile))]
 
 
+def left_out_of_auto(found: Sequence[Candidate], profile: Mapping) -> dict[str, str]:
+    """Why ``auto_candidates`` leaves each candidate it leaves out, by name,
+    for ``format_candidates`` to say beside its prediction."""
+    pool = auto_candidates(found, profile)
+    return {c.name: "not chosen: BatchNorm over each rank's rows is another model's maths"
+            for c in found if c not in pool}
+
+
 def fastest(found: Sequence[Candidate]) -> Candidate:
     """The candidate with the least predicted step (ties: the earlier one)."""
     return min(found, key=lambda c: c.prediction.step)
@@ -368,22 +376,28 @@ def worth_trying(found: Sequence[Candidate]) -> list[Candidate]:
 
 
 def format_candidates(found: Sequence[Candidate], chosen: Candidate, *, trials: Mapping[str, float] | None = None,
-                      baseline: Candidate | None = None) -> str:
+                      baseline: Candidate | None = None, left_out: Mapping[str, str] | None = None) -> str:
     """The chosen plan, its predicted step and, for a plan of several devices,
     its speedup over the best single device; then every candidate's
-    predicted step (and measured trial); then the chosen plan's groups, each
-    device's busy and waiting time (a device given no work: not used) and
-    the step's breakdown."""
-    trials = trials or {}
+    predicted step (and measured trial; a search whose plan is of another
+    kind, e.g. layers finding all groups in batch mode, names that kind;
+    ``left_out``: why a candidate was not eligible, beside it); then the
+    chosen plan's groups, each device's busy and waiting time (a device given
+    no work: not used) and the step's breakdown. The chosen plan is named by
+    its kind (``Plan.name``), as the table below it names it."""
+    trials, left_out = trials or {}, left_out or {}
     single = next((c for c in found if c.name == "single"), None)
-    chosen_line = f"chosen: {chosen.name}, predicted {1e3 * chosen.prediction.step:.2f} ms"
+    chosen_line = f"chosen: {chosen.plan.name}, predicted {1e3 * chosen.prediction.step:.2f} ms"
     if single is not None and chosen.plan.world > 1:
         chosen_line += f", {single.prediction.step / chosen.prediction.step:.2f}x over the best single " \
                        f"device ({single.plan.devices[0]})"
     lines = [chosen_line, "predicted step per plan:"]
     for c in found:
         tried = f", measured {1e3 * trials[c.name]:.1f} ms in its trial" if c.name in trials else ""
-        lines.append(f"  {c.name:<10} {1e3 * c.prediction.step:9.2f} ms on {', '.join(c.plan.devices)}{tried}")
+        kind = f" (a {c.plan.name} plan)" if c.plan.name != c.name.split()[0] else ""
+        why = f"; {left_out[c.name]}" if c.name in left_out else ""
+        lines.append(f"  {c.name:<10} {1e3 * c.prediction.step:9.2f} ms on {', '.join(c.plan.devices)}{kind}{tried}"
+                     f"{why}")
     for name, seconds in trials.items():
         if name not in {c.name for c in found}:
             lines.append(f"  {name:<10} {'':>9}    measured {1e3 * seconds:.1f} ms in its trial")

@@ -111,7 +111,8 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                 "caps": None if name == ALL_CORES else chosen.caps,
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
                 "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
-                                                 trials=trials)}
+                                                 trials=trials, left_out=search.left_out_of_auto(found, profile)
+                                                 if config.strategy == "auto" else None)}
     left_out = Counter(job_devices) - Counter(job.devices) if job.ranks is None and name != ALL_CORES else Counter()
     for device in left_out.elements():
         log.warning("%s gets no work: the plan predicts it would slow the step", device)
