@@ -410,3 +410,8 @@ def test_kernels_per_rank_line_says_what_a_plan_does_in_a_line(caplog):
     assert lines[1] == ("kernels per rank: none split: 20 conv(s) whole on every rank, each rank on its rows "
                         "(batch mode)")
     assert "{}" not in lines[1] and all(len(line) <= 120 for line in lines)
+    from convshard.parallel.shard import _shown_counts
+
+    uneven = _shown_counts({f"layer{i}": (100 + i, 100 - i) for i in range(20)})  # twenty distinct splits
+    assert uneven.startswith("20 groups: [100, 100] x1, [101, 99] x1, ") and uneven.endswith(", ...")
+    assert len(uneven) <= 100
