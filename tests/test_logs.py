@@ -44,6 +44,16 @@ def test_outside_a_terminal_a_timestamped_line_every_n_steps_and_per_epoch():
                         r"[\d.]+ s\n", done.stdout)
 
 
+def test_the_opening_line_says_precision_and_memory_format_when_not_the_default():
+    """bf16 and channels_last change the run's numbers and speed: its first line says
+    so; a float32, contiguous run's line says neither."""
+    plain = _convshard("train", *TINY, "--max-steps", "1").stderr
+    assert re.search(r"single: 1 worker\(s\) on cpu@0 \(rank 0: 1 thread\(s\)\)\n", plain), plain
+    done = _convshard("train", *TINY, "--max-steps", "1", "--precision", "bf16", "--memory-format", "channels_last")
+    assert re.search(r"single: 1 worker\(s\) on cpu@0 \(rank 0: 1 thread\(s\), precision bf16, channels_last\)\n",
+                     done.stderr), done.stderr
+
+
 def test_quiet_keeps_only_the_final_summary():
     done = _convshard("train", *TINY, "--epochs", "1", "--quiet")
     assert done.stderr == "" and done.stdout.startswith("test accuracy ") and done.stdout.count("\n") == 1

@@ -136,8 +136,10 @@ def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine:
     """Run ``job``'s plan through ``engine`` to the end; rank 0's metrics, None elsewhere."""
     run = _setup(job, dataset, device_spec.torch_device, engine)
     all_devices = comm.gather_objects(str(device_spec), group=run.group)  # every rank's device, in rank order
-    log.info("%s: %d worker(s) on %s (rank 0: %d thread(s))", run.plan.name, run.plan.world,
-             ", ".join(all_devices), torch.get_num_threads())
+    numerics = "".join([f", precision {run.plan.precision}" if run.plan.precision != "32" else "",
+                        ", channels_last" if run.plan.memory_format == "channels_last" else ""])
+    log.info("%s: %d worker(s) on %s (rank 0: %d thread(s)%s)", run.plan.name, run.plan.world,
+             ", ".join(all_devices), torch.get_num_threads(), numerics)
     started = time.perf_counter()
     if run.rank == 0 and run.settings.log_dir:
         run.logbook = Logbook(run.settings.log_dir, resumed=run.progress if run.progress["step"] else None)
