@@ -202,6 +202,25 @@ def test_corrupt_checkpoint_exits_2_naming_the_file(
     _assert_one_line_error(capsys.readouterr().err, str(path), "choose another --checkpoint-dir")
 
 
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Interrupted with a checkpoint in --checkpoint-dir: exit 130, and one line giving the
+    checkpoint's path and this command line with --resume; without one, only 'interrupted'."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.train, "run", interrupt)
+    argv = ["train", *TINY, "--devices", "cpu", "--checkpoint-dir", str(tmp_path / "my run")]
+    assert _main_exit_code(argv) == 130
+    assert capsys.readouterr().err == "convshard: interrupted\n"
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "checkpoint.pt").write_bytes(b"saved")
+    assert _main_exit_code(argv) == 130
+    again = " ".join(argv).replace(str(tmp_path / "my run"), f"'{tmp_path / 'my run'}'")
+    _assert_one_line_error(capsys.readouterr().err, f"the last checkpoint is {tmp_path / 'my run' / 'checkpoint.pt'}",
+                           f"resume with: convshard {again} --resume")
+
+
 @pytest.mark.parametrize("command", [["evaluate"], ["predict", "x.png"]])
 def test_corrupt_checkpoint_read_by_evaluate_or_predict_names_their_flag(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture,
