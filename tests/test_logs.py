@@ -59,11 +59,12 @@ def test_quiet_keeps_only_the_final_summary():
     assert done.stderr == "" and done.stdout.startswith("test accuracy ") and done.stdout.count("\n") == 1
 
 
-def test_in_a_terminal_the_progress_bar():
+def _in_terminal(columns: int, *args: str) -> tuple[str, subprocess.CompletedProcess]:
+    """``convshard *args`` with stderr on a pseudo-terminal ``columns`` wide: what it drew there, and the run."""
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     try:
-        done = _convshard("train", *TINY, "--epochs", "1", stderr=follower)
+        done = _convshard(*args, stderr=follower)
         os.close(follower)
         follower = None
         drawn = b""
@@ -79,9 +80,22 @@ def test_in_a_terminal_the_progress_bar():
         os.close(leader)
         if follower is not None:
             os.close(follower)
-    text = drawn.decode(errors="replace")
+    return drawn.decode(errors="replace"), done
+
+
+def test_in_a_terminal_the_progress_bar():
+    text, done = _in_terminal(120, "train", *TINY, "--epochs", "1")
     assert re.search("\r(?!\n)", text) and "epoch 1/1:" in text and "step/s" in text  # tqdm redraws in place
     assert not re.search(STAMP + "step ", text)
+    assert done.stdout.startswith("test accuracy ")
+
+
+def test_a_terminal_zero_columns_wide_gets_the_timestamped_lines():
+    """A bar has no room in zero columns (tqdm draws nothing there): the step lines
+    of a log file are written instead, every --log-every steps."""
+    text, done = _in_terminal(0, "train", *TINY, "--epochs", "1", "--log-every", "4")
+    steps = [int(n) for n in re.findall(STAMP + r"step (\d+)/8 ", text)]
+    assert steps == [4, 8] and "step/s" not in text, text
     assert done.stdout.startswith("test accuracy ")
 
 
