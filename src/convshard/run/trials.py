@@ -119,7 +119,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     if name == ALL_CORES:
         log.info("plan: one process on %s, measured %.1f ms/step", job.devices[0], 1000 * trials[ALL_CORES])
     else:
-        log.info("plan: %s on %s, predicted %.1f ms/step", name, ", ".join(job.devices),
+        log.info("plan: %s on %s, predicted %.1f ms/step", job.name, ", ".join(job.devices),  # its kind, as shown
                  1000 * chosen.prediction.step)
     return job_of(config, job, planning=planning, profile=None if name == ALL_CORES else chosen.profile)
 
