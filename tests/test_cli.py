@@ -92,6 +92,10 @@ def _nonpositive(option: str, value: str):
 BAD_INPUT = [
     pytest.param(["--devices", "cpu@x"], ("'cpu@x'",), None, id="devices-cpu@x"),
     pytest.param(["--devices", "gpu"], ("'gpu'",), None, id="devices-gpu"),
+    # one worker on two cores or two workers? refused, with both spellings (it once ran ddp on 1 worker)
+    pytest.param(["--strategy", "ddp", "--devices", "cpu@0,1"],
+                 ("'cpu@0,1'", "cpu@0,cpu@1 for two workers", "cpu@0-1 or cpu@0+1 for one worker"), None,
+                 id="devices-comma-inside-a-device"),
     pytest.param(["--devices", "cpu@3-1"], ("'cpu@3-1'",), None, id="devices-backwards-range"),
     pytest.param(["--devices", ","], ("--devices ','",), None, id="devices-empty-element"),
     pytest.param(["--devices", "cuda:x"], ("'cuda:x'",), None, id="devices-cuda:x"),
@@ -195,7 +199,39 @@ def test_corrupt_checkpoint_exits_2_naming_the_file(
     path.write_bytes(GARBAGE)
     code = _main_exit_code(["train", *TINY, "--devices", "cpu", "--checkpoint-dir", str(tmp_path), "--resume"])
     assert code == 2
-    _assert_one_line_error(capsys.readouterr().err, str(path))
+    _assert_one_line_error(capsys.readouterr().err, str(path), "choose another --checkpoint-dir")
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Interrupted with a checkpoint in --checkpoint-dir: exit 130, and one line giving the
+    checkpoint's path and this command line with --resume; without one, only 'interrupted'."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.train, "run", interrupt)
+    argv = ["train", *TINY, "--devices", "cpu", "--checkpoint-dir", str(tmp_path / "my run")]
+    assert _main_exit_code(argv) == 130
+    assert capsys.readouterr().err == "convshard: interrupted\n"
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "checkpoint.pt").write_bytes(b"saved")
+    assert _main_exit_code(argv) == 130
+    again = " ".join(argv).replace(str(tmp_path / "my run"), f"'{tmp_path / 'my run'}'")
+    _assert_one_line_error(capsys.readouterr().err, f"the last checkpoint is {tmp_path / 'my run' / 'checkpoint.pt'}",
+                           f"resume with: convshard {again} --resume")
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["predict", "x.png"]])
+def test_corrupt_checkpoint_read_by_evaluate_or_predict_names_their_flag(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    """evaluate and predict take --checkpoint, not --checkpoint-dir: the remedy names the flag they have."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(GARBAGE)
+    assert _main_exit_code([command[0], "--checkpoint", str(tmp_path), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    _assert_one_line_error(err, str(path), "choose another --checkpoint")
+    assert "--checkpoint-dir" not in err
 
 
 def test_bad_devices_end_to_end() -> None:
@@ -291,6 +327,31 @@ def test_bad_factory_exits_2_with_one_line(model: str, needle: str, capsys: pyte
     tiny = [arg for arg in TINY if arg not in ("--kernels", "4,8")]
     assert _main_exit_code(["train", *tiny, "--model", model]) == 2
     _assert_one_line_error(capsys.readouterr().err, f"'{model}'", needle)
+
+
+@pytest.mark.parametrize(("args", "raised_in", "needle"), [
+    (["--model", "factory_models:raises"], "factory_models.py", "raised RuntimeError"),
+    (["--dataset", "folder", "--data-dir", "{tmp}"], "data.py", "{tmp}/one/img_2.png"),
+])
+def test_verbose_shows_the_traceback_behind_the_one_line_error(
+    args: list[str], raised_in: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+    no_training: None,
+) -> None:
+    """-v prints what the user's factory or data raised (its traceback, down to the
+    file that raised) before the same one-line error; without -v only that line."""
+    _image_folder(tmp_path, corrupt="img_2.png")
+    tiny = [arg for arg in TINY if arg not in ("--kernels", "4,8")]
+    argv = ["train", *tiny, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    needle = needle.replace("{tmp}", str(tmp_path))
+    assert _main_exit_code(argv) == 2
+    plain = capsys.readouterr().err
+    _assert_one_line_error(plain, needle)
+    assert _main_exit_code([*argv, "-v"]) == 2
+    err = capsys.readouterr().err
+    lines = err.rstrip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert raised_in in err
+    assert lines[-1] == plain.strip()
 
 
 @pytest.mark.parametrize(("content", "needle"), [

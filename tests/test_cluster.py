@@ -75,6 +75,10 @@ def test_plan_cluster_prints_every_strategy_and_the_devices_memory(tmp_path, cap
     ('[[hosts]]\ndevices = [{ profile = "two.json" }]\n', "hosts[0].devices[0].device"),
     ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cuda:7" }]\n', "'cuda:7'"),
     ('[[hosts]]\ndevices = [{ profile = "none.json", device = "cpu@0" }]\n', "hosts[0].devices[0].profile"),
+    # a missing file is said to be missing, not to be a profile of another version
+    ('[[hosts]]\ndevices = [{ profile = "none.json", device = "cpu@0" }]\n', "'none.json': no such file"),
+    ('[[hosts]]\nbetween = { profile = "gone.json" }\ndevices = [{ profile = "two.json", device = "cpu@0" }]\n',
+     "'gone.json': no such file"),
     ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0", speed = -1 }]\n', "speed is -1"),
     ('[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0", memory = "4 parsecs" }]\n', "memory"),
     ('[[hosts]]\nbetween = { bandwidth = "fast" }\ndevices = [{ profile = "two.json", device = "cpu@0" }]\n',
@@ -89,6 +93,24 @@ def test_bad_cluster_files_get_one_line_naming_the_key(tmp_path, capsys, text, n
     assert main(["plan", "--cluster", str(write_cluster(tmp_path, text))]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
+
+
+def test_profiles_of_another_model_are_named_by_model_and_devices_not_by_hash(tmp_path, capsys):
+    """Two profiles of different models: the error says what each measured (its conv
+    groups, input and devices), and not the key's hashes, which a user cannot place."""
+    helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0), model="0badbd03c0c05efd")
+    other = helpers.make_profile((1.0,), kernels=(8, 16, 32, 64, 128))
+    other["key"] = {"devices": ["cuda:0"], "threads": [1], "hosts": ["x"], "model": "fee1dead00000000",
+                    "input_shape": [1, 28, 28], "batch_size": 64, "torch": "2"}
+    other["devices"] = ["cuda:0"]
+    (tmp_path / "gpu.json").write_text(json.dumps(other))
+    text = '[[hosts]]\ndevices = [{ profile = "two.json", device = "cpu@0" }, { profile = "gpu.json" }]\n'
+    assert main(["plan", "--cluster", str(write_cluster(tmp_path, text))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "0badbd03c0c05efd" not in err and "fee1dead" not in err, err
+    assert ("'gpu.json' measured another model (conv groups conv0 8, conv1 16, ... conv4 128 (5 groups) kernels "
+            "on 1x28x28 inputs, measured on cuda:0) than the first device's two.json (conv groups conv0 64, "
+            "conv1 128 kernels on 3x32x32 inputs, measured on cpu@0, cpu@1)") in err, err
 
 
 def test_a_link_named_by_a_profile_reproduces_the_all_gather_it_measured(tmp_path):

@@ -41,11 +41,11 @@ VALID = [
     ("cpu@3", (cpu(3),), "cpu@3"),
     ("cpu@0-3", (cpu(0, 1, 2, 3),), "cpu@0-3"),
     ("cpu@2-2", (cpu(2),), "cpu@2"),
-    ("cpu@0,2", (cpu(0, 2),), "cpu@0,2"),
-    ("cpu@0,2,cpu@1", (cpu(0, 2), cpu(1)), "cpu@0,2,cpu@1"),
-    ("cpu@0-1,4", (cpu(0, 1, 4),), "cpu@0-1,4"),
-    ("cpu@4,0,1", (cpu(0, 1, 4),), "cpu@0-1,4"),
-    ("cpu@0,1,1,0-1", (cpu(0, 1),), "cpu@0-1"),
+    ("cpu@0+2", (cpu(0, 2),), "cpu@0+2"),
+    ("cpu@0+2,cpu@1", (cpu(0, 2), cpu(1)), "cpu@0+2,cpu@1"),
+    ("cpu@0-1+4", (cpu(0, 1, 4),), "cpu@0-1+4"),
+    ("cpu@4+0+1", (cpu(0, 1, 4),), "cpu@0-1+4"),
+    ("cpu@0+1+1+0-1", (cpu(0, 1),), "cpu@0-1"),
     ("cpu@0,cpu@1,cpu@1", (cpu(0), cpu(1), cpu(1)), "cpu@0,cpu@1,cpu@1"),
     ("cpu@0,cpu,cpu", (cpu(0), CPU, CPU), "cpu@0,cpu,cpu"),
     ("cuda", (cuda(),), "cuda"),
@@ -53,7 +53,7 @@ VALID = [
     ("cuda:01", (cuda(1),), "cuda:1"),
     ("cpu@0-1,cuda:0,cuda:1", (cpu(0, 1), cuda(0), cuda(1)), "cpu@0-1,cuda:0,cuda:1"),
     (f"cpu@{MAX_CORE},cuda:{MAX_CUDA_INDEX}", (cpu(MAX_CORE), cuda(MAX_CUDA_INDEX)), None),
-    ("  cpu@0 , 2 ,\tcuda:1\n", (cpu(0, 2), cuda(1)), "cpu@0,2,cuda:1"),
+    ("  cpu@0+2 , \tcuda:1\n", (cpu(0, 2), cuda(1)), "cpu@0+2,cuda:1"),
 ]
 
 
@@ -78,6 +78,9 @@ INVALID = [
     ("cpu@3-1", "cpu@3-1"),
     ("cpu@0,cpu@x", "cpu@x"),
     ("cpu@0,3-1", "3-1"),
+    ("cpu@0+", "cpu@0+"),
+    ("cpu@+1", "cpu@+1"),
+    ("cpu@0+x", "cpu@0+x"),
     ("cpu@0,-1", "-1"),
     ("cpu@ 1", "cpu@ 1"),
     ("cpu@1-", "cpu@1-"),
@@ -109,6 +112,37 @@ def test_parse_invalid(text: str, element: str) -> None:
         assert repr(element) in message
 
 
+@pytest.mark.parametrize(("text", "one_worker"), [
+    ("cpu@0,1", "cpu@0-1 or cpu@0+1"),
+    ("cpu@0-1,4", "cpu@0-1+4"),
+    ("cpu@3,cpu@0,2", "cpu@0+2"),
+])
+def test_comma_inside_a_device_is_refused_with_both_readings(text: str, one_worker: str) -> None:
+    """``cpu@0,1`` could be two workers or one on two cores: it is refused,
+    and the hint spells both readings in the unambiguous grammar."""
+    with pytest.raises(ConfigError) as info:
+        parse_devices(text)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("ambiguous device spec")
+    first, core = text.split(",")[-2:]
+    assert f"{first},cpu@{core} for two workers" in message
+    assert f"{one_worker} for one worker" in message
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("cpu@0,2", (cpu(0, 2),)),
+    ("cpu@0-1,4,cpu@3", (cpu(0, 1, 4), cpu(3))),
+    ("cpu@0+2,cuda:1", (cpu(0, 2), cuda(1))),
+])
+def test_legacy_comma_core_sets_read_for_saved_plans(text: str, expected: tuple[Device, ...]) -> None:
+    """Plan files saved before ``+`` wrote core sets with commas; legacy mode
+    reads them, and writes them back in the new spelling."""
+    devices = parse_devices(text, legacy=True)
+    assert devices == expected
+    assert parse_devices(format_devices(devices)) == expected
+    assert "," not in str(devices[0])
+
+
 def test_error_message_format() -> None:
     with pytest.raises(ConfigError, match=r"^bad device spec 'cpu@x' in --devices 'cpu@0,cpu@x': "):
         parse_devices("cpu@0,cpu@x")
@@ -119,7 +153,7 @@ def test_fuzz_arbitrary_text(text: str) -> None:
     _parse_or_config_error(text)
 
 
-@given(st.text(alphabet="cpu@da:0123456789-, \t", max_size=40))
+@given(st.text(alphabet="cpu@da:0123456789-+, \t", max_size=40))
 def test_fuzz_grammar_like_text(text: str) -> None:
     _parse_or_config_error(text)
 
@@ -153,7 +187,7 @@ def test_round_trip(devices: list[Device]) -> None:
 
 def test_device_normalises_cores() -> None:
     assert Device("cpu", (4, 0, 1, 0)).cpus == (0, 1, 4)
-    assert str(Device("cpu", (4, 0, 1))) == "cpu@0-1,4"
+    assert str(Device("cpu", (4, 0, 1))) == "cpu@0-1+4"
     with pytest.raises(ConfigError):
         Device("gpu")
     with pytest.raises(ConfigError):

@@ -59,6 +59,18 @@ def test_earlier_job_plans_still_read():
     assert single == plan.single("cpu@0-1", GROUPS, 8, threads=2)
 
 
+def test_plans_saved_with_comma_core_sets_read_in_todays_spelling():
+    """Before ``+`` joined a worker's cores, plans wrote ``cpu@0,2`` for one
+    worker on cores 0 and 2; such files still read, as that one worker."""
+    earlier = plan.from_json({"strategy": "kernel", "devices": "cpu@0,2,cpu@1", "threads": None,
+                              "layer_counts": None, "modes": None, "rows": None, "shares": None},
+                             groups=GROUPS, batch_size=16)
+    assert earlier.devices == ("cpu@0+2", "cpu@1")
+    saved = plan.kernel_split(["cpu@0+2", "cpu@1", "gpubox/gpu.0"], GROUPS, 15).to_json()
+    saved["devices"] = ["cpu@0,2", "cpu@1", "gpubox/gpu.0"]
+    assert plan.from_json(saved, groups=GROUPS, batch_size=15).devices == ("cpu@0+2", "cpu@1", "gpubox/gpu.0")
+
+
 @pytest.mark.parametrize("saved, needle", [
     (None, "not a plan"),
     ([1, 2], "got list"),

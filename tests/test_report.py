@@ -45,6 +45,24 @@ def test_metrics_without_steps_are_refused():
         report.summarize(_metrics([[]], [[]]))
 
 
+def test_the_accuracy_panel_is_scaled_to_the_data():
+    """0.938 to 0.963 must not look flat on a 0-1 axis: the panel spans the data with
+    a margin (a quarter of the span, at least 0.01 a side), kept within [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, accuracy_ax) = plt.subplots(1, 2)
+    history = [{"steps": 100 * i, "test_accuracy": a} for i, a in enumerate((0.938, 0.951, 0.963), 1)]
+    report._draw_curves({"history": history, "step_loss": [1.0, 0.9]}, loss_ax, accuracy_ax)
+    low, high = accuracy_ax.get_ylim()
+    plt.close(fig)
+    assert (low, high) == pytest.approx((0.928, 0.973))  # a span of 0.025: the least margin, 0.01
+    assert report.accuracy_range([0.5]) == pytest.approx((0.49, 0.51))
+    assert report.accuracy_range([0.0, 1.0]) == (0.0, 1.0)
+
+
 def test_report_command_on_a_real_run(tmp_path, capsys):
     out = tmp_path / "run.json"
     assert main(["train", *TINY, "--devices", "cpu@0,cpu@1", "--max-steps", "4", "--metrics-out", str(out)]) == 0

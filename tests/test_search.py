@@ -9,7 +9,7 @@ import pytest
 from helpers import make_profile, random_profile
 
 from convshard import plan
-from convshard.plan import cost, search
+from convshard.plan import cost, explain, search
 
 
 def _chain(speeds=(1.0, 1.0)) -> dict:
@@ -148,7 +148,7 @@ def test_worth_trying_keeps_the_plans_within_the_margin():
 def test_format_names_every_candidate_and_the_choice():
     found = search.candidates(_chain())
     chosen = search.fastest(found)
-    text = search.format_candidates(found, chosen, trials={"layers": 0.1})
+    text = explain.format_candidates(found, chosen, trials={"layers": 0.1})
     for c in found:
         assert f"{c.name:<10} {1e3 * c.prediction.step:9.2f} ms" in text
     assert f"chosen: {chosen.name}" in text and "measured 100.0 ms in its trial" in text
@@ -157,15 +157,41 @@ def test_format_names_every_candidate_and_the_choice():
 
 def test_format_puts_the_choice_first_and_its_detail_after():
     found = search.candidates(_chain())
-    text = search.format_candidates(found, search.fastest(found))
+    text = explain.format_candidates(found, search.fastest(found))
     lines = text.splitlines()
     assert lines[0].startswith(f"chosen: {search.fastest(found).name}, predicted ") and "x over the best single" in lines[0]
     assert lines[1] == "predicted step per plan:" and text.index("\nplan: ") > text.index(found[-1].name)
     ddp = next(c for c in found if c.plan.engine == plan.DDP)
-    assert "over ddp" not in search.format_candidates(found, ddp)  # a ddp plan is not compared with itself
+    assert "over ddp" not in explain.format_candidates(found, ddp)  # a ddp plan is not compared with itself
     alone = next(c for c in found if c.name == "single")
-    assert search.format_candidates(found, alone).splitlines()[0] == \
+    assert explain.format_candidates(found, alone).splitlines()[0] == \
         f"chosen: single, predicted {1e3 * alone.prediction.step:.2f} ms"
+
+
+def test_the_chosen_plan_has_one_name_in_the_header_and_the_table():
+    """The layers search can find every group in batch mode: the header names the
+    plan as its table does (batch), and the candidate's line says what it found."""
+    profile = make_profile(speeds=(1.0, 1.0), kernels=(8, 16))
+    groups = {"conv0": 8, "conv1": 16}
+    batch = plan.kernel_split(profile["devices"], groups, 64, modes=dict.fromkeys(groups, "batch"))
+    found = [search.Candidate("layers", batch, cost.predict(profile, batch))]
+    text = explain.format_candidates(found, found[0])
+    assert text.startswith("chosen: batch, predicted ") and "\nplan: batch (sharded engine)" in text
+    assert "chosen: layers" not in text and "on cpu@0, cpu@1 (a batch plan)" in text
+
+
+def test_ddp_left_out_for_batchnorm_says_why_on_its_own_line():
+    """For a model with BatchNorm auto leaves ddp out, however fast it is predicted:
+    each ddp line says so; no other candidate's does, and without BatchNorm none does."""
+    with_bn = make_profile(speeds=(1.0, 1.0), kernels=(8, 16), batchnorms=1)
+    found = search.candidates(with_bn)
+    left_out = explain.left_out_of_auto(found, with_bn)
+    assert set(left_out) == {c.name for c in found if c.plan.engine == plan.DDP} == {"ddp", "ddp sized"}
+    text = explain.format_candidates(found, search.fastest(search.auto_candidates(found, with_bn)), left_out=left_out)
+    lines = text.splitlines()
+    why = "not chosen: BatchNorm over each rank's rows is another model's maths"
+    assert [line.split()[0] for line in lines if why in line] == ["ddp", "ddp"]
+    assert explain.left_out_of_auto(search.candidates(make_profile(speeds=(1.0, 1.0))), make_profile()) == {}
 
 
 def test_a_device_given_no_work_is_shown_as_not_used():
@@ -174,7 +200,7 @@ def test_a_device_given_no_work_is_shown_as_not_used():
                                                                                       "conv1": (16, 0)})
     assert plan.idle_ranks(job) == (1,)
     assert "not used: cpu@1 (rank 1: no kernels, no rows)" in plan.describe(job)
-    text = search.format_candidates([search.Candidate("kernel", job, cost.predict(profile, job))],
+    text = explain.format_candidates([search.Candidate("kernel", job, cost.predict(profile, job))],
                                     search.Candidate("kernel", job, cost.predict(profile, job)))
     assert "cpu@1 not used" in text and "cpu@0 busy" in text and "cpu@1 busy" not in text
     mixed = plan.kernel_split(profile["devices"], {"conv0": 8, "conv1": 16}, 64, counts={"conv1": (16, 0)},

@@ -393,3 +393,25 @@ def test_ranks_feeding_different_batches_are_refused():
             assert "rank 1's batch differs from rank 0's" in report[case]
         assert "shape (4, 1, 28, 28)" in report["different"]
         assert report["keyword off"] is None and report["environment off"] is None
+
+
+def test_kernels_per_rank_line_says_what_a_plan_does_in_a_line(caplog):
+    """ResNet-18's twelve kernel groups are summarised by distinct split within
+    about 100 characters (listed whole they take 400); an all-batch plan says
+    that its convs run whole on each rank's rows instead of ``{}``."""
+    from convshard.parallel.shard import shard
+    from convshard.plan import BatchSplit, KernelSplit
+
+    caplog.set_level("INFO", logger="convshard.parallel.shard")
+    shard(build_model("resnet18", (3, 32, 32), 10, None), lambda name, k: KernelSplit((k,)))
+    shard(build_model("resnet18", (3, 32, 32), 10, None), lambda name, k: BatchSplit((1.0,)))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels per rank: ")]
+    assert lines[0] == "kernels per rank: 12 groups: [64] x3, [128] x3, [256] x3, [512] x3"
+    assert lines[1] == ("kernels per rank: none split: 20 conv(s) whole on every rank, each rank on its rows "
+                        "(batch mode)")
+    assert "{}" not in lines[1] and all(len(line) <= 120 for line in lines)
+    from convshard.parallel.shard import _shown_counts
+
+    uneven = _shown_counts({f"layer{i}": (100 + i, 100 - i) for i in range(20)})  # twenty distinct splits
+    assert uneven.startswith("20 groups: [100, 100] x1, [101, 99] x1, ") and uneven.endswith(", ...")
+    assert len(uneven) <= 100

@@ -9,10 +9,14 @@ every conv layer's kernels. ``--devices`` is a comma-separated list of devices:
     a CPU worker pinned to core N, e.g. ``cpu@3``.
 ``cpu@N-M``
     pinned to cores N..M inclusive (N <= M), e.g. ``cpu@0-3``.
-``cpu@0,2`` / ``cpu@0-1,4``
-    pinned to a core *set*: a list element that is only a number or a number
-    range (``2``, ``4-5``) adds to the core set of the ``cpu@...`` element
-    before it. A number with no ``cpu@...`` before it is an error.
+``cpu@0+2`` / ``cpu@0-1+4``
+    pinned to a core *set*: core items (``N`` or ``N-M``) joined by ``+``.
+    ``+`` reads as "and", needs no quoting in a shell (braces, as in
+    ``cpu@{0,2}``, would be expanded by bash into two words), and cannot be
+    read as a second device, which is what a comma separates everywhere else.
+``cpu@0,1``
+    refused as ambiguous: it could be two workers (``cpu@0,cpu@1``) or one
+    worker on two cores (``cpu@0-1`` or ``cpu@0+1``); the error names both.
 ``cuda``
     the current CUDA device (``cuda:0`` in a fresh worker process).
 ``cuda:N``
@@ -22,8 +26,8 @@ Examples::
 
     --devices cpu                     one unpinned CPU worker
     --devices cpu@0,cpu@1             two workers, one per core
-    --devices cpu@0,2,cpu@1           two workers: cores {0, 2} and core {1}
-    --devices cpu@0-1,4,cuda:1        cores {0, 1, 4}, and GPU 1
+    --devices cpu@0+2,cpu@1           two workers: cores {0, 2} and core {1}
+    --devices cpu@0-1+4,cuda:1        cores {0, 1, 4}, and GPU 1
     --devices "cuda:0, cuda:1"        spaces around elements are ignored
 
 Core numbers go from 0 to 65535 and CUDA ordinals from 0 to 127; a core listed
@@ -35,7 +39,11 @@ speed: ``cpu@0,cpu@1,cpu@1`` gives three workers running at about 1, 1/2 and
 
 Every device is written back in one canonical form (``str(device)``):
 consecutive runs of two or more cores collapse to ``N-M``, so
-``cpu@4,0,1`` prints as ``cpu@0-1,4`` and ``cuda:01`` as ``cuda:1``.
+``cpu@4+0+1`` prints as ``cpu@0-1+4`` and ``cuda:01`` as ``cuda:1``.
+
+Plan files written before ``+`` spelt a core set with commas (``cpu@0-1,4``);
+``parse_devices(text, legacy=True)`` reads that spelling, where a bare core
+item after a ``cpu@...`` element joins its core set.
 """
 
 from __future__ import annotations
@@ -88,7 +96,7 @@ class Device:
         object.__setattr__(self, "cpus", cpus)
 
     def __str__(self) -> str:
-        """The canonical spec, e.g. ``cpu``, ``cpu@0-1,4``, ``cuda``, ``cuda:1``."""
+        """The canonical spec, e.g. ``cpu``, ``cpu@0-1+4``, ``cuda``, ``cuda:1``."""
         if self.kind == "cuda":
             return "cuda" if self.index is None else f"cuda:{self.index}"
         return f"cpu@{format_cores(self.cpus)}" if self.cpus else "cpu"
@@ -102,20 +110,22 @@ class Device:
 
 
 def format_cores(cores: Iterable[int]) -> str:
-    """Cores as a spec's core set: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    """Cores as a spec's core set: ``[0, 1, 2, 5]`` -> ``"0-2+5"``."""
     runs: list[list[int]] = []
     for core in sorted(set(cores)):
         if runs and core == runs[-1][1] + 1:
             runs[-1][1] = core
         else:
             runs.append([core, core])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return "+".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def parse_devices(text: str) -> tuple[Device, ...]:
+def parse_devices(text: str, *, legacy: bool = False) -> tuple[Device, ...]:
     """Parse a ``--devices`` string (grammar in the module docstring).
 
-    Raises ``ConfigError`` naming the bad element and the whole string.
+    ``legacy`` also reads the earlier comma spelling of a core set
+    (``cpu@0-1,4``), for plan files saved before ``+``. Raises
+    ``ConfigError`` naming the bad element and the whole string.
     """
     if not text.strip():
         raise ConfigError(f"empty device list in --devices {text!r}")
@@ -125,7 +135,9 @@ def parse_devices(text: str) -> tuple[Device, ...]:
     for raw in text.split(","):
         element = raw.strip()
         try:
-            open_set = _parse_element(element, open_set, parsed)
+            open_set = _parse_element(element, open_set if legacy else None, parsed)
+        except _Ambiguous:
+            raise ConfigError(_ambiguous(element, parsed[-1][1] or set(), text)) from None
         except _BadElement as why:
             raise ConfigError(
                 f"bad device spec {element!r} in --devices {text!r}: {why}"
@@ -135,6 +147,20 @@ def parse_devices(text: str) -> tuple[Device, ...]:
 
 class _BadElement(Exception):
     """Why one element of a device list is invalid."""
+
+
+class _Ambiguous(Exception):
+    """A bare core item right after a ``cpu@...`` element (``cpu@0,1``)."""
+
+
+def _ambiguous(element: str, cores: set[int], text: str) -> str:
+    """The one-line hint for ``cpu@N,M``: both readings and how to write each."""
+    alone = format_cores(cores)
+    joined = format_cores(cores | _parse_cores(element))
+    plus = f"{alone}+{element}"
+    one = f"cpu@{joined}" if joined == plus else f"cpu@{joined} or cpu@{plus}"
+    return (f"ambiguous device spec 'cpu@{alone},{element}' in --devices {text!r}: a comma separates devices; "
+            f"write cpu@{alone},cpu@{element} for two workers, or {one} for one worker on those cores")
 
 
 def _parse_element(
@@ -149,14 +175,19 @@ def _parse_element(
         parsed.append(("cpu", None, None))
         return None
     if element.startswith("cpu@"):
-        cores = _parse_cores(element[len("cpu@"):])
+        cores: set[int] = set()
+        for item in element[len("cpu@"):].split("+"):
+            cores |= _parse_cores(item)
         parsed.append(("cpu", cores, None))
         return cores
     if _CORE_ITEM.fullmatch(element):
-        if open_set is None:
-            raise _BadElement("a core number must follow a cpu@... element")
-        open_set |= _parse_cores(element)
-        return open_set
+        if open_set is not None:
+            open_set |= _parse_cores(element)
+            return open_set
+        if parsed and parsed[-1][1]:
+            _parse_cores(element)  # a bad core item is reported as such, not as ambiguous
+            raise _Ambiguous
+        raise _BadElement("a core number needs cpu@ before it")
     if cuda := _CUDA.fullmatch(element):
         index = None if cuda.group(1) is None else _number(cuda.group(1))
         if index is not None and index > MAX_CUDA_INDEX:
@@ -176,7 +207,7 @@ def _parse_cores(item: str) -> set[int]:
     """One core item, ``N`` or ``N-M``, as a set of cores."""
     match = _CORE_ITEM.fullmatch(item)
     if match is None:
-        raise _BadElement("expected a core N or a core range N-M after cpu@")
+        raise _BadElement("expected cores N, N-M or N+M after cpu@")
     first = _number(match.group(1))
     last = first if match.group(2) is None else _number(match.group(2))
     if last > MAX_CORE:

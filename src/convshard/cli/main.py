@@ -7,12 +7,14 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ConfigError, TrainingError
-from ..run import launch
+from ..run import checkpoint, launch
 from ..run.config import TrainConfig
 from . import bench, download, export, inference, plan, report, train
 from .options import Parser
@@ -53,12 +55,14 @@ def _keep_negative_lists(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(_keep_negative_lists(argv))
-    quiet = getattr(args, "quiet", False)
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if quiet else logging.INFO
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     try:
         args.handler(args)
     except ConfigError as exc:
+        if verbose and exc.__cause__ is not None:  # what the user's model or data raised, where it raised it
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 2
     except launch.WorkerFailed as exc:
@@ -70,9 +74,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"convshard: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("convshard: interrupted", file=sys.stderr)
+        print(f"convshard: interrupted{_resumable(args, argv)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _resumable(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """For an interrupted run with a checkpoint in its ``--checkpoint-dir``:
+    where that checkpoint is and the command line that resumes from it."""
+    directory = getattr(args, "checkpoint_dir", None)
+    if directory is None or not checkpoint.path_in(directory).is_file():
+        return ""
+    again = [*argv, *([] if "--resume" in argv else ["--resume"])]
+    return (f"; the last checkpoint is {checkpoint.path_in(directory)}, resume with: "
+            f"convshard {shlex.join(again)}")
 
 
 def entry() -> None:

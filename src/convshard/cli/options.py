@@ -181,7 +181,8 @@ def job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help=f"global batch, the same for every strategy; at most the training set "
                         f"(default: {d.batch_size})")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (worker PIDs, ...), and before an error "
+                   "that your model, factory or data raised, its traceback")
     compute_options(p, d)
 
 

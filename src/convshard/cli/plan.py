@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .. import atomic, devices, precision, profile
 from ..errors import ConfigError
-from ..plan import cluster, memory, search
+from ..plan import cluster, explain, memory, search
 from ..run import launch
 from ..run.config import TrainConfig, cap_batch
 from ..run.local import profile_job
@@ -89,12 +89,9 @@ def _print_plans(job_profile: dict, plan_out: str | None, *, threads: int | None
     found = search.candidates(job_profile, threads=threads, grad_precision=grad_precision, rejected=rejected)
     pool = search.auto_candidates(found, job_profile)
     chosen = search.fastest(pool)
-    print(search.format_candidates(found, chosen))
-    for line in search.left_out(job_profile, chosen, found, rejected):
+    print(explain.format_candidates(found, chosen, left_out=explain.left_out_of_auto(found, job_profile)))
+    for line in explain.left_out(job_profile, chosen, found, rejected):
         print(line)
-    if len(pool) < len(found):
-        print("(ddp is no candidate of --strategy auto for this model: its BatchNorm would normalise each "
-              "worker's rows alone)")
     if plan_out:
         atomic.write_text(plan_out, json.dumps({"job_plan": chosen.plan.to_json(),
                                                 "predicted_seconds": chosen.prediction.step}, indent=1) + "\n")

@@ -28,7 +28,7 @@ examples:
   convshard evaluate --checkpoint runs/r18/best.pt   # accuracy, per class, confusion matrix
   convshard predict --checkpoint runs/r18 a.png b.png
 
-devices (one worker each): cpu | cpu@N | cpu@N-M | cpu@N,M (a core set) | cuda | cuda:N
+devices (one worker each): cpu | cpu@N | cpu@N-M | cpu@N+M (a core set) | cuda | cuda:N
   cpu@0,cpu@1,cpu@1   three workers; the two on core 1 share it (speeds about 1, 1/2, 1/2)
 
 several hosts: start one torchrun per host; --devices lists that host's devices,

@@ -23,6 +23,7 @@ import copy
 import logging
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -191,7 +192,7 @@ def shard(model: nn.Module, styles: Mapping[str, Style] | Callable[[str, int], S
         if unknown:
             raise ConfigError(f"the plan names {unknown[:3]}, which are not channel groups of this model "
                               f"(its groups: {list(handle.groups)[:6]}...)")
-    log.info("kernels per rank: %s", _shown_counts(handle.counts()))
+    log.info("kernels per rank: %s", _shown_counts(handle.counts(), handle.batch_convs))
     if world > 1 and check_batch and os.environ.get("CONVSHARD_CHECK_BATCH", "1") != "0":
         _check_batch_on_first_forward(handle.model, group)
     _HANDLES[handle.model] = handle
@@ -212,9 +213,23 @@ def _batch_group_names(handle: Sharded, styles: Mapping[str, Style]) -> set[str]
     return {name for name, s in styles.items() if isinstance(s, BatchSplit) and name in handle.batch_convs}
 
 
-def _shown_counts(counts: Mapping[str, Sequence[int]]) -> str:
-    """Kernels per rank for the log, one group per entry: ``{'features.0': [16, 16], ...}``."""
-    return str({n: list(c) for n, c in counts.items()})
+def _shown_counts(counts: Mapping[str, Sequence[int]], batch_convs: Sequence[str] = (), width: int = 100) -> str:
+    """Kernels per rank for the log, in about ``width`` characters: every group
+    (``{'features.0': [16, 16], ...}``) when that fits, else each distinct
+    split with how many groups have it, the commonest first (``9 groups:
+    [32, 32] x4, ...``), cut at ``...``; and the convs that run whole on every
+    rank over its rows (batch mode), which is all an all-batch plan does."""
+    batch = f"{len(batch_convs)} conv(s) whole on every rank, each rank on its rows (batch mode)"
+    if not counts:
+        return f"none split: {batch}" if batch_convs else "none split: the model has no conv group"
+    shown = str({n: list(c) for n, c in counts.items()})
+    if len(shown) > width:
+        tally = Counter(tuple(c) for c in counts.values()).most_common()
+        shown = f"{len(counts)} groups: " + ", ".join(f"{list(c)} x{n}" for c, n in tally)
+        if len(shown) > width:
+            cut = shown.rfind(", ", 0, width - 5)
+            shown = f"{shown[:cut] if cut > 0 else shown[:width - 5]}, ..."
+    return f"{shown}; {batch}" if batch_convs else shown
 
 
 def handle_of(model: nn.Module) -> Sharded | None:

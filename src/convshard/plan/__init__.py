@@ -237,10 +237,20 @@ def _current(saved: dict) -> Plan:
     groups = tuple(GroupSplit(g["name"], int(g["kernels"]), g["mode"], tuple(int(c) for c in g["counts"]))
                    for g in saved["groups"])
     ranks = tuple(int(r) for r in saved["ranks"]) if saved.get("ranks") is not None else None
-    return Plan(saved["engine"], tuple(saved["devices"]), groups, tuple(int(r) for r in saved["rows"]),
+    devices = tuple(_saved_device(d) for d in saved["devices"])
+    return Plan(saved["engine"], devices, groups, tuple(int(r) for r in saved["rows"]),
                 int(saved["batch_size"]), _threads(saved.get("threads")), ranks,
                 str(saved.get("precision", "32")), saved.get("memory_format", "contiguous"),
                 str(saved.get("grad_precision", "32")))
+
+
+def _saved_device(label: str) -> str:
+    """One device of a saved plan in today's spelling: files saved before
+    ``+`` wrote a worker's core set with commas (``cpu@0-1,4`` -> ``cpu@0-1+4``);
+    other labels (``cuda:1``, a cluster's ``host/gpu.0``) are kept as written."""
+    from ..devices import parse_devices
+
+    return str(parse_devices(label, legacy=True)[0]) if label.startswith("cpu@") and "," in label else label
 
 
 def _earlier(saved: dict, groups: Mapping[str, int], batch_size: int) -> Plan:
@@ -251,7 +261,7 @@ def _earlier(saved: dict, groups: Mapping[str, int], batch_size: int) -> Plan:
     strategies = ("kernel", "single", "ddp", "layers")
     if saved.get("strategy") not in strategies:
         raise ConfigError(f"it names no strategy (one of {', '.join(strategies)}); got {saved.get('strategy')!r}")
-    devices = [str(d) for d in parse_devices(saved["devices"])]
+    devices = [str(d) for d in parse_devices(saved["devices"], legacy=True)]
     threads, shares = _threads(saved.get("threads")), saved.get("shares")
     if saved["strategy"] == "single":
         return single(devices[0], groups, batch_size, threads=threads)

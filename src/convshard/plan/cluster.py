@@ -127,6 +127,9 @@ class _Reader:
         wanted = "one device on each of two hosts" if between else "two devices on one host"
         if not isinstance(value, str):
             raise self.fail(where, f"is {_kind(value)}, expected the path of a profile of {wanted}")
+        if not (self.path.parent / value).is_file():
+            raise self.fail(where, f"{value!r}: no such file ({(self.path.parent / value).resolve()}); write one "
+                                   f"with convshard profile --profile PATH on {wanted}")
         measured = profiles.read(self.path.parent / value)
         if measured is None or len(measured["devices"]) != 2 or "all_gather" not in measured["links"]:
             raise self.fail(where, f"{value!r} is no profile of {wanted}")
@@ -190,6 +193,9 @@ def _device(reader: _Reader, value: object, where: str, host: str, h: int,
                                               "--profile PATH)")
     path = (reader.path.parent / given["profile"]).resolve()
     if path not in loaded:
+        if not path.is_file():
+            raise reader.fail(f"{where}.profile", f"{given['profile']!r}: no such file ({path}); write one with "
+                                                  f"convshard profile --profile PATH")
         found = profiles.read(path)
         if found is None:
             raise reader.fail(f"{where}.profile", f"{given['profile']!r}: no profile of version "
@@ -216,15 +222,22 @@ def _device(reader: _Reader, value: object, where: str, host: str, h: int,
     name = given.get("name", listed[index])
     if not isinstance(name, str) or not name:
         raise reader.fail(f"{where}.name", f"is {name!r}, expected a non-empty string")
-    first = next(iter(loaded.values()))
+    first_path, first = next(iter(loaded.items()))
     for field, default in (("model", None), ("input_shape", None), ("precision", "32"),
                            ("memory_format", "contiguous")):
         theirs, ours = measured["key"].get(field, default), first["key"].get(field, default)
         if theirs != ours:
             raise reader.fail(f"{where}.profile", f"{given['profile']!r} measured another {field.replace('_', ' ')} "
-                                                  f"({theirs}) than the first device's ({ours})")
+                                                  f"({_measured(field, theirs, measured)}) than the first device's "
+                                                  f"{first_path.name} ({_measured(field, ours, first)})")
     labels = [f"{host}/{name}"] if count == 1 else [f"{host}/{name}.{i}" for i in range(count)]
     return [(label, h, measured, index, speed, memory) for label in labels]
+
+
+def _measured(field: str, value: object, measured: dict) -> str:
+    """A profile's ``field`` as a mismatch names it: by what the profile
+    measured (model, input, devices), since a model's key is only a hash of it."""
+    return profiles.describe(measured) if field == "model" else f"{value}: {profiles.describe(measured)}"
 
 
 def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:

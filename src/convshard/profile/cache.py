@@ -46,6 +46,22 @@ def save(path: str | os.PathLike, profile: Profile) -> None:
     atomic.write_text(path, json.dumps(profile, indent=1) + "\n")
 
 
+def describe(profile: Profile) -> str:
+    """What ``profile`` measured, in the words a user knows it by rather than
+    its key's model hash: the model's conv groups (name and kernels; the first
+    two and the last when there are more than three), one input's C x H x W,
+    the precision when not 32, and the devices, e.g. ``conv groups conv1 64,
+    conv2 128 kernels on 3x32x32 inputs, measured on cpu@0, cpu@1``."""
+    groups = [f"{layer['name']} {layer['kernels']}" for layer in profile["layers"]]
+    if len(groups) > 3:
+        groups = [*groups[:2], f"... {groups[-1]} ({len(groups)} groups)"]
+    key = profile.get("key", {})
+    shape = f" on {'x'.join(map(str, key['input_shape']))} inputs" if "input_shape" in key else ""
+    precision = f" in {key['precision']}" if key.get("precision", "32") != "32" else ""
+    return (f"conv groups {', '.join(groups)} kernels{shape}{precision}, "
+            f"measured on {', '.join(profile['devices'])}")
+
+
 def format_profile(profile: Profile) -> str:
     """The profile as a plain-text table: per layer and device the fit
     t(k) = a + b k, per device the replicated part, then the links."""

@@ -165,12 +165,13 @@ def changes(saved: dict, now: dict) -> str:
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint at ``path``: a checkpoint file, or a directory holding
-    ``checkpoint.pt``. A missing one is a ConfigError naming it."""
+    ``checkpoint.pt`` (as ``--checkpoint`` names it). A missing or unreadable
+    one is a ConfigError naming it."""
     path = Path(path)
     file = path_in(path) if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"no checkpoint at {path}")
-    return _load(file)
+    return _load(file, "--checkpoint")
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict | None:
@@ -180,14 +181,16 @@ def load_checkpoint(directory: str | os.PathLike) -> dict | None:
     ``ConfigError`` naming it.
     """
     path = path_in(directory)
-    return _load(path) if path.exists() else None
+    return _load(path, "--checkpoint-dir") if path.exists() else None
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, flag: str) -> dict:
+    """The payload at ``path``; an unreadable file's error points to ``flag``, the option that named it."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it or choose another --checkpoint-dir") from None
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}); "
+                          f"delete it or choose another {flag}") from None
     if not isinstance(payload, dict) or not {"model", "optimizer", "progress"} <= payload.keys():
         raise ConfigError(f"checkpoint {path} is not a convshard checkpoint")
     return payload

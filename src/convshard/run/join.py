@@ -11,6 +11,7 @@ answers. ``measure_job`` is the job's profile, a collective.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -30,8 +31,14 @@ log = logging.getLogger(__name__)
 
 def in_terminal() -> bool:
     """Whether the log goes to a terminal, where a progress bar redraws; elsewhere (a file, CI, a
-    scheduler) the loop writes a timestamped line every --log-every steps instead."""
-    return sys.stderr.isatty()
+    scheduler, or a terminal that says it is zero columns wide, where a bar has no room and tqdm
+    draws nothing) the loop writes a timestamped line every --log-every steps instead."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except OSError:  # a terminal that answers no size: the bar takes tqdm's default width
+        return True
 
 
 T = TypeVar("T")

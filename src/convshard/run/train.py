@@ -136,11 +136,13 @@ def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine:
     """Run ``job``'s plan through ``engine`` to the end; rank 0's metrics, None elsewhere."""
     run = _setup(job, dataset, device_spec.torch_device, engine)
     all_devices = comm.gather_objects(str(device_spec), group=run.group)  # every rank's device, in rank order
-    log.info("%s: %d worker(s) on %s (rank 0: %d thread(s))", run.plan.name, run.plan.world,
-             ", ".join(all_devices), torch.get_num_threads())
+    numerics = "".join([f", precision {run.plan.precision}" if run.plan.precision != "32" else "",
+                        ", channels_last" if run.plan.memory_format == "channels_last" else ""])
+    log.info("%s: %d worker(s) on %s (rank 0: %d thread(s)%s)", run.plan.name, run.plan.world,
+             ", ".join(all_devices), torch.get_num_threads(), numerics)
     started = time.perf_counter()
     if run.rank == 0 and run.settings.log_dir:
-        run.logbook = Logbook(run.settings.log_dir)
+        run.logbook = Logbook(run.settings.log_dir, resumed=run.progress if run.progress["step"] else None)
     try:
         _epochs(run)
     finally:
@@ -165,6 +167,8 @@ def _epochs(run: _Run) -> None:
         seconds = time.perf_counter() - epoch_start
         progress = run.progress
         epoch = progress["epoch"] if progress["batch"] else progress["epoch"] - 1
+        if progress["history"] and progress["history"][-1]["epoch"] == epoch + 1:  # resumed mid-epoch: it ends now
+            progress["history"].pop()
         progress["history"].append({"epoch": epoch + 1, "steps": progress["step"], "train_loss": train_loss,
                                     "test_accuracy": accuracy, "seconds": seconds})
         log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f s", epoch + 1, train_loss, accuracy, seconds)

@@ -31,7 +31,7 @@ from pathlib import Path
 from .. import devices, plan
 from ..data import Dataset
 from ..errors import ConfigError
-from ..plan import memory, search
+from ..plan import explain, memory, search
 from .config import Job, TrainConfig, job_of, model_groups, plan_from_flags
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,16 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     planning = {"chosen": name, "predicted": {c.name: c.prediction.step for c in found},
                 "caps": None if name == ALL_CORES else chosen.caps,
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
-                "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
-                                                 trials=trials)}
+                "text": explain.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
+                                                 trials=trials, left_out=explain.left_out_of_auto(found, profile)
+                                                 if config.strategy == "auto" else None)}
     if job.ranks is None and name != ALL_CORES:
-        for line in search.left_out(profile, chosen, found, rejected):
+        for line in explain.left_out(profile, chosen, found, rejected):
             log.warning("%s", line)
     if name == ALL_CORES:
         log.info("plan: one process on %s, measured %.1f ms/step", job.devices[0], 1000 * trials[ALL_CORES])
     else:
-        log.info("plan: %s on %s, predicted %.1f ms/step", name, ", ".join(job.devices),
+        log.info("plan: %s on %s, predicted %.1f ms/step", job.name, ", ".join(job.devices),  # its kind, as shown
                  1000 * chosen.prediction.step)
     return job_of(config, job, planning=planning, profile=None if name == ALL_CORES else chosen.profile)
 
