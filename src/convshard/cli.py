@@ -253,6 +253,14 @@ def _memory_option(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None
                         "torch reads: a GPU's free memory, the host's RAM)")
 
 
+def _optimizer_options(g: argparse._ArgumentGroup | argparse.ArgumentParser, d: TrainConfig) -> None:
+    """``--optimizer`` and ``--momentum`` (train; profile and plan, whose step times and memory are its)."""
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="the profile times its step, the planner counts its state: adam and adamw keep two "
+                        "bytes per weight byte, sgd one, none with --momentum 0 (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
+
+
 def _compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     """What the workers compute in (train, profile, plan, bench)."""
     g = p.add_argument_group("compute")
@@ -320,9 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", metavar="N", type=_positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--max-steps", metavar="N", type=_positive(int, "--max-steps"),
                    help="stop after this many optimizer steps (for benchmarks)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
+    _optimizer_options(g, d)
     g.add_argument("--lr", metavar="LR", type=_positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     g.add_argument("--weight-decay", metavar="L", type=_fraction("--weight-decay", below_one=False),
                    default=d.weight_decay,
                    help="weight decay of the conv kernels and linear weights (sgd, adam: L2 added to the gradient; "
@@ -369,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "step time of every strategy and the choice; trains nothing")):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _job_options(p, d)
+        _optimizer_options(p, d)
         if name == "plan":
             p.add_argument("--cluster", metavar="FILE",
                            help="plan for the cluster FILE describes (TOML: hosts, their devices as profiles "
@@ -598,7 +606,8 @@ def _plan_cluster(args: argparse.Namespace) -> None:
     for flag in ("devices", "profile", "threads"):
         if getattr(args, flag):
             raise ConfigError(f"--cluster describes the devices and their profiles: leave --{flag} out")
-    described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size), args.device_memory)
+    described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size,
+                                                optimizer=(args.optimizer, args.momentum)), args.device_memory)
     print(cluster.describe(described))
     _print_plans(described, search.candidates(described, grad_precision=args.grad_precision or "32"),
                  args.plan_out)

@@ -465,7 +465,8 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
     group = job_group()
     key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
                           batch_size=config.batch_size, precision=config.precision,
-                          memory_format=config.memory_format, group=group)
+                          memory_format=config.memory_format, optimizer=config.optimizer,
+                          momentum=config.momentum, group=group)
     cached = _read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
     if cached is not None:
         return cached

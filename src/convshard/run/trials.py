@@ -96,9 +96,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
             _say_if_costly(config, steps, profiled, len(tried) if len(tried) > 1 else 0, search.fastest(pool))
         chosen, trials = _try(tried, run_trial)
     elif config.strategy == "layers":
-        if "layers" not in by_name:
-            raise ConfigError("--strategy layers needs more than one device")
-        chosen = by_name["layers"]
+        chosen = by_name.get("layers") or _without_layers(found, job_devices)
     elif config.strategy == "ddp":
         chosen = by_name["ddp sized"]
     else:  # kernel with --shares auto: the best split, which may be one device
@@ -110,7 +108,8 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                 "trials": trials or None, "breakdown": None if name == ALL_CORES else chosen.prediction.to_json(),
                 "text": search.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
                                                  trials=trials)}
-    left_out = Counter(job_devices) - Counter(job.devices) if job.ranks is None and name != ALL_CORES else Counter()
+    slower = name != ALL_CORES and job.ranks is None and (config.strategy != "layers" or name == "layers")
+    left_out = Counter(job_devices) - Counter(job.devices) if slower else Counter()  # else ``_without_layers`` said
     for device in left_out.elements():
         log.warning("%s gets no work: the plan predicts it would slow the step", device)
     if name == ALL_CORES:
@@ -119,6 +118,24 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
         log.info("plan: %s on %s, predicted %.1f ms/step", name, ", ".join(job.devices),
                  1000 * chosen.prediction.step)
     return replace(config, job=job, planning=planning)
+
+
+def _without_layers(found: list[search.Candidate], job_devices: list[str]) -> search.Candidate:
+    """What ``--strategy layers`` runs where the planner found no per-layer
+    split (one device, or no split of two or more within the devices'
+    memory): the fastest of one device alone and the all-kernel split,
+    said in one line; else a one-line refusal."""
+    why = ("one device is listed" if len(job_devices) < 2 else
+           "no per-layer split of two or more of the devices fits their memory")
+    instead = [c for c in found if c.name in ("single", "kernel")]
+    if not instead:
+        raise ConfigError(f"--strategy layers: {why}, nor does one device alone or the all-kernel split; only "
+                          f"DDP does (--strategy ddp)")
+    chosen = search.fastest(instead)
+    idle = list((Counter(job_devices) - Counter(chosen.plan.devices)).elements()) if chosen.plan.ranks is None else []
+    log.warning("--strategy layers: %s; running %s on %s instead%s", why, chosen.name, ", ".join(chosen.plan.devices),
+                f", {', '.join(idle)} without work" if idle else "")
+    return chosen
 
 
 def training_steps(config: TrainConfig, dataset: Dataset) -> int:
