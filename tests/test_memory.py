@@ -77,6 +77,82 @@ def test_each_process_own_bytes_count_in_its_peak_and_its_caps():
     assert shares[1] < roomy[1] and shares[0] == roomy[0]
 
 
+# A profile of Conv2d(3, 8, 5) -> Conv2d(8, 16, 5) -> Linear(16 * 5 * 5, 10), float32: each kernel of
+# conv0 holds 3 * 5 * 5 weights and a bias, each of conv1 8 * 5 * 5 and a bias; the Linear is replicated.
+PER_KERNEL = {"conv0": 4 * (3 * 25 + 1), "conv1": 4 * (8 * 25 + 1)}  # bytes of one kernel's parameters
+REPLICATED = 4 * (16 * 5 * 5 * 10 + 10)
+
+
+def shaped_profile(optimizer: str, momentum: float) -> dict:
+    """``small_profile`` with the parameter bytes of the CNN above, planned for ``optimizer``."""
+    profile = small_profile(optimizer=optimizer, momentum=momentum, replicated_param_bytes=REPLICATED)
+    for layer in profile["layers"]:
+        layer["param_bytes"] = PER_KERNEL[layer["name"]] * layer["kernels"]
+    profile["param_bytes"] = REPLICATED + sum(layer["param_bytes"] for layer in profile["layers"])
+    return profile
+
+
+def test_each_optimizer_state_tensor_adds_the_parameter_bytes_each_rank_holds():
+    """AdamW keeps two state tensors per parameter (its moments), SGD with
+    momentum one, plain SGD none: between any two of them each rank's peak
+    differs by exactly its parameter bytes times the difference in tensors.
+    A rank holds the replicated Linear whole, c_r of a kernel group's K
+    kernels, all of a batch group, and under DDP the whole model."""
+    groups = {"conv0": 8, "conv1": 16}
+    kernel = plan.kernel_split(("cpu@0", "cpu@1"), groups, 64, counts={"conv0": (6, 2), "conv1": (4, 12)})
+    mixed = plan.kernel_split(("cpu@0", "cpu@1"), groups, 64, counts={"conv0": (6, 2), "conv1": (8, 8)},
+                              modes={"conv1": plan.BATCH}, rows=(40, 24))
+    ddp = plan.ddp(("cpu@0", "cpu@1"), groups, 64, shares=[3, 1])
+    whole = REPLICATED + 8 * PER_KERNEL["conv0"] + 16 * PER_KERNEL["conv1"]
+    held = {  # per plan, the parameter bytes each rank holds, from the shapes and the kernel counts
+        kernel: [REPLICATED + 6 * PER_KERNEL["conv0"] + 4 * PER_KERNEL["conv1"],
+                 REPLICATED + 2 * PER_KERNEL["conv0"] + 12 * PER_KERNEL["conv1"]],
+        mixed: [REPLICATED + 6 * PER_KERNEL["conv0"] + 16 * PER_KERNEL["conv1"],
+                REPLICATED + 2 * PER_KERNEL["conv0"] + 16 * PER_KERNEL["conv1"]],
+        ddp: [whole, whole],
+    }
+    for job, params in held.items():
+        adamw = memory.peak_bytes(shaped_profile("adamw", 0.9), job)
+        momentum = memory.peak_bytes(shaped_profile("sgd", 0.9), job)
+        plain = memory.peak_bytes(shaped_profile("sgd", 0.0), job)
+        assert [a - m for a, m in zip(adamw, momentum)] == pytest.approx(params), job.name
+        assert [m - p for m, p in zip(momentum, plain)] == pytest.approx(params), job.name
+        assert memory.peak_bytes(shaped_profile("adam", 0.0), job) == pytest.approx(adamw)
+
+
+def test_a_profile_that_names_no_optimizer_is_planned_for_sgd_with_momentum():
+    """Every profile written before it named its optimizer measured SGD with momentum 0.9."""
+    job = plan.kernel_split(("cpu@0", "cpu@1"), {"conv0": 8, "conv1": 16}, 64)
+    unnamed = shaped_profile("sgd", 0.9)
+    del unnamed["optimizer"], unnamed["momentum"]
+    assert memory.peak_bytes(unnamed, job) == memory.peak_bytes(shaped_profile("sgd", 0.9), job)
+    with pytest.raises(ConfigError, match="optimizer 'lbfgs': expected sgd, adam or adamw"):
+        memory.peak_bytes(shaped_profile("lbfgs", 0.0), job)
+
+
+def test_an_optimizer_with_more_state_gets_less_of_a_tight_device():
+    """Under a limit that holds the even split with plain SGD's state but not
+    with AdamW's (half of AdamW's extra state bytes over it), the planner gives
+    cpu@1 the even split under SGD and less under AdamW; ``caps`` shrink
+    with each state tensor."""
+    even_params = REPLICATED + 4 * PER_KERNEL["conv0"] + 8 * PER_KERNEL["conv1"]  # cpu@1's, even split
+    job = plan.kernel_split(("cpu@0", "cpu@1"), {"conv0": 8, "conv1": 16}, 64)
+    plain_peak = memory.peak_bytes(shaped_profile("sgd", 0.0), job)[1]
+    limit = [1e12, plain_peak + even_params]  # room for one state tensor of its share, not two
+
+    def kernel_counts(optimizer: str, momentum: float) -> dict:
+        found = search.candidates({**shaped_profile(optimizer, momentum), "device_memory": limit})
+        return next(c for c in found if c.name == "kernel").plan.kernel_counts()
+
+    assert kernel_counts("sgd", 0.0) == {"conv0": (4, 4), "conv1": (8, 8)}
+    assert kernel_counts("sgd", 0.9) == {"conv0": (4, 4), "conv1": (8, 8)}
+    tight = kernel_counts("adamw", 0.9)
+    assert tight["conv0"][1] + tight["conv1"][1] < 12
+    shares = [memory.caps({**shaped_profile(*o), "device_memory": limit})[0][1]
+              for o in (("sgd", 0.0), ("sgd", 0.9), ("adamw", 0.9))]
+    assert shares[0] > shares[1] > shares[2]
+
+
 def test_device_memory_limits_replace_what_was_read():
     profile = small_profile(device_memory=[2 ** 40, 2 ** 40])
     assert memory.with_limits(profile, None) is profile

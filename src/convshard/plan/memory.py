@@ -84,13 +84,6 @@ def held_per_byte(profile: Mapping) -> int:
     return 2 + state_copies(*optimizer_of(profile))
 
 
-def with_optimizer(profile: Mapping, name: str, momentum: float) -> Mapping:
-    """``profile`` planned for optimizer ``name`` with ``momentum`` (SGD's; the
-    others ignore it): the memory model counts its state."""
-    state_copies(name, momentum)  # refuses an unknown name
-    return {**profile, "optimizer": name, "momentum": float(momentum)}
-
-
 def output_bytes(layer: Mapping) -> float:
     """O_g: the group's output, whole batch, all kernels."""
     return max(layer["kernels"] * layer["gather_bytes_per_kernel"], sum(v["bytes"] for v in layer["outputs"]))
