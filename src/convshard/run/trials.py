@@ -8,9 +8,11 @@ seconds per step over ``search.TRIAL_STEPS`` real steps).
 
 - ``--strategy single|kernel|ddp`` with weights or equal shares: the plan
   those flags describe, nothing measured.
-- ``--strategy layers``: the best per-layer plan; ``--shares auto`` with
-  kernel: the best kernel split or one device; with ddp: rows sized to the
-  devices.
+- ``--strategy layers``: the best per-layer plan, or, where no split of
+  two or more devices fits their memory (or one device is listed), the
+  faster of one device alone and the all-kernel split, said in one line;
+  ``--shares auto`` with kernel: the best kernel split or one device; with
+  ddp: rows sized to the devices.
 - ``--strategy auto``: the candidates predicted within
   ``search.TRIAL_MARGIN`` of the fastest, and, on one host, one process on
   all the listed cores (``all_cores``), each run ``search.TRIAL_STEPS``
