@@ -148,9 +148,9 @@ def test_auto_trains_the_fastest_measured_of_the_plans_worth_trying(monkeypatch,
     found = search.candidates(flat, threads=1)
     assert {"single", "kernel", "layers", "ddp", "ddp sized"} == {c.name for c in found}
     assert len(ran) == len(found) + 1 and trials.ALL_CORES in ran  # every candidate, and both cores
-    assert resolved.job.engine == plan.DDP and resolved.planning["chosen"] in ("ddp", "ddp sized")
+    assert resolved.plan.engine == plan.DDP and resolved.planning["chosen"] in ("ddp", "ddp sized")
     assert resolved.planning["trials"][resolved.planning["chosen"]] == 0.6
-    assert resolved.rebalance_mode == "auto"
+    assert resolved.rebalance == "auto"
 
 
 def test_auto_never_chooses_ddp_for_a_batchnorm_model(monkeypatch, measured):
@@ -161,10 +161,10 @@ def test_auto_never_chooses_ddp_for_a_batchnorm_model(monkeypatch, measured):
     with_bn = {**json.loads(json.dumps(measured)), "batchnorm": True}
     resolved, ran = _resolve(_config(), with_bn, {"single": 0.9, "kernel": 0.8, "layers": 0.7, "batch": 0.7,
                                                    "ddp": 0.01, trials.ALL_CORES: 0.95})
-    assert "ddp" not in ran and resolved.job.engine == plan.SHARDED
+    assert "ddp" not in ran and resolved.plan.engine == plan.SHARDED
     assert all(not name.startswith("ddp") for name in resolved.planning["trials"])
     explicit, _ = _resolve(_config(strategy="ddp", shares="auto"), with_bn, {})  # asked for: PyTorch's DDP
-    assert explicit.job.engine == plan.DDP and explicit.planning["chosen"] == "ddp sized"
+    assert explicit.plan.engine == plan.DDP and explicit.planning["chosen"] == "ddp sized"
 
 
 def test_auto_runs_one_process_on_all_cores_when_that_measures_fastest(monkeypatch, measured):
@@ -173,8 +173,8 @@ def test_auto_runs_one_process_on_all_cores_when_that_measures_fastest(monkeypat
     monkeypatch.setattr(search, "TRIAL_MARGIN", 100.0)
     resolved, _ = _resolve(_config(), measured, {"single": 0.9, "kernel": 0.9, "layers": 0.9, "ddp": 0.9,
                                                   "batch": 0.9, trials.ALL_CORES: 0.6})
-    job = resolved.job
-    assert (job.name, job.devices, job.threads, resolved.world_size) == ("single", ("cpu@0-1",), 2, 1)
+    job = resolved.plan
+    assert (job.name, job.devices, job.threads, job.world) == ("single", ("cpu@0-1",), 2, 1)
     assert resolved.planning["chosen"] == trials.ALL_CORES and resolved.planning["breakdown"] is None
     assert plan.from_json(job.to_json(), groups={"features.0": 4, "features.3": 8}, batch_size=16) == job
     groups = {"features.0": 4}
@@ -222,7 +222,7 @@ def test_nothing_is_tried_when_one_plan_stands_out(measured):
     for link in slow_links["links"].values():
         link["bandwidth"], link["latency"] = 1e3, 1.0
     resolved, ran = _resolve(_config(devices="cpu@0,cpu@1,cpu@1"), slow_links, {})  # no all-cores trial either
-    assert ran == [] and resolved.job.name == "single" and resolved.planning["trials"] is None
+    assert ran == [] and resolved.plan.name == "single" and resolved.planning["trials"] is None
 
 
 def test_strategy_layers_trains_one_device_when_no_split_fits_and_says_why(measured, caplog):
@@ -232,16 +232,21 @@ def test_strategy_layers_trains_one_device_when_no_split_fits_and_says_why(measu
     one device listed it trains that device. Neither is an error."""
     caplog.set_level("INFO", logger="convshard.run.trials")
     resolved, ran = _resolve(_config(strategy="layers", device_memory=(2.0 ** 40, 1.0)), measured, {})
-    assert ran == [] and (resolved.job.name, resolved.job.devices) == ("single", ("cpu@0",))
+    assert ran == [] and (resolved.plan.name, resolved.plan.devices) == ("single", ("cpu@0",))
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy layers")]
     assert said == ["--strategy layers: no per-layer split of two or more of the devices fits their memory; "
                     "running single on cpu@0 instead, cpu@1 without work"]
     assert not any("gets no work" in r.getMessage() for r in caplog.records)
     caplog.clear()
     alone, _ = _resolve(_config(strategy="layers", devices="cpu@0"), search.restrict(measured, [0]), {})
-    assert (alone.job.name, alone.job.devices) == ("single", ("cpu@0",))
+    assert (alone.plan.name, alone.plan.devices) == ("single", ("cpu@0",))
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy layers")] == [
         "--strategy layers: one device is listed; running single on cpu@0 instead"]
+    caplog.clear()
+    untraced, _ = _resolve(_config(strategy="layers"), {**measured, "traced": False}, {})
+    assert untraced.plan.name in ("single", "kernel") and not untraced.plan.batch_groups()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy layers")]
+    assert line.startswith("--strategy layers: the model cannot be traced, so no group runs in batch mode; running ")
 
 
 def _trial_worker(profile_path: str) -> tuple[dict, dict]:
@@ -257,7 +262,7 @@ def _trial_worker(profile_path: str) -> tuple[dict, dict]:
     search.TRIAL_MARGIN = 100.0  # every candidate is worth a trial
     config = _config(profile=profile_path)
     resolved = train._resolve_here(config, train.load_data(config), config.device_list[int(os.environ["RANK"])])
-    return resolved.job.to_json(), resolved.planning["trials"]
+    return resolved.plan.to_json(), resolved.planning["trials"]
 
 
 def test_torchrun_workers_try_the_near_plans_and_choose_alike(tmp_path, measured):

@@ -123,6 +123,9 @@ BAD_INPUT = [
     _nonpositive("--synthetic-size", "0"),
     _nonpositive("--kernels", "0,4"),
     pytest.param(["--shares", "1,1,1", *TWO_CPUS], ("--shares 1,1,1", "2 workers"), None, id="shares-count"),
+    # --memory-format auto profiles the job before its plan is built: these are refused before that profile
+    pytest.param(["--shares", "1,1,1", "--memory-format", "auto", *TWO_CPUS], ("--shares 1,1,1", "2 workers"), None,
+                 id="shares-count-before-profile"),
     pytest.param(["--shares", "a,b"], ("--shares", "'a,b'"), None, id="shares-not-numbers"),
     pytest.param(["--shares=-1,1"], ("--shares", "'-1,1'"), None, id="shares-negative-attached"),
     pytest.param(["--shares", "-1,1"], ("--shares", "-1,1"), None, id="shares-negative-separate"),
@@ -134,6 +137,8 @@ BAD_INPUT = [
                  id="shares-auto-single"),
     pytest.param(["--shares", "1,0", "--strategy", "ddp", *TWO_CPUS], ("--shares 1,0", "above 0"), None,
                  id="shares-ddp-zero"),
+    pytest.param(["--shares", "1,0", "--strategy", "ddp", "--memory-format", "auto", *TWO_CPUS],
+                 ("--shares 1,0", "above 0"), None, id="shares-ddp-zero-before-profile"),
     pytest.param(["--strategy", "auto", "--shares", "2,1"], ("--strategy auto",), None, id="auto-with-weights"),
     pytest.param(["--rebalance", "sometimes"], ("--rebalance", "'sometimes'"), None, id="rebalance-mode"),
     pytest.param(["--rebalance", "auto", "--strategy", "ddp"], ("--rebalance auto", "ddp"), None,
@@ -148,7 +153,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a config gets past validation: training must not start."""
     def refuse(*args, **kwargs):
         pytest.fail("the bad input passed validation and training started")
-    monkeypatch.setattr(cli, "train_worker", refuse)
+    monkeypatch.setattr(cli.job, "torchrun_worker", refuse)
     monkeypatch.setattr(local, "train_worker", refuse)
     monkeypatch.setattr(launch, "launch_local", refuse)
 

@@ -17,8 +17,12 @@ from helpers import join_gloo, worst_state_error
 from torch import nn
 
 import convshard
+from convshard.errors import ConfigError
 from convshard.models import build_model
 from convshard.parallel import layouts
+from convshard.parallel.shard import shard
+from convshard.plan import BatchSplit, search
+from convshard.profile.nominal import nominal
 from convshard.parallel.sharded import (
     ShardedBatchNorm2d,
     ShardedChannelwiseConv2d,
@@ -239,6 +243,34 @@ def test_untraceable_model_falls_back(caplog):
     assert "cannot trace Branchy" in caplog.text
     assert isinstance(model, Branchy) and model.features[0].gather and len(model.features[0].local_ops) == 1
     assert not sharded_state(model).keys() - {"features.0.weight", "features.0.bias"}
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.head((y if y.sum() > 0 else -y).flatten(1))
+
+
+def test_an_untraceable_model_gets_no_batch_mode():
+    """Batch mode rewrites the traced graph: for a model fx cannot trace, the
+    plan's batch-mode group is refused in one line (not run as a kernel split
+    while the plan says batch), and the planner offers it no batch mode."""
+    with pytest.raises(ConfigError, match="cannot be traced, and batch mode .*'features.0'.*--strategy kernel"):
+        shard(_Branchy(), {"features.0": BatchSplit((1.0,))})
+    profile = nominal(_Branchy(), devices=["cpu@0", "cpu@1"], input_shape=(3, 16, 16), batch_size=8)
+    assert profile["traced"] is False and "batch_seconds" in profile["layers"][0]
+    names = {c.name for c in search.candidates(profile)}
+    assert "layers" not in names and "kernel" in names
+    traced = nominal(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)),
+                     devices=["cpu@0", "cpu@1"], input_shape=(3, 16, 16), batch_size=8)
+    assert "layers" in {c.name for c in search.candidates(traced)}  # the same plan kinds with a trace
 
 
 def mixed_worker(plan: str = "kernel") -> float:

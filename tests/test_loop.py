@@ -18,7 +18,7 @@ from helpers import random_profile
 from convshard import plan
 from convshard.plan import search
 from convshard.run.config import TrainConfig, load_data, model_groups
-from convshard.run.local import launch_job
+from convshard.run.local import launch_job, prepare
 
 DEVICES = ("cpu@0", "cpu@1")
 
@@ -31,7 +31,8 @@ def _config(tmp, name: str, model: str, kernels: tuple[int, ...], optimizer: str
 
 
 def _train(config: TrainConfig) -> dict:
-    metrics = launch_job(config, load_data(config))
+    dataset = load_data(config)
+    metrics = launch_job(prepare(config, dataset), dataset)
     assert metrics["steps"] == 3
     return torch.load(f"{config.checkpoint_dir}/checkpoint.pt", weights_only=True)
 

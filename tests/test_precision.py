@@ -31,7 +31,7 @@ from convshard.parallel import comm
 from convshard.parallel.batch import GradientSum
 from convshard.run.config import TrainConfig, load_data, model_groups
 from convshard.run.launch import launch_local
-from convshard.run.local import launch_job
+from convshard.run.local import launch_job, prepare
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -238,7 +238,8 @@ def _config(tmp, name: str, model: str, kernels, job: plan.Plan, *, steps: int, 
 
 
 def _weights(config: TrainConfig) -> tuple[dict, dict]:
-    metrics = launch_job(config, load_data(config))
+    dataset = load_data(config)
+    metrics = launch_job(prepare(config, dataset), dataset)
     return torch.load(f"{config.checkpoint_dir}/checkpoint.pt", weights_only=True)["model"], metrics
 
 

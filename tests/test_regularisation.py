@@ -17,7 +17,7 @@ from helpers import main_exit_code
 from convshard import plan
 from convshard.models import build_model
 from convshard.run.config import TrainConfig, load_data, model_groups
-from convshard.run.local import launch_job
+from convshard.run.local import launch_job, prepare
 from convshard.run.train import clip_gradients, learning_rate, param_groups
 
 DEVICES = ("cpu@0", "cpu@1")
@@ -37,7 +37,8 @@ def _config(tmp, name: str, model: str, kernels: tuple[int, ...], job: plan.Plan
 
 
 def _train(config: TrainConfig) -> dict:
-    assert launch_job(config, load_data(config))["steps"] == 3
+    dataset = load_data(config)
+    assert launch_job(prepare(config, dataset), dataset)["steps"] == 3
     return torch.load(f"{config.checkpoint_dir}/checkpoint.pt", weights_only=True)
 
 

@@ -13,14 +13,8 @@ After ``convshard train --checkpoint-dir D``, in any process::
 """
 
 from .errors import ConfigError
-from .parallel.shard import shard_model
-from .parallel.sharded import (
-    ShardedConv2d,
-    ShardSplit,
-    full_state_dict,
-    load_full_state_dict,
-    sync_replicas,
-)
+from .parallel.shard import shard_model, sync_replicas
+from .parallel.sharded import ShardedConv2d, ShardSplit, full_state_dict, load_full_state_dict
 from .plan.splits import split_counts
 from .run.inference import load_model
 

@@ -35,9 +35,9 @@ class RowSplit:
     """How the global batch is split over the ranks of ``group``: rank r holds
     ``counts[r]`` rows, by ``split_counts(n, shares)`` for a batch of n.
 
-    Mutable and shared by every batch-mode layer of a model: ``begin(n)``
-    (a forward pre-hook of the model) sets the counts of the batch entering
-    the model, and rebalancing changes ``shares``.
+    Shared by every batch-mode layer of a model: ``begin(n)`` (a forward
+    pre-hook of the model) sets the counts of the batch entering the model,
+    and ``resplit`` takes a re-planned split (``shard.Sharded.apply``).
     """
 
     def __init__(self, shares: Sequence[float], rank: int, group: comm.Group) -> None:
@@ -46,6 +46,10 @@ class RowSplit:
 
     def begin(self, n: int) -> None:
         self.counts = split_counts(n, self.shares)
+
+    def resplit(self, shares: Sequence[float]) -> None:
+        """Split the batches from the next forward on by ``shares``."""
+        self.shares = tuple(shares)
 
     def __repr__(self) -> str:
         return f"RowSplit(shares={self.shares}, counts={self.counts})"

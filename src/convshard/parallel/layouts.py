@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +49,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from .batch import ChannelsToRows, GatherRows, GradientSum, RowSplit, SliceRows, SyncBatchNorm2d
+from ..plan import BatchSplit, KernelSplit
+from .batch import ChannelsToRows, GatherRows, RowSplit, SliceRows, SyncBatchNorm2d
 from .sharded import (
     ChannelGroup,
     ShardedBatchNorm2d,
@@ -295,29 +296,39 @@ def _binary(node: fx.Node, split_of, total, groups: _Groups) -> Split | None:
     return head
 
 
-def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSplit], *,
-                modes: Mapping[str, str] | None = None, rows: RowSplit | None = None,
-                gradient_dtype: torch.dtype | None = None) -> fx.GraphModule:
+@dataclass(frozen=True)
+class ShardedGraph:
+    """What ``shard_graph`` made of a traced model, for the handle ``shard`` returns."""
+
+    graph: fx.GraphModule  # the sharded model
+    groups: dict[str, ChannelGroup]  # every kernel-mode channel group, by name
+    summed: tuple[nn.Parameter, ...]  # the batch-mode groups' weights, whose gradients are summed
+    batch_convs: tuple[str, ...]  # the batch-mode groups' convs, by module name
+
+
+def shard_graph(graph: fx.GraphModule, style_of: Callable[[str, int], KernelSplit | BatchSplit], *,
+                rank: int, group, rows: RowSplit | None) -> ShardedGraph:
     """Shard a traced model: split convs, split members, transitions where
-    the layouts change. ``split_for(name, kernels)`` gives a group's split
-    from its name (its first conv's). ``modes`` names the groups that run
-    in batch mode ("batch"; the others split kernels), over ``rows``, their
-    gradients summed in ``gradient_dtype`` (None: their own).
-    Returns ``graph``, recompiled."""
+    the layouts change. ``style_of(name, kernels)`` gives a group's style
+    from its name (its first conv's): ``KernelSplit`` (its kernels per rank
+    of ``group``, this process being ``rank``) or ``BatchSplit`` (the group
+    whole, over the batch split ``rows``, shared by every batch-mode group).
+    ``graph`` is recompiled in place."""
     result = analyse(graph)
     names = result.group_names()
     convs = result.group_convs()
-    unknown = sorted(set(modes or {}) - set(names.values()))
-    if unknown:
-        raise ConfigError(f"the plan names {unknown[:3]}, which are not channel groups of this model "
-                          f"(its groups: {list(names.values())[:6]}...)")
-    batch = {root for root, name in names.items() if (modes or {}).get(name, "kernel") == "batch"}
-    channel_groups = {}
+    batch, channel_groups = set(), {}
     for root, name in names.items():
         kernels = graph.get_submodule(str(convs[name][0].target)).out_channels
-        channel_groups[root] = ChannelGroup(name, split_for(name, kernels))
+        style = style_of(name, kernels)
+        if isinstance(style, BatchSplit):
+            batch.add(root)
+        else:
+            channel_groups[root] = ChannelGroup(name, ShardSplit(tuple(style.counts), rank, group))
+    if batch and rows is None:
+        raise ConfigError("batch-mode groups need a row split")
 
-    def group(node: fx.Node) -> ChannelGroup:
+    def group_of(node: fx.Node) -> ChannelGroup:
         return channel_groups[result.group_of(node)]
 
     summed = []
@@ -325,7 +336,7 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
         if result.group_of(node) in batch:
             summed += graph.get_submodule(node.target).parameters()
         else:
-            _replace(graph, node.target, ShardedConv2d(graph.get_submodule(node.target), group(node), gather=False))
+            _replace(graph, node.target, ShardedConv2d(graph.get_submodule(node.target), group_of(node), gather=False))
     for node in result.members:
         module = graph.get_submodule(node.target)
         if result.group_of(node) in batch:
@@ -335,13 +346,10 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
             summed += module.parameters()
             continue
         member = ShardedBatchNorm2d if isinstance(module, nn.BatchNorm2d) else ShardedChannelwiseConv2d
-        _replace(graph, node.target, member(module, group(node)))
+        _replace(graph, node.target, member(module, group_of(node)))
     _insert_transitions(graph, result, lambda split: channel_groups[result.groups.find(split.group)], batch, rows)
     if batch:
         graph.register_forward_pre_hook(lambda _, args: rows.begin(args[0].size(0)))
-        graph.gradient_sum = GradientSum(summed, rows.group, dtype=gradient_dtype)
-        graph.row_split = rows
-        graph.batch_convs = [str(node.target) for node in result.convs if result.group_of(node) in batch]
     for node in graph.graph.nodes:
         if node.op == "call_module" and isinstance(graph.get_submodule(node.target), nn.Conv2d) \
                 and node not in result.members and not (node in result.convs and result.group_of(node) in batch):
@@ -349,7 +357,8 @@ def shard_graph(graph: fx.GraphModule, split_for: Callable[[str, int], ShardSpli
                         graph.get_submodule(node.target).groups, node.target)
     graph.graph.lint()
     graph.recompile()
-    return graph
+    return ShardedGraph(graph, {g.name: g for g in channel_groups.values()}, tuple(summed),
+                        tuple(str(node.target) for node in result.convs if result.group_of(node) in batch))
 
 
 def _insert_transitions(graph: fx.GraphModule, result: Analysis, group_of: Callable[[Split], ChannelGroup],

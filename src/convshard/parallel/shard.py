@@ -15,17 +15,19 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..plan import BatchSplit, KernelSplit, Style
 from ..plan.splits import split_counts
 from . import batch, comm, layouts
-from .sharded import ChannelGroup, ShardedConv2d, ShardSplit, is_channelwise, layer_counts
+from .sharded import ChannelGroup, ShardedConv2d, ShardSplit, is_channelwise, sharded_state
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,145 @@ def _check_same_model(model: nn.Module, group: comm.Group) -> None:
             )
 
 
+@dataclass
+class Sharded:
+    """A model made ready for a plan (``shard``), with what its engine needs of it.
+
+    ``model`` is what trains: the traced model with its convs split (or the
+    original with ``ShardedConv2d`` in place of its convs). ``groups`` are
+    its kernel-mode channel groups, ``rows`` the batch split every
+    batch-mode group shares (None without batch mode) and ``gradient_sum``
+    the sum of the batch-mode weights' gradients, started while backward runs.
+    """
+
+    model: nn.Module
+    group: comm.Group
+    groups: dict[str, ChannelGroup] = field(default_factory=dict)
+    rows: batch.RowSplit | None = None
+    gradient_sum: batch.GradientSum | None = None
+    batch_convs: tuple[str, ...] = ()  # the batch-mode groups' convs, by module name
+
+    def counts(self) -> dict[str, tuple[int, ...]]:
+        """Kernels per rank of every kernel-mode group, by name."""
+        return {name: g.split.counts for name, g in self.groups.items()}
+
+    def sync(self) -> None:
+        """Make the replicated part identical on every rank: finish the sum of
+        the batch-mode weights' gradients, then broadcast from group rank 0
+        the gradients of the other replicated parameters and the
+        floating-point buffers of replicated modules (e.g. BatchNorm running
+        statistics). Between ``backward()`` and ``optimizer.step()``."""
+        if comm.world_size(self.group) == 1:
+            return
+        if self.gradient_sum is not None:
+            self.gradient_sum.wait()
+        split = set(sharded_state(self.model))
+        summed = {id(p) for p in self.gradient_sum.parameters()} if self.gradient_sum is not None else set()
+        grads = [p.grad for n, p in self.model.named_parameters()
+                 if n not in split and id(p) not in summed and p.grad is not None]
+        buffers = [b for n, b in self.model.named_buffers() if n not in split and b.is_floating_point()]
+        comm.broadcast_(grads + buffers, group=self.group)
+
+    def apply(self, styles: Mapping[str, Style], optimizer: torch.optim.Optimizer) -> None:
+        """Re-split to ``styles`` (a re-planned split of the same modes; a
+        collective): every kernel-mode group moves its slices with their
+        optimizer state (``rebalance.reshard``), and the batch-mode groups
+        take the new rows."""
+        from .reshard import reshard  # moves slices between the groups built here
+
+        kernel = {name: s.counts for name, s in styles.items() if isinstance(s, KernelSplit)}
+        rows = {s.rows for s in styles.values() if isinstance(s, BatchSplit)}
+        if set(kernel) != set(self.groups) or (rows and self.rows is None):
+            raise ConfigError(f"a new split changes the groups' modes: kernel mode {sorted(kernel)}, "
+                              f"today {sorted(self.groups)}")
+        reshard(self.model, optimizer, kernel)
+        if rows:
+            self.rows.resplit(rows.pop())
+
+
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, Sharded] = weakref.WeakKeyDictionary()
+
+
+def shard(model: nn.Module, styles: Mapping[str, Style] | Callable[[str, int], Style], *, group: comm.Group = None,
+          gradient_dtype: torch.dtype | None = None, check_batch: bool = True, traced: bool = True) -> Sharded:
+    """Shard ``model`` for a plan: every channel group gets its style from
+    ``styles`` (by the group's name, or ``styles(name, kernels)``):
+    ``KernelSplit(counts)``, its kernels split over the ranks of ``group``,
+    or ``BatchSplit(rows)``, whole on every rank over a split of the batch.
+    Parameters and buffers are first broadcast from group rank 0.
+
+    A model that cannot be traced (``traced=False`` also means: do not
+    trace) keeps its own class, every conv gathering its own output; batch
+    mode needs the trace, so it is then refused. With ``check_batch`` the
+    first forward at world size > 1 checks that every rank feeds the same
+    batch (``_check_batch_on_first_forward``). Batch-mode gradients are
+    summed in ``gradient_dtype`` when given (None: their own dtype).
+    """
+    world, me = comm.world_size(group), comm.rank(group)
+    style_of = styles if callable(styles) else _named(styles)
+    if world > 1:
+        _check_same_model(model, group)
+        comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
+    graph = layouts.trace(model) if traced else None
+    rows_of = {s.rows for s in (styles.values() if isinstance(styles, Mapping) else ())
+               if isinstance(s, BatchSplit)}
+    if len(rows_of) > 1:
+        raise ConfigError(f"batch-mode groups share one row split; got {sorted(rows_of)}")
+    if graph is not None:
+        rows = batch.RowSplit(next(iter(rows_of)), me, group) if rows_of else batch.RowSplit([1.0] * world, me,
+                                                                                               group)
+        made = layouts.shard_graph(graph, style_of, rank=me, group=group, rows=rows)
+        summed = made.summed
+        handle = Sharded(made.graph, group, made.groups, rows if made.batch_convs else None,
+                         batch.GradientSum(summed, group, dtype=gradient_dtype) if summed else None,
+                         made.batch_convs)
+    else:
+        handle = _shard_in_place(model, style_of, me, group, fuse_channelwise=traced)
+    if isinstance(styles, Mapping):
+        unknown = sorted(set(styles) - set(handle.groups) - _batch_group_names(handle, styles))
+        if unknown:
+            raise ConfigError(f"the plan names {unknown[:3]}, which are not channel groups of this model "
+                              f"(its groups: {list(handle.groups)[:6]}...)")
+    log.info("kernels per rank: %s", _shown_counts(handle.counts()))
+    if world > 1 and check_batch and os.environ.get("CONVSHARD_CHECK_BATCH", "1") != "0":
+        _check_batch_on_first_forward(handle.model, group)
+    _HANDLES[handle.model] = handle
+    return handle
+
+
+def _named(styles: Mapping[str, Style]) -> Callable[[str, int], Style]:
+    """``styles`` looked up by group name; a group it does not name is a ConfigError."""
+    def style_of(name: str, kernels: int) -> Style:
+        if name not in styles:
+            raise ConfigError(f"the plan gives no split for channel group {name!r} ({kernels} kernels)")
+        return styles[name]
+    return style_of
+
+
+def _batch_group_names(handle: Sharded, styles: Mapping[str, Style]) -> set[str]:
+    """The names in ``styles`` of batch-mode groups that the model has (their first convs)."""
+    return {name for name, s in styles.items() if isinstance(s, BatchSplit) and name in handle.batch_convs}
+
+
+def _shown_counts(counts: Mapping[str, Sequence[int]]) -> str:
+    """Kernels per rank for the log, one group per entry: ``{'features.0': [16, 16], ...}``."""
+    return str({n: list(c) for n, c in counts.items()})
+
+
+def handle_of(model: nn.Module) -> Sharded | None:
+    """The handle ``shard`` returned for ``model`` (None for a model it did not make)."""
+    return _HANDLES.get(model)
+
+
+def sync_replicas(model: nn.Module, *, group: comm.Group = None) -> None:
+    """``Sharded.sync`` for a model made by ``shard_model``: call it after
+    ``backward()`` and before ``optimizer.step()``. Ranks that round alike
+    (same hardware, same thread count) already agree; ranks that do not (a
+    CPU beside a GPU) would otherwise drift apart."""
+    handle = handle_of(model)
+    (handle if handle is not None else Sharded(model, group)).sync()
+
+
 def shard_model(
     model: nn.Module,
     shares: Sequence[float] | None = None,
@@ -125,6 +266,10 @@ def shard_model(
     the global batch, and the weights' gradients are summed over the ranks
     during backward (``sync_replicas`` waits for them), in ``gradient_dtype``
     when given (``torch.bfloat16`` halves the bytes; the sum is rounded to it).
+    Batch mode needs a traced model: an untraceable one is refused.
+
+    This is the library's form of ``shard``, which takes a plan's typed
+    styles per group and returns the handle the training engine uses.
 
     .. warning::
         Every rank must feed the model the same global batch, in the same
@@ -136,33 +281,30 @@ def shard_model(
         ``ValueError`` when a rank's differs from rank 0's; later forwards
         are not checked.
     """
-    world, me = comm.world_size(group), comm.rank(group)
+    world = comm.world_size(group)
     shares = [1.0] * world if shares is None else list(shares)
-    rows = [1.0] * world if rows is None else list(rows)
-    for name, weights in [("shares", shares), ("rows", rows), *(layer_shares or {}).items()]:
+    row_weights = tuple(float(r) for r in ([1.0] * world if rows is None else rows))
+    for name, weights in [("shares", shares), ("rows", row_weights), *(layer_shares or {}).items()]:
         if len(weights) != world:
             raise ConfigError(f"{name} {list(weights)} has {len(weights)} entries for {world} ranks")
-    if world > 1:
-        _check_same_model(model, group)
-        comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
 
-    def split_for(name: str, kernels: int) -> ShardSplit:
-        return ShardSplit(split_counts(kernels, (layer_shares or {}).get(name, shares)), me, group)
+    def style_of(name: str, kernels: int) -> Style:
+        if (modes or {}).get(name, "kernel") == "batch":
+            return BatchSplit(row_weights)
+        return KernelSplit(split_counts(kernels, (layer_shares or {}).get(name, shares)))
 
-
-
-    graph = layouts.trace(model) if fuse_channelwise else None
-    if graph is not None:
-        sharded = layouts.shard_graph(graph, split_for, modes=modes, rows=batch.RowSplit(rows, me, group),
-                                      gradient_dtype=gradient_dtype)
+    if modes and any(m == "batch" for m in modes.values()) and fuse_channelwise:
+        styles: Mapping[str, Style] | Callable[[str, int], Style] = _with_defaults(model, style_of)
     else:
-        if any(mode == "batch" for mode in (modes or {}).values()):
-            log.warning("batch mode needs a traceable model: every group splits its kernels")
-        sharded = _shard_in_place(model, split_for, fuse_channelwise)
-    log.info("kernels per rank: %s", {n: list(c) for n, c in layer_counts(sharded).items()})
-    if world > 1 and check_batch and os.environ.get("CONVSHARD_CHECK_BATCH", "1") != "0":
-        _check_batch_on_first_forward(sharded, group)
-    return sharded
+        styles = style_of
+    return shard(model, styles, group=group, gradient_dtype=gradient_dtype, check_batch=check_batch,
+                 traced=fuse_channelwise).model
+
+
+def _with_defaults(model: nn.Module, style_of: Callable[[str, int], Style]) -> dict[str, Style]:
+    """Every channel group of ``model`` (``group_kernels``) with its style, so
+    that ``shard`` checks the names and the row split is one."""
+    return {name: style_of(name, k) for name, k in group_kernels(model).items()}
 
 
 _SHAPE_SLOTS = 6  # input dimensions the fingerprint records; more are folded into numel
@@ -236,32 +378,37 @@ def _check_batch_on_first_forward(model: nn.Module, group: comm.Group) -> None:
     handle = model.register_forward_pre_hook(check, with_kwargs=True)
 
 
-def _shard_in_place(model: nn.Module, split_for, fuse_channelwise: bool) -> nn.Module:
+def _shard_in_place(model: nn.Module, style_of: Callable[[str, int], Style], rank: int, group: comm.Group, *,
+                    fuse_channelwise: bool) -> Sharded:
     """Each shardable conv becomes a ``ShardedConv2d`` that gathers its own
     output; the stateless channel-wise layers after it in an ``nn.Sequential``
-    move onto its shard (their places hold ``nn.Identity``)."""
+    move onto its shard (their places hold ``nn.Identity``). Every style must
+    be a kernel split: batch mode needs a traced model."""
+    groups: dict[str, ChannelGroup] = {}
     for site in conv_sites(model, fuse_channelwise=fuse_channelwise):
         if not site.shardable:
             log.warning("left replicated (groups=%d or parametrized): %s", site.conv.groups, site.name or "model")
             continue
-        layer = ShardedConv2d(site.conv, ChannelGroup(site.name, split_for(site.name, site.conv.out_channels)),
-                              local_ops=[op for _, op in site.fused])
+        style = style_of(site.name, site.conv.out_channels)
+        if not isinstance(style, KernelSplit):
+            raise ConfigError(f"{type(model).__name__} cannot be traced, and batch mode (asked for {site.name!r}) "
+                              f"needs a traced model: plan its groups in kernel mode (--strategy kernel)")
+        channels = ChannelGroup(site.name, ShardSplit(tuple(style.counts), rank, group))
+        groups[site.name] = channels
+        layer = ShardedConv2d(site.conv, channels, local_ops=[op for _, op in site.fused])
         if site.parent is None:
-            return layer
+            return Sharded(layer, group, groups)
         for later_name, _ in site.fused:
             setattr(site.parent, later_name, nn.Identity())
         setattr(site.parent, site.attr, layer)
-    return model
+    return Sharded(model, group, groups)
 
 
 def group_kernels(model: nn.Module) -> dict[str, int]:
-    """The channel groups ``shard_model`` makes of an unsharded ``model``:
-    name -> kernels, in graph order (a plan names these)."""
-    quiet = log.level
-    log.setLevel(logging.WARNING)  # the one-rank split's "kernels per rank" line says nothing here
-    try:
-        one_rank = shard_model(copy.deepcopy(model).cpu())
-    finally:
-        log.setLevel(quiet)
-    return {name: sum(counts) for name, counts in layer_counts(one_rank).items()}
-
+    """The channel groups ``shard`` makes of an unsharded ``model``:
+    name -> kernels, in graph order (a plan names these). No collective."""
+    graph = layouts.trace(copy.deepcopy(model))
+    if graph is None:
+        return {s.name: s.conv.out_channels for s in conv_sites(model) if s.shardable}
+    return {name: graph.get_submodule(str(convs[0].target)).out_channels
+            for name, convs in layouts.analyse(graph).group_convs().items()}

@@ -13,7 +13,7 @@ Channel-wise layers right after a conv (ReLU, pooling: any g that acts on
 each channel alone, so g([Y_0, ..., Y_p]) = [g(Y_0), ..., g(Y_p)]) run on the
 shard before the gather: a 2x2 pool cuts the gathered bytes 4x and no rank
 repeats another's work. Everything else in the model stays replicated: it
-sees the same gathered activations on every rank. ``sync_replicas`` keeps those replicas identical
+sees the same gathered activations on every rank. ``shard.sync_replicas`` keeps those replicas identical
 (bitwise) even when ranks round differently, as CPUs and GPUs do.
 ``convshard.parallel.shard`` builds a sharded model from these layers (``shard_model``).
 """
@@ -311,26 +311,3 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
         )
     model.load_state_dict({k: splits[k].take(v) if k in splits else v for k, v in state.items()})
-
-
-def sync_replicas(model: nn.Module, *, group: comm.Group = None) -> None:
-    """Make the replicated part identical on every rank: finish the sum of
-    the batch-mode weights' gradients, broadcast the gradients of the other
-    replicated parameters and the floating-point buffers of replicated
-    modules (e.g. BatchNorm running statistics) from group rank 0.
-
-    Call after ``backward()`` and before ``optimizer.step()``. Ranks that
-    round alike (same hardware, same thread count) already agree; ranks that
-    do not (a CPU beside a GPU) would otherwise drift apart.
-    """
-    if comm.world_size(group) == 1:
-        return
-    summed = getattr(model, "gradient_sum", None)  # batch-mode weights (``convshard.parallel.batch``)
-    if summed is not None:
-        summed.wait()
-    sharded = set(sharded_state(model))
-    skip = {id(p) for p in summed.parameters()} if summed is not None else set()
-    grads = [p.grad for n, p in model.named_parameters()
-             if n not in sharded and id(p) not in skip and p.grad is not None]
-    buffers = [b for n, b in model.named_buffers() if n not in sharded and b.is_floating_point()]
-    comm.broadcast_(grads + buffers, group=group)

@@ -64,6 +64,27 @@ class GroupSplit:
 
 
 @dataclass(frozen=True)
+class KernelSplit:
+    """A group's style in kernel mode: rank r holds ``counts[r]`` of its K
+    kernels (sum_r c_r = K) and computes their channels for the whole batch."""
+
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """A group's style in batch mode: every rank holds all its kernels and
+    ``rows[r]`` rows of the global batch of sum_r b_r images; a batch of n
+    is split ``splits.split_counts(n, rows)``. Every batch-mode group of a
+    model shares one row split."""
+
+    rows: tuple[float, ...]
+
+
+Style = KernelSplit | BatchSplit
+
+
+@dataclass(frozen=True)
 class Plan:
     """A whole job: engine, devices, every group's mode and split, the batch rows."""
 
@@ -125,6 +146,11 @@ class Plan:
 
     def batch_groups(self) -> tuple[str, ...]:
         return tuple(g.name for g in self.groups if g.mode == BATCH)
+
+    def styles(self) -> dict[str, Style]:
+        """Every group's style by name, what ``shard`` applies: its kernels
+        per rank, or the plan's rows."""
+        return {g.name: KernelSplit(g.counts) if g.mode == KERNEL else BatchSplit(self.rows) for g in self.groups}
 
     def rows_of(self, n: int) -> tuple[int, ...]:
         """Rows per rank of a global batch of ``n`` images."""

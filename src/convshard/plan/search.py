@@ -9,7 +9,8 @@ W where a job's processes are fixed):
   ``splits.choose_counts`` on its fits a + b k (the m devices finish the
   group together);
 - ``layers``: the best mix of modes (``best_modes``), kernel counts as
-  above, the batch rows sized to the devices (``sized_rows``);
+  above, the batch rows sized to the devices (``sized_rows``); only for a
+  model fx traced (``batch_mode``): an untraceable one runs kernel mode;
 - ``ddp``, ``ddp sized``: PyTorch DDP over all W, even rows or rows sized
   to the devices. For a model with BatchNorm these are left out of
   ``--strategy auto``: DDP normalises over each rank's rows, another
@@ -43,7 +44,7 @@ import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .. import plan
 from ..errors import ConfigError
@@ -65,6 +66,7 @@ class Candidate:
     prediction: cost.Prediction
     memory: tuple[float, ...] = ()  # per rank of the plan: peak bytes (``memory.peak_bytes``)
     caps: dict | None = None  # per rank: the largest kernel share and rows its memory holds (``memory.caps``)
+    profile: Mapping | None = field(default=None, repr=False, compare=False)  # the plan's devices' profile
 
 
 def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
@@ -84,6 +86,57 @@ def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
         out["topology"] = {**profile["topology"], "hosts": pick(profile["topology"]["hosts"])}
         out["links"] = cost.ring_links(out["topology"], range(len(ranks)))
     return out
+
+
+def scaled(profile: Mapping, factors: Sequence[float]) -> dict:
+    """``profile`` with every time of device r (its groups' fits and batch
+    timings, its rest and its optimizer) multiplied by ``factors[r]``: the
+    devices as they run now, when they run f_r times slower than measured."""
+    def times(values: Sequence[float]) -> list[float]:
+        return [v * f for v, f in zip(values, factors)]
+
+    layers = [{**layer, **{key: times(layer[key]) for key in ("a", "b", "batch_seconds") if key in layer}}
+              for layer in profile["layers"]]
+    out = {**profile, "layers": layers, "rest_seconds": times(profile["rest_seconds"])}
+    if "update_seconds_per_byte" in profile:
+        out["update_seconds_per_byte"] = times(profile["update_seconds_per_byte"])
+    return out
+
+
+def resized(profile: Mapping, job: Plan, active: Sequence[int]) -> Plan:
+    """``job`` with its modes kept and its split sized to ``profile``'s
+    devices: every kernel-mode group's counts by ``choose_counts`` on its
+    fits a + b k, the rows by the batch-mode groups' time per row, each
+    within its device's memory (``memory.caps``). Ranks not in ``active``
+    get no kernels and no rows; an active rank keeps at least one row. A
+    group (or the batch) the caps cannot hold keeps its split."""
+    world, batch = job.world, job.batch_size
+    shares, row_caps = memory.caps(profile)
+    layers = {layer["name"]: layer for layer in profile["layers"]}
+    counts = {}
+    for g in job.groups:
+        if g.mode != KERNEL:
+            continue
+        caps = [max(0, math.floor(shares[r] * g.kernels)) if r in active else 0 for r in range(world)]
+        if sum(caps) >= g.kernels:
+            counts[g.name] = splits.choose_counts(g.kernels, layers[g.name]["a"], layers[g.name]["b"], caps=caps)
+    rows = job.rows
+    timed = [layers[g.name] for g in job.groups if g.mode == BATCH]
+    caps = [row_caps[r] if r in active else 0 for r in range(world)]
+    if timed and all("batch_seconds" in layer for layer in timed) and sum(max(c, 0) for c in caps) >= batch:
+        per_row = [sum(layer["batch_seconds"][r] / layer["batch_rows"] for layer in timed) for r in range(world)]
+        rows = _at_least_one(splits.choose_counts(batch, [0.0] * world, per_row, caps=caps), active)
+    return job.resplit(counts, rows)
+
+
+def _at_least_one(rows: Sequence[int], active: Sequence[int]) -> tuple[int, ...]:
+    """``rows`` with every active rank holding at least one row (taken from the largest)."""
+    rows = list(rows)
+    for r in active:
+        if rows[r] == 0 and max(rows) > 1:
+            rows[rows.index(max(rows))] -= 1
+            rows[r] = 1
+    return tuple(rows)
 
 
 def groups_of(profile: Mapping) -> dict[str, int]:
@@ -202,7 +255,7 @@ def candidates(profile: Mapping, *, can_drop: bool = True, threads: int | None =
         kernel = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                    threads=threads)
         tries = [_priced(sub, "kernel", kernel, grad_precision)]
-        if all("batch_seconds" in layer for layer in sub["layers"]):
+        if batch_mode(sub):
             layers = plan.kernel_split(sub["devices"], groups_of(sub), sub["batch_size"], counts=counts,
                                        modes=best_modes(sub, counts, rows), rows=rows, threads=threads)
             tries.append(_priced(sub, "layers", layers, grad_precision))
@@ -239,7 +292,7 @@ def _priced(profile: Mapping, name: str, job: Plan, grad_precision: str) -> Cand
                   memory_format=profile.get("memory_format", "contiguous"), grad_precision=grad_precision)
     shares, rows = memory.caps(profile)
     caps = {"shares": shares, "rows": rows} if "device_memory" in profile else None
-    return Candidate(name, job, cost.predict(profile, job), memory.peak_bytes(profile, job), caps)
+    return Candidate(name, job, cost.predict(profile, job), memory.peak_bytes(profile, job), caps, profile)
 
 
 def _fits(profile: Mapping, c: Candidate) -> bool:
@@ -282,6 +335,12 @@ def _subsets(order: Sequence[int], can_drop: bool) -> list[list[int]]:
     if world <= EVERY_SUBSET:
         return [list(c) for m in range(2, world + 1) for c in itertools.combinations(range(world), m)]
     return [sorted(order[:m]) for m in range(2, world + 1)]
+
+
+def batch_mode(profile: Mapping) -> bool:
+    """Whether convshard's batch mode can run the profiled model: it was
+    traced (batch mode rewrites the graph) and timed in batch mode."""
+    return profile.get("traced", True) and all("batch_seconds" in layer for layer in profile["layers"])
 
 
 def has_batchnorm(profile: Mapping) -> bool:

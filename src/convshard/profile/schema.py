@@ -151,6 +151,7 @@ class Profile(_RequiredProfile, total=False):
     """What ``measure`` returns, ``save`` writes and ``load`` reads."""
 
     batchnorm: bool  # whether the model holds a BatchNorm anywhere; absent from profiles cached before it
+    traced: bool  # whether fx traced the model: batch mode needs it (absent: true)
     precision: str  # compute precision of every timing, and of the activation bytes (absent: 32)
     memory_format: str  # contiguous | channels_last: the format every timing ran in (absent: contiguous)
     optimizer: str  # sgd | adam | adamw: whose step every timing ran and whose state memory counts (absent: sgd)

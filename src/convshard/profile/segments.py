@@ -79,12 +79,34 @@ class Group:
     batchnorms: int = 0  # BatchNorm members (each a collective each way in batch mode)
 
 
+def layer_fields(group: Group, batch_size: int, elem: int, param_size: int, rows: int) -> dict:
+    """The profile's record of ``group``'s shape (``schema.Layer`` less its
+    timings) at ``batch_size`` rows: bytes of its gathers, input gradients,
+    values and parameters, with activations at ``elem`` bytes per element
+    and parameters at ``param_size``; ``rows`` its batch-mode rows per rank."""
+    return {
+        "name": group.name, "kernels": group.kernels,
+        "gather_bytes_per_kernel": batch_size * group.gather_elements_per_kernel * elem,
+        "input_grad_bytes": sum(batch_size * elem * math.prod(s.input_shape)
+                                for s in group.segments if s.input_grad and not s.input_split),
+        "input_grad_scatter_bytes": sum(batch_size * elem * math.prod(s.input_shape)
+                                        for s in group.segments if s.input_split),
+        "param_bytes": group.param_elements * param_size,
+        "batchnorms": group.batchnorms,
+        "outputs": [{**out, "bytes": batch_size * out["elements"] * elem} for out in group.outputs],
+        "inputs": [{"bytes": batch_size * elem * math.prod(s.input_shape), "grad": s.input_grad}
+                   for s in group.segments if not s.input_split],
+        "batch_rows": rows,
+    }
+
+
 @dataclass
 class Cut:
     """A model cut into groups, and a maker of its replicated rest."""
 
     groups: list[Group]
     rest: Callable[[int, torch.device], nn.Module]  # batch, device -> the model with constants for segments
+    traced: bool = True  # False: fx could not trace the model, whose groups then run in kernel mode only
 
 
 def cut(model: nn.Module, input_shape: Sequence[int]) -> Cut:
@@ -97,7 +119,7 @@ def _cut_graph(graph: fx.GraphModule, input_shape: Sequence[int]) -> Cut:
     analysis = layouts.analyse(graph)
     was_training = graph.training
     graph.eval()
-    ShapeProp(graph).propagate(torch.zeros(2, *input_shape, device=_device(graph)))
+    ShapeProp(graph).propagate(_probe(graph, input_shape))
     graph.train(was_training)
     layout = analysis.layout
     chains = {conv: _chain(conv, analysis) for conv in analysis.convs}
@@ -176,6 +198,12 @@ def _device(module: nn.Module) -> torch.device:
     return next(iter([*module.parameters(), *module.buffers()]), torch.zeros(())).device
 
 
+def _probe(module: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """Two zero images of ``input_shape`` on the module's device, in its parameters' dtype."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    return torch.zeros(2, *input_shape, device=_device(module), dtype=dtype)
+
+
 class _Constant(nn.Module):
     """Stands in for a segment: returns a fixed tensor of its output's shape."""
 
@@ -225,7 +253,7 @@ def _cut_sequential(model: nn.Module, input_shape: Sequence[int]) -> Cut:
     try:
         model.eval()
         with torch.enable_grad():
-            model(torch.zeros(2, *input_shape, device=_device(model)))
+            model(_probe(model, input_shape))
     finally:
         model.train(was_training)
         for h in handles:
@@ -246,4 +274,4 @@ def _cut_sequential(model: nn.Module, input_shape: Sequence[int]) -> Cut:
             setattr(site.parent, site.attr, _constant(shapes[site.name]["output"], batch, device))
         return copied
 
-    return Cut(groups, rest)
+    return Cut(groups, rest, traced=False)

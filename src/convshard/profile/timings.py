@@ -52,7 +52,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import socket
 import statistics
 import time
@@ -70,7 +69,7 @@ from ..plan.memory import (DEFAULT_OPTIMIZER, activation_scale, device_memory, h
                            reset_peak, state_copies)
 from ..plan.splits import choose_counts
 from .schema import VERSION, Profile, ProfileKey, check
-from .segments import Cut, Group, cut
+from .segments import Group, cut, layer_fields
 
 log = logging.getLogger(__name__)
 
@@ -345,20 +344,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     for layer in model_cut.groups:
         mine["fits"].append(_fit_layer(
             lambda k: _time_group(layer, k, batch_size, device, repeats, group, how), layer.kernels, world, group))
-        layers.append({
-            "name": layer.name, "kernels": layer.kernels,
-            "gather_bytes_per_kernel": batch_size * layer.gather_elements_per_kernel * elem,
-            "input_grad_bytes": sum(batch_size * elem * math.prod(s.input_shape)
-                                    for s in layer.segments if s.input_grad and not s.input_split),
-            "input_grad_scatter_bytes": sum(batch_size * elem * math.prod(s.input_shape)
-                                            for s in layer.segments if s.input_split),
-            "param_bytes": layer.param_elements * next(model.parameters()).element_size(),
-            "batchnorms": layer.batchnorms,
-            "outputs": [{**out, "bytes": batch_size * out["elements"] * elem} for out in layer.outputs],
-            "inputs": [{"bytes": batch_size * elem * math.prod(s.input_shape), "grad": s.input_grad}
-                       for s in layer.segments if not s.input_split],
-            "batch_rows": rows,
-        })
+        layers.append(layer_fields(layer, batch_size, elem, next(model.parameters()).element_size(), rows))
     if world > 1:
         _calibrate(mine["fits"], model_cut.groups, batch_size, device, group, how)
         mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group, how)
@@ -394,6 +380,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         "activation_scale": [activation_scale(layers, param_bytes, batch_size, rows, r["step"],
                                               state=state_copies(name, momentum)) for r in everyone],
         "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        "traced": model_cut.traced,
         "precision": precision,
         "memory_format": fmt,
         "optimizer": name,

@@ -1,9 +1,19 @@
-"""A training run's configuration: what the user asked for, and the plan it runs.
+"""A training run's configuration: what the user asked for, and what runs.
 
-``TrainConfig`` is identical on every rank. Its flags say what to build
-(``strategy``, ``shares``, ``devices``, ...); ``job`` is the ``plan.Plan``
-the run executes, built from the flags by ``plan_from_flags``, searched
-and tried (``convshard.run.trials``), or read from ``--plan FILE``.
+- ``RunSettings``: what a run does besides its plan (data, model, optimizer,
+  schedule, checkpoints, logs); identical on every rank.
+- ``TrainConfig``: the request, before planning: the settings and the flags
+  a plan answers (``strategy``, ``shares``, ``devices``, ``threads``,
+  ``batch_size``, ``precision``, ``memory_format``, ``grad_precision``,
+  ``device_memory``), or a plan given whole (``job``: ``--plan FILE``).
+- ``Job``: what runs, after planning: the plan (``convshard.plan.Plan``),
+  the settings, how the plan was chosen and the profile it was priced on.
+  The training loop reads a ``Job`` only, so once the plan exists nothing
+  reads the request's copies of its fields.
+
+``plan_from_flags`` is where strategy flags become a plan (with
+``convshard.run.trials``, which searches and tries); ``with_saved_plan``
+reads one from a file.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -20,9 +30,9 @@ from torch import nn
 from .. import data, devices, plan
 from ..errors import ConfigError
 from ..models import build_model
-from ..parallel.rebalance import parse_mode
 from ..parallel.shard import group_kernels
 from . import launch
+from .rebalance import parse_mode
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +43,10 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
-@dataclass
-class TrainConfig:
-    """Everything one training run needs; identical on every rank."""
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run does besides its plan; identical on every rank."""
 
-    devices: str = "cpu@0,cpu@1"  # this host's devices, one worker each; see convshard.devices for the grammar
-    threads: int | None = None  # intra-op threads per worker; None: the cores its device names
-    strategy: str = "kernel"  # how to build the plan: kernel | single | ddp | layers | auto
-    shares: tuple[float, ...] | str | None = None  # per rank: kernel share (ddp: batch share), "auto", or None: equal
-    profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
-    rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
-    job: plan.Plan | None = None  # the plan this run executes; None: still to be built from the flags
-    planning: dict | None = None  # how ``job`` was chosen: every candidate's predicted step, the trials
     model: str = "paper"  # one of models.MODELS, or package.module:function
     kernels: tuple[int, ...] | None = None  # kernels per conv layer (ResNet, VGG: base width); None: the default
     dataset: str = "mnist"  # mnist | cifar10 | synthetic | folder
@@ -56,7 +58,6 @@ class TrainConfig:
     synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
     epochs: int = 8
     max_steps: int | None = None  # stop after this many optimizer steps in total
-    batch_size: int = 64  # global batch, the same for every plan
     optimizer: str = "sgd"  # sgd (with momentum) | adam | adamw
     lr: float = 0.05
     momentum: float = 0.9  # SGD only
@@ -68,10 +69,7 @@ class TrainConfig:
     lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate from lr / steps to lr over this many epochs
     seed: int = 0
     dtype: str = "float32"  # parameters and data; float64 serves exactness tests
-    precision: str = "32"  # compute: 32 | bf16 | fp16 (autocast; weights stay in ``dtype``)
-    memory_format: str = "contiguous"  # contiguous | channels_last | auto (the profile's faster one)
-    grad_precision: str = "32"  # the gradient sums of batch-mode groups and DDP travel in: 32 | bf16
-    device_memory: tuple[float, ...] | None = None  # bytes each worker may use (one for all, or per device)
+    profile: str | None = None  # cache of the job's profile (JSON), reused while devices and model match
     warmup_steps: int = 3  # steps left out of mean_step_seconds
     timeout: float = 300.0  # seconds any collective may wait before the job fails
     quiet: bool = False  # no progress bar, warnings and the final summary only
@@ -83,44 +81,74 @@ class TrainConfig:
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     keep_last: int | None = None  # also keep the last N checkpoints, one file per save
     keep_best: bool = False  # also keep the checkpoint of the best test accuracy at an epoch's end
-    device_list: tuple[devices.Device, ...] = field(init=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunSettings):
+    """The request: the run's settings and the flags that build its plan."""
+
+    devices: str = "cpu@0,cpu@1"  # this host's devices, one worker each; see convshard.devices for the grammar
+    threads: int | None = None  # intra-op threads per worker; None: the cores its device names
+    strategy: str = "kernel"  # how to build the plan: kernel | single | ddp | layers | auto
+    shares: tuple[float, ...] | str | None = None  # per rank: kernel share (ddp: batch share), "auto", or None: equal
+    batch_size: int = 64  # global batch, the same for every plan
+    precision: str = "32"  # compute: 32 | bf16 | fp16 (autocast; weights stay in ``dtype``)
+    memory_format: str = "contiguous"  # contiguous | channels_last | auto (the profile's faster one)
+    grad_precision: str = "32"  # the gradient sums of batch-mode groups and DDP travel in: 32 | bf16
+    device_memory: tuple[float, ...] | None = None  # bytes each worker may use (one for all, or per device)
+    rebalance: str | None = None  # off | auto | N: re-split the kernels online; None: auto when planned, else off
+    job: plan.Plan | None = None  # a plan given whole (--plan FILE); None: built from the flags
+    device_list: tuple[devices.Device, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.device_list = devices.parse_devices(self.devices)
+        object.__setattr__(self, "device_list", devices.parse_devices(self.devices))
 
     @property
     def needs_search(self) -> bool:
         """Whether the plan is still to be searched for on a profile."""
         return self.job is None and (self.strategy in ("auto", "layers") or self.shares == "auto")
 
-    @property
-    def rebalance_mode(self) -> str | int:
-        """The ``--rebalance`` mode in effect: a planned split is corrected
-        online (``auto``) unless the user said otherwise."""
-        if self.rebalance is not None:
-            return parse_mode(self.rebalance)
-        return "auto" if self.planning is not None else "off"
-
-    def threads_for(self, device: devices.Device) -> int:
-        """Intra-op threads of ``device``'s worker."""
-        threads = self.job.threads if self.job is not None and self.job.threads else self.threads
-        return threads or devices.default_threads(device, self.device_list[: self.world_size])
-
-    @property
-    def world_size(self) -> int:
-        """Processes this config starts on one host."""
-        if self.job is not None:
-            return self.job.world
-        return 1 if self.strategy == "single" else len(self.device_list)
+    def settings(self) -> RunSettings:
+        """The run's settings, without the request's flags."""
+        return RunSettings(**{f.name: getattr(self, f.name) for f in fields(RunSettings)})
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        for key in ("device_list", "job", "planning"):  # the metrics JSON carries the plan on its own
+        """The request as given: the record a run's metrics and checkpoints keep."""
+        out = asdict(replace(self, job=None))
+        for key in ("device_list", "job"):  # the plan is recorded on its own
             out.pop(key)
         return out
 
 
-def load_data(config: TrainConfig) -> data.Dataset:
+@dataclass(frozen=True)
+class Job:
+    """What runs: the plan and the run's settings, identical on every rank."""
+
+    plan: plan.Plan
+    settings: RunSettings
+    record: dict  # the request as given (``TrainConfig.to_json``), for the metrics and checkpoints
+    planning: dict | None = None  # how ``plan`` was chosen: every candidate's predicted step, the trials
+    profile: Mapping | None = field(default=None, repr=False)  # the profile of the plan's devices it was priced on
+    rebalance: str | int = "off"  # off | auto | N steps (``convshard.run.rebalance``)
+
+    def threads_for(self, device: devices.Device) -> int:
+        """Intra-op threads of ``device``'s worker: the plan's, else the cores its device names."""
+        listed = [devices.parse_devices(d)[0] for d in self.plan.devices]
+        return self.plan.threads or devices.default_threads(device, listed)
+
+
+def job_of(config: TrainConfig, job: plan.Plan, *, planning: dict | None = None,
+           profile: Mapping | None = None) -> Job:
+    """The job that runs plan ``job`` for request ``config``: rebalanced online
+    when ``--rebalance`` says so, or by default when the plan was searched.
+    A plan that leaves threads open takes ``--threads``."""
+    mode = parse_mode(config.rebalance) if config.rebalance is not None else "auto" if planning else "off"
+    if job.threads is None and config.threads is not None:
+        job = replace(job, threads=config.threads)
+    return Job(job, config.settings(), config.to_json(), planning, profile, mode)
+
+
+def load_data(config: RunSettings) -> data.Dataset:
     """The run's dataset, the same on every rank."""
     return data.load_dataset(
         config.dataset, data_dir=config.data_dir, seed=config.seed,
@@ -130,14 +158,14 @@ def load_data(config: TrainConfig) -> data.Dataset:
     )
 
 
-def make_model(config: TrainConfig, dataset: data.Dataset) -> nn.Module:
+def make_model(config: RunSettings, dataset: data.Dataset) -> nn.Module:
     """The unsharded model, initialised from the seed: identical on every rank."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, dataset.input_shape, dataset.classes, config.kernels)
     return model.to(getattr(torch, config.dtype))
 
 
-def model_groups(config: TrainConfig, dataset: data.Dataset) -> dict[str, int]:
+def model_groups(config: RunSettings, dataset: data.Dataset) -> dict[str, int]:
     """The model's channel groups, name -> kernels: what a plan splits."""
     return group_kernels(make_model(config, dataset))
 
@@ -190,11 +218,16 @@ def with_saved_plan(config: TrainConfig, path: str, given: Mapping[str, object],
             raise ConfigError(f"{flag} {_shown(mine)} conflicts with --plan {path}, which "
                               f"{'holds the split' if name == 'shares' else f'runs {flag} {_shown(held[name])}'}; "
                               f"leave {flag} out or write a new plan")
-    devices_here = config.devices if launch.in_torchrun() else ",".join(job.devices)
-    strategy = {"ddp": "ddp", "single": "single"}.get(job.name, "layers")  # for the checks in ``validate``
-    return replace(config, job=job, devices=devices_here, batch_size=job.batch_size, strategy=strategy,
-                   threads=job.threads or config.threads, shares=None, precision=job.precision,
-                   memory_format=job.memory_format, grad_precision=job.grad_precision)
+    return replace(config, job=job)
+
+
+def workers(config: TrainConfig) -> tuple[devices.Device, ...]:
+    """The devices this host starts a worker on: a given plan's (all of
+    this host's under torchrun), the first listed for ``--strategy single``,
+    else every listed one."""
+    if config.job is not None and not launch.in_torchrun():
+        return tuple(devices.parse_devices(d)[0] for d in config.job.devices)
+    return config.device_list[:1] if config.strategy == "single" and config.job is None else config.device_list
 
 
 def _shown(value: object) -> str:

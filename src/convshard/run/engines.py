@@ -1,16 +1,21 @@
 """Engines: how a plan's model is built, fed and synchronised; what the training loop asks.
 
-An engine answers these questions for the loop, which never asks which plan
-it runs:
+``engine_for(plan, rank, group, timeout)`` reads the plan whole and returns
+the engine this process runs it with. The loop never asks which plan it runs:
 
+- ``trains``: whether this process trains (a plan with ``ranks`` leaves the
+  others standing by), and ``session()``, the context the whole run is in
+  (the one training rank of such a plan announces its run in it);
+- ``rank``, ``group``: this process's place among the ranks that train;
 - ``wrap(model)``: the model this rank trains (sharded, or DDP-wrapped);
 - ``rows(n)``, ``eval_rows(n)``: which images of a global batch of n (of
   the n test images) this rank feeds;
 - ``loss_scale(n)``: the factor on the summed loss of its rows, so that
   the gradients are those of the mean loss over the global batch;
-- ``after_backward(model)``: what must happen between ``backward()`` and
-  the optimizer step;
-- ``reduce(values)``: per-rank sums (loss, correct answers) made the job's.
+- ``after_backward()``: what must happen between ``backward()`` and the
+  optimizer step;
+- ``reduce(values)``: per-rank sums (loss, correct answers) made the job's;
+- ``apply(plan, optimizer)``: run a re-split plan from the next step on.
 
 ``ShardedEngine`` runs any sharded plan: every rank feeds the whole global
 batch (kernel-mode groups split kernels, batch-mode groups take their rows
@@ -18,11 +23,18 @@ themselves), so each computes the whole loss: scale 1/n, nothing to reduce.
 ``DDPEngine`` is PyTorch's DDP: rank r feeds its b_r images; DDP averages
 gradients over the W ranks, so the loss is scaled by W / n, which makes
 the mean over the global batch however the rows are split.
+
+A plan whose ``ranks`` name the processes that train (one device chosen
+under torchrun, whose processes are fixed) runs on a process group of those
+ranks; every other process gets ``StandBy``, which trains nothing and waits
+until they are done (``convshard.run.alone``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,22 +43,25 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .. import precision
 from ..parallel import comm
-from ..parallel.rebalance import Rebalancer
-from ..parallel.shard import shard_model
-from ..parallel.sharded import sync_replicas
+from ..parallel.shard import Sharded, shard
 from ..plan import DDP, Plan, splits
+from . import alone
 
 
 class ShardedEngine:
-    """convshard's engine: ``shard_model`` with the plan's modes, counts and rows."""
+    """convshard's engine: ``shard`` with the plan's style for every group."""
 
-    def __init__(self, plan: Plan, rank: int, group: comm.Group) -> None:
-        self.plan, self.rank, self.group = plan, rank, group
+    trains = True
+
+    def __init__(self, plan: Plan, rank: int, group: comm.Group, *,
+                 session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        self.plan, self.rank, self.group, self.session = plan, rank, group, session
+        self.sharded: Sharded | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        return shard_model(model, group=self.group, layer_shares=self.plan.kernel_counts(),
-                           modes={name: "batch" for name in self.plan.batch_groups()}, rows=self.plan.rows,
-                           gradient_dtype=precision.grad_dtype(self.plan.grad_precision))
+        self.sharded = shard(model, self.plan.styles(), group=self.group,
+                             gradient_dtype=precision.grad_dtype(self.plan.grad_precision))
+        return self.sharded.model
 
     @staticmethod
     def net(model: nn.Module) -> nn.Module:
@@ -61,14 +76,20 @@ class ShardedEngine:
     def loss_scale(self, n: int) -> float:
         return 1 / n
 
-    def after_backward(self, model: nn.Module) -> None:
-        sync_replicas(model, group=self.group)
+    def after_backward(self) -> None:
+        self.sharded.sync()
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
-    def rebalancer(self, model: nn.Module, mode: str | int, caps: dict | None = None) -> Rebalancer | None:
-        return None if mode == "off" else Rebalancer(model, mode, group=self.group, caps=caps)
+    def kernel_counts(self) -> dict[str, tuple[int, ...]]:
+        """Kernels per rank of every kernel-mode group, as the model holds them now."""
+        return self.sharded.counts()
+
+    def apply(self, plan: Plan, optimizer: torch.optim.Optimizer) -> None:
+        """Run ``plan``, the current one re-split (same modes), from the next step on (a collective)."""
+        self.sharded.apply(plan.styles(), optimizer)
+        self.plan = plan
 
 
 class AllReduceClock:
@@ -108,8 +129,11 @@ class AllReduceClock:
 class DDPEngine:
     """PyTorch's DistributedDataParallel over the plan's rows (one device: the plain model)."""
 
-    def __init__(self, plan: Plan, rank: int, group: comm.Group) -> None:
-        self.plan, self.rank, self.group = plan, rank, group
+    trains = True
+
+    def __init__(self, plan: Plan, rank: int, group: comm.Group, *,
+                 session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        self.plan, self.rank, self.group, self.session = plan, rank, group, session
         self.world = comm.world_size(group)
         self._clock = AllReduceClock(plan.grad_precision)
 
@@ -133,7 +157,7 @@ class DDPEngine:
     def loss_scale(self, n: int) -> float:
         return self.world / n
 
-    def after_backward(self, model: nn.Module) -> None:
+    def after_backward(self) -> None:
         self._clock.settle()  # DDP's reducer has averaged the gradients during backward
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
@@ -141,13 +165,40 @@ class DDPEngine:
             dist.all_reduce(values, group=self.group)
         return values
 
-    def rebalancer(self, model: nn.Module, mode: str | int, caps: dict | None = None) -> None:
-        return None  # DDP's rows stay as planned
+    @staticmethod
+    def kernel_counts() -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def apply(self, plan: Plan, optimizer: torch.optim.Optimizer) -> None:
+        raise ValueError("a ddp plan's rows stay as planned: nothing re-splits them")
 
 
-Engine = ShardedEngine | DDPEngine
+class StandBy:
+    """A process a plan leaves out (``Plan.ranks``): it trains nothing and
+    waits, through the job's store, until the training ranks are done."""
+
+    trains = False
+
+    def __init__(self, lone: int, device: str, timeout: float) -> None:
+        self.lone, self.device, self.timeout = lone, device, timeout
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        yield
+        alone.stand_by(self.lone, self.device, self.timeout)
 
 
-def engine_for(plan: Plan, rank: int, group: comm.Group) -> Engine:
-    """The engine that runs ``plan`` as ``rank`` of ``group``."""
-    return (DDPEngine if plan.engine == DDP else ShardedEngine)(plan, rank, group)
+Engine = ShardedEngine | DDPEngine | StandBy
+
+
+def engine_for(plan: Plan, rank: int, group: comm.Group, *, timeout: float = 300.0) -> Engine:
+    """The engine that runs ``plan`` as ``rank`` of ``group`` (a collective
+    for a plan with ``ranks``, which makes the group of those ranks)."""
+    kind = DDPEngine if plan.engine == DDP else ShardedEngine
+    if plan.ranks is None:
+        return kind(plan, rank, group)
+    lone = plan.ranks[0]
+    own = alone.group_of(lone)
+    if rank != lone:
+        return StandBy(lone, plan.devices[0], timeout)
+    return kind(plan, 0, own, session=lambda: alone.training_alone(timeout))  # rank 0 of its own group

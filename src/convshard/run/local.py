@@ -13,11 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 from .. import data, devices, plan
 from . import launch, trials
-from .config import TrainConfig
+from .config import Job, TrainConfig
 from .train import profile_worker, train_worker
 
 
@@ -44,22 +43,20 @@ def profile_job(config: TrainConfig, dataset: data.Dataset) -> dict:
     return launch.launch_local(profile_worker, len(job), args=(config,), labels=[str(d) for d in job])[0]
 
 
-def prepare(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
-    """``config`` with the plan it runs (``trials.resolve``)."""
+def prepare(config: TrainConfig, dataset: data.Dataset) -> Job:
+    """The job that runs ``config`` on this host (``trials.resolve``)."""
     def run_trial(job: plan.Plan) -> float:
-        return launch_job(trials.as_trial(replace(config, job=job)), dataset)["mean_step_seconds"]
+        return launch_job(trials.as_trial(config, job), dataset)["mean_step_seconds"]
 
     listed = [str(d) for d in config.device_list]
     return trials.resolve(config, dataset, job_devices=listed, can_drop=True,
                           measure=lambda c: profile_job(c, dataset), run_trial=run_trial)
 
 
-def launch_job(config: TrainConfig, dataset: data.Dataset) -> dict | None:
-    """Run ``config.job`` on this host: one worker in this process, or one
-    process per planned device; returns rank 0's metrics."""
-    job = config.job
-    config = replace(config, devices=devices.format_devices([devices.parse_devices(d)[0] for d in job.devices]))
-    if job.world == 1:
+def launch_job(job: Job, dataset: data.Dataset) -> dict | None:
+    """Run ``job`` on this host: one worker in this process, or one process
+    per planned device; returns rank 0's metrics."""
+    if job.plan.world == 1:
         with devices.pinning_restored(), _logging_restored():
-            return train_worker(config, dataset)
-    return launch.launch_local(train_worker, job.world, args=(config,), labels=list(job.devices))[0]
+            return train_worker(job, dataset)
+    return launch.launch_local(train_worker, job.plan.world, args=(job,), labels=list(job.plan.devices))[0]

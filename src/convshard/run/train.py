@@ -1,14 +1,16 @@
 """The training loop: one function that every worker runs, whatever the plan.
 
-``train_worker(config)`` is SPMD: every rank of a job calls it with the same
-config, under ``launch_local``, under torchrun, or alone in the calling
-process. It joins the job (``launch.init_from_env``), pins itself to its
-device and loads the data (every rank sees the same batches: the order is a
-pure function of seed and epoch, so no image crosses the network). Then it
-runs ``config.job``, a ``plan.Plan``, through that plan's engine
-(``convshard.run.engines``): the model from the seed, wrapped by the engine,
-and one loop, the same for every plan. Under torchrun, where no launcher
-planned the job, every rank first resolves it alike (``trials.resolve``).
+``train_worker(job)`` is SPMD: every process of a job calls it with the
+same ``config.Job``, under ``launch_local`` or alone in the calling process;
+under torchrun, where no launcher planned the job, ``torchrun_worker(config)``
+first resolves the plan alike on every rank (``trials.resolve``). A worker
+joins the job (``launch.init_from_env``), pins itself to its device and
+loads the data (every rank sees the same batches: the order is a pure
+function of seed and epoch, so no image crosses the network). Then it runs
+the job's plan through the engine the plan asks for
+(``convshard.run.engines``): the model from the seed, wrapped by the
+engine, and one loop, the same for every plan, which reads the plan and the
+run's settings and nothing else.
 
 Rank 0 shows a progress bar, logs, writes checkpoints and the metrics JSON.
 It also answers every question about files for the job: it reads the
@@ -28,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -40,17 +42,18 @@ from tqdm import tqdm
 from .. import atomic, data, devices, plan, precision, profile
 from ..errors import ConfigError, TrainingError
 from ..parallel import comm
-from ..parallel.rebalance import Rebalancer
-from ..parallel.sharded import full_state_dict, layer_counts, load_full_state_dict, sharded_parameters
-from . import alone, checkpoint, inference, launch, metrics, trials
-from .config import SCHEDULES, TrainConfig, load_data, make_model
+from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
+from ..profile.nominal import nominal
+from . import checkpoint, inference, launch, metrics, trials
+from .rebalance import Rebalancer
+from .config import SCHEDULES, Job, RunSettings, TrainConfig, load_data, make_model
 from .engines import Engine, engine_for
 from .logbook import Logbook
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SCHEDULES", "clip_gradients", "learning_rate", "measure_job", "param_groups", "profile_worker",
-           "train_worker"]
+           "torchrun_worker", "train_worker"]
 
 
 def param_groups(params: Iterable[nn.Parameter], *, weight_decay: float, decay_all: bool = False) -> list[dict]:
@@ -68,7 +71,7 @@ def param_groups(params: Iterable[nn.Parameter], *, weight_decay: float, decay_a
             if g["params"]]
 
 
-def _make_optimizer(config: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(config: RunSettings, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     groups = param_groups(params, weight_decay=config.weight_decay, decay_all=config.decay_all)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
@@ -77,12 +80,12 @@ def _make_optimizer(config: TrainConfig, params: Iterable[nn.Parameter]) -> torc
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
-def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+def warmup_steps(config: RunSettings, total_steps: int) -> int:
     """The optimizer steps of the learning-rate warm-up: ``lr_warmup_epochs`` in steps, rounded."""
     return round(config.lr_warmup_epochs * total_steps / config.epochs)
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+def learning_rate(config: RunSettings, step: int, total_steps: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
 
     With a warm-up of w steps (``warmup_steps``), step s < w takes
@@ -128,16 +131,14 @@ def clip_gradients(model: nn.Module, max_norm: float, *, sharded: Collection[str
 class _Run:
     """One rank's view of a training run."""
 
-    config: TrainConfig
-    job: plan.Plan  # the plan as it stands (rebalancing re-splits it)
+    job: Job  # what runs: the plan as it started, the settings
+    plan: plan.Plan  # the plan as it stands (rebalancing re-splits it)
     dataset: data.Dataset
     engine: Engine  # how the plan's model is built, fed and synchronised
     model: nn.Module  # as the engine wrapped it
     optimizer: torch.optim.Optimizer
     progress: dict  # epoch, batch (within the epoch), step, history: what a checkpoint restores
     device: torch.device
-    rank: int
-    group: comm.Group  # the job's process group (None without one)
     clock: metrics.StepClock = field(default_factory=metrics.StepClock)
     rebalancer: Rebalancer | None = None
     scaler: precision.LossScaler = field(default_factory=lambda: precision.LossScaler(False))  # fp16's loss scale
@@ -145,8 +146,20 @@ class _Run:
     losses: deque = field(default_factory=lambda: deque(maxlen=metrics.TIMELINE_STEPS))  # last steps' losses
 
     @property
+    def settings(self) -> RunSettings:
+        return self.job.settings
+
+    @property
+    def rank(self) -> int:
+        return self.engine.rank
+
+    @property
+    def group(self) -> comm.Group:
+        return self.engine.group
+
+    @property
     def memory_format(self) -> torch.memory_format:
-        return precision.memory_format(self.job.memory_format)
+        return precision.memory_format(self.plan.memory_format)
 
     @property
     def net(self) -> nn.Module:
@@ -154,62 +167,69 @@ class _Run:
         return self.engine.net(self.model)
 
 
-def train_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
-    """Train as one rank of the job; rank 0 returns the metrics, others None.
+def train_worker(job: Job, dataset: data.Dataset | None = None) -> dict | None:
+    """Run ``job`` as one of its started processes (``launch_local``, or
+    alone in the calling process); rank 0 returns the metrics, others None.
     ``dataset`` is the run's data when the caller has loaded it already."""
-    rank, world, device_spec, dataset = _join(config, dataset)
+    device_of = lambda local_rank: devices.parse_devices(job.plan.devices[local_rank])[0]  # noqa: E731
+    rank, _, device_spec, dataset = _join(job.settings, dataset, device_of, job.threads_for,
+                                          devices.backend_for([device_of(r) for r in range(job.plan.world)]))
+    return _run(job, dataset, device_spec, rank)
+
+
+def torchrun_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
+    """Train as one rank of a torchrun job: every rank plans alike from the
+    same profile and trials (``_resolve_here``), then runs the plan."""
+    listed = config.device_list
+    rank, world, device_spec, dataset = _join(
+        config, dataset, lambda local_rank: listed[local_rank],
+        lambda device: config.threads or devices.default_threads(device, listed), devices.backend_for(listed))
+    job = _resolve_here(config, dataset, device_spec)
+    if job.plan.ranks is None and job.plan.world != world:
+        raise ConfigError(f"the plan runs {job.plan.world} workers ({', '.join(job.plan.devices)}); "
+                          f"this job has {world}")
+    return _run(job, dataset, device_spec, rank)
+
+
+def _run(job: Job, dataset: data.Dataset, device_spec: devices.Device, rank: int) -> dict | None:
+    """Run ``job`` as ``rank`` of the job every process joined, through its
+    engine; leave the job; rank 0 writes and returns the metrics."""
     log.info("data: %s, %d train / %d test images of %s, %d classes", dataset.name, len(dataset.train_y),
              len(dataset.test_y), "x".join(map(str, dataset.input_shape)), dataset.classes)
-    group = job_group()
-    if config.job is None:  # under torchrun: every rank plans from the same profile and trials
-        config = _resolve_here(config, dataset, device_spec)
-    job = config.job
-    if job.ranks is None and job.world != world:
-        raise ConfigError(f"the plan runs {job.world} workers ({', '.join(job.devices)}); this job has {world}")
-    if job.ranks is not None:  # some processes train, the others stand by (torchrun)
-        lone = job.ranks[0]
-        group = alone.group_of(lone)
-        if rank != lone:
-            alone.stand_by(lone, job.devices[0], config.timeout)
-            launch.shutdown()
-            return None
-        rank = 0
-        with alone.training_alone(config.timeout):
-            result = _train(config, dataset, device_spec, group, rank)
-    else:
-        result = _train(config, dataset, device_spec, group, rank)
+    engine = engine_for(job.plan, rank, job_group(), timeout=job.settings.timeout)
+    with engine.session():
+        result = _train(job, dataset, device_spec, engine) if engine.trains else None
     launch.shutdown()
-    if rank != 0:
+    if result is None:
         return None
-    if config.metrics_out:
-        atomic.write_text(config.metrics_out, json.dumps(result, indent=2) + "\n")
-        log.info("metrics written to %s", config.metrics_out)
+    if job.settings.metrics_out:
+        atomic.write_text(job.settings.metrics_out, json.dumps(result, indent=2) + "\n")
+        log.info("metrics written to %s", job.settings.metrics_out)
     return result
 
 
-def _train(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device, group: comm.Group,
-           rank: int) -> dict:
-    """Run ``config.job`` as ``rank`` of ``group`` to the end; the run's metrics."""
-    run = _setup(config, dataset, device_spec.torch_device, rank, group)
-    all_devices = comm.gather_objects(str(device_spec), group=group)  # every rank's device, in rank order
-    log.info("%s: %d worker(s) on %s (rank 0: %d thread(s))", run.job.name, run.job.world,
+def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine: Engine) -> dict | None:
+    """Run ``job``'s plan through ``engine`` to the end; rank 0's metrics, None elsewhere."""
+    run = _setup(job, dataset, device_spec.torch_device, engine)
+    all_devices = comm.gather_objects(str(device_spec), group=run.group)  # every rank's device, in rank order
+    log.info("%s: %d worker(s) on %s (rank 0: %d thread(s))", run.plan.name, run.plan.world,
              ", ".join(all_devices), torch.get_num_threads())
     started = time.perf_counter()
-    if rank == 0 and config.log_dir:
-        run.logbook = Logbook(config.log_dir)
+    if run.rank == 0 and run.settings.log_dir:
+        run.logbook = Logbook(run.settings.log_dir)
     try:
         _epochs(run)
     finally:
         if run.logbook is not None:
             run.logbook.close()
     result = metrics.summary(
-        config_json=config.to_json(), job=config.job.to_json(), final_job=run.job.to_json(),
-        planning=config.planning, strategy=config.job.name, progress=run.progress, clock=run.clock,
-        world=run.job.world, all_devices=all_devices, rebalances=run.rebalancer.events if run.rebalancer else [],
-        shares={k: list(v) for k, v in layer_counts(run.net).items()}, seconds=time.perf_counter() - started)
+        config_json=job.record, job=job.plan.to_json(), final_job=run.plan.to_json(),
+        planning=job.planning, strategy=job.plan.name, progress=run.progress, clock=run.clock,
+        world=run.plan.world, all_devices=all_devices, rebalances=run.rebalancer.events if run.rebalancer else [],
+        shares={k: list(v) for k, v in run.engine.kernel_counts().items()}, seconds=time.perf_counter() - started)
     result["step_loss"] = list(run.losses)  # rank 0's loss of each step of ``step_seconds``
-    result["timeline"] = metrics.timeline(run.clock, group=group)
-    return result
+    result["timeline"] = metrics.timeline(run.clock, group=run.group)
+    return result if run.rank == 0 else None
 
 
 def _epochs(run: _Run) -> None:
@@ -230,29 +250,29 @@ def _epochs(run: _Run) -> None:
         _save(run, accuracy)
 
 
-def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, rank: int, group: comm.Group) -> _Run:
+def _setup(job: Job, dataset: data.Dataset, device: torch.device, engine: Engine) -> _Run:
     """The plan's model as its engine wraps it, its optimizer and the progress
     so far (from the checkpoint with ``--resume``, or after a torchrun restart)."""
-    model = make_model(config, dataset)
-    saved = _read_on_rank0(lambda: _resume_point(config), group=group) if config.checkpoint_dir is not None else None
+    settings, group = job.settings, engine.group
+    model = make_model(settings, dataset)
+    saved = _read_on_rank0(lambda: _resume_point(settings), group=group) if settings.checkpoint_dir else None
     if saved is not None:
-        where = checkpoint.path_in(config.checkpoint_dir)
+        where = checkpoint.path_in(settings.checkpoint_dir)
         try:
             load_full_state_dict(model, saved["model"])  # before sharding: each rank then takes its slice
         except ConfigError as exc:
             raise ConfigError(f"checkpoint {where} does not fit this model: it was written by "
-                              f"{checkpoint.written_by(saved.get('config', {}))}, this run is {checkpoint.written_by(config.to_json())}; "
-                              f"{exc}") from None
-        log.info("resuming from %s at step %d", config.checkpoint_dir, saved["progress"]["step"])
-        if rank == 0 and (changed := checkpoint.changes(saved.get("config", {}), config.to_json())):
+                              f"{checkpoint.written_by(saved.get('config', {}))}, this run is "
+                              f"{checkpoint.written_by(job.record)}; {exc}") from None
+        log.info("resuming from %s at step %d", settings.checkpoint_dir, saved["progress"]["step"])
+        if engine.rank == 0 and (changed := checkpoint.changes(saved.get("config", {}), job.record)):
             log.warning("%s was written with %s: continuing with this run's", where, changed)
-    engine = engine_for(config.job, rank, group)
-    model = engine.wrap(model.to(device, memory_format=precision.memory_format(config.job.memory_format)))
-    optimizer = _make_optimizer(config, model.parameters())
-    run = _Run(config, config.job, dataset, engine, model, optimizer, {"epoch": 0, "batch": 0, "step": 0,
-               "history": []}, device, rank, group, metrics.StepClock(config.warmup_steps))
-    run.rebalancer = engine.rebalancer(model, config.rebalance_mode, (config.planning or {}).get("caps"))
-    run.scaler = precision.LossScaler(config.job.precision == "fp16")
+    model = engine.wrap(model.to(device, memory_format=precision.memory_format(job.plan.memory_format)))
+    optimizer = _make_optimizer(settings, model.parameters())
+    run = _Run(job, job.plan, dataset, engine, model, optimizer, {"epoch": 0, "batch": 0, "step": 0,
+               "history": []}, device, metrics.StepClock(settings.warmup_steps))
+    run.rebalancer = _rebalancer(job, engine, dataset)
+    run.scaler = precision.LossScaler(job.plan.precision == "fp16")
     if saved is not None:
         checkpoint.load_full_optimizer_state_dict(run.net, optimizer, saved["optimizer"],
                                                   source=f"checkpoint {where}")
@@ -261,8 +281,22 @@ def _setup(config: TrainConfig, dataset: data.Dataset, device: torch.device, ran
     return run
 
 
+def _rebalancer(job: Job, engine: Engine, dataset: data.Dataset) -> Rebalancer | None:
+    """The run's rebalancer (None when it moves nothing: mode off, one rank,
+    no kernel split), pricing splits on the job's profile, or on a nominal
+    one for a plan that was given (``profile.nominal``)."""
+    if job.rebalance == "off" or job.plan.world == 1 or job.plan.engine == plan.DDP or job.plan.ranks is not None:
+        return None
+    priced = job.profile
+    if priced is None:
+        priced = nominal(make_model(job.settings, dataset), devices=job.plan.devices,
+                         input_shape=dataset.input_shape, batch_size=job.plan.batch_size,
+                         precision=job.plan.precision)
+    return Rebalancer(priced, job.rebalance, group=engine.group)
+
+
 def _finished(run: _Run) -> bool:
-    config, progress = run.config, run.progress
+    config, progress = run.settings, run.progress
     out_of_steps = config.max_steps is not None and progress["step"] >= config.max_steps
     return out_of_steps or progress["epoch"] >= config.epochs
 
@@ -270,9 +304,9 @@ def _finished(run: _Run) -> bool:
 def _train_epoch(run: _Run) -> float:
     """Train from ``run.progress`` to the end of its epoch (or to --max-steps),
     advancing the progress and timing each step; returns the mean training loss."""
-    config, progress = run.config, run.progress
+    config, progress, batch_size = run.settings, run.progress, run.plan.batch_size
     n_train = len(run.dataset.train_y)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    steps_per_epoch = math.ceil(n_train / batch_size)
     total_steps = config.epochs * steps_per_epoch  # --max-steps stops a run early, it does not shorten the schedule
     epoch = progress["epoch"]
     order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
@@ -282,7 +316,7 @@ def _train_epoch(run: _Run) -> float:
                unit="step", disable=not (speaks and _in_terminal()), leave=False, dynamic_ncols=True)
     while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
-        batch = order[b * config.batch_size : (b + 1) * config.batch_size]  # the global batch's image indices
+        batch = order[b * batch_size : (b + 1) * batch_size]  # the global batch's image indices
         lr = learning_rate(config, progress["step"], total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -294,10 +328,11 @@ def _train_epoch(run: _Run) -> float:
         loss_sum, seen = loss_sum + loss * mine, seen + mine
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         if run.rebalancer is not None:
-            event = run.rebalancer.observe(progress["step"], run.clock.seconds[-1] - run.clock.collective[-1],
-                                           run.optimizer)
-            if event is not None:
-                run.job = run.job.resplit(event["new"], event.get("new_rows"))
+            moved = run.rebalancer.observe(progress["step"], run.clock.seconds[-1] - run.clock.collective[-1],
+                                           run.plan)
+            if moved is not None:
+                run.engine.apply(moved, run.optimizer)
+                run.plan = moved
         run.losses.append(loss)
         if run.logbook is not None:
             run.logbook.step(step=progress["step"], epoch=epoch + 1, loss=loss, lr=lr,
@@ -308,7 +343,7 @@ def _train_epoch(run: _Run) -> float:
             recent = list(itertools.islice(reversed(run.clock.seconds), config.log_every))
             log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.1f ms/step, %.1f images/s", progress["step"],
                      min(config.max_steps or total_steps, total_steps), epoch + 1, config.epochs, loss, lr,
-                     1000 * statistics.fmean(recent), config.batch_size / statistics.fmean(recent))
+                     1000 * statistics.fmean(recent), batch_size / statistics.fmean(recent))
         if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
             _save(run)  # the end of an epoch saves anyway
     bar.close()
@@ -328,7 +363,7 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
     """One optimizer step on the global ``batch`` (its image indices), of
     which this rank feeds the rows its engine names. Returns this rank's
     mean loss and its number of images."""
-    config, dataset = run.config, run.dataset
+    config, dataset = run.settings, run.dataset
     n, part = len(batch), run.engine.rows(len(batch))
     mine = batch[part]
     if config.augment:  # the whole global batch, so that every rank and plan augments each image alike
@@ -340,7 +375,7 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
     x = x.to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
     y = dataset.train_y[mine].to(run.device)  # (b,)
     run.optimizer.zero_grad(set_to_none=True)
-    with precision.autocast(run.device, run.job.precision):
+    with precision.autocast(run.device, run.plan.precision):
         out = run.model(x)  # (b, classes), in the compute dtype
     loss_sum = F.cross_entropy(out.to(x.dtype), y, reduction="sum",  # the loss in the model's dtype
                                label_smoothing=config.label_smoothing)
@@ -351,27 +386,27 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
                             f"try a lower --lr than {config.lr:g}")
     # the gradient of the mean loss over the global batch (fp16: times the loss scale)
     (loss_sum * (run.engine.loss_scale(n) * run.scaler.scale)).backward()
-    run.engine.after_backward(run.model)
+    run.engine.after_backward()
     if run.scaler.unscale(run.model.parameters(), run.group):  # fp16: every rank skips an overflowed step alike
         if config.clip_grad_norm is not None:  # kernel-mode shards are summed over the job's group
             clip_gradients(run.net, config.clip_grad_norm, sharded=sharded_parameters(run.net),
-                           group=run.group if run.job.kernel_counts() else None)
+                           group=run.group if run.plan.kernel_counts() else None)
         run.optimizer.step()
     return mean_loss, len(mine)
 
 
 def _evaluate(run: _Run) -> float:
     """Test accuracy in [0, 1], over the test images each rank's engine names."""
-    dataset, config = run.dataset, run.config
+    dataset, config, batch_size = run.dataset, run.settings, run.plan.batch_size
     n = len(dataset.test_y)
     part = run.engine.eval_rows(n)
     run.model.eval()
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     with torch.no_grad():
-        for i in range(part.start, part.stop, config.batch_size):
-            j = min(i + config.batch_size, part.stop)
+        for i in range(part.start, part.stop, batch_size):
+            j = min(i + batch_size, part.stop)
             x = dataset.test_x[i:j].to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
-            with precision.autocast(run.device, run.job.precision):
+            with precision.autocast(run.device, run.plan.precision):
                 correct += (run.net(x).argmax(1) == dataset.test_y[i:j].to(run.device)).sum()
     run.model.train()
     return run.engine.reduce(correct).item() / n
@@ -380,7 +415,7 @@ def _evaluate(run: _Run) -> float:
 def _save(run: _Run, accuracy: float | None = None) -> None:
     """Gather the unsharded state (a collective) and let rank 0 write it.
     ``accuracy``: the test accuracy at an epoch's end, which ``--keep-best`` ranks."""
-    config = run.config
+    config = run.settings
     if config.checkpoint_dir is None:
         return
     best = config.keep_best and accuracy is not None and accuracy > run.progress.get("best_accuracy", -1.0)
@@ -390,8 +425,8 @@ def _save(run: _Run, accuracy: float | None = None) -> None:
         "model": full_state_dict(run.net),
         "optimizer": checkpoint.full_optimizer_state_dict(run.net, run.optimizer),
         "progress": run.progress,
-        "config": run.config.to_json(),
-        "job_plan": run.job.to_json(),
+        "config": run.job.record,
+        "job_plan": run.plan.to_json(),
         "loss_scale": run.scaler.state_dict(),
         "inference": inference.spec(config, run.dataset),
     }
@@ -401,7 +436,7 @@ def _save(run: _Run, accuracy: float | None = None) -> None:
                  f", and as {checkpoint.BEST}: the best test accuracy so far" if best else "")
 
 
-def _resume_point(config: TrainConfig) -> dict | None:
+def _resume_point(config: RunSettings) -> dict | None:
     """The checkpoint to resume from: with ``--resume``, or after torchrun
     restarted the job (it resumes by itself); None to start from scratch."""
     if not (config.resume or launch.restart_count() > 0):
@@ -443,18 +478,21 @@ def _read_on_rank0(read: Callable[[], T], *, group: comm.Group) -> T:
     return value
 
 
-def _join(config: TrainConfig, dataset: data.Dataset | None) -> tuple[int, int, devices.Device, data.Dataset]:
-    """Join the job, pin to this rank's device, load the data:
+def _join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callable[[int], devices.Device],
+          threads_for: Callable[[devices.Device], int], backend: str
+          ) -> tuple[int, int, devices.Device, data.Dataset]:
+    """Join the job over ``backend``, pin to this rank's device
+    (``device_of(local rank)``, ``threads_for`` it), load the data:
     (rank, world size, device, dataset)."""
-    rank, world, local_rank = launch.init_from_env(devices.backend_for(config.device_list), timeout=config.timeout)
-    level = logging.INFO if rank == 0 and not config.quiet else logging.WARNING
+    rank, world, local_rank = launch.init_from_env(backend, timeout=settings.timeout)
+    level = logging.INFO if rank == 0 and not settings.quiet else logging.WARNING
     stamp = "" if _in_terminal() else "%(asctime)s "  # a log read later says when each line was written
     logging.basicConfig(level=level, format=stamp + ("%(message)s" if rank == 0 else f"rank {rank}: %(message)s"),
                         datefmt="%Y-%m-%d %H:%M:%S", force=True)
     tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
-    device_spec = config.device_list[local_rank]
-    devices.pin(device_spec, config.threads_for(device_spec))
-    return rank, world, device_spec, dataset if dataset is not None else load_data(config)
+    device_spec = device_of(local_rank)
+    devices.pin(device_spec, threads_for(device_spec))
+    return rank, world, device_spec, dataset if dataset is not None else load_data(settings)
 
 
 def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> dict:
@@ -480,13 +518,16 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
 
 def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
     """Profile the job as one rank of it; rank 0 returns the profile, others None."""
-    rank, _, device_spec, dataset = _join(config, dataset)
+    listed = config.device_list
+    rank, _, device_spec, dataset = _join(
+        config, dataset, lambda local_rank: listed[local_rank],
+        lambda device: config.threads or devices.default_threads(device, listed), devices.backend_for(listed))
     result = measure_job(config, dataset, device_spec)
     launch.shutdown()
     return result if rank == 0 else None
 
 
-def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> TrainConfig:
+def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> Job:
     """The job's plan, resolved alike on every rank of a torchrun job: its
     processes are fixed, so no device is dropped; a trial of one device
     runs on that rank while the others wait, and a trial's time is the
@@ -494,13 +535,11 @@ def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devic
     group = job_group()
 
     def run_trial(job: plan.Plan) -> float:
-        trial = trials.as_trial(replace(config, job=job))
-        trial_group, trial_rank = group, comm.rank(group)
-        if job.ranks is not None:
-            trial_group, trial_rank = alone.group_of(job.ranks[0]), 0
+        trial = trials.as_trial(config, job)
+        engine = engine_for(job, comm.rank(group), group, timeout=config.timeout)
         seconds = torch.zeros(1, dtype=torch.float64)
-        if trial_group is not None:
-            run = _setup(trial, dataset, device_spec.torch_device, trial_rank, trial_group)
+        if engine.trains:  # the others wait in the MAX below
+            run = _setup(trial, dataset, device_spec.torch_device, engine)
             while not _finished(run):
                 _train_epoch(run)
             seconds[0] = run.clock.mean() or math.inf

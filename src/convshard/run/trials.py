@@ -35,7 +35,7 @@ from .. import devices, plan
 from ..data import Dataset
 from ..errors import ConfigError
 from ..plan import memory, search
-from .config import TrainConfig, model_groups, plan_from_flags
+from .config import Job, TrainConfig, job_of, model_groups, plan_from_flags
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,24 @@ def all_cores(config: TrainConfig, groups: Mapping[str, int], memory_format: str
                    grad_precision=config.grad_precision)
 
 
-def as_trial(config: TrainConfig) -> TrainConfig:
-    """``config`` cut to one of auto's trials: ``search.TRIAL_STEPS`` quiet
-    steps, half of them warm-up, with nothing written and nothing moved."""
-    return replace(config, max_steps=search.TRIAL_STEPS, warmup_steps=search.TRIAL_STEPS // 2, quiet=True,
-                   metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off",
-                   keep_last=None, keep_best=False, log_dir=None)
+def as_trial(config: TrainConfig, job: plan.Plan) -> Job:
+    """Plan ``job`` run as one of auto's trials for ``config``:
+    ``search.TRIAL_STEPS`` quiet steps, half of them warm-up, with nothing
+    written and nothing moved."""
+    trial = replace(config, max_steps=search.TRIAL_STEPS, warmup_steps=search.TRIAL_STEPS // 2, quiet=True,
+                    metrics_out=None, checkpoint_dir=None, checkpoint_every=None, resume=False, rebalance="off",
+                    keep_last=None, keep_best=False, log_dir=None)
+    return job_of(trial, job)
 
 
 def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], can_drop: bool,
-            measure: Callable[[TrainConfig], dict], run_trial: Callable[[plan.Plan], float]) -> TrainConfig:
-    """``config`` with its ``job`` (and, when searched, ``planning``) set."""
+            measure: Callable[[TrainConfig], dict], run_trial: Callable[[plan.Plan], float]) -> Job:
+    """The job that runs ``config``: its plan given, built from the flags, or searched and tried."""
     if config.job is not None:
-        return config
+        return job_of(config, config.job)
     if not config.needs_search:
         fmt = measure(config)["memory_format"] if config.memory_format == "auto" else config.memory_format
-        return replace(config, job=plan_from_flags(config, model_groups(config, dataset), job_devices, fmt))
+        return job_of(config, plan_from_flags(config, model_groups(config, dataset), job_devices, fmt))
     steps = training_steps(config, dataset)
     short = config.strategy == "auto" and steps <= search.TRIAL_STEPS
     if short:
@@ -98,7 +100,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
             _say_if_costly(config, steps, profiled, len(tried) if len(tried) > 1 else 0, search.fastest(pool))
         chosen, trials = _try(tried, run_trial)
     elif config.strategy == "layers":
-        chosen = by_name.get("layers") or _without_layers(found, job_devices)
+        chosen = by_name.get("layers") or _without_layers(found, profile, job_devices)
     elif config.strategy == "ddp":
         chosen = by_name["ddp sized"]
     else:  # kernel with --shares auto: the best split, which may be one device
@@ -119,24 +121,31 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
     else:
         log.info("plan: %s on %s, predicted %.1f ms/step", name, ", ".join(job.devices),
                  1000 * chosen.prediction.step)
-    return replace(config, job=job, planning=planning)
+    return job_of(config, job, planning=planning, profile=None if name == ALL_CORES else chosen.profile)
 
 
-def _without_layers(found: list[search.Candidate], job_devices: list[str]) -> search.Candidate:
+def _without_layers(found: list[search.Candidate], profile: Mapping, job_devices: list[str]) -> search.Candidate:
     """What ``--strategy layers`` runs where the planner found no per-layer
-    split (one device, or no split of two or more within the devices'
-    memory): the fastest of one device alone and the all-kernel split,
-    said in one line; else a one-line refusal."""
-    why = ("one device is listed" if len(job_devices) < 2 else
-           "no per-layer split of two or more of the devices fits their memory")
-    instead = [c for c in found if c.name in ("single", "kernel")]
+    split (one device listed, a model that cannot be traced, or no split of
+    two or more devices within their memory): the faster of one device alone
+    and the all-kernel split, said in one line with why; else a one-line refusal."""
+    if len(job_devices) < 2:
+        why = "one device is listed"
+    elif not search.batch_mode(profile):
+        why = "the model cannot be traced, so no group runs in batch mode"
+    else:
+        why = "no per-layer split of two or more of the devices fits their memory"
+    instead = {c.name: c for c in found if c.name in ("single", "kernel")}
     if not instead:
         raise ConfigError(f"--strategy layers: {why}, nor does one device alone or the all-kernel split; only "
                           f"DDP does (--strategy ddp)")
-    chosen = search.fastest(instead)
+    chosen = search.fastest(list(instead.values()))
     idle = list((Counter(job_devices) - Counter(chosen.plan.devices)).elements()) if chosen.plan.ranks is None else []
+    dropped = ("" if not idle else f", {', '.join(idle)} without work" + (
+        ": the kernel split is predicted slower" if "kernel" in instead else
+        "" if why.startswith("no per-layer") else ": no kernel split fits their memory"))
     log.warning("--strategy layers: %s; running %s on %s instead%s", why, chosen.name, ", ".join(chosen.plan.devices),
-                f", {', '.join(idle)} without work" if idle else "")
+                dropped)
     return chosen
 
 
