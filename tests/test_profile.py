@@ -217,6 +217,7 @@ def test_the_cache_key_names_the_optimizer_whose_step_the_profile_measured(tmp_p
     assert profile.load(path, _key(optimizer="adamw")) is None
     assert profile.load(path, _key(optimizer="adam")) is None
     assert profile.load(path, _key(momentum=0.0)) is None
+    assert profile.load(path, _key(model=build_model("paper", SHAPE, 10, (4, 8)).double())) is None  # 8-byte weights
     with pytest.raises(ConfigError, match="optimizer 'rmsprop'"):
         _key(optimizer="rmsprop")
 

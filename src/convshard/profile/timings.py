@@ -291,8 +291,9 @@ def hostname() -> str:
 
 
 def model_signature(model: nn.Module) -> str:
-    """A short hash of the model's class and parameter shapes."""
-    text = json.dumps([type(model).__name__, [(k, list(v.shape)) for k, v in model.state_dict().items()]])
+    """A short hash of the model's class and its parameters' and buffers' shapes
+    and dtypes (float64 weights hold twice the bytes and time otherwise)."""
+    text = json.dumps([type(model).__name__, [(k, list(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
