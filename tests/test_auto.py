@@ -261,7 +261,7 @@ def _trial_worker(profile_path: str) -> tuple[dict, dict]:
     torch.set_num_threads(1)
     search.TRIAL_MARGIN = 100.0  # every candidate is worth a trial
     config = _config(profile=profile_path)
-    resolved = train._resolve_here(config, train.load_data(config), config.device_list[int(os.environ["RANK"])])
+    resolved = train._resolve_here(config, load_data(config), config.device_list[int(os.environ["RANK"])])
     return resolved.plan.to_json(), resolved.planning["trials"]
 
 

@@ -18,7 +18,7 @@ from convshard import plan
 from convshard.models import build_model
 from convshard.run.config import TrainConfig, load_data, model_groups
 from convshard.run.local import launch_job, prepare
-from convshard.run.train import clip_gradients, learning_rate, param_groups
+from convshard.run.optim import clip_gradients, learning_rate, param_groups
 
 DEVICES = ("cpu@0", "cpu@1")
 OPTIONS = {

@@ -15,7 +15,7 @@ from convshard.cli import main
 from convshard.models import build_model
 from convshard.run import checkpoint
 from convshard.run.config import TrainConfig
-from convshard.run.train import learning_rate
+from convshard.run.optim import learning_rate
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--synthetic-size", "64",
         "--kernels", "4,8", "--batch-size", "16", "--threads", "1", "--quiet"]

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..plan import BatchSplit, KernelSplit, Style
 from ..plan.splits import split_counts
 from . import batch, comm, layouts
+from .reshard import reshard
 from .sharded import ChannelGroup, ShardedConv2d, ShardSplit, is_channelwise, sharded_state
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,6 @@ class Sharded:
         collective): every kernel-mode group moves its slices with their
         optimizer state (``rebalance.reshard``), and the batch-mode groups
         take the new rows."""
-        from .reshard import reshard  # moves slices between the groups built here
-
         kernel = {name: s.counts for name, s in styles.items() if isinstance(s, KernelSplit)}
         rows = {s.rows for s in styles.values() if isinstance(s, BatchSplit)}
         if set(kernel) != set(self.groups) or (rows and self.rows is None):

@@ -1,7 +1,7 @@
 """A local job: resolve its plan on this host, then start one process per planned device.
 
 ``prepare`` runs ``trials.resolve`` with the local runners: the profile
-measured by one worker per listed device (``train.profile_worker``, the
+measured by one worker per listed device (``join.profile_worker``, the
 cache at ``--profile`` reused while it fits), and each trial started as a
 job of its own (``launch_job``). A local job's processes are the plan's
 devices, so a plan may leave listed devices out. Under torchrun the
@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from .. import data, devices, plan
 from . import launch, trials
 from .config import Job, TrainConfig
-from .train import profile_worker, train_worker
+from .join import profile_worker
+from .train import train_worker
 
 
 @contextmanager

@@ -4,18 +4,16 @@
 same ``config.Job``, under ``launch_local`` or alone in the calling process;
 under torchrun, where no launcher planned the job, ``torchrun_worker(config)``
 first resolves the plan alike on every rank (``trials.resolve``). A worker
-joins the job (``launch.init_from_env``), pins itself to its device and
-loads the data (every rank sees the same batches: the order is a pure
-function of seed and epoch, so no image crosses the network). Then it runs
+joins the job (``join.join``: the process group, its device, the data;
+every rank sees the same batches: the order is a pure function of seed and
+epoch, so no image crosses the network). Then it runs
 the job's plan through the engine the plan asks for
 (``convshard.run.engines``): the model from the seed, wrapped by the
 engine, and one loop, the same for every plan, which reads the plan and the
 run's settings and nothing else.
 
-Rank 0 shows a progress bar, logs, writes checkpoints and the metrics JSON.
-It also answers every question about files for the job: it reads the
-checkpoint and the profile cache and sends them to every rank, so hosts
-need not share storage and never act on different answers.
+Rank 0 shows a progress bar, logs, writes checkpoints and the metrics JSON,
+and reads the checkpoint for every rank (``join.read_on_rank0``).
 """
 
 from __future__ import annotations
@@ -25,13 +23,9 @@ import json
 import logging
 import math
 import statistics
-import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,92 +33,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .. import atomic, data, devices, plan, precision, profile
+from .. import atomic, data, devices, plan, precision
 from ..errors import ConfigError, TrainingError
 from ..parallel import comm
 from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
 from ..profile.nominal import nominal
 from . import checkpoint, inference, launch, metrics, trials
+from .join import in_terminal, job_group, join, measure_job, read_on_rank0
+from .optim import clip_gradients, learning_rate, make_optimizer
 from .rebalance import Rebalancer
-from .config import SCHEDULES, Job, RunSettings, TrainConfig, load_data, make_model
+from .config import Job, RunSettings, TrainConfig, make_model
 from .engines import Engine, engine_for
 from .logbook import Logbook
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEDULES", "clip_gradients", "learning_rate", "measure_job", "param_groups", "profile_worker",
-           "torchrun_worker", "train_worker"]
-
-
-def param_groups(params: Iterable[nn.Parameter], *, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """The optimizer's parameter groups: weight decay ``weight_decay`` on the
-    parameters of two or more dimensions (conv kernels, linear matrices) and
-    none on those of one (biases, BatchNorm's per-channel weight and bias)
-    unless ``decay_all``. A parameter's dimensions are the same sharded or
-    whole, so every rank and one device group alike; empty groups are left out."""
-    params = list(params)
-    if weight_decay == 0 or decay_all:
-        return [{"params": params, "weight_decay": weight_decay}]
-    decayed = [p for p in params if p.dim() > 1]
-    kept = [p for p in params if p.dim() <= 1]
-    return [g for g in ({"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0})
-            if g["params"]]
-
-
-def _make_optimizer(config: RunSettings, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    groups = param_groups(params, weight_decay=config.weight_decay, decay_all=config.decay_all)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-
-
-def warmup_steps(config: RunSettings, total_steps: int) -> int:
-    """The optimizer steps of the learning-rate warm-up: ``lr_warmup_epochs`` in steps, rounded."""
-    return round(config.lr_warmup_epochs * total_steps / config.epochs)
-
-
-def learning_rate(config: RunSettings, step: int, total_steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
-
-    With a warm-up of w steps (``warmup_steps``), step s < w takes
-    lr * (s + 1) / w. After it, cosine: lr * (1 + cos(pi * (s - w) / (T - w))) / 2
-    with T = total_steps; constant: lr. A pure function of the step, so a
-    resumed run follows the same schedule.
-    """
-    warm = warmup_steps(config, total_steps)
-    if step < warm:
-        return config.lr * (step + 1) / warm
-    if config.schedule == "constant":
-        return config.lr
-    done = (min(step, total_steps) - warm) / max(1, total_steps - warm)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * done))
-
-
-def clip_gradients(model: nn.Module, max_norm: float, *, sharded: Collection[str], group: comm.Group) -> float:
-    """Scale every gradient of ``model`` by min(1, max_norm / (|g| + 1e-6));
-    returns |g|, the L2 norm of the whole model's gradient.
-
-    |g|^2 = sum over ranks of the sum of squares of this rank's shards of the
-    ``sharded`` parameters (by name), summed over ``group`` in one all-reduce
-    (None: nothing to sum, as for DDP, whose gradients are whole), plus the sum of squares of the replicated ones, identical on every rank
-    and counted once. Every rank thus scales by the same factor, whatever the
-    split, and one device (no group) scales as torch's ``clip_grad_norm_``.
-    """
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    device = next(model.parameters()).device
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    own = sum((g.double().pow(2).sum() for n, g in grads.items() if n in sharded), zero)
-    if group is not None and comm.world_size(group) > 1:
-        comm.all_reduce_sum_(own, group=group)
-    rest = sum((g.double().pow(2).sum() for n, g in grads.items() if n not in sharded), zero)
-    norm = (own + rest).sqrt().item()
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1:
-        for g in grads.values():
-            g.mul_(scale)
-    return norm
+__all__ = ["torchrun_worker", "train_worker"]
 
 
 @dataclass
@@ -172,7 +96,7 @@ def train_worker(job: Job, dataset: data.Dataset | None = None) -> dict | None:
     alone in the calling process); rank 0 returns the metrics, others None.
     ``dataset`` is the run's data when the caller has loaded it already."""
     device_of = lambda local_rank: devices.parse_devices(job.plan.devices[local_rank])[0]  # noqa: E731
-    rank, _, device_spec, dataset = _join(job.settings, dataset, device_of, job.threads_for,
+    rank, _, device_spec, dataset = join(job.settings, dataset, device_of, job.threads_for,
                                           devices.backend_for([device_of(r) for r in range(job.plan.world)]))
     return _run(job, dataset, device_spec, rank)
 
@@ -181,7 +105,7 @@ def torchrun_worker(config: TrainConfig, dataset: data.Dataset | None = None) ->
     """Train as one rank of a torchrun job: every rank plans alike from the
     same profile and trials (``_resolve_here``), then runs the plan."""
     listed = config.device_list
-    rank, world, device_spec, dataset = _join(
+    rank, world, device_spec, dataset = join(
         config, dataset, lambda local_rank: listed[local_rank],
         lambda device: config.threads or devices.default_threads(device, listed), devices.backend_for(listed))
     job = _resolve_here(config, dataset, device_spec)
@@ -255,7 +179,7 @@ def _setup(job: Job, dataset: data.Dataset, device: torch.device, engine: Engine
     so far (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     settings, group = job.settings, engine.group
     model = make_model(settings, dataset)
-    saved = _read_on_rank0(lambda: _resume_point(settings), group=group) if settings.checkpoint_dir else None
+    saved = read_on_rank0(lambda: _resume_point(settings), group=group) if settings.checkpoint_dir else None
     if saved is not None:
         where = checkpoint.path_in(settings.checkpoint_dir)
         try:
@@ -268,7 +192,7 @@ def _setup(job: Job, dataset: data.Dataset, device: torch.device, engine: Engine
         if engine.rank == 0 and (changed := checkpoint.changes(saved.get("config", {}), job.record)):
             log.warning("%s was written with %s: continuing with this run's", where, changed)
     model = engine.wrap(model.to(device, memory_format=precision.memory_format(job.plan.memory_format)))
-    optimizer = _make_optimizer(settings, model.parameters())
+    optimizer = make_optimizer(settings, model.parameters())
     run = _Run(job, job.plan, dataset, engine, model, optimizer, {"epoch": 0, "batch": 0, "step": 0,
                "history": []}, device, metrics.StepClock(settings.warmup_steps))
     run.rebalancer = _rebalancer(job, engine, dataset)
@@ -313,7 +237,7 @@ def _train_epoch(run: _Run) -> float:
     loss_sum, seen = 0.0, 0
     speaks = run.rank == 0 and not config.quiet
     bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="step", disable=not (speaks and _in_terminal()), leave=False, dynamic_ncols=True)
+               unit="step", disable=not (speaks and in_terminal()), leave=False, dynamic_ncols=True)
     while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
         batch = order[b * batch_size : (b + 1) * batch_size]  # the global batch's image indices
@@ -351,12 +275,6 @@ def _train_epoch(run: _Run) -> float:
         progress["epoch"], progress["batch"] = epoch + 1, 0
     totals = run.engine.reduce(torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=run.device))
     return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def _in_terminal() -> bool:
-    """Whether the log goes to a terminal, where a progress bar redraws; elsewhere (a file, CI, a
-    scheduler) the loop writes a timestamped line every --log-every steps instead."""
-    return sys.stderr.isatty()
 
 
 def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
@@ -445,86 +363,6 @@ def _resume_point(config: RunSettings) -> dict | None:
     if saved is None:
         log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
     return saved
-
-
-T = TypeVar("T")
-
-
-def job_group() -> comm.Group:
-    """The process group of the job every rank joined (None without one)."""
-    return dist.group.WORLD if dist.is_initialized() else None
-
-
-def _read_on_rank0(read: Callable[[], T], *, group: comm.Group) -> T:
-    """``read()`` as rank 0 answers it, on every rank (a collective).
-
-    Files differ between hosts (no shared storage, a stale copy): a rank
-    that read its own could skip collectives the others enter, or resume at
-    another step. So rank 0 reads and broadcasts the result; a ``ConfigError``
-    there is raised on every rank.
-    """
-    if comm.world_size(group) == 1:
-        return read()
-    answer: list = [None]
-    if comm.rank(group) == 0:
-        try:
-            answer = [(read(), None)]
-        except ConfigError as exc:
-            answer = [(None, str(exc))]
-    dist.broadcast_object_list(answer, group=group, group_src=0)
-    value, error = answer[0]
-    if error is not None:
-        raise ConfigError(error)
-    return value
-
-
-def _join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callable[[int], devices.Device],
-          threads_for: Callable[[devices.Device], int], backend: str
-          ) -> tuple[int, int, devices.Device, data.Dataset]:
-    """Join the job over ``backend``, pin to this rank's device
-    (``device_of(local rank)``, ``threads_for`` it), load the data:
-    (rank, world size, device, dataset)."""
-    rank, world, local_rank = launch.init_from_env(backend, timeout=settings.timeout)
-    level = logging.INFO if rank == 0 and not settings.quiet else logging.WARNING
-    stamp = "" if _in_terminal() else "%(asctime)s "  # a log read later says when each line was written
-    logging.basicConfig(level=level, format=stamp + ("%(message)s" if rank == 0 else f"rank {rank}: %(message)s"),
-                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
-    tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
-    device_spec = device_of(local_rank)
-    devices.pin(device_spec, threads_for(device_spec))
-    return rank, world, device_spec, dataset if dataset is not None else load_data(settings)
-
-
-def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> dict:
-    """This job's profile (a collective): from the cache at ``config.profile``
-    when it was measured on the same devices, threads, hosts and model (rank
-    0 reads it for every rank), else measured now and written there."""
-    model = make_model(config, dataset).to(device_spec.torch_device)
-    group = job_group()
-    key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
-                          batch_size=config.batch_size, precision=config.precision,
-                          memory_format=config.memory_format, optimizer=config.optimizer,
-                          momentum=config.momentum, group=group)
-    cached = _read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
-    if cached is not None:
-        return cached
-    log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
-    result = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,
-                             batch_size=config.batch_size, group=group)
-    if config.profile and comm.rank(group) == 0:
-        profile.save(config.profile, result)
-    return result
-
-
-def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
-    """Profile the job as one rank of it; rank 0 returns the profile, others None."""
-    listed = config.device_list
-    rank, _, device_spec, dataset = _join(
-        config, dataset, lambda local_rank: listed[local_rank],
-        lambda device: config.threads or devices.default_threads(device, listed), devices.backend_for(listed))
-    result = measure_job(config, dataset, device_spec)
-    launch.shutdown()
-    return result if rank == 0 else None
 
 
 def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> Job:

@@ -1,0 +1,115 @@
+"""Joining a job: the process group, pinning, the data, and what rank 0 answers for every rank.
+
+Every worker, launched locally or by torchrun, ``join``s first: it enters
+the process group (``launch.init_from_env``), sets up its log lines, pins
+itself to its device and loads the data. Rank 0 answers every question
+about files for the job (``read_on_rank0``): the checkpoint, the profile
+cache, so that hosts need not share storage and never act on different
+answers. ``measure_job`` is the job's profile, a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import data, devices, profile
+from ..errors import ConfigError
+from ..parallel import comm
+from . import launch
+from .config import RunSettings, TrainConfig, load_data, make_model
+
+log = logging.getLogger(__name__)
+
+
+def in_terminal() -> bool:
+    """Whether the log goes to a terminal, where a progress bar redraws; elsewhere (a file, CI, a
+    scheduler) the loop writes a timestamped line every --log-every steps instead."""
+    return sys.stderr.isatty()
+
+
+T = TypeVar("T")
+
+
+def job_group() -> comm.Group:
+    """The process group of the job every rank joined (None without one)."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def read_on_rank0(read: Callable[[], T], *, group: comm.Group) -> T:
+    """``read()`` as rank 0 answers it, on every rank (a collective).
+
+    Files differ between hosts (no shared storage, a stale copy): a rank
+    that read its own could skip collectives the others enter, or resume at
+    another step. So rank 0 reads and broadcasts the result; a ``ConfigError``
+    there is raised on every rank.
+    """
+    if comm.world_size(group) == 1:
+        return read()
+    answer: list = [None]
+    if comm.rank(group) == 0:
+        try:
+            answer = [(read(), None)]
+        except ConfigError as exc:
+            answer = [(None, str(exc))]
+    dist.broadcast_object_list(answer, group=group, group_src=0)
+    value, error = answer[0]
+    if error is not None:
+        raise ConfigError(error)
+    return value
+
+
+def join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callable[[int], devices.Device],
+          threads_for: Callable[[devices.Device], int], backend: str
+          ) -> tuple[int, int, devices.Device, data.Dataset]:
+    """Join the job over ``backend``, pin to this rank's device
+    (``device_of(local rank)``, ``threads_for`` it), load the data:
+    (rank, world size, device, dataset)."""
+    rank, world, local_rank = launch.init_from_env(backend, timeout=settings.timeout)
+    level = logging.INFO if rank == 0 and not settings.quiet else logging.WARNING
+    stamp = "" if in_terminal() else "%(asctime)s "  # a log read later says when each line was written
+    logging.basicConfig(level=level, format=stamp + ("%(message)s" if rank == 0 else f"rank {rank}: %(message)s"),
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
+    tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
+    device_spec = device_of(local_rank)
+    devices.pin(device_spec, threads_for(device_spec))
+    return rank, world, device_spec, dataset if dataset is not None else load_data(settings)
+
+
+def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> dict:
+    """This job's profile (a collective): from the cache at ``config.profile``
+    when it was measured for the same key (devices, threads, hosts, model,
+    compute, optimizer; rank 0 reads it for every rank), else measured now
+    and written there."""
+    model = make_model(config, dataset).to(device_spec.torch_device)
+    group = job_group()
+    key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
+                          batch_size=config.batch_size, precision=config.precision,
+                          memory_format=config.memory_format, optimizer=config.optimizer,
+                          momentum=config.momentum, group=group)
+    cached = read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
+    if cached is not None:
+        return cached
+    log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
+    result = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,
+                             batch_size=config.batch_size, group=group)
+    if config.profile and comm.rank(group) == 0:
+        profile.save(config.profile, result)
+    return result
+
+
+def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
+    """Profile the job as one rank of it; rank 0 returns the profile, others None."""
+    listed = config.device_list
+    rank, _, device_spec, dataset = join(
+        config, dataset, lambda local_rank: listed[local_rank],
+        lambda device: config.threads or devices.default_threads(device, listed), devices.backend_for(listed))
+    result = measure_job(config, dataset, device_spec)
+    launch.shutdown()
+    return result if rank == 0 else None
