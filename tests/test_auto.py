@@ -249,6 +249,30 @@ def test_nothing_is_tried_when_one_plan_stands_out(measured):
     assert ran == [] and resolved.plan.name == "single" and resolved.planning["trials"] is None
 
 
+def test_strategy_layers_trains_one_device_when_no_split_fits_and_says_why(measured, caplog):
+    """``--strategy layers`` where no split over two or more devices fits their
+    memory (cpu@1 may hold one byte) trains the plan the planner found, cpu@0
+    alone, and says why in one line (not that cpu@1 would slow the step); with
+    one device listed it trains that device. Neither is an error."""
+    caplog.set_level("INFO", logger="convshard.run.trials")
+    resolved, ran = _resolve(_config(strategy="layers", device_memory=(2.0 ** 40, 1.0)), measured, {})
+    assert ran == [] and (resolved.plan.name, resolved.plan.devices) == ("single", ("cpu@0",))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy layers")]
+    assert said == ["--strategy layers: no per-layer split of two or more of the devices fits their memory; "
+                    "running single on cpu@0 instead, cpu@1 without work"]
+    assert not any("gets no work" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    alone, _ = _resolve(_config(strategy="layers", devices="cpu@0"), search.restrict(measured, [0]), {})
+    assert (alone.plan.name, alone.plan.devices) == ("single", ("cpu@0",))
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy layers")] == [
+        "--strategy layers: one device is listed; running single on cpu@0 instead"]
+    caplog.clear()
+    untraced, _ = _resolve(_config(strategy="layers"), {**measured, "traced": False}, {})
+    assert untraced.plan.name in ("single", "kernel") and not untraced.plan.batch_groups()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy layers")]
+    assert line.startswith("--strategy layers: the model cannot be traced, so no group runs in batch mode; running ")
+
+
 def _trial_worker(profile_path: str) -> tuple[dict, dict]:
     """One rank of a two-rank job resolving auto's plan in-process, as a torchrun worker does."""
     import torch

@@ -8,8 +8,9 @@ import helpers
 import pytest
 
 from convshard.cli import main
+from convshard import plan
 from convshard.errors import ConfigError
-from convshard.plan import cluster, cost, search
+from convshard.plan import cluster, cost, memory, search
 
 
 def write_cluster(tmp_path, text):
@@ -46,6 +47,29 @@ def test_cluster_file_builds_the_profile_the_cost_model_reads(tmp_path):
     gather = built["links"]["all_gather"]
     assert gather["bandwidth"] == pytest.approx(12.5e6 * 3 / 2)
     assert gather["latency"] == pytest.approx(2 * 1.1e-3)
+
+
+def test_a_cluster_plans_for_the_optimizer_its_profiles_measured(tmp_path):
+    """The cluster's profile names the optimizer its devices' profiles timed, and
+    the memory model counts that one's state; planning it for another optimizer
+    is refused in one line, as are profiles that measured different ones."""
+    measured = helpers.write_profile(tmp_path / "two.json", speeds=(1.0, 2.0))
+    path = write_cluster(tmp_path, TWO_HOSTS)
+    assert memory.optimizer_of(cluster.load(path, optimizer=("sgd", 0.9))) == ("sgd", 0.9)  # named by none: sgd
+    with pytest.raises(ConfigError, match=r"measured optimizer sgd \(momentum 0.9\), not adamw \(momentum 0.9\)"):
+        cluster.load(path, optimizer=("adamw", 0.9))
+    adamw = {**measured, "optimizer": "adamw", "key": {**measured["key"], "optimizer": "adamw", "momentum": 0.9}}
+    (tmp_path / "two.json").write_text(json.dumps(adamw))
+    built = cluster.load(path, optimizer=("adamw", 0.9))
+    job = plan.kernel_split(built["devices"], search.groups_of(built), 128)  # 64 kernels: 22, 21, 21; 128: 43, 43, 42
+    group = built["layers"][0]["param_bytes"]  # each group's, the rest's 10,000 bytes replicated
+    held = [10_000 + group * (c0 / 64 + c1 / 128) for c0, c1 in ((22, 43), (21, 43), (21, 42))]
+    sgd = memory.peak_bytes({**built, "optimizer": "sgd"}, job)  # one state tensor less than adamw
+    assert [a - b for a, b in zip(memory.peak_bytes(built, job), sgd)] == pytest.approx(held)
+    (tmp_path / "old.json").write_text(json.dumps(measured))  # sgd beside adamw
+    with pytest.raises(ConfigError, match="measured another optimizer"):
+        cluster.load(write_cluster(tmp_path, TWO_HOSTS.replace('profile = "two.json", device = "cpu@0"',
+                                                               'profile = "old.json", device = "cpu@0"')))
 
 
 def test_a_ring_without_the_slow_host_runs_at_the_fast_links(tmp_path):

@@ -205,6 +205,38 @@ def test_cache_is_reused_only_for_the_same_job(tmp_path, measured):
         profile.load(path, _key())
 
 
+def test_the_cache_key_names_the_optimizer_whose_step_the_profile_measured(tmp_path, measured):
+    """The profile times and measures a step of the job's optimizer (its state is
+    memory): another optimizer, or SGD with another momentum, is another key, and
+    the profile records the optimizer it measured."""
+    assert measured[0]["optimizer"] == "sgd" and measured[0]["momentum"] == 0.9
+    assert measured[0]["key"]["optimizer"] == "sgd" and measured[0]["key"]["momentum"] == 0.9
+    path = tmp_path / "profile.json"
+    profile.save(path, {**copy.deepcopy(measured[0]), "key": _key(), "devices": _key()["devices"]})
+    assert profile.load(path, _key()) is not None
+    assert profile.load(path, _key(optimizer="adamw")) is None
+    assert profile.load(path, _key(optimizer="adam")) is None
+    assert profile.load(path, _key(momentum=0.0)) is None
+    assert profile.load(path, _key(model=build_model("paper", SHAPE, 10, (4, 8)).double())) is None  # 8-byte weights
+    with pytest.raises(ConfigError, match="optimizer 'rmsprop'"):
+        _key(optimizer="rmsprop")
+
+
+def test_every_step_the_profile_takes_is_the_job_optimizer():
+    """The optimizer the profile steps (its update time, the rest's step, the
+    step whose bytes it measures) is the one the key names, state and all."""
+    for name, momentum, kind, state in (("sgd", 0.9, torch.optim.SGD, {"momentum_buffer"}),
+                                        ("sgd", 0.0, torch.optim.SGD, set()),
+                                        ("adam", 0.9, torch.optim.Adam, {"step", "exp_avg", "exp_avg_sq"}),
+                                        ("adamw", 0.9, torch.optim.AdamW, {"step", "exp_avg", "exp_avg_sq"})):
+        weight = torch.nn.Parameter(torch.ones(3))
+        weight.grad = torch.ones(3)
+        step = timings._Compute(optimizer=name, momentum=momentum).step([weight])
+        step.step()
+        assert type(step) is kind and set(step.state[weight]) == state, name
+        assert torch.equal(weight, torch.ones(3)), name  # learning rate 0: timing changes no weight
+
+
 def test_profile_command_writes_the_cache_and_plan_reuses_it(tmp_path, capfd):
     from convshard.cli import main
 

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..models import MODELS, is_model_name
 from ..run.rebalance import parse_mode
 from ..plan import cluster
-from ..run.config import TrainConfig
+from ..run.config import OPTIMIZERS, TrainConfig
 
 
 class Parser(argparse.ArgumentParser):
@@ -193,6 +193,14 @@ def memory_option(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
                         "2GiB,900MiB): a planned job (--strategy auto or layers, --shares auto, convshard plan) "
                         "gives a device no more kernels or rows than fit, its process included (default: what "
                         "torch reads: a GPU's free memory, the host's RAM)")
+
+
+def optimizer_options(g: argparse._ArgumentGroup | argparse.ArgumentParser, d: TrainConfig) -> None:
+    """``--optimizer`` and ``--momentum`` (train; profile and plan, whose step times and memory are its)."""
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="the profile times its step, the planner counts its state: adam and adamw keep two "
+                        "bytes per weight byte, sgd one, none with --momentum 0 (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
 
 
 def compute_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:

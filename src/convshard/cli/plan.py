@@ -14,7 +14,7 @@ from ..run import launch
 from ..run.config import TrainConfig, cap_batch
 from ..run.local import profile_job
 from .job import config_from_args, validate
-from .options import job_options, memory_option
+from .options import job_options, memory_option, optimizer_options
 
 
 def add_parsers(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
@@ -25,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
                                 "step time of every strategy and the choice; trains nothing")):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         job_options(p, d)
+        optimizer_options(p, d)
         if name == "plan":
             p.add_argument("--cluster", metavar="FILE",
                            help="plan for the cluster FILE describes (TOML: hosts, their devices as profiles "
@@ -76,7 +77,8 @@ def _plan_cluster(args: argparse.Namespace) -> None:
     for flag in ("devices", "profile", "threads"):
         if getattr(args, flag):
             raise ConfigError(f"--cluster describes the devices and their profiles: leave --{flag} out")
-    described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size), args.device_memory)
+    described = memory.with_limits(cluster.load(args.cluster, batch_size=args.batch_size,
+                                                optimizer=(args.optimizer, args.momentum)), args.device_memory)
     print(cluster.describe(described))
     _print_plans(described, args.plan_out, grad_precision=args.grad_precision or "32")
 

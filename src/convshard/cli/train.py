@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..run.config import OPTIMIZERS, PLANNED, SCHEDULES, STRATEGIES, TrainConfig, load_data, with_saved_plan
+from ..run.config import PLANNED, SCHEDULES, STRATEGIES, TrainConfig, load_data, with_saved_plan
 from .job import config_from_args, run
-from .options import augment_list, fraction, job_options, memory_option, positive, rebalance_mode, share_weights
+from .options import (augment_list, fraction, job_options, memory_option, optimizer_options, positive, rebalance_mode,
+                      share_weights)
 
 EXAMPLES = """\
 examples:
@@ -96,9 +97,8 @@ def _training_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--epochs", metavar="N", type=positive(int, "--epochs"), default=d.epochs, help="(default: %(default)s)")
     g.add_argument("--max-steps", metavar="N", type=positive(int, "--max-steps"),
                    help="stop after this many optimizer steps (for benchmarks)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default: %(default)s)")
+    optimizer_options(g, d)
     g.add_argument("--lr", metavar="LR", type=positive(float, "--lr"), default=d.lr, help="(default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     g.add_argument("--weight-decay", metavar="L", type=fraction("--weight-decay", below_one=False),
                    default=d.weight_decay,
                    help="weight decay of the conv kernels and linear weights (sgd, adam: L2 added to the gradient; "

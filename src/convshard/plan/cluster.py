@@ -58,6 +58,7 @@ import tomllib
 from .. import profile as profiles
 from ..errors import ConfigError
 from . import cost
+from .memory import DEFAULT_OPTIMIZER, optimizer_of
 
 UNBOUNDED = float(2 ** 63)  # the memory of a device that records none, beside devices that do
 DEFAULT_LINKS = {  # per kind of link, when the file gives none
@@ -138,10 +139,11 @@ class _Reader:
         return {"bandwidth": link["bandwidth"] / 2, "latency": link["latency"] / hosts, "reduce_scatter": ratio}
 
 
-def load(path: str | Path, *, batch_size: int | None = None) -> dict:
+def load(path: str | Path, *, batch_size: int | None = None, optimizer: tuple[str, float] | None = None) -> dict:
     """The profile of the cluster described in ``path`` (module docstring),
     checked against the profile schema, with ``topology`` and ``device_memory``;
-    ``batch_size`` replaces the file's."""
+    ``batch_size`` replaces the file's. ``optimizer``, (name, momentum), is
+    the job's: every device's profile must have measured its step."""
     path = Path(path)
     reader = _Reader(path)
     try:
@@ -181,6 +183,11 @@ def load(path: str | Path, *, batch_size: int | None = None) -> dict:
         raise reader.fail("batch_size", f"is {batch!r}, expected a positive integer")
     topology = {"hosts": [d[1] for d in devices], "names": names, "within": within, "between": between}
     built = _profile(devices, batch, topology)
+    if optimizer is not None and optimizer_of(built) != (optimizer[0], float(optimizer[1])):
+        measured = optimizer_of(built)
+        raise reader.fail("hosts", f"its devices' profiles measured optimizer {measured[0]} (momentum "
+                                   f"{measured[1]:g}), not {optimizer[0]} (momentum {optimizer[1]:g}): profile them "
+                                   f"with --optimizer {optimizer[0]} --momentum {optimizer[1]:g}")
     return profiles.check(built, f"cluster {path}")
 
 
@@ -224,7 +231,8 @@ def _device(reader: _Reader, value: object, where: str, host: str, h: int,
         raise reader.fail(f"{where}.name", f"is {name!r}, expected a non-empty string")
     first_path, first = next(iter(loaded.items()))
     for field, default in (("model", None), ("input_shape", None), ("precision", "32"),
-                           ("memory_format", "contiguous")):
+                           ("memory_format", "contiguous"), ("optimizer", DEFAULT_OPTIMIZER[0]),
+                           ("momentum", DEFAULT_OPTIMIZER[1])):
         theirs, ours = measured["key"].get(field, default), first["key"].get(field, default)
         if theirs != ours:
             raise reader.fail(f"{where}.profile", f"{given['profile']!r} measured another {field.replace('_', ' ')} "
@@ -278,7 +286,7 @@ def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:
         "param_bytes": base["param_bytes"], "replicated_param_bytes": base["replicated_param_bytes"],
         "links": cost.ring_links(topology, range(world)), "topology": topology,
     }
-    for key in ("batchnorm", "precision", "memory_format"):  # alike in every profile (``_device``)
+    for key in ("batchnorm", "precision", "memory_format", "optimizer", "momentum"):  # alike in every profile
         if key in base:
             built[key] = base[key]
     if any(m is not None for m in memory):

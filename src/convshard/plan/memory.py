@@ -6,8 +6,11 @@ output over the whole batch with all kernels O_g = max(K_g
 gather_bytes_per_kernel, sum of its outputs' bytes) and of its inputs held
 whole I_g (replicated inputs and inputs gathered from a channel split);
 P_rep, the parameters of the replicated rest. Each parameter byte comes
-with a gradient and ``OPTIMIZER_COPIES`` bytes of optimizer state (SGD
-momentum): (2 + s) bytes held per parameter byte. Rank r of a plan holds
+with a gradient and s bytes of optimizer state (``state_copies``: s = 2
+for Adam and AdamW, their two moments; 1 for SGD with momentum, its
+momentum buffer; 0 for SGD with momentum 0, which keeps none): (2 + s)
+bytes held per parameter byte, s read from the optimizer the profile names
+(``optimizer_of``). Rank r of a plan holds
 
     R_r + sharded engine:  (2+s) P_rep + sum_g m_{r,g}
       kernel mode:   m_{r,g} = (2+s) P_g c_r/K + sigma_r (I_g + SAVED O_g c_r/K + O_g W max_r c_r / K)
@@ -26,7 +29,8 @@ tensors: R_r, the bytes rank r's process held before a training step
 set on a CPU; 0 on a GPU, whose free memory is read with the process
 already there), and sigma_r (``activation_scale``), the bytes one step of
 the whole model at b rows added, S_r, over what the terms above count for
-it: sigma_r = max(1, (S_r - 2 P) / (sum_g (I_g + SAVED O_g) b / B)). It
+it: sigma_r = max(1, (S_r - (1+s) P) / (sum_g (I_g + SAVED O_g) b / B)),
+the step's gradients and the optimizer state it creates taken out. It
 folds in what the count leaves out: the rest's activations, the
 convolution's work buffers, the allocator's slack.
 
@@ -54,8 +58,30 @@ from ..errors import ConfigError
 from . import DDP, KERNEL, Plan
 
 SAVED = 4  # bytes backward keeps per byte of a group's output
-OPTIMIZER_COPIES = 1  # optimizer state per parameter byte (SGD momentum)
-HELD = 2 + OPTIMIZER_COPIES  # weight, gradient, optimizer state
+DEFAULT_OPTIMIZER = ("sgd", 0.9)  # (name, momentum) of a profile that names none: what every such one measured
+
+
+def state_copies(optimizer: str, momentum: float) -> int:
+    """s: the bytes of optimizer state torch keeps per parameter byte:
+    Adam and AdamW two (``exp_avg``, ``exp_avg_sq``; their one-element step
+    count is left out), SGD with momentum one (``momentum_buffer``), SGD
+    with momentum 0 none."""
+    if optimizer in ("adam", "adamw"):
+        return 2
+    if optimizer == "sgd":
+        return 1 if momentum else 0
+    raise ConfigError(f"optimizer {optimizer!r}: expected sgd, adam or adamw")
+
+
+def optimizer_of(profile: Mapping) -> tuple[str, float]:
+    """(name, momentum) of the optimizer the profile was measured with and is
+    planned for; ``DEFAULT_OPTIMIZER`` where it names none."""
+    return profile.get("optimizer", DEFAULT_OPTIMIZER[0]), profile.get("momentum", DEFAULT_OPTIMIZER[1])
+
+
+def held_per_byte(profile: Mapping) -> int:
+    """2 + s: the bytes held per parameter byte (weight, gradient, optimizer state)."""
+    return 2 + state_copies(*optimizer_of(profile))
 
 
 def output_bytes(layer: Mapping) -> float:
@@ -72,13 +98,14 @@ def peak_bytes(profile: Mapping, plan: Plan) -> tuple[float, ...]:
     """Per rank of ``plan``, the bytes it holds at its peak (module docstring)."""
     batch, world = plan.batch_size, plan.world
     split = {g.name: g for g in plan.groups}
+    per_byte = held_per_byte(profile)
     runtime = profile.get("runtime_bytes", [0] * world)
     sigma = profile.get("activation_scale", [1.0] * world)
     if plan.engine == DDP:
         acts = sum(input_bytes(layer) + SAVED * output_bytes(layer) for layer in profile["layers"])
-        return tuple(held + (HELD + 1) * profile["param_bytes"] + s * acts * b / batch
+        return tuple(held + (per_byte + 1) * profile["param_bytes"] + s * acts * b / batch
                      for held, s, b in zip(runtime, sigma, plan.rows))
-    peak = [held + HELD * profile["replicated_param_bytes"] for held in runtime]
+    peak = [held + per_byte * profile["replicated_param_bytes"] for held in runtime]
     for layer in profile["layers"]:
         g, k = split[layer["name"]], layer["kernels"]
         out, inp, params = output_bytes(layer), input_bytes(layer), layer["param_bytes"]
@@ -86,9 +113,9 @@ def peak_bytes(profile: Mapping, plan: Plan) -> tuple[float, ...]:
             if g.mode == KERNEL:
                 share = g.counts[r] / k
                 gathered = out * world * max(g.counts) / k  # padded to the largest share
-                peak[r] += HELD * params * share + sigma[r] * (inp + SAVED * out * share + gathered)
+                peak[r] += per_byte * params * share + sigma[r] * (inp + SAVED * out * share + gathered)
             else:
-                peak[r] += HELD * params + sigma[r] * ((inp + SAVED * out) * plan.rows[r] / batch + out)
+                peak[r] += per_byte * params + sigma[r] * ((inp + SAVED * out) * plan.rows[r] / batch + out)
     return tuple(peak)
 
 
@@ -99,13 +126,13 @@ def caps(profile: Mapping) -> tuple[list[float], list[int]]:
     limits = profile.get("device_memory")
     if limits is None:
         return [1.0] * world, [batch] * world
-    layers = profile["layers"]
+    layers, per_byte = profile["layers"], held_per_byte(profile)
     shares, rows = [], []
     for m, held, s in zip(limits, profile.get("runtime_bytes", [0] * world),
                           profile.get("activation_scale", [1.0] * world)):
-        fixed = HELD * profile["replicated_param_bytes"] + s * sum(input_bytes(g) + output_bytes(g) for g in layers)
-        per_share = sum(HELD * g["param_bytes"] + s * SAVED * output_bytes(g) for g in layers)
-        whole = HELD * profile["param_bytes"] + s * sum(output_bytes(g) for g in layers)
+        fixed = per_byte * profile["replicated_param_bytes"] + s * sum(input_bytes(g) + output_bytes(g) for g in layers)
+        per_share = sum(per_byte * g["param_bytes"] + s * SAVED * output_bytes(g) for g in layers)
+        whole = per_byte * profile["param_bytes"] + s * sum(output_bytes(g) for g in layers)
         per_row = s * sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) / batch
         free = m - held
         shares.append(min(1.0, (free - fixed) / per_share) if per_share else (1.0 if free >= fixed else -1.0))
@@ -125,13 +152,15 @@ def with_limits(profile: Mapping, limits: Sequence[float] | None) -> Mapping:
     return {**profile, "device_memory": [float(m) for m in (limits * world if len(limits) == 1 else limits)]}
 
 
-def activation_scale(layers: Sequence[Mapping], param_bytes: float, batch: int, rows: int, step: float) -> float:
+def activation_scale(layers: Sequence[Mapping], param_bytes: float, batch: int, rows: int, step: float, *,
+                     state: int) -> float:
     """sigma_r: the bytes one measured training step of the whole model at
-    ``rows`` rows added (``step``: gradients, optimizer state, what backward
-    kept, the allocator's own) over what the model counts for it,
-    2 P + sum_g (I_g + SAVED O_g) rows / B; at least 1."""
+    ``rows`` rows added (``step``: gradients, the optimizer's ``state``
+    bytes per parameter byte, what backward kept, the allocator's own) over
+    what the model counts for it, (1 + state) P + sum_g (I_g + SAVED O_g)
+    rows / B; at least 1."""
     counted = sum(input_bytes(g) + SAVED * output_bytes(g) for g in layers) * rows / batch
-    return max(1.0, (step - 2 * param_bytes) / counted) if counted > 0 else 1.0
+    return max(1.0, (step - (1 + state) * param_bytes) / counted) if counted > 0 else 1.0
 
 
 def held_bytes(device: torch.device) -> int:

@@ -53,7 +53,7 @@ class _RequiredKey(TypedDict):
     devices: Annotated[list[str], _PER_DEVICE]  # each rank's device spec, e.g. "cpu@0", "cuda:1"
     threads: Annotated[list[PositiveSize], _PER_DEVICE]  # each rank's torch intra-op threads
     hosts: Annotated[list[str], _PER_DEVICE]  # each rank's hostname
-    model: str  # ``model_signature``: hash of the model's class and parameter shapes
+    model: str  # ``model_signature``: hash of the model's class, parameter shapes and dtypes
     input_shape: list[PositiveSize]  # one sample's (C, H, W)
     batch_size: PositiveSize  # rows per step, over all ranks
     torch: str  # torch.__version__
@@ -64,6 +64,8 @@ class ProfileKey(_RequiredKey, total=False):
 
     precision: str  # the compute precision it was timed in: 32 | bf16 | fp16
     memory_format: str  # as asked: contiguous | channels_last | auto (timed in the faster)
+    optimizer: str  # the optimizer whose step was timed and measured: sgd | adam | adamw
+    momentum: float  # SGD's momentum (0: no momentum buffer); the others ignore it
 
 
 class Link(TypedDict):
@@ -138,7 +140,7 @@ class _RequiredProfile(TypedDict):
     devices: list[str]  # W device specs, rank order (key["devices"]); non-empty
     layers: list[Layer]  # the channel groups in model order, names unique
     rest_seconds: PerDevice  # the replicated part (the model without the groups) and its optimizer step
-    update_seconds_per_byte: PerDevice  # SGD-with-momentum step per byte of the groups' parameters
+    update_seconds_per_byte: PerDevice  # the optimizer's step per byte of the groups' parameters
     param_bytes: Size  # all the model's parameters
     replicated_param_bytes: Size  # those split with no group (<= param_bytes)
     # by collective (all_gather, all_reduce, ddp_all_reduce, reduce_scatter, broadcast, all_to_all); {} for W = 1
@@ -152,6 +154,8 @@ class Profile(_RequiredProfile, total=False):
     traced: bool  # whether fx traced the model: batch mode needs it (absent: true)
     precision: str  # compute precision of every timing, and of the activation bytes (absent: 32)
     memory_format: str  # contiguous | channels_last: the format every timing ran in (absent: contiguous)
+    optimizer: str  # sgd | adam | adamw: whose step every timing ran and whose state memory counts (absent: sgd)
+    momentum: float  # SGD's momentum, 0 keeping no state (absent: 0.9)
     format_seconds: dict[str, PerDevice]  # the whole model's step in each memory format (memory_format auto)
     device_memory: PerDevice  # bytes each device can hold (``convshard.plan.memory``); absent: unbounded
     runtime_bytes: PerDevice  # bytes each worker holds before a step (a CPU's resident set; 0 on a GPU)

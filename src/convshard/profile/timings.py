@@ -16,7 +16,11 @@ cost at the working point, contention between workers included.
 ``rest_seconds[r]`` is the replicated part: forward+backward of the model
 with every segment replaced by a constant of its output's shape, plus the
 optimizer step of its parameters; ``update_seconds_per_byte[r]`` the
-optimizer step (SGD with momentum) per byte of the groups' parameters.
+optimizer step per byte of the groups' parameters. Every step, timed or
+measured for memory, is the job's optimizer's (``optimizer`` and
+``momentum`` of the key: SGD, with or without momentum, Adam or AdamW;
+without weight decay, one more multiply-add per element), whose state the
+memory model counts too (``convshard.plan.memory.state_copies``).
 ``batch_seconds[r]`` times each group in batch mode: all kernels,
 ``batch_rows`` = ceil(B / W) rows. Each collective the plans use
 (all-gather, all-reduce, reduce-scatter, all-to-all, broadcast; and the
@@ -52,7 +56,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -61,7 +65,8 @@ from torch import nn
 
 from .. import precision as compute
 from ..parallel import comm
-from ..plan.memory import activation_scale, device_memory, held_bytes, peak_held_bytes, reset_peak
+from ..plan.memory import (DEFAULT_OPTIMIZER, activation_scale, device_memory, held_bytes, peak_held_bytes,
+                           reset_peak, state_copies)
 from ..plan.splits import choose_counts
 from .schema import VERSION, Profile, ProfileKey, check
 from .segments import Group, cut, layer_fields
@@ -133,10 +138,20 @@ def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: co
 
 @dataclass(frozen=True)
 class _Compute:
-    """What every timing runs in: the job's precision and (resolved) memory format."""
+    """What every timing runs in: the job's precision, (resolved) memory format and optimizer."""
 
     precision: str = "32"
     memory_format: str = "contiguous"
+    optimizer: str = DEFAULT_OPTIMIZER[0]  # sgd | adam | adamw
+    momentum: float = DEFAULT_OPTIMIZER[1]  # SGD's
+
+    def step(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        """The job's optimizer over ``params``, at learning rate 0 (timing and memory, no change)."""
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=0.0)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=0.0)
+        return torch.optim.SGD(params, lr=0.0, momentum=self.momentum)
 
     def module(self, module: nn.Module) -> nn.Module:
         return module.to(memory_format=compute.memory_format(self.memory_format))
@@ -186,22 +201,23 @@ def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats:
     return _median_seconds(once, device, repeats=repeats, group=group)
 
 
-def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, group: comm.Group) -> float:
-    """Seconds per parameter byte of an SGD-with-momentum step (the default
-    optimizer), over one tensor as large as the groups' parameters."""
-    flat = torch.zeros(max(elements, 1), device=device, requires_grad=True)
+def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, group: comm.Group,
+                             how: _Compute) -> float:
+    """Seconds per parameter byte of a step of the job's optimizer, over one
+    tensor as large as the groups' parameters."""
+    flat = nn.Parameter(torch.zeros(max(elements, 1), device=device))
     flat.grad = torch.zeros_like(flat)
-    optimizer = torch.optim.SGD([flat], lr=0.0, momentum=0.9)
-    optimizer.step()  # creates the momentum buffer
+    optimizer = how.step([flat])
+    optimizer.step()  # creates its state
     return _median_seconds(optimizer.step, device, repeats=repeats, group=group) / (flat.numel() * flat.element_size())
 
 
 def _step_seconds(model: nn.Module, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
                   repeats: int, group: comm.Group, how: _Compute) -> float:
-    """Seconds of one training step of ``model`` (forward, backward, SGD step) in ``how``."""
+    """Seconds of one training step of ``model`` (forward, backward, the optimizer's step) in ``how``."""
     model = how.module(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
+    optimizer = how.step(params) if params else None
     x = how.input(torch.randn(batch, *input_shape, device=device))
     y = torch.randint(classes, (batch,), device=device)
 
@@ -221,10 +237,10 @@ def _step_seconds(model: nn.Module, input_shape: Sequence[int], classes: int, ba
 def _step_memory(model: nn.Module, input_shape: Sequence[int], classes: int, rows: int, device: torch.device,
                  how: _Compute) -> tuple[int, int]:
     """(R, S): the bytes this process holds, and the most one training step of
-    the whole ``model`` at ``rows`` rows adds to them (forward, backward, an
-    SGD-with-momentum step, on a copy; ``convshard.plan.memory``)."""
+    the whole ``model`` at ``rows`` rows adds to them (forward, backward, a
+    step of the job's optimizer, on a copy; ``convshard.plan.memory``)."""
     model = how.module(copy.deepcopy(model))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    optimizer = how.step(list(model.parameters()))
     x = how.input(torch.randn(rows, *input_shape, device=device))
     y = torch.randint(classes, (rows,), device=device)
     before = held_bytes(device)
@@ -237,11 +253,11 @@ def _step_memory(model: nn.Module, input_shape: Sequence[int], classes: int, row
 
 
 def _faster_format(model: nn.Module, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
-                   group: comm.Group, precision: str) -> tuple[str, dict[str, list[float]]]:
+                   group: comm.Group, how: _Compute) -> tuple[str, dict[str, list[float]]]:
     """The memory format whose whole-model step is faster on the slowest
     rank, and every rank's step seconds in each (a collective)."""
     mine = {fmt: _step_seconds(copy.deepcopy(model), input_shape, classes, batch, device, 2, group,
-                               _Compute(precision, fmt)) for fmt in compute.MEMORY_FORMATS}
+                               replace(how, memory_format=fmt)) for fmt in compute.MEMORY_FORMATS}
     everyone = comm.gather_objects(mine, group=group)
     seconds = {fmt: [r[fmt] for r in everyone] for fmt in compute.MEMORY_FORMATS}
     return min(compute.MEMORY_FORMATS, key=lambda fmt: max(seconds[fmt])), seconds
@@ -275,27 +291,33 @@ def hostname() -> str:
 
 
 def model_signature(model: nn.Module) -> str:
-    """A short hash of the model's class and parameter shapes."""
-    text = json.dumps([type(model).__name__, [(k, list(v.shape)) for k, v in model.state_dict().items()]])
+    """A short hash of the model's class and its parameters' and buffers' shapes
+    and dtypes (float64 weights hold twice the bytes and time otherwise)."""
+    text = json.dumps([type(model).__name__, [(k, list(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def profile_key(*, devices: Sequence[str], threads: Sequence[int], hosts: Sequence[str], model: nn.Module,
                 input_shape: Sequence[int], batch_size: int, precision: str = "32",
-                memory_format: str = "contiguous") -> ProfileKey:
-    """What a profile was measured on; a cached profile is reused only for the same key."""
+                memory_format: str = "contiguous", optimizer: str = DEFAULT_OPTIMIZER[0],
+                momentum: float = DEFAULT_OPTIMIZER[1]) -> ProfileKey:
+    """What a profile was measured on, everything its figures depend on; a
+    cached profile is reused only for the same key."""
+    state_copies(optimizer, momentum)  # refuses an unknown optimizer
     return {"devices": list(devices), "threads": list(threads), "hosts": list(hosts),
             "model": model_signature(model), "input_shape": list(input_shape), "batch_size": batch_size,
-            "torch": torch.__version__, "precision": precision, "memory_format": memory_format}
+            "torch": torch.__version__, "precision": precision, "memory_format": memory_format,
+            "optimizer": optimizer, "momentum": float(momentum)}
 
 
 def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], batch_size: int,
-            precision: str = "32", memory_format: str = "contiguous", group: comm.Group = None) -> ProfileKey:
+            precision: str = "32", memory_format: str = "contiguous", optimizer: str = DEFAULT_OPTIMIZER[0],
+            momentum: float = DEFAULT_OPTIMIZER[1], group: comm.Group = None) -> ProfileKey:
     """``profile_key`` of the running job (a collective: every rank names its device, threads and host)."""
     everyone = comm.gather_objects((device_spec, torch.get_num_threads(), hostname()), group=group)
     return profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
                        hosts=[e[2] for e in everyone], model=model, input_shape=input_shape, batch_size=batch_size,
-                       precision=precision, memory_format=memory_format)
+                       precision=precision, memory_format=memory_format, optimizer=optimizer, momentum=momentum)
 
 
 def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], classes: int, batch_size: int,
@@ -307,15 +329,17 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     world = comm.world_size(group)
     model_cut = cut(model, input_shape)
     precision, fmt = key.get("precision", "32"), key.get("memory_format", "contiguous")
+    name, momentum = key.get("optimizer", DEFAULT_OPTIMIZER[0]), key.get("momentum", DEFAULT_OPTIMIZER[1])
     rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     # memory first, before any timing leaves the allocator holding freed buffers
-    held, step = _step_memory(model, input_shape, classes, rows, device, _Compute(precision))
+    how = _Compute(precision, optimizer=name, momentum=momentum)
+    held, step = _step_memory(model, input_shape, classes, rows, device, how)
     mine: dict = {"fits": [], "batch": [], "step": step,
                   "runtime": 0 if device.type == "cuda" else held}  # a GPU's free memory is read with us there
     format_seconds = None
     if fmt == "auto":
-        fmt, format_seconds = _faster_format(model, input_shape, classes, batch_size, device, group, precision)
-    how = _Compute(precision, fmt)
+        fmt, format_seconds = _faster_format(model, input_shape, classes, batch_size, device, group, how)
+    how = replace(how, memory_format=fmt)
     elem = compute.activation_bytes(precision, next(model.parameters()).dtype)  # per activation element
     layers = []
     for layer in model_cut.groups:
@@ -329,7 +353,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     mine["rest"] = _step_seconds(model_cut.rest(batch_size, device), input_shape, classes, batch_size, device,
                                  repeats, group, how)
     mine["update"] = _update_seconds_per_byte(sum(layer.param_elements for layer in model_cut.groups), device,
-                                              repeats, group)
+                                              repeats, group, how)
     links = _links(device, group) if world > 1 else {}
     mine["memory"] = device_memory(device)
     everyone = comm.gather_objects(mine, group=group)
@@ -354,10 +378,13 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
         "links": links,
         "device_memory": [r["memory"] for r in everyone],
         "runtime_bytes": [r["runtime"] for r in everyone],
-        "activation_scale": [activation_scale(layers, param_bytes, batch_size, rows, r["step"]) for r in everyone],
+        "activation_scale": [activation_scale(layers, param_bytes, batch_size, rows, r["step"],
+                                              state=state_copies(name, momentum)) for r in everyone],
         "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
         "traced": model_cut.traced,
         "precision": precision,
         "memory_format": fmt,
+        "optimizer": name,
+        "momentum": float(momentum),
         **({"format_seconds": format_seconds} if format_seconds else {}),
     }, "measured profile")

@@ -91,13 +91,15 @@ def join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callabl
 
 def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> dict:
     """This job's profile (a collective): from the cache at ``config.profile``
-    when it was measured on the same devices, threads, hosts and model (rank
-    0 reads it for every rank), else measured now and written there."""
+    when it was measured for the same key (devices, threads, hosts, model,
+    compute, optimizer; rank 0 reads it for every rank), else measured now
+    and written there."""
     model = make_model(config, dataset).to(device_spec.torch_device)
     group = job_group()
     key = profile.job_key(model, device_spec=str(device_spec), input_shape=dataset.input_shape,
                           batch_size=config.batch_size, precision=config.precision,
-                          memory_format=config.memory_format, group=group)
+                          memory_format=config.memory_format, optimizer=config.optimizer,
+                          momentum=config.momentum, group=group)
     cached = read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
     if cached is not None:
         return cached

@@ -8,9 +8,11 @@ seconds per step over ``search.TRIAL_STEPS`` real steps).
 
 - ``--strategy single|kernel|ddp`` with weights or equal shares: the plan
   those flags describe, nothing measured.
-- ``--strategy layers``: the best per-layer plan; ``--shares auto`` with
-  kernel: the best kernel split or one device; with ddp: rows sized to the
-  devices.
+- ``--strategy layers``: the best per-layer plan, or, where no split of
+  two or more devices fits their memory (or one device is listed), the
+  faster of one device alone and the all-kernel split, said in one line;
+  ``--shares auto`` with kernel: the best kernel split or one device; with
+  ddp: rows sized to the devices.
 - ``--strategy auto``: the candidates predicted within
   ``search.TRIAL_MARGIN`` of the fastest, and, on one host, one process on
   all the listed cores (``all_cores``), each run ``search.TRIAL_STEPS``
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -106,9 +109,7 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                 _say_trials(config, steps, profiled, len(tried), search.fastest(pool), startup())
             chosen, trials = _try(tried, run_trial, config.trials)
     elif config.strategy == "layers":
-        if "layers" not in by_name:
-            raise ConfigError("--strategy layers needs more than one device")
-        chosen = by_name["layers"]
+        chosen = by_name.get("layers") or _without_layers(found, profile, job_devices)
     elif config.strategy == "ddp":
         chosen = by_name["ddp sized"]
     else:  # kernel with --shares auto: the best split, which may be one device
@@ -121,7 +122,8 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
                 "text": explain.format_candidates(found, chosen if name != ALL_CORES else search.fastest(found),
                                                  trials=trials, left_out=explain.left_out_of_auto(found, profile)
                                                  if config.strategy == "auto" else None)}
-    if job.ranks is None and name != ALL_CORES:
+    said = config.strategy == "layers" and name != "layers"  # ``_without_layers`` said why
+    if job.ranks is None and name != ALL_CORES and not said:
         for line in explain.left_out(profile, chosen, found, rejected):
             log.warning("%s", line)
     if name == ALL_CORES:
@@ -130,6 +132,31 @@ def resolve(config: TrainConfig, dataset: Dataset, *, job_devices: list[str], ca
         log.info("plan: %s on %s, predicted %.1f ms/step", job.name, ", ".join(job.devices),  # its kind, as shown
                  1000 * chosen.prediction.step)
     return job_of(config, job, planning=planning, profile=None if name == ALL_CORES else chosen.profile)
+
+
+def _without_layers(found: list[search.Candidate], profile: Mapping, job_devices: list[str]) -> search.Candidate:
+    """What ``--strategy layers`` runs where the planner found no per-layer
+    split (one device listed, a model that cannot be traced, or no split of
+    two or more devices within their memory): the faster of one device alone
+    and the all-kernel split, said in one line with why; else a one-line refusal."""
+    if len(job_devices) < 2:
+        why = "one device is listed"
+    elif not search.batch_mode(profile):
+        why = "the model cannot be traced, so no group runs in batch mode"
+    else:
+        why = "no per-layer split of two or more of the devices fits their memory"
+    instead = {c.name: c for c in found if c.name in ("single", "kernel")}
+    if not instead:
+        raise ConfigError(f"--strategy layers: {why}, nor does one device alone or the all-kernel split; only "
+                          f"DDP does (--strategy ddp)")
+    chosen = search.fastest(list(instead.values()))
+    idle = list((Counter(job_devices) - Counter(chosen.plan.devices)).elements()) if chosen.plan.ranks is None else []
+    dropped = ("" if not idle else f", {', '.join(idle)} without work" + (
+        ": the kernel split is predicted slower" if "kernel" in instead else
+        "" if why.startswith("no per-layer") else ": no kernel split fits their memory"))
+    log.warning("--strategy layers: %s; running %s on %s instead%s", why, chosen.name, ", ".join(chosen.plan.devices),
+                dropped)
+    return chosen
 
 
 def training_steps(config: TrainConfig, dataset: Dataset) -> int:
