@@ -19,17 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from convshard.data import (
-    DATASETS,
-    ROTATE_DEGREES,
-    Dataset,
-    augment,
-    black,
-    default_augment,
-    download_cifar10,
-    epoch_permutation,
-    load_dataset,
-)
+from convshard.augment import ROTATE_DEGREES, augment, black, default_augment
+from convshard.cifar10 import download_cifar10
+from convshard.data import DATASETS, Dataset, epoch_permutation, load_dataset
 from convshard.errors import ConfigError
 
 TRAIN_PER_BATCH, TEST_SIZE = 20, 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .. import data
+from .. import cifar10
 from ..run.config import TrainConfig
 
 log = logging.getLogger("convshard")
@@ -21,5 +21,5 @@ def add_parser(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
 
 def _download(args: argparse.Namespace) -> None:
     """Fetch CIFAR-10 into ``--data-dir`` and verify it."""
-    path = data.download_cifar10(args.data_dir)
+    path = cifar10.download_cifar10(args.data_dir)
     log.info("CIFAR-10 ready in %s", path)

@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from .. import data, devices, plan, precision, profile
+from .. import augment, data, devices, plan, precision, profile
 from ..errors import ConfigError
 from ..run import launch
 from ..run.config import TrainConfig, cap_batch, load_data, make_model, workers
@@ -33,7 +33,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if hasattr(args, "warmup_epochs"):
         train_only["lr_warmup_epochs"] = args.warmup_epochs
     if hasattr(args, "augment"):  # --augment alone: the transforms that suit the dataset
-        train_only["augment"] = data.default_augment(args.dataset) if args.augment == "default" else args.augment or ()
+        train_only["augment"] = augment.default_augment(args.dataset) if args.augment == "default" else args.augment or ()
     strategy = getattr(args, "strategy", None) or (d.strategy if args.command == "train" else "auto")
     return TrainConfig(
         devices=args.devices or d.devices, threads=args.threads, profile=args.profile, model=args.model,

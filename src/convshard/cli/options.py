@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .. import data, devices, precision
+from .. import augment, data, devices, precision
 from ..errors import ConfigError
 from ..models import MODELS, is_model_name
 from ..run.rebalance import parse_mode
@@ -82,8 +82,8 @@ def augment_list(text: str) -> tuple[str, ...] | str:
         return text
     chosen = tuple(t.strip() for t in text.split(","))
     for t in chosen:
-        if t not in data.AUGMENTS:
-            raise argparse.ArgumentTypeError(f"bad transform {t!r}: choose from {', '.join(data.AUGMENTS)}")
+        if t not in augment.AUGMENTS:
+            raise argparse.ArgumentTypeError(f"bad transform {t!r}: choose from {', '.join(augment.AUGMENTS)}")
     return chosen
 
 

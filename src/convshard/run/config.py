@@ -54,7 +54,7 @@ class RunSettings:
     data_dir: str = "data"  # where cifar10 and folder live
     image_size: int = 32  # side of the folder dataset's images
     val_fraction: float = 0.2  # folder dataset without train/ and val/: the share of each class held out for test
-    augment: tuple[str, ...] = ()  # transforms of every training batch (data.AUGMENTS), drawn from seed and step
+    augment: tuple[str, ...] = ()  # transforms of every training batch (augment.AUGMENTS), drawn from seed and step
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) of synthetic images
     synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
     epochs: int = 8

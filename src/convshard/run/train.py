@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .. import atomic, data, devices, plan, precision
+from .. import atomic, augment, data, devices, plan, precision
 from ..errors import ConfigError, TrainingError
 from ..parallel import comm
 from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
@@ -289,8 +289,8 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
     n, part = len(batch), run.engine.rows(len(batch))
     mine = batch[part]
     if config.augment:  # the whole global batch, so that every rank and plan augments each image alike
-        x = data.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"],
-                         transforms=config.augment, fill=data.black(dataset))[part]
+        x = augment.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"],
+                         transforms=config.augment, fill=augment.black(dataset))[part]
     else:
         x = dataset.train_x[mine]
     # (b, C, H, W): b = n, or this rank's rows
