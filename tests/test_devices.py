@@ -21,6 +21,7 @@ from convshard.devices import (
     format_devices,
     parse_devices,
     pin,
+    sharing,
     usable_cores,
 )
 from convshard.errors import ConfigError
@@ -308,3 +309,15 @@ def test_pin_in_child_process() -> None:
 def test_pin_rejects_zero_threads() -> None:
     with pytest.raises(ConfigError, match="thread"):
         pin(CPU, 0)
+
+
+@pytest.mark.parametrize("listed, hosts, expected", [
+    ("cpu@0,cpu@1,cpu@1", "aaa", [[1, 2]]),
+    ("cpu@0-1,cpu@1,cpu@2", "aaa", [[0, 1]]),
+    ("cpu@0,cpu,cpu@3", "aaa", [[0, 1, 2]]),  # an unpinned worker may run on any core
+    ("cpu@0,cpu@0", "ab", []),  # core 0 of two hosts
+    ("cuda:0,cuda:1,cuda:0,cpu@0", "aaaa", [[0, 2]]),
+    ("cuda,cuda:0", "aa", [[0, 1]]),  # cuda is the current device, 0 unless pinned
+])
+def test_devices_that_share_hardware(listed, hosts, expected):
+    assert sharing(listed.split(","), list(hosts)) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable
 
 import pytest
@@ -251,3 +252,21 @@ def test_profile_command_writes_the_cache_and_plan_reuses_it(tmp_path, capfd):
     assert out.startswith("chosen: ") and "\npredicted step per plan:" in out  # the choice first, its detail after
     assert out.index("predicted step per plan:") < out.index("\nplan: ")
     assert json.loads(path.read_text()) == measured  # reused, not measured again
+
+
+def _sharing_worker() -> float:
+    """Ranks 1 and 2 share core 1: rank 1's run takes 0.3 s, rank 2's nothing."""
+    init_from_env("gloo", timeout=120)
+    key = {"devices": ["cpu@0", "cpu@1", "cpu@1"], "hosts": ["h", "h", "h"]}
+    together = timings._sharing_group(key, None)
+    rank = torch.distributed.get_rank()
+    return timings._median_seconds(lambda: time.sleep(0.3 if rank == 1 else 0.0), torch.device("cpu"),
+                                   repeats=1, group=None, together=together)
+
+
+def test_workers_that_share_a_core_are_timed_together():
+    """A run of two workers on one core ends when both are done, as their
+    training steps do: rank 2, whose own work is nothing, is timed for rank
+    1's 0.3 s. (Timed alone, it would look free, and take the most kernels.)"""
+    seconds = launch_local(_sharing_worker, 3, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    assert seconds[1] >= 0.3 and seconds[2] >= 0.3

@@ -229,6 +229,37 @@ def usable_cores() -> set[int]:
     return set(range(os.cpu_count() or 1))
 
 
+def sharing(devices: Sequence[str], hosts: Sequence[str]) -> list[list[int]]:
+    """The sets of two or more ranks whose devices share hardware, in rank
+    order: on one host, CPU devices whose cores overlap (an unpinned one
+    may run on any core, so it overlaps every CPU device there) or the same
+    GPU. Such workers run at a fraction of their speed while the others
+    compute, so they are timed together (``convshard.profile.timings``)."""
+    parsed = [parse_devices(d)[0] for d in devices]
+    parent = list(range(len(parsed)))
+
+    def root(r: int) -> int:
+        while parent[r] != r:
+            r = parent[r]
+        return r
+
+    def share(a: Device, b: Device) -> bool:
+        if a.kind != b.kind:
+            return False
+        if a.kind == "cuda":
+            return (a.index or 0) == (b.index or 0)
+        return not a.cpus or not b.cpus or bool(set(a.cpus) & set(b.cpus))
+
+    for i in range(len(parsed)):
+        for j in range(i):
+            if hosts[i] == hosts[j] and share(parsed[i], parsed[j]):
+                parent[root(i)] = root(j)
+    sets: dict[int, list[int]] = {}
+    for r in range(len(parsed)):
+        sets.setdefault(root(r), []).append(r)
+    return [ranks for ranks in sets.values() if len(ranks) > 1]
+
+
 def check_available(devices: Sequence[Device]) -> None:
     """Raise ``ConfigError`` unless every device in ``devices`` exists here.
 

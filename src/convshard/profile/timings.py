@@ -2,6 +2,10 @@
 
 ``measure`` is a collective: every rank of the job calls it at once, on its
 own device, so that workers sharing a core are measured while they share it.
+Ranks whose devices share a core or a GPU (``devices.sharing``) are timed
+together: each of their runs ends when all of them are done, as their
+training steps do, so the one the scheduler happened to run first does not
+look faster than the hardware it shares.
 For every channel group l (its convs with the ops that run on their shard,
 as ``shard_model`` runs them; ``convshard.profile.segments``) and rank r it times
 forward+backward at the run's batch size B for a few kernel counts k
@@ -56,13 +60,14 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import devices
 from .. import precision as compute
 from ..parallel import comm
 from ..plan.memory import (DEFAULT_OPTIMIZER, activation_scale, device_memory, held_bytes, peak_held_bytes,
@@ -82,9 +87,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, group: comm.Group) -> float:
+def _median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int, group: comm.Group,
+                    together: comm.Group = None) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after one warm-up.
-    Ranks start each run together, so co-located workers contend as in training."""
+    Ranks start each run together, so workers that share a core or a GPU
+    contend as in training; each run of theirs ends when all of them are done
+    (a barrier of ``together``, the ranks sharing this one's hardware), as a
+    step of theirs does: whichever ran first, each is timed for both."""
     times = []
     for i in range(repeats + 1):
         if comm.world_size(group) > 1:
@@ -93,6 +102,8 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: 
         t0 = time.perf_counter()
         fn()
         _sync(device)
+        if together is not None:
+            dist.barrier(group=together)
         if i:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -144,6 +155,7 @@ class _Compute:
     memory_format: str = "contiguous"
     optimizer: str = DEFAULT_OPTIMIZER[0]  # sgd | adam | adamw
     momentum: float = DEFAULT_OPTIMIZER[1]  # SGD's
+    together: comm.Group = field(default=None, compare=False)  # the ranks sharing this one's core or GPU
 
     def step(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         """The job's optimizer over ``params``, at learning rate 0 (timing and memory, no change)."""
@@ -198,7 +210,7 @@ def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats:
                 p.grad = None
             x.grad = None
 
-    return _median_seconds(once, device, repeats=repeats, group=group)
+    return _median_seconds(once, device, repeats=repeats, group=group, together=how.together)
 
 
 def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, group: comm.Group,
@@ -209,7 +221,8 @@ def _update_seconds_per_byte(elements: int, device: torch.device, repeats: int, 
     flat.grad = torch.zeros_like(flat)
     optimizer = how.step([flat])
     optimizer.step()  # creates its state
-    return _median_seconds(optimizer.step, device, repeats=repeats, group=group) / (flat.numel() * flat.element_size())
+    seconds = _median_seconds(optimizer.step, device, repeats=repeats, group=group, together=how.together)
+    return seconds / (flat.numel() * flat.element_size())
 
 
 def _step_seconds(model: nn.Module, input_shape: Sequence[int], classes: int, batch: int, device: torch.device,
@@ -231,7 +244,7 @@ def _step_seconds(model: nn.Module, input_shape: Sequence[int], classes: int, ba
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return _median_seconds(run, device, repeats=repeats, group=group)
+    return _median_seconds(run, device, repeats=repeats, group=group, together=how.together)
 
 
 def _step_memory(model: nn.Module, input_shape: Sequence[int], classes: int, rows: int, device: torch.device,
@@ -320,6 +333,20 @@ def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], b
                        precision=precision, memory_format=memory_format, optimizer=optimizer, momentum=momentum)
 
 
+def _sharing_group(key: ProfileKey, group: comm.Group) -> comm.Group:
+    """The process group of the ranks that share this rank's core or GPU
+    (``devices.sharing``), None when it has its hardware alone (a collective:
+    every rank makes every such group)."""
+    mine = None
+    if comm.world_size(group) > 1:
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        for members in devices.sharing(key["devices"], key["hosts"]):
+            made = dist.new_group([ranks[r] for r in members])
+            if comm.rank(group) in members:
+                mine = made
+    return mine
+
+
 def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], classes: int, batch_size: int,
             repeats: int = 2, group: comm.Group = None) -> Profile:
     """Profile this job (a collective; ``model`` unsharded, on this rank's
@@ -332,7 +359,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     name, momentum = key.get("optimizer", DEFAULT_OPTIMIZER[0]), key.get("momentum", DEFAULT_OPTIMIZER[1])
     rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     # memory first, before any timing leaves the allocator holding freed buffers
-    how = _Compute(precision, optimizer=name, momentum=momentum)
+    how = _Compute(precision, optimizer=name, momentum=momentum, together=_sharing_group(key, group))
     held, step = _step_memory(model, input_shape, classes, rows, device, how)
     mine: dict = {"fits": [], "batch": [], "step": step,
                   "runtime": 0 if device.type == "cuda" else held}  # a GPU's free memory is read with us there
