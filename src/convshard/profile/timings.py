@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import precision as compute
-from ..parallel import comm
+from ..parallel import comm, wire
 from ..plan.memory import activation_scale, device_memory, held_bytes, peak_held_bytes, reset_peak
 from ..plan.splits import choose_counts
 from .schema import VERSION, Profile, ProfileKey, check
@@ -107,7 +107,7 @@ def _slowest_agrees(flag: bool, group: comm.Group) -> bool:
     if comm.world_size(group) == 1:
         return flag
     t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    wire.issue("all_reduce", group, [t], lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group))
     return bool(t.item())
 
 

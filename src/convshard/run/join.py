@@ -79,6 +79,7 @@ def join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callabl
     tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
     device_spec = device_of(local_rank)
     devices.pin(device_spec, threads_for(device_spec))
+    comm.set_rank_device(device_spec.torch_device)
     return rank, world, device_spec, dataset if dataset is not None else load_data(settings)
 
 

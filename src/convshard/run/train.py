@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import atomic, data, devices, plan, precision
 from ..errors import ConfigError, TrainingError
-from ..parallel import comm
+from ..parallel import comm, wire
 from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
 from ..profile.nominal import nominal
 from . import checkpoint, inference, launch, metrics, trials
@@ -381,7 +381,7 @@ def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devic
             while not _finished(run):
                 _train_epoch(run)
             seconds[0] = run.clock.mean() or math.inf
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+        wire.issue("all_reduce", group, [seconds], lambda: dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group))
         return seconds.item()
 
     job_devices = comm.gather_objects(str(device_spec), group=group)
