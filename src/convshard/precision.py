@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .parallel import wire
 
 PRECISIONS: tuple[str, ...] = ("32", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")  # and "auto": the profile's faster one
@@ -141,7 +142,7 @@ class LossScaler:
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             nccl = dist.get_backend(group) == dist.Backend.NCCL  # NCCL reduces CUDA tensors only
             found = found.cuda() if nccl else found
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+            wire.issue("all_reduce", group, [found], lambda: dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group))
         ok = found.item() == 0
         self.good_steps = self.good_steps + 1 if ok else 0
         if not ok:
