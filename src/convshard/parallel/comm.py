@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from ..precision import for_compute
 from . import shm, wire
 from .wire import (barrier, broadcast_object, count_collective_seconds, gather_objects, rank, rank_device,
-                   record_wire, reduce_scalar, seconds_in_collectives, set_rank_device, world_size)
+                   record_wire, reduce_scalar, seconds_in_collectives, set_rank_device, switch, world_size)
 
 Group = wire.Group
 
@@ -38,7 +38,7 @@ __all__ = ["Group", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven",
            "broadcast_object", "channels_to_rows", "conv2d_on_shards", "count_collective_seconds",
            "gather_from_shards", "gather_objects", "rank", "rank_device", "record_wire", "reduce_scalar",
            "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
-           "start_all_reduce_sum", "world_size"]
+           "start_all_reduce_sum", "switch", "world_size"]
 
 
 def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None:

@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -161,9 +160,7 @@ class DDPEngine:
         self._clock.settle()  # DDP's reducer has averaged the gradients during backward
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(values, group=self.group)
-        return values
+        return comm.all_reduce_sum_(values, group=self.group)
 
     @staticmethod
     def kernel_counts() -> dict[str, tuple[int, ...]]:
