@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -161,12 +161,14 @@ def clocked(tensors: Sequence[torch.Tensor] = ()) -> Iterator[None]:
         _state["seconds"] += time.perf_counter() - t0
 
 
-def issue(op: str, group: Group, tensors: Sequence[torch.Tensor], send: Callable[[], T]) -> T:
+def issue(op: str, group: Group, tensors: Sequence[torch.Tensor], send: Callable[[], T], *,
+          timed: bool = True) -> T:
     """Run one collective, ``send()``, over ``group``: checked (strict
-    devices), recorded (``record_wire``) and timed, as the module docstring
-    says. ``tensors`` are the ones this rank hands it, on its own device
-    (empty for an object collective or a barrier). A collective issued
-    inside another (shared memory's barrier) is checked only."""
+    devices), recorded (``record_wire``) and, unless ``timed`` is False (its
+    caller times it: DDP's buckets, ``run.engines``), timed, as the module
+    docstring says. ``tensors`` are the ones this rank hands it, on its own
+    device (empty for an object collective or a barrier). A collective
+    issued inside another (shared memory's barrier) is checked only."""
     if strict():
         _check(op, tensors, group)
     if _state["depth"]:
@@ -177,7 +179,7 @@ def issue(op: str, group: Group, tensors: Sequence[torch.Tensor], send: Callable
             record.append(Sent(op, None, 0))
     _state["depth"] += 1
     try:
-        with clocked(tensors):
+        with clocked(tensors) if timed else nullcontext():
             return send()
     finally:
         _state["depth"] -= 1
