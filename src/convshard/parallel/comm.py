@@ -7,6 +7,9 @@ Three layers, read top to bottom:
    a coalesced broadcast. They stage CUDA tensors through host memory when the group's
    backend is gloo, move the bytes through shared memory when its ranks
    share a host (``convshard.parallel.shm``), and do nothing when it has one rank.
+   Each transfer goes through ``wire.issue`` (checked, recorded, timed); the
+   door's own names (``record_wire``, ``gather_objects``, ``reduce_scalar``,
+   ``barrier``, ``set_rank_device``, ...) are re-exported here.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
 3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards``,
