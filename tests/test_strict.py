@@ -21,7 +21,7 @@ from convshard import plan
 from convshard.parallel import comm, wire
 from convshard.run.config import TrainConfig, load_data, model_groups
 from convshard.run.launch import launch_local
-from convshard.run.local import launch_job
+from convshard.run.local import launch_job, prepare
 
 STRICT = {"CONVSHARD_STRICT_DEVICES": "1", "OMP_NUM_THREADS": "1"}
 DEVICES = ("cpu@0", "cpu@1")
@@ -129,17 +129,18 @@ def test_every_plan_kind_trains_under_strict_devices(tmp_path, monkeypatch, kind
     monkeypatch.setitem(wire._state, "strict", None)  # read again here, for the one-device job in this process
     job = KINDS[kind](_groups(tmp_path))
     config = _config(tmp_path, kind, job, rebalance="1" if job.engine != plan.DDP else "off")
-    metrics = launch_job(config, load_data(config))
+    dataset = load_data(config)
+    metrics = launch_job(prepare(config, dataset), dataset)
     assert metrics["steps"] == 2 and metrics["strategy"] == job.name
 
 
 def _auto_worker(config: TrainConfig) -> dict | None:
     """One rank of a job resolving auto's plan in the workers, as under torchrun, trying every candidate."""
     from convshard.plan import search
-    from convshard.run.train import train_worker
+    from convshard.run.train import torchrun_worker
 
     search.TRIAL_MARGIN = 100.0  # every candidate is worth a trial: each one's collectives are checked
-    return train_worker(config)
+    return torchrun_worker(config)
 
 
 def test_auto_resolved_by_the_workers_trains_under_strict_devices(tmp_path):

@@ -17,8 +17,9 @@ from helpers import join_gloo
 
 from convshard import plan
 from convshard.parallel import comm
-from convshard.run.config import TrainConfig, load_data, model_groups
+from convshard.run.config import Job, TrainConfig, load_data, model_groups
 from convshard.run.launch import launch_local
+from convshard.run.local import prepare
 from convshard.run.train import train_worker
 
 
@@ -56,10 +57,10 @@ def test_record_wire_sees_every_collective_with_its_dtype(shared_memory):
     assert last == ("all_gather_object", None, 0)
 
 
-def _activation_dtypes(config: TrainConfig) -> list[str]:
-    """Train ``config`` as one rank; the dtypes its all-gathers sent."""
+def _activation_dtypes(job: Job) -> list[str]:
+    """Train ``job`` as one rank; the dtypes its all-gathers sent."""
     with comm.record_wire() as sent:
-        train_worker(config)
+        train_worker(job)
     return sorted({str(s.dtype) for s in sent if s.op == "all_gather"})
 
 
@@ -73,5 +74,6 @@ def test_a_kernel_split_gathers_its_activations_in_the_compute_dtype(tmp_path, p
     groups = model_groups(config, load_data(config))
     job = dataclasses.replace(plan.kernel_split(("cpu@0", "cpu@1"), groups, 8), precision=precision)
     config = dataclasses.replace(config, job=job)
-    results = launch_local(_activation_dtypes, 2, args=(config,), timeout=120, env={"OMP_NUM_THREADS": "1"})
+    ready = prepare(config, load_data(config))
+    results = launch_local(_activation_dtypes, 2, args=(ready,), timeout=120, env={"OMP_NUM_THREADS": "1"})
     assert results == [sorted([expected, "torch.float64"])] * 2
