@@ -27,23 +27,21 @@ STRICT = {"CONVSHARD_STRICT_DEVICES": "1", "OMP_NUM_THREADS": "1"}
 DEVICES = ("cpu@0", "cpu@1")
 
 
-def _refused_on_a_cuda_rank() -> tuple[str, str]:
-    """A CPU tensor summed by a rank whose device is CUDA: (what strict mode raised, what it raised without)."""
-    rank, _ = join_gloo(timeout=60)
+def _sum_on_a_cuda_rank() -> str:
+    """A CPU tensor summed by a rank whose device is declared CUDA: the sum, or what was raised."""
+    join_gloo(timeout=60)
     comm.set_rank_device(torch.device("cuda"))
     try:
-        comm.all_reduce_sum_(torch.ones(1))
-        strict = "nothing"
+        return str(comm.all_reduce_sum_(torch.ones(1)).item())
     except wire.WrongDevice as exc:
-        strict = str(exc)
-    wire._state["strict"] = False  # the same call with the check off: gloo sums it
-    return strict, str(comm.all_reduce_sum_(torch.ones(1)).item())
+        return str(exc)
 
 
 def test_a_cpu_tensor_from_a_cuda_rank_is_refused_before_it_is_sent():
-    for strict, plain in launch_local(_refused_on_a_cuda_rank, 2, timeout=120, env=STRICT):
-        assert "a tensor on cpu sent by a rank whose device is cuda" in strict
-        assert plain == "2.0"  # the check, not gloo, refused it
+    """Strict mode refuses it; without strict mode gloo sums it (so the check, not gloo, refused it)."""
+    for said in launch_local(_sum_on_a_cuda_rank, 2, timeout=120, env=STRICT):
+        assert "a tensor on cpu sent by a rank whose device is cuda" in said
+    assert launch_local(_sum_on_a_cuda_rank, 2, timeout=120, env={"OMP_NUM_THREADS": "1"}) == ["2.0", "2.0"]
 
 
 def _scalar_agreements_on_a_cuda_rank() -> dict[str, str]:
@@ -123,10 +121,10 @@ KINDS = {
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_plan_kind_trains_under_strict_devices(tmp_path, monkeypatch, kind):
     """Each kind trains two steps (a checkpoint, a rebalance check, gradient
-    clipping's sum: every collective of a step) with every collective checked."""
+    clipping's sum: every collective of a step) with every collective checked
+    in the workers, which read the variable when they start."""
     for name, value in STRICT.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setitem(wire._state, "strict", None)  # read again here, for the one-device job in this process
     job = KINDS[kind](_groups(tmp_path))
     config = _config(tmp_path, kind, job, rebalance="1" if job.engine != plan.DDP else "off")
     dataset = load_data(config)

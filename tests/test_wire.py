@@ -16,7 +16,7 @@ import torch
 from helpers import join_gloo
 
 from convshard import plan
-from convshard.parallel import comm
+from convshard.parallel import comm, shm
 from convshard.run.config import Job, TrainConfig, load_data, model_groups
 from convshard.run.launch import launch_local
 from convshard.run.local import prepare
@@ -38,7 +38,7 @@ def _recorded(dtype_name: str) -> tuple[list[tuple], list[tuple], tuple, bool]:
         comm.broadcast_([torch.ones(4, dtype=dtype)])
         comm.gather_objects(rank)
     tensors = [tuple(s) for s in outer if s.dtype is not None]  # shared memory's set-up sends objects
-    through_shm = comm.shm.slots_for(None) is not None
+    through_shm = shm.slots_for(None) is not None
     return tensors, [tuple(s) for s in inner], tuple(outer[-1]), through_shm
 
 
