@@ -70,7 +70,8 @@ def local_rank() -> int:
 def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     """Join the job described by the environment; returns (rank, world size, local rank).
 
-    ``backend`` is the one this rank's device asks for (``devices.backend_for``);
+    ``backend`` is the one the devices this rank knows ask for
+    (``devices.backend_for`` of its host's ``--devices``, or of the plan's);
     the job's is agreed with every other rank first (``_agree``), as are the
     switches that decide collectives (rank 0's). Outside torchrun and
     ``launch_local`` there is no job: (0, 1, 0), and no process group is
@@ -92,8 +93,8 @@ def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
 
 def _agree(backend: str, timeout: float) -> str:
     """The job's backend, agreed through the rendezvous store before the
-    process group exists: each rank posts the backend its own device asks
-    for and reads every rank's; NCCL when all ask for it, else gloo, whose
+    process group exists: each rank posts the backend its devices ask for
+    and reads every rank's; NCCL when all ask for it, else gloo, whose
     one group carries CPU and CUDA ranks alike (a host knows only its own
     ``--devices``, so no rank could decide alone). Rank 0 posts its
     ``wire.SWITCHES`` too, and every rank takes them (``wire.set_switches``)."""
