@@ -146,6 +146,7 @@ def test_auto_resolved_by_the_workers_trains_under_strict_devices(tmp_path):
     the candidates (one device alone included) and train the fastest, every
     collective checked."""
     config = _config(tmp_path, "auto", None, strategy="auto", profile=str(tmp_path / "profile.json"))
-    metrics = launch_local(_auto_worker, 2, args=(config,), timeout=400, env=STRICT)[0]
+    results = launch_local(_auto_worker, 2, args=(config,), timeout=400, env=STRICT)
+    metrics = next(m for m in results if m is not None)  # one device alone may win: its rank speaks
     tried = metrics["plan"]["trials"]
     assert metrics["steps"] == 2 and "single" in tried and len(tried) >= 3, tried
