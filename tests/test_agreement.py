@@ -7,7 +7,7 @@
   (``CONVSHARD_SHM``, ``CONVSHARD_CHECK_BATCH``): rank 0's values, on every
   rank, so that ranks started with different environments enter the same
   collectives;
-- what rank 0 reads for everyone (``train._read_on_rank0``): an error there,
+- what rank 0 reads for everyone (``join.read_on_rank0``): an error there,
   of any type, is raised on every rank at once, not left for the others to
   find at the collective timeout.
 
@@ -24,7 +24,7 @@ from helpers import join_gloo
 
 from convshard.errors import TrainingError
 from convshard.parallel import shm, wire
-from convshard.run import launch, train
+from convshard.run import join, launch
 from convshard.run.launch import launch_local
 
 
@@ -79,7 +79,7 @@ def _read_failing_on_rank_0(kind: str) -> tuple[str, str]:
 
     join_gloo(timeout=20)
     try:
-        train._read_on_rank0(read, group=dist.group.WORLD)
+        join.read_on_rank0(read, group=dist.group.WORLD)
     except Exception as exc:  # noqa: BLE001 - which one is what the test checks
         return type(exc).__name__, str(exc)
     return "nothing", ""
