@@ -12,7 +12,12 @@
 #    printed, trained, and timed against the GPU alone;
 # 4. mixed precision: the fp16 (loss scaling) and CPU+GPU bf16 tests, then
 #    ResNet-18 on the GPU in 32, bf16, fp16 (and fp16 channels_last), and a
-#    bf16 per-layer plan with the CPU beside it.
+#    bf16 per-layer plan with the CPU beside it;
+# 5. where `nvidia-smi -L` lists two or more GPUs (else one line says it skipped):
+#    kernel, per-layer and ddp plans across cuda:0,cuda:1 (NCCL), a kernel split
+#    of cpu@0,cuda:0 (gloo), and auto resolved by two torchrun workers on the two
+#    GPUs (profile and trials under NCCL), all with CONVSHARD_STRICT_DEVICES=1:
+#    a collective's tensor off its rank's device fails the run.
 # Needs a CUDA build of torch in .venv (or PYTHON=/path/to/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,3 +88,31 @@ for name in ("gpu-32", "gpu-bf16", "gpu-fp16", "gpu-fp16-cl", "mixed-bf16"):
     m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
     print(f"{name:12s} {1000 * m['mean_step_seconds']:9.1f} ms/step  loss {m['train_loss']:.4f}  plan {m['job_plan']['precision']}")
 PY
+
+echo "== two GPUs: kernel, layers, ddp on cuda:0,cuda:1 (NCCL), and a CPU beside a GPU, every collective checked"
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+if [ "${GPUS:-0}" -lt 2 ]; then
+    echo "skipped: nvidia-smi -L lists ${GPUS:-0} GPU(s); this section needs two"
+else
+    JOB=(--dataset synthetic --synthetic-shape 3,32,32 --model resnet18 --batch-size 64)
+    export CONVSHARD_STRICT_DEVICES=1
+    "$PYTHON" -m convshard plan "${JOB[@]}" --devices cuda:0,cuda:1 --profile "$OUT/profile-2gpu.json"
+    for run in "2gpu-kernel:--strategy kernel --devices cuda:0,cuda:1" \
+               "2gpu-layers:--strategy layers --devices cuda:0,cuda:1 --profile $OUT/profile-2gpu.json" \
+               "2gpu-ddp:--strategy ddp --devices cuda:0,cuda:1" \
+               "cpu-gpu-kernel:--strategy kernel --devices cpu@0,cuda:0 --threads 1"; do
+        name=${run%%:*}
+        # shellcheck disable=SC2086
+        "$PYTHON" -m convshard train "${JOB[@]}" ${run#*:} --max-steps 10 --quiet --metrics-out "$OUT/$name.json"
+    done
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m convshard train "${JOB[@]}" \
+        --devices cuda:0,cuda:1 --strategy auto --max-steps 10 --quiet --metrics-out "$OUT/2gpu-torchrun-auto.json"
+    unset CONVSHARD_STRICT_DEVICES
+    "$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("2gpu-kernel", "2gpu-layers", "2gpu-ddp", "cpu-gpu-kernel", "2gpu-torchrun-auto"):
+    m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+    print(f"{name:18s} {1000 * m['mean_step_seconds']:9.1f} ms/step  devices {m['devices']}  plan {m['strategy']}")
+PY
+fi

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .parallel import wire
 
 PRECISIONS: tuple[str, ...] = ("32", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")  # and "auto": the profile's faster one
@@ -138,11 +139,7 @@ class LossScaler:
             torch._amp_foreach_non_finite_check_and_unscale_(same, flag, torch.full((1,), 1 / self.scale,
                                                                                      device=device))
             found += flag.cpu()
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            nccl = dist.get_backend(group) == dist.Backend.NCCL  # NCCL reduces CUDA tensors only
-            found = found.cuda() if nccl else found
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
-        ok = found.item() == 0
+        ok = wire.reduce_scalar(found.item(), op="max", group=group) == 0
         self.good_steps = self.good_steps + 1 if ok else 0
         if not ok:
             self.scale /= 2

@@ -7,6 +7,9 @@ Three layers, read top to bottom:
    a coalesced broadcast. They stage CUDA tensors through host memory when the group's
    backend is gloo, move the bytes through shared memory when its ranks
    share a host (``convshard.parallel.shm``), and do nothing when it has one rank.
+   Each transfer goes through ``wire.issue`` (checked, recorded, timed); the
+   door's own names (``record_wire``, ``gather_objects``, ``reduce_scalar``,
+   ``barrier``, ``set_rank_device``, ...) are re-exported here.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
 3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards``,
@@ -20,9 +23,7 @@ the gathered ``Y = [Y_0, ..., Y_{p-1}]`` along channels has shape (B, C, H, W).
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,54 +31,17 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..precision import for_compute
-from . import shm
+from . import shm, wire
+from .wire import (barrier, broadcast_object, count_collective_seconds, gather_objects, rank, rank_device,
+                   record_wire, reduce_scalar, seconds_in_collectives, set_rank_device, switch, world_size)
 
-Group = dist.ProcessGroup | None
+Group = wire.Group
 
-_seconds_in_collectives = 0.0
-
-
-def seconds_in_collectives() -> float:
-    """Wall seconds this process has spent inside the collectives below,
-    waiting for slower peers included. A step's time minus this is the time
-    its rank was busy computing, which is what rebalancing compares."""
-    return _seconds_in_collectives
-
-
-@contextmanager
-def _clocked() -> Iterator[None]:
-    global _seconds_in_collectives
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        _seconds_in_collectives += time.perf_counter() - t0
-
-
-def count_collective_seconds(seconds: float) -> None:
-    """Add ``seconds`` this process waited on a collective run outside these
-    helpers (DDP's reducer: ``run.engines``) to ``seconds_in_collectives``."""
-    global _seconds_in_collectives
-    _seconds_in_collectives += seconds
-
-
-def world_size(group: Group = None) -> int:
-    """Ranks in ``group``; 1 when torch.distributed is not initialised."""
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
-def rank(group: Group = None) -> int:
-    """This process's rank in ``group``; 0 when torch.distributed is not initialised."""
-    return dist.get_rank(group) if dist.is_initialized() else 0
-
-
-def gather_objects(obj: object, *, group: Group = None) -> list:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a job."""
-    if world_size(group) == 1:
-        return [obj]
-    everyone: list = [None] * world_size(group)
-    dist.all_gather_object(everyone, obj, group=group)
-    return everyone
+__all__ = ["Group", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven", "barrier", "broadcast_",
+           "broadcast_object", "channels_to_rows", "conv2d_on_shards", "count_collective_seconds",
+           "gather_from_shards", "gather_objects", "rank", "rank_device", "record_wire", "reduce_scalar",
+           "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
+           "start_all_reduce_sum", "switch", "world_size"]
 
 
 def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None:
@@ -115,14 +79,15 @@ def all_gather_uneven(
     """
     if len(counts) == 1:
         return tensor
-    device = tensor.device
+    given, device = tensor, tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
     padded = [*tensor.shape[:dim], max(counts), *tensor.shape[dim + 1 :]]  # the same on every rank
     slots = _shared(math.prod(padded) * tensor.element_size(), group)
     if slots is not None:
-        with _clocked():
-            return slots.all_gather_uneven(tensor, list(counts), dim).to(device, non_blocking=True)
+        out = wire.issue("all_gather", group, [given],
+                         lambda: slots.all_gather_uneven(tensor, list(counts), dim))
+        return out.to(device, non_blocking=True)
     width = max(counts)
     own = tensor.size(dim)
     if own == width:
@@ -133,8 +98,7 @@ def all_gather_uneven(
         send = tensor.new_zeros(shape)
         send.narrow(dim, 0, own).copy_(tensor)
     received = [torch.empty_like(send) for _ in counts]
-    with _clocked():
-        dist.all_gather(received, send, group=group)
+    wire.issue("all_gather", group, [given], lambda: dist.all_gather(received, send, group=group))
     out = torch.cat([r.narrow(dim, 0, c) for r, c in zip(received, counts)], dim=dim)
     return out.to(device, non_blocking=True)
 
@@ -150,13 +114,14 @@ def reduce_scatter_uneven(
     """
     if len(counts) == 1:
         return tensor
-    device = tensor.device
+    given, device = tensor, tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
     slots = _shared(tensor.numel() * tensor.element_size(), group)
     if slots is not None:
-        with _clocked():
-            return slots.reduce_scatter_uneven(tensor, list(counts), dim).to(device, non_blocking=True)
+        out = wire.issue("reduce_scatter", group, [given],
+                         lambda: slots.reduce_scatter_uneven(tensor, list(counts), dim))
+        return out.to(device, non_blocking=True)
     width, me = max(counts), rank(group)
     shape = list(tensor.shape)
     shape[dim] = width
@@ -166,8 +131,8 @@ def reduce_scatter_uneven(
         send[s].narrow(dim, 0, c).copy_(tensor.narrow(dim, offset, c))
         offset += c
     out = tensor.new_empty(shape)
-    with _clocked():
-        _reduce_scatter(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group)
+    wire.issue("reduce_scatter", group, [given],
+               lambda: _reduce_scatter(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group))
     return out.narrow(dim, 0, counts[me]).to(device, non_blocking=True)
 
 
@@ -179,24 +144,27 @@ def all_to_all_uneven(send: torch.Tensor, sizes: Sequence[Sequence[int]], *, gro
     me, p = rank(group), len(sizes)
     if p == 1:
         return [send]
-    device = send.device
+    given, device = send, send.device
     if _needs_host_staging(send, group):
         send = send.cpu()
     slots = _shared(max(sum(row) for row in sizes) * send.element_size(), group)
-    with _clocked():
+
+    def exchange() -> list[torch.Tensor]:
         if slots is not None:
-            pieces = slots.all_to_all(send.contiguous(), [list(row) for row in sizes])
-        else:
-            out = send.new_empty(sum(sizes[s][me] for s in range(p)))
-            dist.all_to_all_single(out, send.contiguous(), [sizes[s][me] for s in range(p)], list(sizes[me]),
-                                   group=group)
-            pieces = list(out.split([sizes[s][me] for s in range(p)]))
+            return slots.all_to_all(send.contiguous(), [list(row) for row in sizes])
+        out = send.new_empty(sum(sizes[s][me] for s in range(p)))
+        dist.all_to_all_single(out, send.contiguous(), [sizes[s][me] for s in range(p)], list(sizes[me]),
+                               group=group)
+        return list(out.split([sizes[s][me] for s in range(p)]))
+
+    pieces = wire.issue("all_to_all", group, [given], exchange)
     return [piece.to(device, non_blocking=True) for piece in pieces]
 
 
-def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None) -> torch.Tensor:
-    """Sum ``tensor`` over the ranks of ``group``, in place; returns it."""
-    return start_all_reduce_sum(tensor, group=group).wait()
+def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None, shared: bool = True) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group``, in place; returns it
+    (``shared`` False: through the backend even on one host, as DDP's reducer sums)."""
+    return start_all_reduce_sum(tensor, group=group, shared=shared).wait()
 
 
 class PendingSum:
@@ -206,28 +174,31 @@ class PendingSum:
         self._tensor, self._work, self._staged = tensor, work, staged
 
     def wait(self) -> torch.Tensor:
+        """The sum, once it has arrived: the wait counts as time in collectives
+        (on CUDA, until the transfer has completed on the device)."""
         if self._work is not None:
-            with _clocked():
+            with wire.clocked([self._tensor]):
                 self._work.wait()
         if self._staged is not None:
             self._tensor.copy_(self._staged)
         return self._tensor
 
 
-def start_all_reduce_sum(tensor: torch.Tensor, *, group: Group = None) -> PendingSum:
+def start_all_reduce_sum(tensor: torch.Tensor, *, group: Group = None, shared: bool = True) -> PendingSum:
     """Start summing ``tensor`` over the ranks of ``group``, in place, and
     return at once: the caller computes while the transfer runs, then calls
-    ``wait``. Only the wait counts as time in collectives."""
+    ``wait``. Only the wait counts as time in collectives (the shared-memory
+    path, done when it returns, counts in full; ``shared`` False leaves it out)."""
     if world_size(group) == 1:
         return PendingSum(tensor, None, None)
     staged = tensor.cpu() if _needs_host_staging(tensor, group) else None
     target = tensor if staged is None else staged
-    slots = _shared(target.numel() * target.element_size(), group)
-    if slots is not None:  # a copy through shared memory: done when it returns
-        with _clocked():
-            slots.all_reduce_(target)
+    slots = _shared(target.numel() * target.element_size(), group) if shared else None
+    if slots is not None:
+        wire.issue("all_reduce", group, [tensor], lambda: slots.all_reduce_(target))
         return PendingSum(tensor, None, staged)
-    work = dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    work = wire.issue("all_reduce", group, [tensor],
+                      lambda: dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group, async_op=True))
     return PendingSum(tensor, work, staged)
 
 
@@ -245,11 +216,10 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
         flat = torch.cat([t.detach().reshape(-1) for t in bucket])
         staged = flat.cpu() if _needs_host_staging(flat, group) else flat
         slots = _shared(staged.numel() * staged.element_size(), group)
-        with _clocked():
-            if slots is not None:
-                slots.broadcast_(staged)
-            else:
-                dist.broadcast(staged, group=group, group_src=0)
+        if slots is not None:
+            wire.issue("broadcast", group, [flat], lambda: slots.broadcast_(staged))
+        else:
+            wire.issue("broadcast", group, [flat], lambda: dist.broadcast(staged, group=group, group_src=0))
         if staged is not flat:
             flat.copy_(staged)
         offset = 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -193,7 +192,7 @@ def shard(model: nn.Module, styles: Mapping[str, Style] | Callable[[str, int], S
             raise ConfigError(f"the plan names {unknown[:3]}, which are not channel groups of this model "
                               f"(its groups: {list(handle.groups)[:6]}...)")
     log.info("kernels per rank: %s", _shown_counts(handle.counts(), handle.batch_convs))
-    if world > 1 and check_batch and os.environ.get("CONVSHARD_CHECK_BATCH", "1") != "0":
+    if world > 1 and check_batch and comm.switch("CONVSHARD_CHECK_BATCH"):  # rank 0's value on every rank
         _check_batch_on_first_forward(handle.model, group)
     _HANDLES[handle.model] = handle
     return handle

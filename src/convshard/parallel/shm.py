@@ -26,7 +26,8 @@ through a shared-memory file instead:
   room: rank 0 reserves the file's pages up front (a small /dev/shm, as in
   a container, then refuses the growth instead of failing a later write),
   and a collective that does not fit takes gloo's own path, as do CUDA
-  tensors and every collective under ``CONVSHARD_SHM=0``.
+  tensors and every collective under ``CONVSHARD_SHM=0`` (rank 0's value,
+  ``wire.switch``).
 
 The file lives in /dev/shm only until every rank has mapped it.
 """
@@ -41,6 +42,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from . import wire
 
 MAX_SLOT_BYTES = 1 << 30
 _ALIGN = 64
@@ -72,14 +75,13 @@ def slots_for(group: dist.ProcessGroup | None) -> SharedSlots | None:
 
 
 def _open(group: dist.ProcessGroup) -> SharedSlots | None:
-    if os.environ.get("CONVSHARD_SHM", "1") == "0":  # set for the whole job: no rank asks the others
+    if not wire.switch("CONVSHARD_SHM"):  # rank 0's value on every rank: all skip the exchange alike
         return None
     try:
         identity = _host_identity() if _SHM_DIR.is_dir() else None
     except OSError:
         identity = None
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (identity, os.getpid(), sorted(os.sched_getaffinity(0))), group=group)
+    everyone = wire.gather_objects((identity, os.getpid(), sorted(os.sched_getaffinity(0))), group=group)
     if identity is None or any(other != identity for other, _, _ in everyone):
         return None
     mine = set(everyone[dist.get_rank(group)][2])
@@ -128,16 +130,14 @@ class SharedSlots:
     def _flags(self):
         """Every rank's barrier turn, one cache line each, as a shared numpy
         array (None without room in /dev/shm; a collective)."""
-        name: list = [None]
-        if self.rank == 0:
-            name = [_reserve_file(self.world * _FLAG_STRIDE * 8)]
-        dist.broadcast_object_list(name, group=self.group, group_src=0)
-        if name[0] is None:
+        name = wire.broadcast_object(_reserve_file(self.world * _FLAG_STRIDE * 8) if self.rank == 0 else None,
+                                     group=self.group)
+        if name is None:
             return None
-        flags = torch.from_file(name[0], shared=True, size=self.world * _FLAG_STRIDE, dtype=torch.int64)
-        dist.barrier(group=self.group)
+        flags = torch.from_file(name, shared=True, size=self.world * _FLAG_STRIDE, dtype=torch.int64)
+        wire.barrier(self.group)
         if self.rank == 0:
-            os.unlink(name[0])
+            os.unlink(name)
         # a peer whose process this one cannot see (another PID namespace) is never reported gone
         self.pids = [pid if _alive(pid) else None for pid in self.pids]
         return flags.numpy()
@@ -145,7 +145,7 @@ class SharedSlots:
     def _meet(self, turn: int) -> None:
         """Wait until every rank has reached ``turn`` (see the module docstring)."""
         if self.flags is None:
-            dist.barrier(group=self.group)
+            wire.barrier(self.group)
             return
         flags, mine = self.flags, turn + 1
         flags[self.rank * _FLAG_STRIDE] = mine
@@ -184,17 +184,14 @@ class SharedSlots:
             return
         capacity = max(-(-nbytes // _ALIGN) * _ALIGN, 2 * self.capacity, 1 << 20)
         total = 2 * self.world * capacity
-        name: list = [None]
-        if self.rank == 0:
-            name = [_reserve_file(total)]
-        dist.broadcast_object_list(name, group=self.group, group_src=0)
-        if name[0] is None:
+        name = wire.broadcast_object(_reserve_file(total) if self.rank == 0 else None, group=self.group)
+        if name is None:
             self.limit = min(self.limit, nbytes - 1)
             return
-        self.buffer = torch.from_file(name[0], shared=True, size=total, dtype=torch.uint8)
-        dist.barrier(group=self.group)
+        self.buffer = torch.from_file(name, shared=True, size=total, dtype=torch.uint8)
+        wire.barrier(self.group)
         if self.rank == 0:
-            os.unlink(name[0])  # every rank has it mapped
+            os.unlink(name)  # every rank has it mapped
         self.capacity = capacity
 
     def _slot(self, turn: int, rank: int, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:

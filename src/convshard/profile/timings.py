@@ -96,14 +96,13 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: 
     step of theirs does: whichever ran first, each is timed for both."""
     times = []
     for i in range(repeats + 1):
-        if comm.world_size(group) > 1:
-            dist.barrier(group=group)
+        comm.barrier(group)
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
         if together is not None:
-            dist.barrier(group=together)
+            comm.barrier(together)
         if i:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -122,9 +121,7 @@ def _slowest_agrees(flag: bool, group: comm.Group) -> bool:
     """Whether ``flag`` holds on every rank (a collective: all ranks decide alike)."""
     if comm.world_size(group) == 1:
         return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
+    return comm.reduce_scalar(float(flag), op="min", group=group) == 1.0
 
 
 def _fit_layer(time_k: Callable[[int], float], total: int, world: int, group: comm.Group) -> tuple[float, float]:
@@ -284,7 +281,8 @@ def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float
             torch.zeros(n // 4 // world, device=device), [n // 4 // world] * world, dim=0, group=group),
         "all_reduce": lambda n: comm.all_reduce_sum_(torch.zeros(n // 4, device=device), group=group),
         # DDP's reducer calls the backend itself (gloo over TCP even on one host)
-        "ddp_all_reduce": lambda n: dist.all_reduce(torch.zeros(n // 4, device=device), group=group),
+        "ddp_all_reduce": lambda n: comm.all_reduce_sum_(torch.zeros(n // 4, device=device), group=group,
+                                                         shared=False),
         "reduce_scatter": lambda n: comm.reduce_scatter_uneven(
             torch.zeros(n // 4, device=device), [n // 4 // world] * world, dim=0, group=group),
         "broadcast": lambda n: comm.broadcast_([torch.zeros(n // 4, device=device)], group=group),

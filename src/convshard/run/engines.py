@@ -39,10 +39,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .. import precision
-from ..parallel import comm
+from ..parallel import comm, wire
 from ..parallel.shard import Sharded, shard
 from ..plan import DDP, Plan, splits
 from . import alone
@@ -94,29 +93,35 @@ class ShardedEngine:
 
 class AllReduceClock:
     """DDP's communication hook, timed: each gradient bucket's all-reduce
-    (DDP's own hooks: ``allreduce_hook`` divides by W and sums;
-    ``bf16_compress_hook``, for ``grad_precision`` bf16, does so in bf16
-    and casts the result back) from its launch to its end. The reducer
-    launches a bucket as soon as backward has computed its gradients and
-    waits for all of them after the last; from the
-    last launch to the last end backward has nothing left to compute, so
+    from its launch to its end. As DDP's own hooks do (``allreduce_hook``;
+    ``bf16_compress_hook`` for ``grad_precision`` bf16), it sends the bucket
+    divided by W, in bf16 for bf16 (cast back on arrival), so the sum is the
+    mean; it goes through ``wire.issue``, checked and recorded like every
+    collective. The reducer launches a bucket as soon as backward has
+    computed its gradients and waits for all of them after the last; from
+    the last launch to the last end backward has nothing left to compute, so
     that span is the all-reduce the step waits for, and ``settle`` adds it
     to ``comm.seconds_in_collectives``. Earlier buckets overlap compute."""
 
     def __init__(self, grad_precision: str = "32") -> None:
-        self.reduce = default_hooks.bf16_compress_hook if grad_precision == "bf16" else default_hooks.allreduce_hook
+        self.dtype = precision.grad_dtype(grad_precision)  # None: the bucket's own
         self.starts: list[float] = []
         self.ends: list[float] = []
 
     def hook(self, group, bucket):  # unannotated: DDP checks annotations as objects, and these would be strings
         """DDP's all-reduce of ``bucket`` over ``group``, timed; a future of the averaged bucket."""
         self.starts.append(time.perf_counter())
+        buffer = bucket.buffer()
+        sent = buffer.to(self.dtype or buffer.dtype).div_(comm.world_size(group))  # in place when no cast
+        work = wire.issue("all_reduce", group, [sent], lambda: dist.all_reduce(sent, group=group, async_op=True),
+                          timed=False)
 
-        def done(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        def done(future: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
             self.ends.append(time.perf_counter())
-            return future.value()
+            summed = future.value()[0]
+            return summed if summed is buffer else buffer.copy_(summed)
 
-        return self.reduce(group, bucket).then(done)
+        return work.get_future().then(done)
 
     def settle(self) -> None:
         """Count this step's exposed all-reduce time and start the next step's record."""
@@ -161,9 +166,7 @@ class DDPEngine:
         self._clock.settle()  # DDP's reducer has averaged the gradients during backward
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(values, group=self.group)
-        return values
+        return comm.all_reduce_sum_(values, group=self.group)
 
     @staticmethod
     def kernel_counts() -> dict[str, tuple[int, ...]]:

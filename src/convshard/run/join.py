@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import threading
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import data, devices, profile
-from ..errors import ConfigError
+from ..errors import TrainingError
 from ..parallel import comm
 from . import launch
 from .config import RunSettings, TrainConfig, load_data, make_model
@@ -54,22 +55,33 @@ def read_on_rank0(read: Callable[[], T], *, group: comm.Group) -> T:
 
     Files differ between hosts (no shared storage, a stale copy): a rank
     that read its own could skip collectives the others enter, or resume at
-    another step. So rank 0 reads and broadcasts the result; a ``ConfigError``
-    there is raised on every rank.
+    another step. So rank 0 reads and broadcasts the result; an exception
+    there, whatever its type, is sent too and raised on every rank at once
+    (the same exception where it pickles, else a ``TrainingError`` naming it).
     """
     if comm.world_size(group) == 1:
         return read()
-    answer: list = [None]
+    answer = None
     if comm.rank(group) == 0:
         try:
-            answer = [(read(), None)]
-        except ConfigError as exc:
-            answer = [(None, str(exc))]
-    dist.broadcast_object_list(answer, group=group, group_src=0)
-    value, error = answer[0]
+            answer = (read(), None)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait for the timeout
+            answer = (None, _portable(exc))
+            comm.broadcast_object(answer, group=group)
+            raise
+    value, error = comm.broadcast_object(answer, group=group)
     if error is not None:
-        raise ConfigError(error)
+        raise error
     return value
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (to be sent to the other ranks), else a ``TrainingError`` naming it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send a plain one
+        return TrainingError(f"rank 0 failed reading for the job: {type(exc).__name__}: {exc}".splitlines()[0])
 
 
 def join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callable[[int], devices.Device],
@@ -86,6 +98,7 @@ def join(settings: RunSettings, dataset: data.Dataset | None, device_of: Callabl
     tqdm.set_lock(threading.RLock())  # only rank 0 draws: no cross-process lock needed
     device_spec = device_of(local_rank)
     devices.pin(device_spec, threads_for(device_spec))
+    comm.set_rank_device(device_spec.torch_device)
     return rank, world, device_spec, dataset if dataset is not None else load_data(settings)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..errors import ConfigError, TrainingError
-from ..parallel import shm
+from ..parallel import shm, wire
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,52 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
+def local_rank() -> int:
+    """This process's rank among the job's processes on its host (LOCAL_RANK); 0 outside a job."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     """Join the job described by the environment; returns (rank, world size, local rank).
 
-    Outside torchrun and ``launch_local`` there is no job: (0, 1, 0), and no
-    process group is created. ``timeout`` (seconds) bounds every collective.
+    ``backend`` is the one the devices this rank knows ask for
+    (``devices.backend_for`` of its host's ``--devices``, or of the plan's);
+    the job's is agreed with every other rank first (``_agree``), as are the
+    switches that decide collectives (rank 0's). Outside torchrun and
+    ``launch_local`` there is no job: (0, 1, 0), and no process group is
+    created. ``timeout`` (seconds) bounds every collective.
     """
     if not in_torchrun():
         return 0, 1, 0
     _die_with_parent()  # a worker never outlives its launcher or torchrun agent
     shm.timeout_seconds = timeout
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(_agree(backend, timeout), timeout=timedelta(seconds=timeout))
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
     if restarts and dist.get_rank() == 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         log.warning("torchrun --max-restarts %d shares its rendezvous store with the workers, which can hand "
                     "a restarted job stale addresses (PyTorch issue 135712): start torchrun with "
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", restarts)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return dist.get_rank(), dist.get_world_size(), local_rank()
+
+
+def _agree(backend: str, timeout: float) -> str:
+    """The job's backend, agreed through the rendezvous store before the
+    process group exists: each rank posts the backend its devices ask for
+    and reads every rank's; NCCL when all ask for it, else gloo, whose
+    one group carries CPU and CUDA ranks alike (a host knows only its own
+    ``--devices``, so no rank could decide alone). Rank 0 posts its
+    ``wire.SWITCHES`` too, and every rank takes them (``wire.set_switches``)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timedelta(seconds=timeout))
+    store = dist.PrefixStore(f"convshard/join/{restart_count()}", client)
+    store.set(f"backend/{rank}", backend)
+    if rank == 0:
+        store.set("switches", json.dumps(wire.local_switches()))
+    wire.set_switches(json.loads(store.get("switches")))
+    wanted = {store.get(f"backend/{r}").decode() for r in range(world)}
+    return "nccl" if wanted == {"nccl"} else "gloo"
 
 
 def _die_with_parent(parent: int | None = None) -> None:
@@ -135,7 +163,7 @@ def shutdown() -> None:
     teardown, can abort the process inside gloo's threads.
     """
     if dist.is_initialized():
-        dist.barrier()
+        wire.barrier()
         dist.destroy_process_group()
 
 

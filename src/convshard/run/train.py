@@ -28,7 +28,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -379,14 +378,13 @@ def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devic
     def run_trial(job: plan.Plan) -> float:
         trial = trials.as_trial(config, job)
         engine = engine_for(job, comm.rank(group), group, timeout=config.timeout)
-        seconds = torch.zeros(1, dtype=torch.float64)
+        seconds = 0.0
         if engine.trains:  # the others wait in the MAX below
             run = _setup(trial, dataset, device_spec.torch_device, engine)
             while not _finished(run):
                 _train_epoch(run)
-            seconds[0] = run.clock.mean() or math.inf
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
-        return seconds.item()
+            seconds = run.clock.mean() or math.inf
+        return comm.reduce_scalar(seconds, op="max", group=group)
 
     job_devices = comm.gather_objects(str(device_spec), group=group)
     said = logging.getLogger(trials.__name__)  # every rank decides alike: rank 0 alone says why
