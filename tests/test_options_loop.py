@@ -9,7 +9,9 @@ convshard's own loop (``train.train_worker``) one after the other, and
   ``ShardedConv2d``), from a forward hook on every module: the dtype it
   computed in and whether its input and weight were channels_last;
 - every call of the fp16 loss scaler: whether the step was taken and the
-  scale after it.
+  scale after it;
+- every collective a training step issued (``comm.record_wire`` around
+  ``train._step``): its op, the dtype that crossed the wire and its size.
 
 The references are one device's runs in this process. Each test says
 which of its checks fails if the option it covers were silently ignored.
@@ -26,8 +28,9 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from convshard import plan, precision
+from convshard.parallel import comm
 from convshard.parallel.sharded import ShardedConv2d
-from convshard.run import launch
+from convshard.run import launch, train
 from convshard.run.config import Job, TrainConfig, load_data, model_groups
 from convshard.run.local import launch_job, prepare
 from convshard.run.rebalance import Rebalancer
@@ -103,6 +106,16 @@ def _overflowing_on_rank_1(scaled: list, original):
     return unscale
 
 
+def _recording_steps(sent: list, original):
+    """``train._step`` that appends (op, dtype, elements) of every collective the step issued."""
+    def step(run, batch):
+        with comm.record_wire() as seen:
+            out = original(run, batch)
+        sent.extend((s.op, str(s.dtype).removeprefix("torch."), s.numel) for s in seen)
+        return out
+    return step
+
+
 def _reporting_busy(original):
     """``Rebalancer.observe`` fed ``BUSY``'s seconds for this rank instead of the clock's: the split it
     moves to is then the same on every run, whatever the load of the machine."""
@@ -116,10 +129,13 @@ def _jobs_worker(jobs: dict[str, Job]) -> dict[str, dict]:
     (kept between jobs); per job: rank 0's metrics, the convs and the scaler calls seen."""
     unscale, observe, shutdown = precision.LossScaler.unscale, Rebalancer.observe, launch.shutdown
     launch.shutdown = dist.barrier  # the group stays for the next job
+    sent: list = []
+    train._step = _recording_steps(sent, train._step)
     out = {}
     try:
         for name, job in jobs.items():
             convs, scaled = [], []
+            sent.clear()
             if job.plan.precision == "fp16":
                 precision.LossScaler.unscale = _overflowing_on_rank_1(scaled, unscale)
             if job.rebalance != "off":
@@ -130,7 +146,7 @@ def _jobs_worker(jobs: dict[str, Job]) -> dict[str, dict]:
             finally:
                 handle.remove()
                 precision.LossScaler.unscale, Rebalancer.observe = unscale, observe
-            out[name] = {"metrics": metrics, "convs": convs, "scaled": scaled}
+            out[name] = {"metrics": metrics, "convs": convs, "scaled": scaled, "wire": list(sent)}
     finally:
         launch.shutdown = shutdown
     return out
@@ -159,6 +175,10 @@ def jobs(tmp_path_factory) -> dict:
     groups = model_groups(probe, load_data(probe))
     configs = {f"bf16 {kind}": _config(tmp, f"bf16-{kind}", _in(make(groups), precision="bf16"))
                for kind, make in COMPUTE_PLANS.items()}
+    for kind in ("layers", "ddp"):  # the gradient sums in bf16 too
+        configs[f"bf16 {kind}, bf16 sums"] = _config(
+            tmp, f"bf16-{kind}-sums", _in(COMPUTE_PLANS[kind](groups), precision="bf16", grad_precision="bf16"),
+            grad_precision="bf16")
     configs["channels_last"] = _config(tmp, "channels-last", _in(_layers(groups), memory_format="channels_last"),
                                        dtype="float64", max_steps=3, synthetic_size=48)
     configs["bf16 rebalanced"] = _config(tmp, "rebalanced", _in(_layers(groups), precision="bf16"), max_steps=3,
@@ -185,6 +205,38 @@ def test_a_bf16_plan_computes_its_convs_in_bf16(jobs, kind):
         if kind == "kernel":
             assert {c["conv"] for c in convs} == {"ShardedConv2d"}, rank  # the split convs themselves
 
+
+
+# --- bf16 on the wire: what the training steps sent -------------------------------------------
+
+
+ACTIVATIONS = ("all_gather", "reduce_scatter", "all_to_all")  # the ops that carry activations and their gradients
+
+
+@pytest.mark.parametrize("kind", ["kernel", "layers", "all-batch"])
+def test_a_bf16_split_sends_its_activations_in_bf16(jobs, kind):
+    """A sharded plan in bf16 sends its activations and their gradients in
+    bf16 (2 bytes each): every reduce-scatter and all-to-all a step issued,
+    and bf16 all-gathers; the float64 run of the same kind of plan sends none
+    in bf16. With the precision ignored the bf16 run would send float32."""
+    for rank, got in enumerate(jobs["ranks"]):
+        wire = got[f"bf16 {kind}"]["wire"]
+        moved = [(op, dtype) for op, dtype, n in wire if op in ACTIVATIONS and n]
+        assert ("all_gather", "bfloat16") in moved or ("all_to_all", "bfloat16") in moved, (rank, wire)
+        assert all(dtype == "bfloat16" for op, dtype in moved if op != "all_gather"), (rank, wire)
+        assert not any(dtype == "bfloat16" for _, dtype, _ in got["channels_last"]["wire"]), rank
+
+
+@pytest.mark.parametrize("kind", ["layers", "ddp"])
+def test_gradient_sums_travel_in_the_plans_gradient_precision(jobs, kind):
+    """The weights' gradient sum of a batch-mode group (the layers plan) and
+    DDP's bucket all-reduce (its largest all-reduce) travel in float32 with
+    --grad-precision 32 and in bf16 with bf16, whatever the compute."""
+    for rank, got in enumerate(jobs["ranks"]):
+        for name, dtype in ((f"bf16 {kind}", "float32"), (f"bf16 {kind}, bf16 sums", "bfloat16")):
+            sums = [(n, d) for op, d, n in got[name]["wire"] if op == "all_reduce"]
+            assert sums, (rank, name)
+            assert max(sums)[1] == dtype, (rank, name, sums)
 
 
 # --- channels_last: the convs run in it, and train the contiguous model exactly ----------------
