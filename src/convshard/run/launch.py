@@ -99,8 +99,12 @@ def _agree(backend: str, timeout: float) -> str:
     ``--devices``, so no rank could decide alone). Rank 0 posts its
     ``wire.SWITCHES`` too, and every rank takes them (``wire.set_switches``)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                           timeout=timedelta(seconds=timeout))
+    # The store init_process_group's env:// will use: the agent's (torchrun's, launch_local's) when it shares
+    # it, else one rank 0 hosts (multi-tenant, so that env:// finds the same server on the same port).
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                           is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
+                           multi_tenant=not agent)
     store = dist.PrefixStore(f"convshard/join/{restart_count()}", client)
     store.set(f"backend/{rank}", backend)
     if rank == 0:
