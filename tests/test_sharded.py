@@ -10,7 +10,6 @@ run here, in the test process.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -335,7 +334,7 @@ def test_channelwise_layers_on_the_shard_are_exact_and_optional():
 
 def _batch_check_worker() -> dict:
     """Rank 1 feeds the same batch, then a different one, then the same rows
-    in another order; with the check and without it (keyword, environment).
+    in another order; with the check and without it (the keyword).
     Returns each case's error message (None when the forward ran) and the
     all-gathers of the first and second forward of the same batch."""
     rank, _ = join_gloo()
@@ -372,16 +371,29 @@ def _batch_check_worker() -> dict:
         report[case] = forward(case)
     report["not traced"] = forward("different", fuse_channelwise=False)  # the model itself, not a GraphModule
     report["keyword off"] = forward("different", check_batch=False)
-    os.environ["CONVSHARD_CHECK_BATCH"] = "0"
-    report["environment off"] = forward("different")
     return report
+
+
+def _batch_check_off_worker() -> str | None:
+    """Rank 1 feeds another batch than rank 0, in a job whose rank 0 joined
+    with CONVSHARD_CHECK_BATCH=0: the forward's error message, or None."""
+    rank, _ = join_gloo()
+    torch.manual_seed(0)
+    model = convshard.shard_model(build_model("paper", (1, 28, 28), 10, (6, 8)), [2, 1])
+    try:
+        model(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)) + rank)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def test_ranks_feeding_different_batches_are_refused():
     """The first forward at world size 2 all-gathers one fingerprint of the
     input (once): the same batch passes, a different or reordered one
     raises on every rank naming rank 1, traced or not; check_batch=False and
-    CONVSHARD_CHECK_BATCH=0 turn the check off."""
+    CONVSHARD_CHECK_BATCH=0 turn the check off. The environment is rank 0's
+    when the job starts: every rank takes it, so none waits in a check the
+    others skip."""
     reports = launch_local(_batch_check_worker, 2, timeout=120, env={"CONVSHARD_SHM": "0"})  # gloo's own path
     for report in reports:
         first, second = report["gathers"]
@@ -392,7 +404,9 @@ def test_ranks_feeding_different_batches_are_refused():
             assert "every rank must feed the same global batch to a sharded model" in report[case]
             assert "rank 1's batch differs from rank 0's" in report[case]
         assert "shape (4, 1, 28, 28)" in report["different"]
-        assert report["keyword off"] is None and report["environment off"] is None
+        assert report["keyword off"] is None
+    assert launch_local(_batch_check_off_worker, 2, timeout=120, env={"CONVSHARD_SHM": "0",
+                                                                   "CONVSHARD_CHECK_BATCH": "0"}) == [None, None]
 
 
 def test_kernels_per_rank_line_says_what_a_plan_does_in_a_line(caplog):
