@@ -30,7 +30,7 @@ from convshard.run.launch import launch_local
 
 def _agreed_backend(wants: list[str]) -> str:
     """Rank r asks for ``wants[r]`` (what its device needs); the backend the job agrees on."""
-    return launch._agree(wants[int(os.environ["RANK"])], timeout=30)
+    return launch._agree(launch._job_store(30), wants[int(os.environ["RANK"])])
 
 
 def test_one_cpu_rank_puts_the_whole_job_on_gloo():

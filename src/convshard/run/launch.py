@@ -82,7 +82,9 @@ def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     _die_with_parent()  # a worker never outlives its launcher or torchrun agent
     shm.timeout_seconds = timeout
     if not dist.is_initialized():
-        dist.init_process_group(_agree(backend, timeout), timeout=timedelta(seconds=timeout))
+        store, rank, world = _job_store(timeout), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(_agree(store, backend), store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout))
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
     if restarts and dist.get_rank() == 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         log.warning("torchrun --max-restarts %d shares its rendezvous store with the workers, which can hand "
@@ -91,20 +93,27 @@ def init_from_env(backend: str, *, timeout: float) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank()
 
 
-def _agree(backend: str, timeout: float) -> str:
-    """The job's backend, agreed through the rendezvous store before the
-    process group exists: each rank posts the backend its devices ask for
-    and reads every rank's; NCCL when all ask for it, else gloo, whose
-    one group carries CPU and CUDA ranks alike (a host knows only its own
-    ``--devices``, so no rank could decide alone). Rank 0 posts its
+def _job_store(timeout: float) -> dist.Store:
+    """The job's rendezvous store, as ``init_process_group``'s env:// makes
+    it: a client of the store torchrun's agent (or ``launch_local``) hosts
+    when it shares it (``TORCHELASTIC_USE_AGENT_STORE``), else one that rank
+    0 hosts at MASTER_ADDR:MASTER_PORT. Made once: the backend is agreed on
+    it, then the process group is made on it."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
+                         multi_tenant=not agent)
+
+
+def _agree(client: dist.Store, backend: str) -> str:
+    """The job's backend, agreed through the rendezvous store ``client``
+    before the process group exists: each rank posts the backend its devices
+    ask for and reads every rank's; NCCL when all ask for it, else gloo,
+    whose one group carries CPU and CUDA ranks alike (a host knows only its
+    own ``--devices``, so no rank could decide alone). Rank 0 posts its
     ``wire.SWITCHES`` too, and every rank takes them (``wire.set_switches``)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # The store init_process_group's env:// will use: the agent's (torchrun's, launch_local's) when it shares
-    # it, else one rank 0 hosts (multi-tenant, so that env:// finds the same server on the same port).
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                           is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
-                           multi_tenant=not agent)
     store = dist.PrefixStore(f"convshard/join/{restart_count()}", client)
     store.set(f"backend/{rank}", backend)
     if rank == 0:
