@@ -225,10 +225,10 @@ def test_auto_says_when_planning_costs_more_than_the_training(monkeypatch, measu
     # each trial: 4 s to start its workers and 6 steps at the fastest predicted step
     pool = search.auto_candidates(search.candidates(measured, threads=1), measured)
     step, count = search.fastest(pool).prediction.step, len(search.worth_trying(pool)) + 1  # + all cores
-    cost = f"{count} trials take about {count * (4.0 + 6 * step):.1f} s: each starts its workers (4.0 s"
+    cost = f"{count} trials take at least {count * (4.0 + 6 * step):.1f} s: each starts its workers (4.0 s"
     assert cost in said[1] and "more than the 20 training steps" in said[1]
     assert f"--trials 0 trains the plan predicted fastest ({search.fastest(pool).name}) at once" in said[1]
-    worth = f"{count} trials take about {count * (0.1 + 6 * step):.1f} s: each starts its workers (0.1 s"
+    worth = f"{count} trials take at least {count * (0.1 + 6 * step):.1f} s: each starts its workers (0.1 s"
     told = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and worth in r.getMessage()]
     assert len(told) == 1 and "more than" not in told[0]  # worth it: said, not warned
 

@@ -270,3 +270,20 @@ def test_workers_that_share_a_core_are_timed_together():
     1's 0.3 s. (Timed alone, it would look free, and take the most kernels.)"""
     seconds = launch_local(_sharing_worker, 3, timeout=120, env={"OMP_NUM_THREADS": "1"})
     assert seconds[1] >= 0.3 and seconds[2] >= 0.3
+
+
+def test_a_local_profile_counts_what_starting_its_workers_cost():
+    """``profile_job``'s ``startup``, what auto prices each trial's start at:
+    the job's time less the time its workers spent measuring (spawning,
+    joining, loading the data, leaving), more than nothing and less than
+    the whole."""
+    from convshard.run.config import TrainConfig, load_data
+    from convshard.run.local import profile_job
+
+    config = TrainConfig(devices="cpu@0,cpu@1", threads=1, dataset="synthetic", synthetic_shape=(1, 16, 16),
+                         synthetic_size=32, kernels=(4, 8), batch_size=8, quiet=True)
+    timing: dict[str, float] = {}
+    started = time.perf_counter()
+    measured = profile_job(config, load_data(config), timing)
+    assert measured["devices"] == ["cpu@0", "cpu@1"]
+    assert 0 < timing["startup"] < time.perf_counter() - started

@@ -15,6 +15,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -124,12 +125,15 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
     return result
 
 
-def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> dict | None:
-    """Profile the job as one rank of it; rank 0 returns the profile, others None."""
+def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> tuple[dict, float] | None:
+    """Profile the job as one rank of it; rank 0 returns the profile and the
+    seconds it took to measure (or read) it, the others None."""
     listed = config.device_list
     rank, _, device_spec, dataset = join(
         config, dataset, lambda local_rank: listed[local_rank],
         lambda device: config.threads or devices.default_threads(device, listed), devices.backend_for(listed))
+    started = time.perf_counter()
     result = measure_job(config, dataset, device_spec)
+    measuring = time.perf_counter() - started
     launch.shutdown()
-    return result if rank == 0 else None
+    return (result, measuring) if rank == 0 else None

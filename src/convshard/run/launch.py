@@ -141,7 +141,6 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
     _die_with_parent(launcher)
     os.environ.update(env)
     out = Path(outdir)
-    (out / f"{rank}.started").write_text(repr(time.time()))  # its interpreter and imports are up
     try:
         result = fn(*args)
         (out / f"{rank}.result").write_bytes(pickle.dumps(result))
@@ -200,7 +199,6 @@ def launch_local(
     labels: Sequence[str] | None = None,
     timeout: float | None = None,
     env: dict[str, str] | None = None,
-    timing: dict[str, float] | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world_size`` spawned processes; return each rank's result.
 
@@ -208,9 +206,7 @@ def launch_local(
     ``init_from_env`` to join the job. ``labels`` name the ranks in errors
     (device specs). ``timeout`` bounds the whole run, in seconds. A
     ``ConfigError`` or ``TrainingError`` raised in a worker is raised again
-    here, as it is; any other failure raises ``WorkerFailed``. ``timing``
-    receives ``startup``: seconds from the first spawn until the last
-    worker's interpreter had imported ``fn`` and began to run it.
+    here, as it is; any other failure raises ``WorkerFailed``.
     """
     labels = list(labels) if labels is not None else [f"rank {r}" for r in range(world_size)]
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
@@ -228,7 +224,7 @@ def launch_local(
     }
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="convshard-") as outdir:
-        procs, spawned = [], time.time()
+        procs = []
         try:
             for r in range(world_size):
                 worker_env = {**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}
@@ -240,9 +236,6 @@ def launch_local(
                 log.debug("worker rank %d (%s) pid %d", r, labels[r], p.pid)
                 procs.append(p)
             _watch(procs, labels, Path(outdir), timeout)
-            if timing is not None:
-                timing["startup"] = max(float((Path(outdir) / f"{r}.started").read_text())
-                                        for r in range(world_size)) - spawned
             return [pickle.loads((Path(outdir) / f"{r}.result").read_bytes()) for r in range(world_size)]
         finally:
             _stop(procs)

@@ -11,6 +11,7 @@ workers resolve the plan themselves (``train.train_worker``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,14 +37,19 @@ def _logging_restored() -> Iterator[None]:
 
 def profile_job(config: TrainConfig, dataset: data.Dataset, timing: dict[str, float] | None = None) -> dict:
     """The profile of ``config``'s listed devices and model at its batch size,
-    measured (or read from the cache) by one worker per device; ``timing``
-    receives the seconds its workers took to start (``launch_local``)."""
-    job = config.device_list
+    measured (or read from the cache) by one worker per device. ``timing``
+    receives ``startup``: what the job cost besides measuring (starting its
+    workers, joining, loading the data, leaving), which a trial pays too."""
+    job, started = config.device_list, time.perf_counter()
     if len(job) == 1:
         with devices.pinning_restored(), _logging_restored():
-            return profile_worker(config, dataset)
-    return launch.launch_local(profile_worker, len(job), args=(config,), labels=[str(d) for d in job],
-                               timing=timing)[0]
+            measured, measuring = profile_worker(config, dataset)
+    else:
+        measured, measuring = launch.launch_local(profile_worker, len(job), args=(config,),
+                                                  labels=[str(d) for d in job])[0]
+    if timing is not None:
+        timing["startup"] = max(0.0, time.perf_counter() - started - measuring)
+    return measured
 
 
 def prepare(config: TrainConfig, dataset: data.Dataset) -> Job:

@@ -177,8 +177,9 @@ def _say_trials(config: TrainConfig, steps: int, profiled: float, count: int, be
     costly = profiled + trying > steps * step
     more = f", more than the {steps} training steps they choose a plan for (about {steps * step:.1f} s)"
     (log.warning if costly else log.info)(
-        "--strategy auto: %d trials take about %.1f s: each starts its workers (%.1f s when the profile started "
-        "them) and runs %d steps of about %.0f ms%s; --trials 0 trains the plan predicted fastest (%s) at once",
+        "--strategy auto: %d trials take at least %.1f s: each starts its workers (%.1f s for the profile's, "
+        "besides measuring; a trial also builds its model) and runs %d steps of about %.0f ms%s; --trials 0 "
+        "trains the plan predicted fastest (%s) at once",
         count, trying, startup, config.trials, 1e3 * step, more if costly else "", best.name)
 
 
