@@ -136,7 +136,7 @@ class Sharded:
     def apply(self, styles: Mapping[str, Style], optimizer: torch.optim.Optimizer) -> None:
         """Re-split to ``styles`` (a re-planned split of the same modes; a
         collective): every kernel-mode group moves its slices with their
-        optimizer state (``rebalance.reshard``), and the batch-mode groups
+        optimizer state (``reshard.reshard``), and the batch-mode groups
         take the new rows."""
         kernel = {name: s.counts for name, s in styles.items() if isinstance(s, KernelSplit)}
         rows = {s.rows for s in styles.values() if isinstance(s, BatchSplit)}

@@ -67,7 +67,7 @@ class ChannelGroup:
     """The kernels of convs whose outputs meet (in a residual add, a gate),
     split alike: every member of a group holds the same channels.
 
-    Mutable: re-splitting a group (``rebalance.reshard``) swaps ``split`` for
+    Mutable: re-splitting a group (``reshard.reshard``) swaps ``split`` for
     all its members at once. A rank holds w_r = max(c_r, 1) channels of a
     split activation: with no kernels it carries one placeholder channel,
     so that every channel-wise op can still run there.
