@@ -258,7 +258,7 @@ def _sharing_worker() -> float:
     """Ranks 1 and 2 share core 1: rank 1's run takes 0.3 s, rank 2's nothing."""
     init_from_env("gloo", timeout=120)
     key = {"devices": ["cpu@0", "cpu@1", "cpu@1"], "hosts": ["h", "h", "h"]}
-    together = timings._sharing_group(key, None)
+    together, _ = timings._sharing_group(key, None)
     rank = torch.distributed.get_rank()
     return timings._median_seconds(lambda: time.sleep(0.3 if rank == 1 else 0.0), torch.device("cpu"),
                                    repeats=1, group=None, together=together)

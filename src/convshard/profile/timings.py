@@ -173,20 +173,27 @@ class _Compute:
 
 
 def _calibrate(fits: list[tuple[float, float]], groups: list[Group], batch: int,
-               device: torch.device, group: comm.Group, how: _Compute) -> None:
+               device: torch.device, group: comm.Group, how: _Compute, sharing: Sequence[int]) -> None:
     """Re-measure every group where it will run: each rank at the kernel count
     the greedy split of the first fits gives it, all ranks at once (workers on
     a shared core contend as in training), once after a warm-up. b becomes
-    (t - a) / k; ``fits`` (this rank's, per group) is updated in place."""
+    (t - a) / k; ``fits`` (this rank's, per group) is updated in place.
+
+    The n ranks of ``sharing`` (this one and those sharing its core or GPU)
+    are timed until all of them are done, t = a + b_hw (k_1 + ... + k_n);
+    each takes b = n (t - a) / (k_1 + ... + k_n), its cost per kernel when
+    they hold equal shares, so that the split gives them equal shares, as
+    their hardware's speed is theirs together."""
     everyone = comm.gather_objects(fits, group=group)
     me = comm.rank(group)
     for i, layer in enumerate(groups):
         a = [r[i][0] for r in everyone]
         counts = choose_counts(layer.kernels, a, [r[i][1] for r in everyone])
         k = counts[me]
+        shared = sum(counts[r] for r in sharing)
         seconds = _time_group(layer, max(k, 1), batch, device, 1, group, how)
-        if k >= 2 and seconds > a[me]:
-            fits[i] = (a[me], (seconds - a[me]) / k)
+        if shared >= 2 * len(sharing) and seconds > a[me]:
+            fits[i] = (a[me], len(sharing) * (seconds - a[me]) / shared)
 
 
 def _time_group(layer: Group, k: int, batch: int, device: torch.device, repeats: int, group: comm.Group,
@@ -331,18 +338,18 @@ def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], b
                        precision=precision, memory_format=memory_format, optimizer=optimizer, momentum=momentum)
 
 
-def _sharing_group(key: ProfileKey, group: comm.Group) -> comm.Group:
+def _sharing_group(key: ProfileKey, group: comm.Group) -> tuple[comm.Group, list[int]]:
     """The process group of the ranks that share this rank's core or GPU
-    (``devices.sharing``), None when it has its hardware alone (a collective:
-    every rank makes every such group)."""
-    mine = None
+    (``devices.sharing``; None when it has its hardware alone), and those
+    ranks, this one included (a collective: every rank makes every such group)."""
+    mine, members = None, [comm.rank(group)]
     if comm.world_size(group) > 1:
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-        for members in devices.sharing(key["devices"], key["hosts"]):
-            made = dist.new_group([ranks[r] for r in members])
-            if comm.rank(group) in members:
-                mine = made
-    return mine
+        for sharing in devices.sharing(key["devices"], key["hosts"]):
+            made = dist.new_group([ranks[r] for r in sharing])
+            if comm.rank(group) in sharing:
+                mine, members = made, sharing
+    return mine, members
 
 
 def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], classes: int, batch_size: int,
@@ -357,7 +364,8 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
     name, momentum = key.get("optimizer", DEFAULT_OPTIMIZER[0]), key.get("momentum", DEFAULT_OPTIMIZER[1])
     rows = -(-batch_size // world)  # a batch-mode group's rows per rank, evenly split
     # memory first, before any timing leaves the allocator holding freed buffers
-    how = _Compute(precision, optimizer=name, momentum=momentum, together=_sharing_group(key, group))
+    together, sharing = _sharing_group(key, group)
+    how = _Compute(precision, optimizer=name, momentum=momentum, together=together)
     held, step = _step_memory(model, input_shape, classes, rows, device, how)
     mine: dict = {"fits": [], "batch": [], "step": step,
                   "runtime": 0 if device.type == "cuda" else held}  # a GPU's free memory is read with us there
@@ -372,7 +380,7 @@ def measure(model: nn.Module, *, key: ProfileKey, input_shape: Sequence[int], cl
             lambda k: _time_group(layer, k, batch_size, device, repeats, group, how), layer.kernels, world, group))
         layers.append(layer_fields(layer, batch_size, elem, next(model.parameters()).element_size(), rows))
     if world > 1:
-        _calibrate(mine["fits"], model_cut.groups, batch_size, device, group, how)
+        _calibrate(mine["fits"], model_cut.groups, batch_size, device, group, how, sharing)
         mine["batch"] = [_time_group(layer, layer.kernels, rows, device, repeats, group, how)
                          for layer in model_cut.groups]
     mine["rest"] = _step_seconds(model_cut.rest(batch_size, device), input_shape, classes, batch_size, device,
