@@ -23,7 +23,7 @@ import torch
 from helpers import child_env, main_exit_code
 from PIL import Image
 
-from convshard import data, load_model
+from convshard import folder, load_model
 from convshard.cli import main
 from convshard.run import export, inference
 
@@ -77,7 +77,7 @@ def test_exported_program_gives_the_checkpoints_predictions_without_convshard(tr
     assert (spec["format"], spec["class_names"], spec["input_shape"]) == ("torch", list(CLASSES), [3, 16, 16])
     assert spec["mean"] == pytest.approx(info.mean) and spec["std"] == pytest.approx(info.std)
     assert len(spec["mean"]) == 3 and spec["mean"][0] > 0.1  # the folder's own statistics, not none
-    pixels = torch.stack([data.decode_image(f, channels=3, size=16) for f in files])  # (5, 3, 16, 16) uint8
+    pixels = torch.stack([folder.decode(f, channels=3, size=16) for f in files])  # (5, 3, 16, 16) uint8
     torch.save(pixels, tmp_path / "pixels.pt")
     run = subprocess.run([sys.executable, "-c", PLAIN_TORCH, str(tmp_path / "m.pt2"), str(tmp_path / "pixels.pt"),
                           str(tmp_path / "p.pt")], env=child_env(), capture_output=True, text=True, timeout=120,

@@ -17,7 +17,7 @@ from helpers import main_exit_code
 from PIL import Image
 
 import convshard
-from convshard import data
+from convshard import data, folder
 from convshard.cli import main
 from convshard.run import checkpoint, inference
 
@@ -57,7 +57,7 @@ def test_val_fraction_holds_out_a_share_of_each_class(tmp_path, fraction, test_i
     assert len(dataset.test_y) == 2 * len(test_indices) and len(dataset.train_y) == 20 - 2 * len(test_indices)
     first = data.load_dataset("folder", data_dir=root, image_size=8, val_fraction=0.99)
     assert len(first.train_y) == 0 or len(first.test_y) >= 18  # nearly all held out
-    pixels = data.decode_image(root / "dark" / f"{test_indices[0]:02d}.png", channels=3, size=8).float() / 255
+    pixels = folder.decode(root / "dark" / f"{test_indices[0]:02d}.png", channels=3, size=8).float() / 255
     expected = (pixels - torch.tensor(dataset.mean).view(3, 1, 1)) / torch.tensor(dataset.std).view(3, 1, 1)
     torch.testing.assert_close(dataset.test_x[0], expected)
 
@@ -108,7 +108,7 @@ def test_evaluate_prints_accuracy_per_class_and_confusion(trained, capsys):
     assert info.class_names == CLASSES and info.input_shape == (3, 16, 16) and info.model == "paper"
     dataset = data.load_dataset("folder", data_dir=trained / "photos", image_size=16,
                                 normalisation=(info.mean, info.std))
-    confusion = inference.evaluate(model, dataset.test_x, dataset.test_y, classes=2)
+    confusion = inference.evaluate(model, [(dataset.test_x, dataset.test_y)], classes=2)
     assert int(confusion.sum()) == 8 and confusion.sum(1).tolist() == [4, 4]
     right = int(confusion.trace())
     assert f"accuracy {right / 8:.4f} ({right}/8)" in out

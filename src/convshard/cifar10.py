@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import Dataset, one_line
+from .data import Dataset, Tensors, one_line
 from .errors import ConfigError
 
 try:
@@ -117,18 +117,14 @@ def load(data_dir: str | os.PathLike | None) -> Dataset:
     (train_x, train_y), (test_x, test_y) = _read_cifar10_folder(folder, root)
     return Dataset(
         "cifar10",
-        _normalise_cifar(train_x), torch.from_numpy(train_y),
-        _normalise_cifar(test_x), torch.from_numpy(test_y),
+        Tensors(_planar(train_x), torch.from_numpy(train_y)), Tensors(_planar(test_x), torch.from_numpy(test_y)),
         _CIFAR_CLASSES, _CIFAR_NAMES, _CIFAR_MEAN, _CIFAR_STD,
     )
 
 
-def _normalise_cifar(pixels: np.ndarray) -> torch.Tensor:
-    """(N, 3072) uint8 -> (N, 3, 32, 32) float32, normalised per channel."""
-    images = torch.from_numpy(pixels).view(-1, 3, 32, 32).float().div_(255)
-    mean = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+def _planar(pixels: np.ndarray) -> torch.Tensor:
+    """(N, 3072) uint8 rows -> (N, 3, 32, 32) uint8 images: each row holds the red plane, then green, then blue."""
+    return torch.from_numpy(pixels).view(-1, 3, 32, 32)
 
 
 def _extract_cifar10(archive: Path, root: Path) -> Path:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .. import data
+import torch
+
+from .. import data, loader
 from ..run import checkpoint, inference
 from ..run.config import TrainConfig
 from .options import fraction, positive
@@ -43,9 +45,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     model, info = inference.from_checkpoint(payload, args.checkpoint)
     dataset = inference.test_data(payload, info, dataset=args.dataset, data_dir=args.data_dir,
                                   val_fraction=args.val_fraction)
-    confusion = inference.evaluate(model, dataset.test_x, inference.labels_in(dataset, info),
-                                   classes=len(info.class_names), batch_size=args.batch_size)
-    print(f"{args.checkpoint}: --model {info.model} on {dataset.name}, {len(dataset.test_y)} test images")
+    labels = inference.labels_in(dataset, info)  # (N,) the model's class of each test image
+    read = loader.test_batches(dataset, range(len(labels)), args.batch_size,
+                               loader.default_workers(dataset, torch.device("cpu")))
+    batches = ((x, labels[i * args.batch_size:i * args.batch_size + len(x)]) for i, (x, _) in enumerate(read))
+    confusion = inference.evaluate(model, batches, classes=len(info.class_names))
+    print(f"{args.checkpoint}: --model {info.model} on {dataset.name}, {len(labels)} test images")
     print(inference.format_evaluation(confusion, info.class_names))
 
 

@@ -28,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "shares", "rebalance", "trials", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
         "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment", "weight_decay",
         "decay_all", "clip_grad_norm", "label_smoothing", "keep_last", "keep_best", "log_every", "log_dir",
-        "device_memory")
+        "device_memory", "workers", "eval_every")
         if hasattr(args, name)}
     if hasattr(args, "warmup_epochs"):
         train_only["lr_warmup_epochs"] = args.warmup_epochs
@@ -139,7 +139,7 @@ def _check_model(config: TrainConfig, model: nn.Module, dataset: data.Dataset, w
     kernel per worker. Raises ConfigError; warns once for a conv-less model."""
     # One image through the model, so that a model that does not fit the data
     # (input channels, class count) fails here, in one line, not in every worker.
-    sample = dataset.train_x[:1]  # (1, C, H, W), on CPU
+    sample = dataset.images(dataset.train, [0])  # (1, C, H, W), on CPU
     model.eval()
     try:
         with torch.no_grad():

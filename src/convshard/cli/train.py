@@ -116,11 +116,21 @@ def _training_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="raise the learning rate linearly from lr/w to lr over the first E epochs (w steps, "
                         "fractions allowed), then follow --schedule over the rest (default: %(default)s)")
     g.add_argument("--augment", metavar="T1,T2", nargs="?", const="default", type=augment_list,
-                   help="transforms of every training image, drawn from --seed and the step, so every worker "
-                        "and strategy sees the same augmented batch: crop (random crop of the image padded "
-                        "with ceil(side/8) black pixels: 4 at 28 and 32), flip (horizontal flip), rotate (by up to 15 "
-                        "degrees either way). --augment alone: what suits the dataset: crop,rotate for mnist "
-                        "(a flipped digit is another shape), crop,flip for the others")
+                   help="transforms of every training image, drawn from --seed, the epoch and the image, so every "
+                        "worker, strategy and resumed run sees the same augmented batch: crop (random crop of the "
+                        "image padded with ceil(side/8) black pixels: 4 at 28 and 32), flip (horizontal flip), "
+                        "rotate (by up to 15 degrees either way), resized-crop (8-100%% of the area at aspect 3/4 to "
+                        "4/3, resized to the image size), jitter (brightness, contrast, saturation by up to 40%%). "
+                        "--augment alone: what suits the dataset: crop,rotate for mnist (a flipped digit is another "
+                        "shape), crop,flip for cifar10 and synthetic, resized-crop,flip for photos (folder, "
+                        "package.module:function)")
+    g.add_argument("--workers", metavar="N", type=positive(int, "--workers", zero=True),
+                   help="loader processes per worker that decode images (folder, package.module:function) while "
+                        "the step computes; 0 decodes in the worker itself (default: 1 on a CPU device, whose "
+                        "decode shares its cores, 4 on a GPU; none for data held in memory)")
+    g.add_argument("--eval-every", metavar="N", type=positive(int, "--eval-every"),
+                   help="also measure the test accuracy every N optimizer steps (and save a checkpoint there "
+                        "with --checkpoint-dir; --keep-best keeps the best one) (default: at each epoch's end)")
 
 
 def _output_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -133,7 +143,8 @@ def _output_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--keep-last", metavar="N", type=positive(int, "--keep-last"),
                    help="also keep the checkpoints of the last N saves (checkpoint-<step>.pt)")
     g.add_argument("--keep-best", action="store_true",
-                   help="also keep the checkpoint of the best test accuracy at an epoch's end (best.pt)")
+                   help="also keep the checkpoint of the best test accuracy at an evaluation (best.pt): each "
+                        "epoch's end, and every --eval-every steps")
     g.add_argument("--quiet", action="store_true", help="no progress; warnings, errors and the final summary only")
     g.add_argument("--log-every", metavar="N", type=positive(int, "--log-every"), default=d.log_every,
                    help="outside a terminal (a file, CI, a scheduler) one timestamped line every N steps "

@@ -50,11 +50,12 @@ class RunSettings:
 
     model: str = "paper"  # one of models.MODELS, or package.module:function
     kernels: tuple[int, ...] | None = None  # kernels per conv layer (ResNet, VGG: base width); None: the default
-    dataset: str = "mnist"  # mnist | cifar10 | synthetic | folder
+    dataset: str = "mnist"  # mnist | cifar10 | synthetic | folder | package.module:function
     data_dir: str = "data"  # where cifar10 and folder live
     image_size: int = 32  # side of the folder dataset's images
     val_fraction: float = 0.2  # folder dataset without train/ and val/: the share of each class held out for test
-    augment: tuple[str, ...] = ()  # transforms of every training batch (augment.AUGMENTS), drawn from seed and step
+    augment: tuple[str, ...] = ()  # transforms of every training image (augment.AUGMENTS), drawn from seed, epoch, index
+    workers: int | None = None  # loader processes per rank; None: loader.default_workers
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) of synthetic images
     synthetic_size: int = 1024  # synthetic training images (a quarter as many for test)
     epochs: int = 8
@@ -81,7 +82,8 @@ class RunSettings:
     checkpoint_every: int | None = None  # ... and also every this many optimizer steps
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     keep_last: int | None = None  # also keep the last N checkpoints, one file per save
-    keep_best: bool = False  # also keep the checkpoint of the best test accuracy at an epoch's end
+    keep_best: bool = False  # also keep the checkpoint of the best test accuracy at an evaluation
+    eval_every: int | None = None  # also evaluate on the test split every this many optimizer steps
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ def _shown(value: object) -> str:
 
 def cap_batch(config: TrainConfig, dataset: data.Dataset) -> TrainConfig:
     """``config`` with a global batch of at most the training set, and a warning when that cut it."""
-    n = len(dataset.train_y)
+    n = len(dataset.train)
     if config.batch_size <= n:
         return config
     log.warning("--batch-size %d is more than the %d training images: training at batch %d",

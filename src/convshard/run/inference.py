@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import data
+from .. import data, folder
 from ..errors import ConfigError
 from ..models import build_model
 from . import checkpoint
@@ -128,7 +128,7 @@ def images(paths: Sequence[str | os.PathLike], info: ModelSpec) -> torch.Tensor:
     c, h, w = info.input_shape
     if h != w:
         raise ConfigError(f"the model takes {h}x{w} inputs; image files are fitted to squares")
-    pixels = torch.stack([data.decode_image(p, channels=c, size=h) for p in paths])  # (N, C, H, W) uint8
+    pixels = torch.stack([folder.decode(p, channels=c, size=h) for p in paths])  # (N, C, H, W) uint8
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     return pixels.float().div_(255).sub_(mean).div_(std)
@@ -140,13 +140,17 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64) -> torch
         return torch.cat([model(x[i:i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)])
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: int,
-             batch_size: int = 64) -> torch.Tensor:
-    """The confusion matrix M (classes, classes), int64: M[t, p] counts the
-    images of true class t that the model put in class p (argmax of its
-    logits). Accuracy is trace(M) / sum(M); class t's is M[t, t] / sum_p M[t, p]."""
-    predicted = predict(model, x, batch_size=batch_size).argmax(1)
-    return torch.bincount(y * classes + predicted, minlength=classes * classes).view(classes, classes)
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             classes: int) -> torch.Tensor:
+    """The confusion matrix M (classes, classes), int64, over ``batches`` of
+    images x (b, C, H, W) and labels y (b,): M[t, p] counts the images of
+    true class t that the model put in class p (argmax of its logits).
+    Accuracy is trace(M) / sum(M); class t's is M[t, t] / sum_p M[t, p]."""
+    counts = torch.zeros(classes * classes, dtype=torch.long)
+    with torch.no_grad():
+        for x, y in batches:
+            counts += torch.bincount(y * classes + model(x).argmax(1), minlength=classes * classes)
+    return counts.view(classes, classes)
 
 
 def test_data(payload: dict, info: ModelSpec, *, dataset: str | None = None, data_dir: str | None = None,
@@ -165,7 +169,7 @@ def test_data(payload: dict, info: ModelSpec, *, dataset: str | None = None, dat
         name, data_dir=data_dir or trained_on, seed=saved.get("seed", d.seed),
         synthetic_shape=info.input_shape, synthetic_sizes=(size, max(1, size // 4)), image_size=info.input_shape[1],
         val_fraction=val_fraction if val_fraction is not None else saved.get("val_fraction", d.val_fraction),
-        normalisation=(info.mean, info.std) if name == "folder" and info.mean else None)
+        normalisation=(info.mean, info.std) if (name == "folder" or ":" in name) and info.mean else None)
     if loaded.input_shape != info.input_shape:
         raise ConfigError(f"dataset {name} has images of {'x'.join(map(str, loaded.input_shape))}; the model "
                           f"takes {'x'.join(map(str, info.input_shape))}")

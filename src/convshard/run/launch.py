@@ -228,9 +228,11 @@ def launch_local(
         try:
             for r in range(world_size):
                 worker_env = {**base_env, "RANK": str(r), "LOCAL_RANK": str(r)}
+                # not daemonic, so that a worker may start loader processes: it dies with the
+                # launcher all the same (``_die_with_parent``), and ``_stop`` ends it on any exit
                 p = ctx.Process(
                     target=_entry, args=(r, worker_env, fn, args, outdir, os.getpid()),
-                    name=f"convshard-rank{r}", daemon=True,
+                    name=f"convshard-rank{r}", daemon=False,
                 )
                 p.start()
                 log.debug("worker rank %d (%s) pid %d", r, labels[r], p.pid)

@@ -8,7 +8,9 @@ not the configured batch size.
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,15 +33,19 @@ class StepClock:
     seconds: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # each step's wall time
     ends: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # unix time at each step's end
     collective: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # its seconds in collectives
+    data: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # its seconds waiting for its batch
+    waited: float = 0.0  # seconds waiting for batches, over the steps after the warm-up
 
-    def add(self, seconds: float, in_collectives: float, images: int) -> None:
+    def add(self, seconds: float, in_collectives: float, images: int, waited: float = 0.0) -> None:
         self.count += 1
         self.total += seconds
         self.all_images += images
         if self.count > self.warmup:
             self.timed += seconds
             self.timed_images += images
+            self.waited += waited
         self.seconds.append(seconds)
+        self.data.append(waited)
         self.ends.append(time.time())
         self.collective.append(in_collectives)
 
@@ -56,14 +62,32 @@ class StepClock:
         return self.all_images / self.total if self.total else None
 
 
-def timeline(clock: StepClock, *, group: comm.Group) -> dict:
-    """Every rank's step and in-collective seconds of its last steps and its
-    peak resident memory (a collective)."""
+def timeline(clock: StepClock, *, group: comm.Group, decoded: int = 0) -> dict:
+    """Every rank's step, in-collective and data-wait seconds of its last
+    steps, its peak resident memory, its host and the training images it
+    decoded (a collective)."""
     mine = {"step_seconds": list(clock.seconds), "collective_seconds": list(clock.collective),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+            "data_seconds": list(clock.data),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "host": f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}", "decoded_images": decoded}
     everyone = comm.gather_objects(mine, group=group)
     first = clock.count - len(mine["step_seconds"]) + 1
     return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
+
+
+def data_summary(clock: StepClock, timeline: dict, *, images: int) -> dict:
+    """How the data kept up: rank 0's mean wait for a batch and its share of
+    the step (after the warm-up), and the training images decoded per
+    training image on each host (1.0: once per host; 0 for data held in memory)."""
+    hosts: dict[str, int] = {}
+    for host, decoded in zip(timeline["host"], timeline["decoded_images"]):
+        hosts[host] = hosts.get(host, 0) + decoded
+    timed = clock.count - clock.warmup
+    return {
+        "wait_seconds": clock.waited / timed if timed > 0 else None,
+        "wait_share": clock.waited / clock.timed if clock.timed else None,
+        "decoded_per_image": {host: n / images if images else None for host, n in hosts.items()},
+    }
 
 
 def summary(*, config_json: dict, job: dict, final_job: dict | None, planning: dict | None, strategy: str,
@@ -93,5 +117,6 @@ def summary(*, config_json: dict, job: dict, final_job: dict | None, planning: d
         "step_ends": list(clock.ends),
         "wall_seconds": seconds,
         "history": progress["history"],
+        "evals": progress.get("evals", []),  # --eval-every's test accuracies: step, test_accuracy
         "config": config_json,
     }

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .. import atomic, augment, data, devices, plan, precision
+from .. import atomic, data, devices, loader, plan, precision
 from ..errors import ConfigError, TrainingError
 from ..parallel import comm
 from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
@@ -67,6 +67,8 @@ class _Run:
     scaler: precision.LossScaler = field(default_factory=lambda: precision.LossScaler(False))  # fp16's loss scale
     logbook: Logbook | None = None  # rank 0 with --log-dir
     losses: deque = field(default_factory=lambda: deque(maxlen=metrics.TIMELINE_STEPS))  # last steps' losses
+    batches: loader.TrainBatches | None = None  # the training batches from here to the end, prepared ahead
+    decoded: int = 0  # images this rank decoded for training, in the loaders it has closed
 
     @property
     def settings(self) -> RunSettings:
@@ -83,6 +85,12 @@ class _Run:
     @property
     def memory_format(self) -> torch.memory_format:
         return precision.memory_format(self.plan.memory_format)
+
+    @property
+    def workers(self) -> int:
+        """Loader processes of this rank (``--workers``, or the device's default)."""
+        given = self.settings.workers
+        return given if given is not None else loader.default_workers(self.dataset, self.device)
 
     @property
     def net(self) -> nn.Module:
@@ -144,6 +152,7 @@ def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine:
         run.logbook = Logbook(run.settings.log_dir, resumed=run.progress if run.progress["step"] else None)
     try:
         _epochs(run)
+        _close_batches(run)
     finally:
         if run.logbook is not None:
             run.logbook.close()
@@ -153,7 +162,8 @@ def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine:
         world=run.plan.world, all_devices=all_devices, rebalances=run.rebalancer.events if run.rebalancer else [],
         shares={k: list(v) for k, v in run.engine.kernel_counts().items()}, seconds=time.perf_counter() - started)
     result["step_loss"] = list(run.losses)  # rank 0's loss of each step of ``step_seconds``
-    result["timeline"] = metrics.timeline(run.clock, group=run.group)
+    result["timeline"] = metrics.timeline(run.clock, group=run.group, decoded=run.decoded)
+    result["data"] = metrics.data_summary(run.clock, result["timeline"], images=run.clock.all_images)
     return result if run.rank == 0 else None
 
 
@@ -236,34 +246,39 @@ def _train_epoch(run: _Run) -> float:
     steps_per_epoch = math.ceil(n_train / batch_size)
     total_steps = config.epochs * steps_per_epoch  # --max-steps stops a run early, it does not shorten the schedule
     epoch = progress["epoch"]
-    order = data.epoch_permutation(n_train, seed=config.seed, epoch=epoch)
     loss_sum, seen = 0.0, 0
     speaks = run.rank == 0 and not config.quiet
     bar = tqdm(total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
                unit="step", disable=not (speaks and in_terminal()), leave=False, dynamic_ncols=True)
     while progress["batch"] < steps_per_epoch and not _finished(run):
         b = progress["batch"]
-        batch = order[b * batch_size : (b + 1) * batch_size]  # the global batch's image indices
+        n = min(batch_size, n_train - b * batch_size)  # the global batch's images
         lr = learning_rate(config, progress["step"], total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        if run.batches is None:
+            run.batches = _batches(run)
         t0, in_collectives = time.perf_counter(), comm.seconds_in_collectives()
-        loss, mine = _step(run, batch)
+        x, y, waited = run.batches.next()
+        loss, mine = _step(run, x, y, n)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
-        run.clock.add(time.perf_counter() - t0, comm.seconds_in_collectives() - in_collectives, len(batch))
+        run.clock.add(time.perf_counter() - t0, comm.seconds_in_collectives() - in_collectives, n, waited)
         loss_sum, seen = loss_sum + loss * mine, seen + mine
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         if run.rebalancer is not None:
             moved = run.rebalancer.observe(progress["step"], run.clock.seconds[-1] - run.clock.collective[-1],
                                            run.plan)
             if moved is not None:
+                rows = _rows(run)
                 run.engine.apply(moved, run.optimizer)
                 run.plan = moved
+                if _rows(run) != rows:  # a batch-mode group's rows moved: read the new ones from here
+                    _close_batches(run)
         run.losses.append(loss)
         if run.logbook is not None:
             run.logbook.step(step=progress["step"], epoch=epoch + 1, loss=loss, lr=lr,
-                             seconds=run.clock.seconds[-1], images=len(batch))
+                             seconds=run.clock.seconds[-1], images=n)
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", ms=f"{1000 * run.clock.seconds[-1]:.0f}")
         if speaks and bar.disable and progress["step"] % config.log_every == 0:
@@ -271,7 +286,9 @@ def _train_epoch(run: _Run) -> float:
             log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.1f ms/step, %.1f images/s", progress["step"],
                      min(config.max_steps or total_steps, total_steps), epoch + 1, config.epochs, loss, lr,
                      1000 * statistics.fmean(recent), batch_size / statistics.fmean(recent))
-        if config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+        if config.eval_every and progress["step"] % config.eval_every == 0 and b + 1 < steps_per_epoch:
+            _evaluate_now(run)  # the end of an epoch evaluates anyway
+        elif config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
             _save(run)  # the end of an epoch saves anyway
     bar.close()
     if progress["batch"] == steps_per_epoch:
@@ -280,27 +297,20 @@ def _train_epoch(run: _Run) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
-    """One optimizer step on the global ``batch`` (its image indices), of
-    which this rank feeds the rows its engine names. Returns this rank's
-    mean loss and its number of images."""
-    config, dataset = run.settings, run.dataset
-    n, part = len(batch), run.engine.rows(len(batch))
-    mine = batch[part]
-    if config.augment:  # the whole global batch, so that every rank and plan augments each image alike
-        x = augment.augment(dataset.train_x[batch], seed=config.seed, step=run.progress["step"],
-                         transforms=config.augment, fill=augment.black(dataset))[part]
-    else:
-        x = dataset.train_x[mine]
-    # (b, C, H, W): b = n, or this rank's rows
-    x = x.to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
-    y = dataset.train_y[mine].to(run.device)  # (b,)
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[float, int]:
+    """One optimizer step on a global batch of ``n`` images, of which this
+    rank feeds the rows its engine names: ``x`` (b, C, H, W) and labels
+    ``y`` (b,), b = n or this rank's share. Returns this rank's mean loss
+    and b."""
+    config = run.settings
+    x = x.to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format, non_blocking=True)
+    y = y.to(run.device, non_blocking=True)
     run.optimizer.zero_grad(set_to_none=True)
     with precision.autocast(run.device, run.plan.precision):
         out = run.model(x)  # (b, classes), in the compute dtype
     loss_sum = F.cross_entropy(out.to(x.dtype), y, reduction="sum",  # the loss in the model's dtype
                                label_smoothing=config.label_smoothing)
-    mean_loss = loss_sum.item() / max(1, len(mine))
+    mean_loss = loss_sum.item() / max(1, len(y))
     if not math.isfinite(mean_loss):
         kept = f"; the last good checkpoint is in {config.checkpoint_dir}" if config.checkpoint_dir else ""
         raise TrainingError(f"training loss became {mean_loss} at step {run.progress['step'] + 1}{kept}; "
@@ -313,24 +323,71 @@ def _step(run: _Run, batch: torch.Tensor) -> tuple[float, int]:
             clip_gradients(run.net, config.clip_grad_norm, sharded=sharded_parameters(run.net),
                            group=run.group if run.plan.kernel_counts() else None)
         run.optimizer.step()
-    return mean_loss, len(mine)
+    return mean_loss, len(y)
 
 
 def _evaluate(run: _Run) -> float:
     """Test accuracy in [0, 1], over the test images each rank's engine names."""
-    dataset, config, batch_size = run.dataset, run.settings, run.plan.batch_size
-    n = len(dataset.test_y)
-    part = run.engine.eval_rows(n)
+    dataset, config = run.dataset, run.settings
+    n = len(dataset.test)
+    part = range(n)[run.engine.eval_rows(n)]
     run.model.eval()
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     with torch.no_grad():
-        for i in range(part.start, part.stop, batch_size):
-            j = min(i + batch_size, part.stop)
-            x = dataset.test_x[i:j].to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
+        for x, y in loader.test_batches(dataset, part, run.plan.batch_size, run.workers):
+            x = x.to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
             with precision.autocast(run.device, run.plan.precision):
-                correct += (run.net(x).argmax(1) == dataset.test_y[i:j].to(run.device)).sum()
+                correct += (run.net(x).argmax(1) == y.to(run.device)).sum()
     run.model.train()
     return run.engine.reduce(correct).item() / n
+
+
+def _evaluate_now(run: _Run) -> None:
+    """``--eval-every``: the test accuracy at this step, logged, kept in the
+    progress (``evals``) and, with a checkpoint directory, saved with the
+    checkpoint (the best one by it with ``--keep-best``)."""
+    accuracy = _evaluate(run)
+    step = run.progress["step"]
+    run.progress.setdefault("evals", []).append({"step": step, "test_accuracy": accuracy})
+    log.info("step %d: test accuracy %.4f", step, accuracy)
+    _save(run, accuracy)
+
+
+def _batches(run: _Run) -> loader.TrainBatches:
+    """The training batches from the run's position to its end (a collective
+    when the source decodes: the host's ranks share the reading)."""
+    config, progress, batch_size = run.settings, run.progress, run.plan.batch_size
+    n = len(run.dataset.train)
+    per_epoch = math.ceil(n / batch_size)
+    left = per_epoch * (config.epochs - progress["epoch"]) - progress["batch"]
+    if config.max_steps is not None:
+        left = min(left, config.max_steps - progress["step"])
+    if run.dataset.train.decodes:
+        host = loader.host_of(run.engine.rows, _batch_sizes(run), group=run.group, timeout=config.timeout)
+    else:
+        host = loader.Host(None, 0, (run.engine.rows,))
+    return loader.TrainBatches(run.dataset, seed=config.seed, batch_size=batch_size, transforms=config.augment,
+                               start=loader.Position(progress["epoch"], progress["batch"], left), host=host,
+                               workers=run.workers, pin=run.device.type == "cuda")
+
+
+def _batch_sizes(run: _Run) -> list[int]:
+    """The global batch sizes of the run's steps: the batch size, and the epoch's last batch."""
+    n, batch_size = len(run.dataset.train), run.plan.batch_size
+    return sorted({batch_size, n - (math.ceil(n / batch_size) - 1) * batch_size})
+
+
+def _rows(run: _Run) -> list[slice]:
+    """This rank's rows of each batch size the run uses."""
+    return [run.engine.rows(n) for n in _batch_sizes(run)]
+
+
+def _close_batches(run: _Run) -> None:
+    """Stop the run's loader (every rank at the same step), counting what it decoded."""
+    if run.batches is not None:
+        run.batches.close()
+        run.decoded += run.batches.decoded
+        run.batches = None
 
 
 def _save(run: _Run, accuracy: float | None = None) -> None:
@@ -383,6 +440,7 @@ def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devic
             run = _setup(trial, dataset, device_spec.torch_device, engine)
             while not _finished(run):
                 _train_epoch(run)
+            _close_batches(run)
             seconds = run.clock.mean() or math.inf
         return comm.reduce_scalar(seconds, op="max", group=group)
 
