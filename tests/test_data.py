@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 import pickle
 import tarfile
@@ -19,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from convshard.augment import ROTATE_DEGREES, augment, black, default_augment
 from convshard.cifar10 import download_cifar10
 from convshard.data import DATASETS, Dataset, epoch_permutation, load_dataset
 from convshard.errors import ConfigError
@@ -394,7 +392,7 @@ def test_folder_unreadable_image_names_the_file(tmp_path: Path, damage) -> None:
     root = make_image_folder(tmp_path, {"red": RED, "blue": BLUE})
     path = damage(root)
     with pytest.raises(ConfigError, match=str(path)) as err:
-        load_dataset("folder", data_dir=root)
+        load_dataset("folder", data_dir=root).train_x  # read when an image is read: every one here
     assert "\n" not in str(err.value)
 
 
@@ -415,98 +413,3 @@ def test_folder_bad_layouts(tmp_path: Path, prepare, needle: str) -> None:
 def test_folder_needs_a_data_dir() -> None:
     with pytest.raises(ConfigError, match="--data-dir"):
         load_dataset("folder")
-
-
-# --- augment -----------------------------------------------------------------
-
-
-def _crops(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
-    """Every crop and flip ``augment`` may produce from one (C, H, W) image."""
-    _, h, w = image.shape
-    padded = torch.nn.functional.pad(image, (pad,) * 4)
-    crops = [padded[:, i:i + h, j:j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
-    return crops + [c.flip(-1) for c in crops]
-
-
-def test_augment_crops_and_flips_each_image() -> None:
-    x = torch.arange(64 * 2 * 8 * 12, dtype=torch.float32).view(64, 2, 8, 12) + 1  # every value distinct, non-zero
-    y = augment(x, seed=0, step=0)
-    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
-    for image, out in zip(x, y):
-        assert any(torch.equal(out, crop) for crop in _crops(image, pad=1))  # pad = ceil(8 / 8)
-    assert (y == 0).any(), "no crop reached the padding"
-    flipped = sum(torch.equal(out, crop) for image, out in zip(x, y) for crop in _crops(image, 1)[9:])
-    assert 10 < flipped < 54
-
-
-def test_augment_is_a_pure_function_of_seed_and_step() -> None:
-    x = torch.randn(16, 3, 32, 32)
-    first = augment(x, seed=1, step=5)
-    assert torch.equal(first, augment(x.clone(), seed=1, step=5))
-    assert not torch.equal(first, augment(x, seed=1, step=6))
-    assert not torch.equal(first, augment(x, seed=2, step=5))
-
-
-def test_augment_pads_an_eighth_of_the_side() -> None:
-    x = torch.ones(256, 1, 28, 28)
-    zero_rows = (augment(x, seed=0, step=0)[:, 0] == 0).all(dim=2).sum(dim=1)  # padding rows per image
-    assert zero_rows.max() == 4  # ceil(28 / 8)
-
-
-def test_augment_pads_with_the_fill_of_each_channel() -> None:
-    x = torch.ones(256, 2, 28, 28)
-    y = augment(x, seed=0, step=0, transforms=("crop",), fill=(-0.5, 3.0))
-    assert set(y[:, 0].unique().tolist()) == {-0.5, 1.0} and set(y[:, 1].unique().tolist()) == {3.0, 1.0}
-    border = (y[:, 0] == -0.5).all(dim=2).sum(dim=1)  # padding rows per image, now of the fill
-    assert border.max() == 4 and torch.equal(border, (augment(x, seed=0, step=0, transforms=("crop",))[:, 0] == 0)
-                                             .all(dim=2).sum(dim=1))  # the same offsets as zero padding
-    with pytest.raises(ValueError, match="1 fill values for 2 channels"):
-        augment(x, seed=0, step=0, fill=(0.0,))
-
-
-def test_black_is_a_zero_pixel_normalised() -> None:
-    x, y = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
-    mnist = Dataset("mnist", x, y, x, y, 10, mean=(0.1307,), std=(0.3081,))
-    assert black(mnist) == pytest.approx((-0.1307 / 0.3081,))
-    assert black(Dataset("synthetic", x, y, x, y, 10)) == ()  # no pixels: zero padding
-
-
-def test_augment_refuses_a_single_image() -> None:
-    with pytest.raises(ValueError, match="(B, C, H, W)"):
-        augment(torch.zeros(3, 8, 8), seed=0, step=0)
-
-
-def test_augment_applies_only_the_transforms_asked_and_suits_the_dataset() -> None:
-    x = torch.arange(64 * 2 * 8 * 12, dtype=torch.float32).view(64, 2, 8, 12) + 1
-    both = augment(x, seed=0, step=0)
-    cropped = augment(x, seed=0, step=0, transforms=("crop",))
-    flipped = augment(x, seed=0, step=0, transforms=("flip",))
-    for image, crop, flip, out in zip(x, cropped, flipped, both):
-        shifts = _crops(image, pad=1)[:9]  # the 9 unflipped windows
-        assert any(torch.equal(crop, c) for c in shifts)  # cropped, never flipped
-        assert torch.equal(flip, image) or torch.equal(flip, image.flip(-1))  # flipped or not, never moved
-        assert torch.equal(out, crop) or torch.equal(out, crop.flip(-1))  # the same draws as crop,flip
-    assert not torch.equal(cropped, x) and not torch.equal(flipped, x)
-    assert torch.equal(augment(x, seed=0, step=0, transforms=()), x)
-    assert default_augment("mnist") == ("crop", "rotate")  # a flipped digit is another shape
-    assert default_augment("cifar10") == default_augment("folder") == ("crop", "flip")
-    with pytest.raises(ConfigError, match="'shear'"):
-        augment(x, seed=0, step=0, transforms=("shear",))
-
-
-def test_rotate_turns_each_image_about_its_centre_within_the_range() -> None:
-    x = torch.zeros(64, 1, 29, 29, dtype=torch.float64)
-    x[:, :, 14, :] = 1.0  # a horizontal bar through the centre
-    y = augment(x, seed=3, step=1, transforms=("rotate",), fill=(-1.0,))
-    assert torch.equal(y, augment(x, seed=3, step=1, transforms=("rotate",), fill=(-1.0,)))
-    assert y[:, 0, 14, 14].min() > 0.99  # the centre stays where it is
-    left, right = y[:, 0, :, 4].argmax(dim=1), y[:, 0, :, 24].argmax(dim=1)  # the bar's row 10 pixels either side
-    slope = (left - right).double() / 20  # tan of the angle (rows grow downwards)
-    assert slope.abs().max() <= math.tan(math.radians(ROTATE_DEGREES)) + 0.1
-    assert (slope > 0.05).any() and (slope < -0.05).any()  # both ways
-    corners = y[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
-    assert torch.all((corners >= -1.0) & (corners <= 0.0))
-    turned = slope.abs() >= 0.15  # over 5.7 degrees: every corner reads from past the edge (14 (cos + sin) > 15)
-    assert turned.any() and torch.all(corners[turned] == -1.0)  # ... and takes the fill
-    both = augment(x, seed=3, step=1, transforms=("crop", "rotate"), fill=(-1.0,))
-    assert torch.equal(both, augment(y, seed=3, step=1, transforms=("crop",), fill=(-1.0,)))  # turned, then cropped

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
                    help="paper: kernels 500,1500 as in the paper (every sweep: hours on 2 cores; pick "
                         "some with --sweeps); smoke: tiny, seconds (default: %(default)s)")
     b.add_argument("--steps", metavar="N", type=positive(int, "--steps"),
-                   help="steps per job, 3 of them warm-up (default: paper 6, smoke 4)")
+                   help="steps per job, 3 of them warm-up (default: paper 6, smoke 4; the data sweep: "
+                        "paper 200, smoke 6)")
     b.add_argument("--rounds", metavar="N", type=positive(int, "--rounds"), default=1,
                    help="run each point's jobs N times, in turn, and report each job's median: the machine's "
                         "drift then falls on every job alike (default: %(default)s)")

@@ -23,7 +23,10 @@ otherwise), ``predict`` (clusters of namespace hosts written as cluster
 files from one profile, every candidate plan's predicted step beside its
 measured one) and ``scale`` (predicted speedup and efficiency of the
 paper's CNN, ResNet-18 and VGG-11 up to 64 devices, over link bandwidth,
-batch size and width; nothing trained): ``convshard.tools.clusters``. The speedup of a job is t(one device) / t(job), from
+batch size and width; nothing trained): ``convshard.tools.clusters``; ``data``
+(streamed image folders of N and 4N JPEGs against the same images held in
+memory: memory, data wait, throughput, decodes per image):
+``convshard.tools.databench``. The speedup of a job is t(one device) / t(job), from
 ``mean_step_seconds`` (after the warm-up steps); with ``--rounds N`` each
 point's jobs run N times in turn and t is a job's median. A job that planned
 (``auto``) also keeps the plan's predicted step and the strategy it chose.
@@ -53,12 +56,12 @@ from pathlib import Path
 from .. import atomic, devices
 from ..errors import ConfigError
 from ..plan import cluster as cluster_file
-from . import clusters, netns
+from . import clusters, databench, netns
 
 log = logging.getLogger(__name__)
 
 PLAIN = "plain"  # a job's first argument: the plain PyTorch loop (``convshard.tools.plain``)
-SWEEPS = ("workers", "batch", "kernels", "mixes", "models", "bandwidth", "predict", "scale")
+SWEEPS = ("workers", "batch", "kernels", "mixes", "models", "bandwidth", "predict", "scale", "data")
 MODELS = ("paper", "vgg11", "resnet18")  # the models sweep's networks
 RATES = ("10gbit", "1gbit", "100mbit")  # the bandwidth sweep's links
 SIZES = {
@@ -296,6 +299,9 @@ def _sweep(name: str, run: _Runner, size: dict, cores: list[int]) -> list[dict]:
     elif name == "scale":
         models = {label: model_size(net, size["size"]) for label, net in clusters.SCALE_MODELS.items()}
         points = clusters.scale_sweep(run.out_dir, size, models, cores, given=size["cluster"])
+    elif name == "data":
+        points = databench.data_sweep(run.out_dir, size["size"], size["model"], cores, run.precisions,
+                                      size["given_steps"])
     return points
 
 
@@ -338,6 +344,10 @@ def _markdown(results: dict, cores: list[int], rounds: int = 1) -> str:
         if name == "scale":
             lines += ["### scale (predicted from one profile per model; nothing trained)", "",
                       *clusters.scale_markdown(points), ""]
+            continue
+        if name == "data":
+            lines += ["### data (streamed image folders against the same images held in memory)", "",
+                      *databench.markdown(points)]
             continue
         keys = list(dict.fromkeys(k for p in points for k in p if isinstance(p[k], dict)))
         lines += [f"### {name}", "", "| x | " + " | ".join(keys) + " | peak MiB per worker, same order |",
@@ -382,14 +392,14 @@ def run_bench(*, sweeps: Sequence[str], size: str, out_dir: str | Path, steps: i
             raise ConfigError("--cluster adds the described cluster to the scale sweep: add scale to --sweeps")
         cluster_file.load(cluster)  # a bad file fails now, before any sweep runs
     chosen = {**model_size(model, size), "given_batches": tuple(batches or ()), "rates": tuple(rates or ()),
-              "cluster": Path(cluster) if cluster is not None else None}
+              "cluster": Path(cluster) if cluster is not None else None, "given_steps": steps}
     results = {name: points for name in sweeps if (points := _sweep(name, run, chosen, cores))}
     for name, points in results.items():
         if name == "predict":
             clusters.plot_predict(points, out / "predict.png")
         elif name == "scale":
             clusters.plot_scale(points, out, measured=results.get("predict", ()))
-        else:
+        elif name != "data":  # a table of five figures: bench.md
             _plot(name, points, out / f"{name}.png", len(cores))
     atomic.write_text(out / "bench.json", json.dumps({"cores": cores, "model": model, "size": size, "rounds": rounds,
                                                       "results": results}, indent=1) + "\n")
