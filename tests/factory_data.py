@@ -7,16 +7,16 @@ from PIL import Image
 
 
 class Squares(torch.utils.data.Dataset):
-    """A user's dataset: 3x12x12 uint8 images, label = whether a bright square sits in the left or the right half."""
+    """A user's dataset: 3x16x16 uint8 images, label = whether a bright square sits in the left or the right half."""
 
     classes = ("left", "right")
 
     def __init__(self, n: int, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 60, (n, 3, 12, 12), generator=g, dtype=torch.uint8)
+        self.images = torch.randint(0, 60, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
         self.targets = torch.randint(0, 2, (n,), generator=g).tolist()
         for image, label in zip(self.images, self.targets):
-            image[:, 4:8, 1 + 6 * label:5 + 6 * label] = 250
+            image[:, 6:10, 1 + 8 * label:6 + 8 * label] = 250
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -331,7 +331,7 @@ def test_bad_factory_exits_2_with_one_line(model: str, needle: str, capsys: pyte
 
 @pytest.mark.parametrize(("args", "raised_in", "needle"), [
     (["--model", "factory_models:raises"], "factory_models.py", "raised RuntimeError"),
-    (["--dataset", "folder", "--data-dir", "{tmp}"], "data.py", "{tmp}/one/img_2.png"),
+    (["--dataset", "folder", "--data-dir", "{tmp}"], "folder.py", "{tmp}/one/img_2.png"),
 ])
 def test_verbose_shows_the_traceback_behind_the_one_line_error(
     args: list[str], raised_in: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -108,9 +108,9 @@ def _overflowing_on_rank_1(scaled: list, original):
 
 def _recording_steps(sent: list, original):
     """``train._step`` that appends (op, dtype, elements) of every collective the step issued."""
-    def step(run, batch):
+    def step(run, *batch):
         with comm.record_wire() as seen:
-            out = original(run, batch)
+            out = original(run, *batch)
         sent.extend((s.op, str(s.dtype).removeprefix("torch."), s.numel) for s in seen)
         return out
     return step

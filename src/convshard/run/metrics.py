@@ -35,11 +35,13 @@ class StepClock:
     collective: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # its seconds in collectives
     data: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # its seconds waiting for its batch
     waited: float = 0.0  # seconds waiting for batches, over the steps after the warm-up
+    all_waited: float = 0.0  # ... over every step
 
     def add(self, seconds: float, in_collectives: float, images: int, waited: float = 0.0) -> None:
         self.count += 1
         self.total += seconds
         self.all_images += images
+        self.all_waited += waited
         if self.count > self.warmup:
             self.timed += seconds
             self.timed_images += images
@@ -77,15 +79,17 @@ def timeline(clock: StepClock, *, group: comm.Group, decoded: int = 0) -> dict:
 
 def data_summary(clock: StepClock, timeline: dict, *, images: int) -> dict:
     """How the data kept up: rank 0's mean wait for a batch and its share of
-    the step (after the warm-up), and the training images decoded per
+    the step (after the warm-up; over every step when there were no more), and the training images decoded per
     training image on each host (1.0: once per host; 0 for data held in memory)."""
     hosts: dict[str, int] = {}
     for host, decoded in zip(timeline["host"], timeline["decoded_images"]):
         hosts[host] = hosts.get(host, 0) + decoded
-    timed = clock.count - clock.warmup
+    timed = clock.count > clock.warmup
+    waited, seconds = (clock.waited, clock.timed) if timed else (clock.all_waited, clock.total)
+    steps = clock.count - clock.warmup if timed else clock.count
     return {
-        "wait_seconds": clock.waited / timed if timed > 0 else None,
-        "wait_share": clock.waited / clock.timed if clock.timed else None,
+        "wait_seconds": waited / steps if steps else None,
+        "wait_share": waited / seconds if seconds else None,
         "decoded_per_image": {host: n / images if images else None for host, n in hosts.items()},
     }
 
