@@ -34,6 +34,14 @@ def test_transfer_is_the_least_collective_time_and_the_rest_is_waiting():
     assert rank0["step_ms"] == pytest.approx(15.0)
 
 
+def test_data_wait_is_its_own_part_of_the_step():
+    metrics = _metrics([[0.010, 0.020]], [[0.002, 0.004]])
+    metrics["timeline"]["data_seconds"] = [[0.003, 0.001]]
+    (only,) = report.summarize(metrics)
+    assert only["data_ms"] == pytest.approx(2.0) and only["compute_ms"] == pytest.approx(10.0)
+    assert only["step_ms"] == pytest.approx(15.0) and "data ms" in report.format_report(metrics)
+
+
 def test_warmup_steps_are_left_out():
     metrics = _metrics([[1.0, 0.010]], [[0.0, 0.0]], warmup=1)
     (only,) = report.summarize(metrics)
@@ -72,7 +80,7 @@ def test_report_command_on_a_real_run(tmp_path, capsys):
                for s, c in zip(ss, cs))
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "cpu@0" in printed and "cpu@1" in printed and "transfer ms" in printed
+    assert "cpu@0" in printed and "cpu@1" in printed and "transfer ms" in printed and "data ms" in printed
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

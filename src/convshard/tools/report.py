@@ -1,12 +1,14 @@
 """Where a run's time went, per device: ``convshard report RUN.json``.
 
 The metrics JSON of a run holds, for every rank and each of its last steps,
-the step's wall time S_{r,i} and the time C_{r,i} it spent inside convshard's
-collectives. All ranks take part in every collective, so the least of them,
-min_r C_{r,i}, is what the transfers themselves took; a rank spent the rest
-of its collective time waiting for slower ranks:
+the step's wall time S_{r,i}, the time D_{r,i} it waited for its batch
+(the loader had not prepared it yet) and the time C_{r,i} it spent inside
+convshard's collectives. All ranks take part in every collective, so the
+least of them, min_r C_{r,i}, is what the transfers themselves took; a rank
+spent the rest of its collective time waiting for slower ranks:
 
-    compute_{r,i} = S_{r,i} - C_{r,i}
+    data_{r,i}    = D_{r,i}
+    compute_{r,i} = S_{r,i} - D_{r,i} - C_{r,i}
     transfer_i    = min_r C_{r,i}
     wait_{r,i}    = C_{r,i} - transfer_i
 
@@ -27,28 +29,32 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-def _parts(metrics: Mapping) -> tuple[list[str], list[list[tuple[float, float, float]]]]:
-    """Devices and, per rank and step, (compute, transfer, wait) seconds."""
+PARTS = ("data", "compute", "transfer", "wait")  # a step's parts, in the order the step meets them
+
+
+def _parts(metrics: Mapping) -> tuple[list[str], list[list[tuple[float, float, float, float]]]]:
+    """Devices and, per rank and step, (data, compute, transfer, wait) seconds."""
     timeline = metrics.get("timeline")
     if not timeline or not timeline["step_seconds"] or not timeline["step_seconds"][0]:
         raise ConfigError("the metrics hold no step timings (a run of at least one step writes them)")
     steps, colls = timeline["step_seconds"], timeline["collective_seconds"]
+    data = timeline.get("data_seconds") or [[0.0] * len(ss) for ss in steps]  # runs before the loader timed it
     transfer = [min(rank[i] for rank in colls) for i in range(len(colls[0]))]
-    parts = [[(s - c, transfer[i], c - transfer[i]) for i, (s, c) in enumerate(zip(ss, cs))]
-             for ss, cs in zip(steps, colls)]
+    parts = [[(d, s - d - c, transfer[i], c - transfer[i]) for i, (s, c, d) in enumerate(zip(ss, cs, ds))]
+             for ss, cs, ds in zip(steps, colls, data)]
     return list(metrics["devices"]), parts
 
 
 def summarize(metrics: Mapping) -> list[dict]:
-    """Per device: mean compute, transfer and wait milliseconds per step, after the warm-up steps."""
+    """Per device: mean data, compute, transfer and wait milliseconds per step, after the warm-up steps."""
     devices, parts = _parts(metrics)
     skip = metrics.get("config", {}).get("warmup_steps", 0)
     rows = []
     for rank, (device, steps) in enumerate(zip(devices, parts)):
         timed = steps[skip:] if len(steps) > skip else steps
-        mean = [1000 * statistics.fmean(p[k] for p in timed) for k in range(3)]
-        rows.append({"rank": rank, "device": device, "compute_ms": mean[0], "transfer_ms": mean[1],
-                     "wait_ms": mean[2], "step_ms": sum(mean)})
+        mean = [1000 * statistics.fmean(p[k] for p in timed) for k in range(len(PARTS))]
+        rows.append({"rank": rank, "device": device, **{f"{part}_ms": m for part, m in zip(PARTS, mean)},
+                     "step_ms": sum(mean)})
     return rows
 
 
@@ -58,11 +64,12 @@ def format_report(metrics: Mapping) -> str:
     width = max(len("device"), *(len(r["device"]) for r in rows))
     lines = [f"strategy {metrics['strategy']}, {metrics['steps']} steps, "
              f"{1000 * (metrics['mean_step_seconds'] or 0):.1f} ms/step; mean per step after warm-up:",
-             f"rank  {'device':<{width}}  {'compute ms':>10}  {'transfer ms':>11}  {'wait ms':>8}  {'busy':>5}"]
+             f"rank  {'device':<{width}}  {'data ms':>8}  {'compute ms':>10}  {'transfer ms':>11}  {'wait ms':>8}  "
+             f"{'busy':>5}"]
     for r in rows:
         busy = r["compute_ms"] / r["step_ms"] if r["step_ms"] else 0.0
-        lines.append(f"{r['rank']:>4}  {r['device']:<{width}}  {r['compute_ms']:>10.1f}  {r['transfer_ms']:>11.1f}  "
-                     f"{r['wait_ms']:>8.1f}  {busy:>5.0%}")
+        lines.append(f"{r['rank']:>4}  {r['device']:<{width}}  {r['data_ms']:>8.1f}  {r['compute_ms']:>10.1f}  "
+                     f"{r['transfer_ms']:>11.1f}  {r['wait_ms']:>8.1f}  {busy:>5.0%}")
     if metrics.get("shares"):
         lines.append("kernels per device: " + ", ".join(f"{k} {v}" for k, v in metrics["shares"].items()))
     for event in metrics.get("rebalances", []):
@@ -71,9 +78,10 @@ def format_report(metrics: Mapping) -> str:
 
 
 def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Path:
-    """A PNG: the last ``steps`` steps per device (compute, transfer and wait
-    in step order, a tick at each step's end) and, beside it, the training
-    loss per step and the test accuracy per epoch (when the metrics hold them)."""
+    """A PNG: the last ``steps`` steps per device (data, compute, transfer and
+    wait in step order, a tick at each step's end) and, beside it, the
+    training loss per step and the test accuracy at each evaluation (when
+    the metrics hold them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +89,7 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
 
     devices, parts = _parts(metrics)
     first = metrics["timeline"]["first_step"] + max(0, len(parts[0]) - steps)
-    colors = {"compute": "tab:blue", "transfer": "tab:orange", "wait": "tab:gray"}
+    colors = {"data": "tab:green", "compute": "tab:blue", "transfer": "tab:orange", "wait": "tab:gray"}
     curves = bool(metrics.get("step_loss") or metrics.get("history"))
     fig = plt.figure(figsize=(15 if curves else 10, max(0.6 * len(devices) + 1.6, 4.0 if curves else 0)))
     grid = fig.add_gridspec(2, 3 if curves else 1, width_ratios=[2, 1, 1] if curves else [1])
@@ -99,7 +107,7 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
     ax.invert_yaxis()
     ax.set_xlabel(f"milliseconds (steps {first}-{first + min(steps, len(parts[0])) - 1})")
     ax.set_title(f"{metrics['strategy']}: where each device's time goes")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, frameon=False)
     if curves:
         _draw_curves(metrics, fig.add_subplot(grid[:, 1]), fig.add_subplot(grid[:, 2]))
     fig.tight_layout()
@@ -111,18 +119,19 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
 
 
 def _draw_curves(metrics: Mapping, loss_ax, accuracy_ax) -> None:
-    """The training loss of the last steps the metrics hold, and the test accuracy at each epoch's end."""
+    """The training loss of the last steps the metrics hold, and the test
+    accuracy at each epoch's end and every ``--eval-every`` steps."""
     losses = metrics.get("step_loss") or []
     first = metrics.get("steps", len(losses)) - len(losses) + 1
     loss_ax.plot(range(first, first + len(losses)), losses, color="tab:blue", linewidth=1)
     loss_ax.set_xlabel("step")
     loss_ax.set_title("training loss")
-    history = metrics.get("history") or []
-    accuracy_ax.plot([h["steps"] for h in history], [h["test_accuracy"] for h in history], marker="o",
-                     color="tab:green")
-    accuracy_ax.set_xlabel("step (end of each epoch)")
-    if history:
-        accuracy_ax.set_ylim(*accuracy_range([h["test_accuracy"] for h in history]))
+    points = sorted({**{e["step"]: e["test_accuracy"] for e in metrics.get("evals") or []},
+                     **{h["steps"]: h["test_accuracy"] for h in metrics.get("history") or []}}.items())
+    accuracy_ax.plot([step for step, _ in points], [a for _, a in points], marker="o", color="tab:green")
+    accuracy_ax.set_xlabel("step")
+    if points:
+        accuracy_ax.set_ylim(*accuracy_range([a for _, a in points]))
     accuracy_ax.set_title("test accuracy")
 
 
