@@ -55,6 +55,21 @@ def default_workers(dataset: data.Dataset, device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
+def decode_seconds(dataset: data.Dataset, *, images: int = 8) -> float:
+    """Seconds to read one training image of a source that decodes (0 for
+    one in memory): the mean over ``images`` spread over the split, after
+    one read that warms the file cache and Pillow."""
+    split = dataset.train
+    if not split.decodes:
+        return 0.0
+    picks = [int(i) for i in torch.linspace(0, len(split) - 1, images + 1).long()]
+    split.read(picks[0])
+    started = time.perf_counter()
+    for i in picks[1:]:
+        split.read(i)
+    return (time.perf_counter() - started) / images
+
+
 @dataclass(frozen=True)
 class Reader(torch.utils.data.Dataset):
     """Stage 1, sent to the loader processes: key (epoch, i) -> image i read

@@ -19,6 +19,10 @@ profile counts its activation bytes in the precision it was timed in;
 ``in_precision`` rescales them to the plan's (its times stay as measured,
 so a profile is taken in the precision of the job it plans).
 
+Data that decodes (image folders, a user's dataset) adds its decode:
+``with_data`` prices d, the profile's seconds per image, over the images
+each host decodes per step.
+
 **Sharded engine.** Group g's compute on rank r is
 
     kernel mode: a_{r,g} + b_{r,g} max(c_{r,g}, 1)      (a rank without kernels runs a placeholder)
@@ -82,7 +86,7 @@ and 0.62 (10 Gbit/s, 1 Gbit/s, 100 Mbit/s): their mean, 0.59, taken as 0.6.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError
 from ..precision import activation_bytes, grad_dtype
@@ -104,6 +108,7 @@ class Prediction:
     gradient_sum: float = 0.0  # batch-mode weights' gradient all-reduce (ddp: its exposed all-reduce)
     broadcast: float = 0.0  # replicated gradients' broadcast
     update: float = 0.0  # optimizer step over the groups' weights
+    data: float = 0.0  # decoding the step's images, where it is not hidden (``data_seconds``)
 
     @property
     def wait(self) -> tuple[float, ...]:
@@ -113,7 +118,7 @@ class Prediction:
     def to_json(self) -> dict:
         return {"step": self.step, "busy": list(self.busy), "groups": self.groups, "collectives": self.collectives,
                 "rest": self.rest, "gradient_sum": self.gradient_sum, "broadcast": self.broadcast,
-                "update": self.update}
+                "update": self.update, "data": self.data}
 
 
 def predict(profile: Mapping, plan: Plan) -> Prediction:
@@ -125,7 +130,36 @@ def predict(profile: Mapping, plan: Plan) -> Prediction:
     if names != sorted(g.name for g in plan.groups):
         raise ConfigError(f"the plan's groups {sorted(g.name for g in plan.groups)} are not the profile's {names}")
     profile = in_precision(profile, plan.precision)
-    return _ddp(profile, plan) if plan.engine == DDP else _sharded(profile, plan)
+    step = _ddp(profile, plan) if plan.engine == DDP else _sharded(profile, plan)
+    return with_data(step, profile, plan)
+
+
+LOADER_WORKERS = 4  # a GPU rank's loader processes (``loader.default_workers``)
+
+
+def with_data(step: Prediction, profile: Mapping, plan: Plan) -> Prediction:
+    """``step`` with the decoding of its images: a host decodes each image
+    its ranks feed once (the whole batch B where a rank feeds all of it, as
+    in every sharded plan; the sum of its ranks' rows under DDP), its ranks
+    d (images) / (its ranks) each, d the profile's ``decode_seconds``. On a
+    CPU the loader shares the rank's core, so its decode adds to the step
+    (the slowest CPU rank's, as every rank waits for it at the next
+    collective); on a GPU it runs on idle host cores in LOADER_WORKERS
+    processes and shows only where it is longer than the step."""
+    per_image = profile.get("decode_seconds", 0.0)
+    if not per_image:
+        return step
+    hosts = profile["topology"]["hosts"] if "topology" in profile else profile["hosts"]
+    ranks = {h: [r for r in range(plan.world) if hosts[r] == h] for h in set(hosts)}
+    decoded = {h: sum(plan.rows[r] for r in rs) if plan.engine == DDP else plan.batch_size for h, rs in ranks.items()}
+    share = [per_image * decoded[hosts[r]] / len(ranks[hosts[r]]) for r in range(plan.world)]
+    on_cpu = [share[r] for r in range(plan.world) if not str(profile["devices"][r]).startswith("cuda")]
+    on_gpu = [share[r] / LOADER_WORKERS for r in range(plan.world) if str(profile["devices"][r]).startswith("cuda")]
+    added = max(on_cpu, default=0.0)
+    total = max([step.step + added, *on_gpu])
+    busy = tuple(b + (share[r] if not str(profile["devices"][r]).startswith("cuda") else 0.0)
+                 for r, b in enumerate(step.busy))
+    return replace(step, step=total, busy=busy, data=total - step.step)
 
 
 ACTIVATION_BYTES = ("gather_bytes_per_kernel", "input_grad_bytes", "input_grad_scatter_bytes")  # per layer

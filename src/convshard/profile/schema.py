@@ -161,6 +161,7 @@ class Profile(_RequiredProfile, total=False):
     runtime_bytes: PerDevice  # bytes each worker holds before a step (a CPU's resident set; 0 on a GPU)
     activation_scale: PerDevice  # sigma: a measured step's bytes over the memory model's count (>= 1)
     topology: Topology  # a cluster's hosts and links; absent: ``links`` as measured, for any subset
+    decode_seconds: NonNegative  # seconds to read one training image (decode and resize), for data that decodes; absent: 0
 
 
 class _Invalid(Exception):

@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import data, devices, profile
+from .. import data, devices, loader, profile
 from ..errors import TrainingError
 from ..parallel import comm
 from . import launch
@@ -115,14 +115,17 @@ def measure_job(config: TrainConfig, dataset: data.Dataset, device_spec: devices
                           memory_format=config.memory_format, optimizer=config.optimizer,
                           momentum=config.momentum, group=group)
     cached = read_on_rank0(lambda: profile.load(config.profile, key), group=group) if config.profile else None
-    if cached is not None:
+    if cached is None:
+        log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
+        cached = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,
+                                 batch_size=config.batch_size, group=group)
+        if config.profile and comm.rank(group) == 0:
+            profile.save(config.profile, cached)
+    if not dataset.train.decodes:
         return cached
-    log.info("profiling %d device(s) at batch %d ...", len(key["devices"]), config.batch_size)
-    result = profile.measure(model, key=key, input_shape=dataset.input_shape, classes=dataset.classes,
-                             batch_size=config.batch_size, group=group)
-    if config.profile and comm.rank(group) == 0:
-        profile.save(config.profile, result)
-    return result
+    # the data's decode, measured for this job's data (a cached profile may have timed other files)
+    decode = read_on_rank0(lambda: loader.decode_seconds(dataset), group=group)
+    return {**cached, "decode_seconds": decode}
 
 
 def profile_worker(config: TrainConfig, dataset: data.Dataset | None = None) -> tuple[dict, float] | None:
