@@ -20,6 +20,8 @@ A thread runs both for the next ``DEPTH`` steps while the current one
 computes; ``next`` returns the step's (x, y) and how long it waited.
 Memory holds at most DEPTH finished batches, the DataLoader's
 ``workers * PREFETCH`` read ones, and no more, whatever the dataset's size.
+``TestBatches`` reads a rank's test images, unaugmented, through loader
+processes kept between evaluations.
 """
 
 from __future__ import annotations
@@ -101,11 +103,16 @@ def _loader(reader: Reader, keys: Iterator[list], workers: int) -> Iterator[torc
     ``workers`` DataLoader processes, or here when ``workers`` is 0."""
     if workers == 0:
         return (torch.stack([reader[key] for key in batch]) if batch else None for batch in keys)
-    context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     loader = torch.utils.data.DataLoader(reader, batch_sampler=_Keys(keys), num_workers=workers,
                                          collate_fn=_stack, prefetch_factor=PREFETCH, worker_init_fn=_one_thread,
-                                         multiprocessing_context=context)
+                                         multiprocessing_context=_context())
     return iter(loader)
+
+
+def _context():
+    """Loader processes start from a fork server: a rank holds threads (gloo's, the loader's), which
+    a plain fork would copy mid-lock; spawning would import torch again in each."""
+    return multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
 
 
 class _Keys:
@@ -274,13 +281,25 @@ class TrainBatches:
         self._read = None  # ends the loader processes
 
 
-def test_batches(dataset: data.Dataset, part: range, batch_size: int, workers: int
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test images of ``part`` in batches of ``batch_size``: (x float32 normalised, y), read in
-    ``workers`` loader processes when the source decodes."""
-    reader = Reader(dataset.test, 0, False)
-    chunks = [list(part[i:i + batch_size]) for i in range(0, len(part), batch_size)]
-    reads = _loader(reader, iter([[(0, i) for i in chunk] for chunk in chunks]),
-                    workers if dataset.test.decodes else 0)
-    for chunk, read in zip(chunks, reads):
-        yield torch.stack([dataset.finish(image) for image in read]), dataset.test.labels[chunk]
+class TestBatches:
+    """The test images of ``part`` in batches of ``batch_size``, each pass
+    an iterator of (x (b, C, H, W) float32 normalised, y (b,)): read in
+    ``workers`` loader processes, kept between passes, when the source
+    decodes; here otherwise."""
+
+    def __init__(self, dataset: data.Dataset, part: range, batch_size: int, workers: int) -> None:
+        self.dataset = dataset
+        self.chunks = [list(part[i:i + batch_size]) for i in range(0, len(part), batch_size)]
+        self.reader = Reader(dataset.test, 0, False)
+        self.keys = [[(0, i) for i in chunk] for chunk in self.chunks]
+        self.loader = None
+        if workers and dataset.test.decodes and self.chunks:
+            self.loader = torch.utils.data.DataLoader(
+                self.reader, batch_sampler=self.keys, num_workers=workers, collate_fn=_stack,
+                prefetch_factor=PREFETCH, persistent_workers=True, worker_init_fn=_one_thread,
+                multiprocessing_context=_context())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        reads = iter(self.loader) if self.loader is not None else _loader(self.reader, iter(self.keys), 0)
+        for chunk, read in zip(self.chunks, reads):
+            yield torch.stack([self.dataset.finish(image) for image in read]), self.dataset.test.labels[chunk]

@@ -46,8 +46,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     dataset = inference.test_data(payload, info, dataset=args.dataset, data_dir=args.data_dir,
                                   val_fraction=args.val_fraction)
     labels = inference.labels_in(dataset, info)  # (N,) the model's class of each test image
-    read = loader.test_batches(dataset, range(len(labels)), args.batch_size,
-                               loader.default_workers(dataset, torch.device("cpu")))
+    read = loader.TestBatches(dataset, range(len(labels)), args.batch_size,
+                              loader.default_workers(dataset, torch.device("cpu")))
     batches = ((x, labels[i * args.batch_size:i * args.batch_size + len(x)]) for i, (x, _) in enumerate(read))
     confusion = inference.evaluate(model, batches, classes=len(info.class_names))
     print(f"{args.checkpoint}: --model {info.model} on {dataset.name}, {len(labels)} test images")

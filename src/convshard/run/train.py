@@ -69,6 +69,7 @@ class _Run:
     losses: deque = field(default_factory=lambda: deque(maxlen=metrics.TIMELINE_STEPS))  # last steps' losses
     batches: loader.TrainBatches | None = None  # the training batches from here to the end, prepared ahead
     decoded: int = 0  # images this rank decoded for training, in the loaders it has closed
+    test_batches: loader.TestBatches | None = None  # this rank's test images, its loader kept between evaluations
 
     @property
     def settings(self) -> RunSettings:
@@ -330,11 +331,13 @@ def _evaluate(run: _Run) -> float:
     """Test accuracy in [0, 1], over the test images each rank's engine names."""
     dataset, config = run.dataset, run.settings
     n = len(dataset.test)
-    part = range(n)[run.engine.eval_rows(n)]
+    if run.test_batches is None:
+        run.test_batches = loader.TestBatches(dataset, range(n)[run.engine.eval_rows(n)], run.plan.batch_size,
+                                              run.workers)
     run.model.eval()
     correct = torch.zeros((), dtype=torch.long, device=run.device)
     with torch.no_grad():
-        for x, y in loader.test_batches(dataset, part, run.plan.batch_size, run.workers):
+        for x, y in run.test_batches:
             x = x.to(run.device, getattr(torch, config.dtype), memory_format=run.memory_format)
             with precision.autocast(run.device, run.plan.precision):
                 correct += (run.net(x).argmax(1) == y.to(run.device)).sum()
