@@ -170,14 +170,14 @@ def test_a_reduce_scatter_the_profile_did_not_measure_runs_at_the_stated_rate():
 
 def test_decoding_adds_to_a_cpu_step_once_per_host_and_hides_on_a_gpu():
     """d = 1 ms an image, batch 64: a host decodes each image its ranks feed once, split among them."""
-    profile = {**make_profile((1.0, 1.0)), "decode_seconds": 1e-3, "hosts": ["a", "a"]}
+    profile = {**make_profile((1.0, 1.0)), "decode_seconds": 1e-3, "key": {"hosts": ["a", "a"]}}
     devices, groups = profile["devices"], _groups(profile)
     kernel, ddp = plan.kernel_split(devices, groups, 64), plan.ddp(devices, groups, 64)
     without = {k: cost.predict({**profile, "decode_seconds": 0.0}, job) for k, job in (("k", kernel), ("d", ddp))}
     on_one_host = cost.predict(profile, kernel)
     assert on_one_host.data == pytest.approx(0.032) and on_one_host.step == pytest.approx(without["k"].step + 0.032)
     assert on_one_host.to_json()["data"] == on_one_host.data
-    two_hosts = {**profile, "hosts": ["a", "b"]}
+    two_hosts = {**profile, "key": {"hosts": ["a", "b"]}}
     assert cost.predict(two_hosts, kernel).data == pytest.approx(0.064)  # every host decodes the whole batch
     assert cost.predict(two_hosts, ddp).data == pytest.approx(0.032)  # each host its rows only
     gpus = {**profile, "devices": ["cuda:0", "cuda:1"]}

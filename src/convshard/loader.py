@@ -140,24 +140,21 @@ class Host:
 
 
 def host_of(rows: Callable[[int], slice], sizes: Sequence[int], *, group: comm.Group, timeout: float) -> Host:
-    """This rank's ``Host`` in the job's ``group`` (a collective): ranks
-    share a host when they share a hostname and torchrun's node
-    (GROUP_RANK). ``sizes``: the global batch sizes the run uses, whose
-    rows every rank of the host learns."""
+    """This rank's ``Host`` among the ranks of ``group`` (a collective over
+    it): ranks share a host when they share a hostname and torchrun's node
+    (GROUP_RANK). ``sizes``: the global batch sizes the run uses, whose rows
+    every rank of the host learns. Only the host's ranks make its group, so
+    a group of part of the job (a trial) needs nothing from the others."""
     mine = (socket.gethostname(), os.environ.get("GROUP_RANK", "0"))
-    everyone = comm.gather_objects((mine, {n: (rows(n).start, rows(n).stop) for n in sizes}), group=group)
-    hosts = sorted({h for h, _ in everyone})
-    members = {h: [r for r, (other, _) in enumerate(everyone) if other == h] for h in hosts}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    everyone = comm.gather_objects((mine, rank, {n: (rows(n).start, rows(n).stop) for n in sizes}), group=group)
+    members = [(r, table) for host, r, table in everyone if host == mine]
     host_group = None
-    for h in hosts:  # every rank creates every host's group, in the same order
-        made = (dist.new_group(members[h], backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-                if len(members[h]) > 1 else None)
-        if h == mine:
-            host_group = made
-    ranks = members[mine]
-    tables = [everyone[r][1] for r in ranks]
-    return Host(host_group, ranks.index(comm.rank(group)),
-                tuple((lambda n, t=t: slice(*t[n])) for t in tables))
+    if len(members) > 1:
+        host_group = dist.new_group([r for r, _ in members], backend="gloo", use_local_synchronization=True,
+                                    timeout=datetime.timedelta(seconds=timeout))
+    return Host(host_group, [r for r, _ in members].index(rank),
+                tuple((lambda n, t=table: slice(*t[n])) for _, table in members))
 
 
 @dataclass

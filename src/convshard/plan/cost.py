@@ -149,7 +149,8 @@ def with_data(step: Prediction, profile: Mapping, plan: Plan) -> Prediction:
     per_image = profile.get("decode_seconds", 0.0)
     if not per_image:
         return step
-    hosts = profile["topology"]["hosts"] if "topology" in profile else profile["hosts"]
+    hosts = profile["topology"]["hosts"] if "topology" in profile else profile.get("key", {}).get("hosts")
+    hosts = hosts or ["one"] * plan.world  # a profile without its key: one host
     ranks = {h: [r for r in range(plan.world) if hosts[r] == h] for h in set(hosts)}
     decoded = {h: sum(plan.rows[r] for r in rs) if plan.engine == DDP else plan.batch_size for h, rs in ranks.items()}
     share = [per_image * decoded[hosts[r]] / len(ranks[hosts[r]]) for r in range(plan.world)]
