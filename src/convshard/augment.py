@@ -118,6 +118,8 @@ def finish(image: torch.Tensor, draw: Draw | None, transforms: Sequence[str], *,
     it: float32, jittered, turned, shifted and flipped as ``draw`` says (for
     the ``transforms`` asked; none without a draw: test images), then
     normalised: (p - mean[c]) / std[c] in channel c when ``mean`` is given.
+    Without a draw a batch (B, C, H, W) is finished at once, each value as
+    image by image.
     uint8 pixels are scaled to [0, 1] first; the padding and what a turn
     brings in from outside are 0, a black pixel."""
     x = image.float().div_(255) if image.dtype == torch.uint8 else image.float()

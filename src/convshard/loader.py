@@ -89,6 +89,14 @@ class Reader(torch.utils.data.Dataset):
         box = augment.Draw.of(self.seed, epoch, i).box if self.crop else None
         return self.images.read(i, box)
 
+    def batch(self, keys: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The images of ``keys`` stacked (None for no keys): at once where no crop is drawn."""
+        if not keys:
+            return None
+        if not self.crop:
+            return self.images.read_many([i for _, i in keys])
+        return torch.stack([self[key] for key in keys])
+
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack(images) if images else None  # None: this rank reads nothing of the step
@@ -102,7 +110,7 @@ def _loader(reader: Reader, keys: Iterator[list], workers: int) -> Iterator[torc
     """The read batches of ``keys`` (lists of (epoch, i)), in order: through
     ``workers`` DataLoader processes, or here when ``workers`` is 0."""
     if workers == 0:
-        return (torch.stack([reader[key] for key in batch]) if batch else None for batch in keys)
+        return (reader.batch(batch) for batch in keys)
     loader = torch.utils.data.DataLoader(reader, batch_sampler=_Keys(keys), num_workers=workers,
                                          collate_fn=_stack, prefetch_factor=PREFETCH, worker_init_fn=_one_thread,
                                          multiprocessing_context=_context())
@@ -230,10 +238,14 @@ class TrainBatches:
             read = self._exchange(read, n)  # position -> pixels, for the host's positions
             pixels = [read[p] for p in mine]
         else:
-            pixels = list(read) if read is not None else []
-        x = torch.stack([self.dataset.finish(image, augment.Draw.of(self.seed, epoch, int(order[p])),
-                                             self.transforms) for image, p in zip(pixels, mine)]) \
-            if pixels else torch.empty(0, *self.dataset.input_shape)
+            pixels = read if read is not None else []
+        if not len(pixels):
+            x = torch.empty(0, *self.dataset.input_shape)
+        elif not self.transforms:  # one normalisation of the batch: the same values as image by image
+            x = self.dataset.finish(torch.stack(list(pixels)))
+        else:
+            x = torch.stack([self.dataset.finish(image, augment.Draw.of(self.seed, epoch, int(order[p])),
+                                                 self.transforms) for image, p in zip(pixels, mine)])
         y = self.dataset.train.labels[order[list(mine)]] if len(mine) else torch.empty(0, dtype=torch.long)
         return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
@@ -299,4 +311,4 @@ class TestBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         reads = iter(self.loader) if self.loader is not None else _loader(self.reader, iter(self.keys), 0)
         for chunk, read in zip(self.chunks, reads):
-            yield torch.stack([self.dataset.finish(image) for image in read]), self.dataset.test.labels[chunk]
+            yield self.dataset.finish(read), self.dataset.test.labels[chunk]  # (b, C, H, W) at once
