@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import importlib.util
 import logging
 import math

@@ -27,6 +27,7 @@ processes kept between evaluations.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import multiprocessing
 import os
@@ -118,9 +119,14 @@ def _loader(reader: Reader, keys: Iterator[list], workers: int) -> Iterator[torc
 
 
 def _context():
-    """Loader processes start from a fork server: a rank holds threads (gloo's, the loader's), which
-    a plain fork would copy mid-lock; spawning would import torch again in each."""
-    return multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+    """Loader processes start from a fork server that has imported this module (and torch) once:
+    a rank holds threads (gloo's, the loader's), which a plain fork would copy mid-lock, and
+    spawning would import torch again in each."""
+    if os.name != "posix":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 class _Keys:
@@ -256,7 +262,8 @@ class TrainBatches:
         if k == 1:
             return dict(zip(needed, read))
         width = math.ceil(len(needed) / k)
-        padded = torch.zeros(width, *self.dataset.input_shape, dtype=self._dtype(read))
+        padded = torch.zeros(width, *self.dataset.input_shape, dtype=read.dtype if read is not None
+                             else self._pixels_dtype)
         if read is not None:
             padded[:len(read)] = read
         gathered = [torch.empty_like(padded) for _ in range(k)]
@@ -264,9 +271,9 @@ class TrainBatches:
         dist.all_gather(gathered, padded, group=self.host.group)
         return {p: gathered[j % k][j // k] for j, p in enumerate(needed)}
 
-    def _dtype(self, read: torch.Tensor | None) -> torch.dtype:
-        if read is not None:
-            return read.dtype
+    @functools.cached_property
+    def _pixels_dtype(self) -> torch.dtype:
+        """What the source reads into (uint8 pixels, or its float values): for a step this rank reads nothing of."""
         return self.dataset.train.read(0).dtype
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, float]:
