@@ -171,6 +171,29 @@ def host_of(rows: Callable[[int], slice], sizes: Sequence[int], *, group: comm.G
                 tuple((lambda n, t=table: slice(*t[n])) for _, table in members))
 
 
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The global batch sizes of an epoch of ``n`` images: ``batch_size``, and the epoch's last batch."""
+    return sorted({batch_size, n - (math.ceil(n / batch_size) - 1) * batch_size})
+
+
+def for_run(dataset: data.Dataset, settings, progress: dict, batch_size: int, rows: Callable[[int], slice], *,
+            group: comm.Group, workers: int, pin: bool) -> TrainBatches:
+    """A run's training batches from its ``progress`` (epoch, batch, step) to
+    its end (``settings.epochs``, ``settings.max_steps``); a collective over
+    ``group`` when the source decodes, whose host's ranks share the reading."""
+    per_epoch = math.ceil(len(dataset.train) / batch_size)
+    left = per_epoch * (settings.epochs - progress["epoch"]) - progress["batch"]
+    if settings.max_steps is not None:
+        left = min(left, settings.max_steps - progress["step"])
+    if dataset.train.decodes:
+        host = host_of(rows, batch_sizes(len(dataset.train), batch_size), group=group, timeout=settings.timeout)
+    else:
+        host = Host(None, 0, (rows,))
+    return TrainBatches(dataset, seed=settings.seed, batch_size=batch_size, transforms=settings.augment,
+                        start=Position(progress["epoch"], progress["batch"], left), host=host, workers=workers,
+                        pin=pin)
+
+
 @dataclass
 class Position:
     """Where a stream starts: ``epoch``, its ``batch``, and the run's ``steps`` left."""

@@ -357,32 +357,14 @@ def _evaluate_now(run: _Run) -> None:
 
 
 def _batches(run: _Run) -> loader.TrainBatches:
-    """The training batches from the run's position to its end (a collective
-    when the source decodes: the host's ranks share the reading)."""
-    config, progress, batch_size = run.settings, run.progress, run.plan.batch_size
-    n = len(run.dataset.train)
-    per_epoch = math.ceil(n / batch_size)
-    left = per_epoch * (config.epochs - progress["epoch"]) - progress["batch"]
-    if config.max_steps is not None:
-        left = min(left, config.max_steps - progress["step"])
-    if run.dataset.train.decodes:
-        host = loader.host_of(run.engine.rows, _batch_sizes(run), group=run.group, timeout=config.timeout)
-    else:
-        host = loader.Host(None, 0, (run.engine.rows,))
-    return loader.TrainBatches(run.dataset, seed=config.seed, batch_size=batch_size, transforms=config.augment,
-                               start=loader.Position(progress["epoch"], progress["batch"], left), host=host,
-                               workers=run.workers, pin=run.device.type == "cuda")
-
-
-def _batch_sizes(run: _Run) -> list[int]:
-    """The global batch sizes of the run's steps: the batch size, and the epoch's last batch."""
-    n, batch_size = len(run.dataset.train), run.plan.batch_size
-    return sorted({batch_size, n - (math.ceil(n / batch_size) - 1) * batch_size})
+    """The training batches from the run's position to its end (``loader.for_run``)."""
+    return loader.for_run(run.dataset, run.settings, run.progress, run.plan.batch_size, run.engine.rows,
+                          group=run.group, workers=run.workers, pin=run.device.type == "cuda")
 
 
 def _rows(run: _Run) -> list[slice]:
     """This rank's rows of each batch size the run uses."""
-    return [run.engine.rows(n) for n in _batch_sizes(run)]
+    return [run.engine.rows(n) for n in loader.batch_sizes(len(run.dataset.train), run.plan.batch_size)]
 
 
 def _close_batches(run: _Run) -> None:
