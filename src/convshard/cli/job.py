@@ -26,7 +26,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     d = TrainConfig()
     train_only = {name: getattr(args, name) for name in (
         "shares", "rebalance", "trials", "epochs", "max_steps", "optimizer", "lr", "momentum", "schedule",
-        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "resume", "augment", "weight_decay",
+        "quiet", "metrics_out", "checkpoint_dir", "checkpoint_every", "checkpoint_every_seconds", "resume", "augment", "weight_decay",
         "decay_all", "clip_grad_norm", "label_smoothing", "keep_last", "keep_best", "log_every", "log_dir",
         "device_memory", "workers", "eval_every")
         if hasattr(args, name)}
@@ -80,6 +80,7 @@ def _check_settings(config: TrainConfig) -> None:
         raise ConfigError("--device-memory limits a planned split: use it with --strategy auto or layers, or "
                           "--shares auto")
     for flag, value in (("--resume", config.resume), ("--checkpoint-every", config.checkpoint_every),
+                        ("--checkpoint-every-seconds", config.checkpoint_every_seconds),
                         ("--keep-last", config.keep_last), ("--keep-best", config.keep_best)):
         if value and config.checkpoint_dir is None:
             raise ConfigError(f"{flag} needs --checkpoint-dir")

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except TrainingError as exc:
         print(f"convshard: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code  # 143 for a run a SIGTERM stopped (``run.saving``), as a process a SIGTERM ended
     except KeyboardInterrupt:
         print(f"convshard: interrupted{_resumable(args, argv)}", file=sys.stderr)
         return 130

@@ -139,6 +139,10 @@ def _output_options(t: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint here after every epoch")
     g.add_argument("--checkpoint-every", metavar="N", type=positive(int, "--checkpoint-every"),
                    help="also save a checkpoint every N optimizer steps")
+    g.add_argument("--checkpoint-every-seconds", metavar="T", type=positive(float, "--checkpoint-every-seconds"),
+                   help="also save a checkpoint once T seconds passed since the last one. Checkpoints are written "
+                        "in the background while training goes on; a SIGTERM (pre-emption, torchrun re-forming "
+                        "the job) saves one at the end of the step in progress, then exits with code 143")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     g.add_argument("--keep-last", metavar="N", type=positive(int, "--keep-last"),
                    help="also keep the checkpoints of the last N saves (checkpoint-<step>.pt)")

@@ -80,6 +80,7 @@ class RunSettings:
     metrics_out: str | None = None  # write the metrics JSON here
     checkpoint_dir: str | None = None  # save <dir>/checkpoint.pt after every epoch
     checkpoint_every: int | None = None  # ... and also every this many optimizer steps
+    checkpoint_every_seconds: float | None = None  # ... and also when this many seconds passed since the last save
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     keep_last: int | None = None  # also keep the last N checkpoints, one file per save
     keep_best: bool = False  # also keep the checkpoint of the best test accuracy at an evaluation

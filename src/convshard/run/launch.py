@@ -62,6 +62,14 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
+def run_id() -> str | None:
+    """torchrun's rendezvous id (``--rdzv-id``), the same for every job it
+    forms for one run, restarts and changes of members included; None
+    outside torchrun, or for its default id ``none``."""
+    given = os.environ.get("TORCHELASTIC_RUN_ID") if in_torchrun() else None
+    return given if given not in (None, "", "none") else None
+
+
 def local_rank() -> int:
     """This process's rank among the job's processes on its host (LOCAL_RANK); 0 outside a job."""
     return int(os.environ.get("LOCAL_RANK", 0))
@@ -153,6 +161,7 @@ def _entry(rank: int, env: dict[str, str], fn: Callable, args: tuple, outdir: st
             "message": str(exc),
             "config_error": isinstance(exc, ConfigError),
             "training_error": isinstance(exc, TrainingError),
+            "exit_code": getattr(exc, "exit_code", 1),
             "traceback": traceback.format_exc(),
         }
         (out / f"{rank}.error").write_text(json.dumps(report))
@@ -277,7 +286,7 @@ def _raise_failure(failed: list[int], labels: list[str], exitcodes: list, outdir
         if report["config_error"]:
             raise ConfigError(report["message"])
         if report["training_error"]:
-            raise TrainingError(report["message"])
+            raise TrainingError(report["message"], exit_code=report["exit_code"])
         reason = f"{report['type']}: {report['message']}".splitlines()[0]
         raise WorkerFailed(rank, label, reason, report["traceback"])
     if exitcode < 0:

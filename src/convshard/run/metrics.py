@@ -8,6 +8,7 @@ not the configured batch size.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
@@ -16,6 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..parallel import comm
+from ..plan import Plan
+
+log = logging.getLogger(__name__)
 
 TIMELINE_STEPS = 2000  # the metrics keep every rank's timings of the last this many steps
 
@@ -94,6 +98,20 @@ def data_summary(clock: StepClock, timeline: dict, *, images: int) -> dict:
     }
 
 
+def record_plan(progress: dict, plan: Plan, all_devices: list[str]) -> None:
+    """Keep the plan a stretch of a run trains with in its ``progress``
+    (``plans``: step, devices, plan) when it differs from the last one kept:
+    a run that torchrun re-formed on other devices re-planned."""
+    plans = progress.setdefault("plans", [])
+    entry = {"step": progress["step"], "devices": all_devices, "plan": plan.to_json()}
+    if plans and (plans[-1]["devices"], plans[-1]["plan"]) == (entry["devices"], entry["plan"]):
+        return
+    if plans:
+        log.info("re-planned at step %d for %d worker(s) on %s: %s", entry["step"], plan.world,
+                 ", ".join(all_devices), plan.name)
+    plans.append(entry)
+
+
 def summary(*, config_json: dict, job: dict, final_job: dict | None, planning: dict | None, strategy: str,
             progress: dict, clock: StepClock, world: int, all_devices: list[str], shares: dict,
             rebalances: list, seconds: float) -> dict:
@@ -122,5 +140,6 @@ def summary(*, config_json: dict, job: dict, final_job: dict | None, planning: d
         "wall_seconds": seconds,
         "history": progress["history"],
         "evals": progress.get("evals", []),  # --eval-every's test accuracies: step, test_accuracy
+        "plans": progress.get("plans", []),  # the plan of each stretch of the run: step, devices, plan
         "config": config_json,
     }

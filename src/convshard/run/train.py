@@ -18,6 +18,7 @@ and reads the checkpoint for every rank (``join.read_on_rank0``).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -37,7 +38,7 @@ from ..errors import ConfigError, TrainingError
 from ..parallel import comm
 from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
 from ..profile.nominal import nominal
-from . import checkpoint, inference, launch, metrics, trials
+from . import checkpoint, inference, launch, metrics, saving, trials
 from .join import in_terminal, job_group, join, measure_job, read_on_rank0
 from .optim import clip_gradients, learning_rate, make_optimizer
 from .rebalance import Rebalancer
@@ -70,6 +71,8 @@ class _Run:
     batches: loader.TrainBatches | None = None  # the training batches from here to the end, prepared ahead
     decoded: int = 0  # images this rank decoded for training, in the loaders it has closed
     test_batches: loader.TestBatches | None = None  # this rank's test images, its loader kept between evaluations
+    saves: saving.Schedule | None = None  # when the run saves and stops (None: trials, which never save)
+    writer: saving.Writer = field(default_factory=saving.Writer)  # rank 0 writes checkpoints in the background
 
     @property
     def settings(self) -> RunSettings:
@@ -151,12 +154,16 @@ def _train(job: Job, dataset: data.Dataset, device_spec: devices.Device, engine:
     started = time.perf_counter()
     if run.rank == 0 and run.settings.log_dir:
         run.logbook = Logbook(run.settings.log_dir, resumed=run.progress if run.progress["step"] else None)
+    metrics.record_plan(run.progress, run.plan, all_devices)
     try:
-        _epochs(run)
+        with saving.StopSignal(armed=run.settings.checkpoint_dir is not None) as stop:
+            run.saves = saving.Schedule(run.settings, stop, rank=run.rank, group=run.group)
+            _epochs(run)
         _close_batches(run)
     finally:
         if run.logbook is not None:
             run.logbook.close()
+        run.writer.wait()
     result = metrics.summary(
         config_json=job.record, job=job.plan.to_json(), final_job=run.plan.to_json(),
         planning=job.planning, strategy=job.plan.name, progress=run.progress, clock=run.clock,
@@ -186,6 +193,8 @@ def _epochs(run: _Run) -> None:
             run.logbook.epoch(epoch=epoch + 1, step=progress["step"], train_loss=train_loss, test_accuracy=accuracy,
                               seconds=seconds)
         _save(run, accuracy)
+        if run.saves.stopping and not _finished(run):
+            raise saving.stopped(run.progress["step"], run.settings.checkpoint_dir)
 
 
 def _setup(job: Job, dataset: data.Dataset, device: torch.device, engine: Engine) -> _Run:
@@ -193,7 +202,7 @@ def _setup(job: Job, dataset: data.Dataset, device: torch.device, engine: Engine
     so far (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     settings, group = job.settings, engine.group
     model = make_model(settings, dataset)
-    saved = read_on_rank0(lambda: _resume_point(settings), group=group) if settings.checkpoint_dir else None
+    saved = read_on_rank0(lambda: saving.resume_point(settings), group=group) if settings.checkpoint_dir else None
     if saved is not None:
         where = checkpoint.path_in(settings.checkpoint_dir)
         try:
@@ -287,10 +296,14 @@ def _train_epoch(run: _Run) -> float:
             log.info("step %d/%d (epoch %d/%d): loss %.4f, lr %.3g, %.1f ms/step, %.1f images/s", progress["step"],
                      min(config.max_steps or total_steps, total_steps), epoch + 1, config.epochs, loss, lr,
                      1000 * statistics.fmean(recent), batch_size / statistics.fmean(recent))
-        if config.eval_every and progress["step"] % config.eval_every == 0 and b + 1 < steps_per_epoch:
-            _evaluate_now(run)  # the end of an epoch evaluates anyway
-        elif config.checkpoint_every and progress["step"] % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
-            _save(run)  # the end of an epoch saves anyway
+        verdict = run.saves.after_step(progress["step"]) if run.saves else saving.GO_ON
+        if b + 1 < steps_per_epoch:  # the end of an epoch evaluates and saves anyway
+            if config.eval_every and progress["step"] % config.eval_every == 0:
+                _evaluate_now(run)
+            elif verdict != saving.GO_ON:
+                _save(run)
+            if verdict == saving.STOP and not _finished(run):  # the writer is waited for on the way out
+                raise saving.stopped(progress["step"], config.checkpoint_dir)
     bar.close()
     if progress["batch"] == steps_per_epoch:
         progress["epoch"], progress["batch"] = epoch + 1, 0
@@ -376,8 +389,9 @@ def _close_batches(run: _Run) -> None:
 
 
 def _save(run: _Run, accuracy: float | None = None) -> None:
-    """Gather the unsharded state (a collective) and let rank 0 write it.
-    ``accuracy``: the test accuracy at an epoch's end, which ``--keep-best`` ranks."""
+    """Gather the unsharded state (a collective) and let rank 0 write it in
+    the background (``saving.Writer``). ``accuracy``: the test accuracy at an
+    evaluation, which ``--keep-best`` ranks."""
     config = run.settings
     if config.checkpoint_dir is None:
         return
@@ -387,27 +401,21 @@ def _save(run: _Run, accuracy: float | None = None) -> None:
     payload = {
         "model": full_state_dict(run.net),
         "optimizer": checkpoint.full_optimizer_state_dict(run.net, run.optimizer),
-        "progress": run.progress,
+        "progress": copy.deepcopy(run.progress),  # the write may finish steps later
         "config": run.job.record,
+        "run_id": launch.run_id(),  # torchrun's rendezvous: a job it re-forms resumes from here
         "job_plan": run.plan.to_json(),
         "loss_scale": run.scaler.state_dict(),
         "inference": inference.spec(config, run.dataset),
     }
     if run.rank == 0:
-        path = checkpoint.save_checkpoint(config.checkpoint_dir, payload, keep_last=config.keep_last, best=best)
-        log.info("checkpoint saved to %s at step %d%s", path, run.progress["step"],
-                 f", and as {checkpoint.BEST}: the best test accuracy so far" if best else "")
-
-
-def _resume_point(config: RunSettings) -> dict | None:
-    """The checkpoint to resume from: with ``--resume``, or after torchrun
-    restarted the job (it resumes by itself); None to start from scratch."""
-    if not (config.resume or launch.restart_count() > 0):
-        return None
-    saved = checkpoint.load_checkpoint(config.checkpoint_dir)
-    if saved is None:
-        log.warning("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
-    return saved
+        def write() -> None:
+            path = checkpoint.save_checkpoint(config.checkpoint_dir, payload, keep_last=config.keep_last, best=best)
+            log.info("checkpoint saved to %s at step %d%s", path, payload["progress"]["step"],
+                     f", and as {checkpoint.BEST}: the best test accuracy so far" if best else "")
+        run.writer.submit(write)
+    if run.saves is not None:
+        run.saves.saved()
 
 
 def _resolve_here(config: TrainConfig, dataset: data.Dataset, device_spec: devices.Device) -> Job:
