@@ -72,6 +72,18 @@ def require_mount_namespaces() -> None:
 children = netns.descendants
 
 
+def worker_pid(agent: int, local_rank: int) -> int | None:
+    """The PID of torchrun agent ``agent``'s worker with LOCAL_RANK == local_rank, if it runs."""
+    for pid in children(agent):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={local_rank}".encode() in environ:
+            return pid
+    return None
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment for a child: one intra-op thread, plus ``extra``."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}

@@ -197,6 +197,8 @@ def test_warmup_rises_linearly_then_follows_the_cosine():
     (["--warmup-epochs", "8"], "--warmup-epochs 8"),
     (["--keep-last", "2"], "--keep-last needs --checkpoint-dir"),
     (["--keep-best"], "--keep-best needs --checkpoint-dir"),
+    (["--checkpoint-every-seconds", "60"], "--checkpoint-every-seconds needs --checkpoint-dir"),
+    (["--checkpoint-every-seconds", "0", "--checkpoint-dir", "x"], "--checkpoint-every-seconds"),
     (["--optimizer", "lamb"], "'lamb'"),
     (["--precision", "16"], "argument --precision: invalid choice: '16'"),
     (["--grad-precision", "fp16"], "argument --grad-precision: invalid choice: 'fp16'"),

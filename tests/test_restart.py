@@ -27,18 +27,6 @@ def _torchrun(directory: Path, *extra: str):
     return helpers.start(cmd, env)
 
 
-def _worker_pid(agent: int, local_rank: int) -> int | None:
-    """The PID of the agent's worker with LOCAL_RANK == local_rank, if it runs."""
-    for pid in helpers.children(agent):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"LOCAL_RANK={local_rank}".encode() in environ:
-            return pid
-    return None
-
-
 def test_restarted_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     """SIGKILL one worker after the first checkpoint: torchrun restarts the job,
     which resumes from that checkpoint and ends bitwise equal to a run never interrupted."""
@@ -49,9 +37,9 @@ def test_restarted_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     proc = _torchrun(restarted, "--max-restarts", "1")
     try:
         helpers.wait_for(lambda: checkpoint.load_checkpoint(restarted) is not None
-                                and _worker_pid(proc.pid, 1) is not None, 120, "the first checkpoint")
+                                and helpers.worker_pid(proc.pid, 1) is not None, 120, "the first checkpoint")
         killed_at = checkpoint.load_checkpoint(restarted)["progress"]["step"]
-        os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
+        os.kill(helpers.worker_pid(proc.pid, 1), signal.SIGKILL)
     finally:
         out = helpers.finish(proc, timeout=240)
     assert proc.returncode == 0, out[-3000:]
