@@ -197,12 +197,12 @@ def gather_objects(obj: object, *, group: Group = None) -> list:
     return everyone
 
 
-def broadcast_object(obj: object, *, group: Group = None) -> object:
-    """Group rank 0's ``obj`` (picklable), on every rank; what others pass is ignored."""
+def broadcast_object(obj: object, *, group: Group = None, src: int = 0) -> object:
+    """Group rank ``src``'s ``obj`` (picklable), on every rank; what others pass is ignored."""
     if world_size(group) == 1:
         return obj
     box = [obj]
-    issue("broadcast_object", group, (), lambda: dist.broadcast_object_list(box, group=group, group_src=0))
+    issue("broadcast_object", group, (), lambda: dist.broadcast_object_list(box, group=group, group_src=src))
     return box[0]
 
 

@@ -76,6 +76,30 @@ def read_on_rank0(read: Callable[[], T], *, group: comm.Group) -> T:
     return value
 
 
+def read_newest(read: Callable[[], dict | None], *, group: comm.Group) -> dict | None:
+    """The newest of the checkpoints each rank's ``read()`` finds on its own
+    host (the most steps; the lowest rank among equals), sent by the rank
+    that holds it to every rank (a collective); None when no rank has one.
+
+    Hosts need not share storage, and ranks are numbered anew each time
+    torchrun re-forms a job: the host holding the checkpoint may no longer
+    be rank 0's. A read that raised on any rank raises on every rank."""
+    if comm.world_size(group) == 1:
+        return read()
+    try:
+        mine, error = read(), None
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait for the timeout
+        mine, error = None, _portable(exc)
+    found = comm.gather_objects((mine["progress"]["step"] if mine is not None else -1, error), group=group)
+    errors = [e for _, e in found if e is not None]
+    if errors:
+        raise errors[0]
+    newest = max(range(len(found)), key=lambda r: (found[r][0], -r))
+    if found[newest][0] < 0:
+        return None
+    return comm.broadcast_object(mine if comm.rank(group) == newest else None, group=group, src=newest)
+
+
 def _portable(exc: Exception) -> Exception:
     """``exc`` if it survives pickling (to be sent to the other ranks), else a ``TrainingError`` naming it."""
     try:

@@ -100,10 +100,10 @@ def data_summary(clock: StepClock, timeline: dict, *, images: int) -> dict:
 
 def record_plan(progress: dict, plan: Plan, all_devices: list[str]) -> None:
     """Keep the plan a stretch of a run trains with in its ``progress``
-    (``plans``: step, devices, plan) when it differs from the last one kept:
+    (``plans``: step, devices, strategy, plan) when it differs from the last one kept:
     a run that torchrun re-formed on other devices re-planned."""
     plans = progress.setdefault("plans", [])
-    entry = {"step": progress["step"], "devices": all_devices, "plan": plan.to_json()}
+    entry = {"step": progress["step"], "devices": all_devices, "strategy": plan.name, "plan": plan.to_json()}
     if plans and (plans[-1]["devices"], plans[-1]["plan"]) == (entry["devices"], entry["plan"]):
         return
     if plans:
@@ -140,6 +140,6 @@ def summary(*, config_json: dict, job: dict, final_job: dict | None, planning: d
         "wall_seconds": seconds,
         "history": progress["history"],
         "evals": progress.get("evals", []),  # --eval-every's test accuracies: step, test_accuracy
-        "plans": progress.get("plans", []),  # the plan of each stretch of the run: step, devices, plan
+        "plans": progress.get("plans", []),  # each stretch of the run: step, devices, strategy, plan
         "config": config_json,
     }

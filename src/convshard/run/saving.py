@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import TrainingError
 from ..parallel import comm
-from . import checkpoint, launch
+from . import checkpoint, join, launch
 
 if TYPE_CHECKING:
     from .config import RunSettings
@@ -61,17 +61,32 @@ def stopped(step: int, directory: str) -> Stopped:
                    f"or the same command with --resume, goes on from there")
 
 
-def resume_point(settings: RunSettings) -> dict | None:
-    """The checkpoint in ``settings.checkpoint_dir`` to resume from: with
-    ``--resume``; after torchrun restarted a failed job; or, under torchrun,
-    one of the same rendezvous id (``--rdzv-id``), which torchrun re-formed
-    for other members (that restart counts as none). None: start from scratch."""
-    asked = settings.resume or launch.restart_count() > 0
+def resume_point(settings: RunSettings, group: comm.Group) -> dict | None:
+    """The checkpoint the job resumes from, the same on every rank (a
+    collective): the newest any host holds (``join.read_newest``); None to
+    start from scratch."""
+    if settings.checkpoint_dir is None:
+        return None
+    saved = join.read_newest(lambda: _on_this_host(settings), group=group)
+    if saved is None and _asked(settings):
+        log.warning("no checkpoint in %s on any host: starting from scratch", settings.checkpoint_dir)
+    return saved
+
+
+def _asked(settings: RunSettings) -> bool:
+    """Whether the run must resume: ``--resume``, or torchrun restarted a failed job."""
+    return settings.resume or launch.restart_count() > 0
+
+
+def _on_this_host(settings: RunSettings) -> dict | None:
+    """The checkpoint in ``settings.checkpoint_dir`` on this host to resume
+    from: when ``_asked``, or, under torchrun, one of the same rendezvous id
+    (``--rdzv-id``), which torchrun re-formed for other members (that
+    restart counts as none). None: none to resume from here."""
+    asked = _asked(settings)
     if not (asked or launch.run_id()):
         return None
     saved = checkpoint.load_checkpoint(settings.checkpoint_dir)
-    if asked and saved is None:
-        log.warning("no checkpoint in %s: starting from scratch", settings.checkpoint_dir)
     return saved if asked or (saved is not None and saved.get("run_id") == launch.run_id()) else None
 
 

@@ -12,8 +12,9 @@ the job's plan through the engine the plan asks for
 engine, and one loop, the same for every plan, which reads the plan and the
 run's settings and nothing else.
 
-Rank 0 shows a progress bar, logs, writes checkpoints and the metrics JSON,
-and reads the checkpoint for every rank (``join.read_on_rank0``).
+Rank 0 shows a progress bar, logs, writes checkpoints (``saving``: when,
+and in the background) and the metrics JSON; the rank holding the newest
+checkpoint reads it for every rank (``saving.resume_point``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..parallel import comm
 from ..parallel.sharded import full_state_dict, load_full_state_dict, sharded_parameters
 from ..profile.nominal import nominal
 from . import checkpoint, inference, launch, metrics, saving, trials
-from .join import in_terminal, job_group, join, measure_job, read_on_rank0
+from .join import in_terminal, job_group, join, measure_job
 from .optim import clip_gradients, learning_rate, make_optimizer
 from .rebalance import Rebalancer
 from .config import Job, RunSettings, TrainConfig, make_model
@@ -202,7 +203,7 @@ def _setup(job: Job, dataset: data.Dataset, device: torch.device, engine: Engine
     so far (from the checkpoint with ``--resume``, or after a torchrun restart)."""
     settings, group = job.settings, engine.group
     model = make_model(settings, dataset)
-    saved = read_on_rank0(lambda: saving.resume_point(settings), group=group) if settings.checkpoint_dir else None
+    saved = saving.resume_point(settings, group)
     if saved is not None:
         where = checkpoint.path_in(settings.checkpoint_dir)
         try:

@@ -93,18 +93,22 @@ def bytes_sent(host: Host) -> int:
     return int(shown.split("Sent ")[1].split(" bytes")[0])
 
 
-def torchrun(host: Host, *, nnodes: int, rendezvous: Host, args: Sequence[str], run_id: str = "convshard",
-             port: int = RENDEZVOUS_PORT) -> subprocess.Popen:
+def torchrun(host: Host, *, nnodes: int | str, rendezvous: Host, args: Sequence[str], run_id: str = "convshard",
+             port: int = RENDEZVOUS_PORT, options: Sequence[str] = (), rdzv_conf: str = "") -> subprocess.Popen:
     """Start one torchrun (one process) in ``host`` running ``python -m convshard ARGS``,
-    c10d rendezvous served by ``rendezvous``. Output is piped; the agent leads a
-    session of its own (``stop`` ends it and its workers)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+    c10d rendezvous served by ``rendezvous``. ``nnodes`` may be elastic
+    ("1:2"); ``options`` are more of torchrun's (``--max-restarts 2``),
+    ``rdzv_conf`` more of its rendezvous settings (``last_call_timeout=1``).
+    Output is piped; the agent leads a session of its own (``stop`` ends it and its workers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # PyTorch issue 135712: a restart must not reuse addresses
+    conf = f"is_host={int(host == rendezvous)}" + (f",{rdzv_conf}" if rdzv_conf else "")
     cmd = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "torch.distributed.run",
            "--nnodes", str(nnodes), "--nproc-per-node", "1", "--rdzv-id", run_id,
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rendezvous.address}:{port}",
            # the namespaces share the machine's hostname: name each host's address and
            # which host serves the store, which torchrun would otherwise derive from the hostname
-           "--local-addr", host.address, "--rdzv-conf", f"is_host={int(host == rendezvous)}",
+           "--local-addr", host.address, "--rdzv-conf", conf, *options,
            "-m", "convshard", *args]
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
