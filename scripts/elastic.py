@@ -34,6 +34,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,14 +52,16 @@ JOB = ["train", "--model", "paper", "--dataset", "synthetic", "--synthetic-shape
        "--checkpoint-every", "20", "--log-every", "10"]
 AT = 110  # the step after which a host goes, comes or is pre-empted
 ELASTIC = ["--max-restarts", "2", "--monitor-interval", "0.1"]
-RDZV = "last_call_timeout=2"  # a re-formed job waits 2 s for more hosts once it has enough
+# a re-formed job waits 2 s for more hosts once it has enough; a host silent for 3 heartbeats of 1 s is gone
+RDZV = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
 class Agent:
     """One host's torchrun agent; each line of its output is kept with the time it arrived."""
 
-    def __init__(self, host: netns.Host, rendezvous: netns.Host, args: list[str], run_id: str) -> None:
-        self.proc = netns.torchrun(host, nnodes="1:2", rendezvous=rendezvous, args=args, run_id=run_id,
+    def __init__(self, host: netns.Host, rendezvous: netns.Host, args: list[str], run_id: str, device: str) -> None:
+        self.proc = netns.torchrun(host, nnodes="1:2", rendezvous=rendezvous, args=[*args, "--devices", device],
+                                   run_id=run_id,
                                    options=ELASTIC, rdzv_conf=RDZV)
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -94,10 +97,14 @@ class Agent:
         raise RuntimeError("the agent has no worker")
 
     def finish(self, timeout: float = 600) -> int:
-        code, _ = netns.finish(self.proc, timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"torchrun did not finish:\n{self.text()[-3000:]}") from None
         self._reader.join(10)
-        if code is None:
-            raise RuntimeError(f"torchrun did not finish:\n{self.text()[-3000:]}")
+        if code != 0:
+            print(f"torchrun exited {code}:\n{self.text()[-3000:]}", file=sys.stderr)
         return code
 
     def kill(self) -> None:
@@ -119,10 +126,10 @@ def _start(hosts: list[netns.Host], directory: Path, name: str, extra: list[str]
            ) -> list[Agent]:
     args = [*JOB, *extra, "--checkpoint-dir", str(directory / name), "--metrics-out",
             str(directory / f"{name}.json")]
-    agents = [Agent(hosts[0], hosts[0], args, f"elastic-{name}")]
+    agents = [Agent(hosts[0], hosts[0], args, f"elastic-{name}", "cpu@0")]
     if both:
         time.sleep(0.5)  # the first host serves the store
-        agents.append(Agent(hosts[1], hosts[0], args, f"elastic-{name}"))
+        agents.append(Agent(hosts[1], hosts[0], args, f"elastic-{name}", "cpu@1"))
     return agents
 
 
@@ -164,7 +171,7 @@ def join(hosts: list[netns.Host], directory: Path, weights: dict) -> dict:
     joined = time.monotonic()
     second = Agent(hosts[1], hosts[0], [*JOB, "--strategy", "auto", "--profile", str(directory / "profile.json"),
                                         "--checkpoint-dir", str(directory / "join"), "--metrics-out",
-                                        str(directory / "join.json")], "elastic-join")
+                                        str(directory / "join.json")], "elastic-join", "cpu@1")
     codes = [first.finish(), second.finish()]
     _, stopped = first.wait_for(r"stopped by SIGTERM at step (\d+)")
     resumed_at, resumed = first.wait_for(r"re-planned at step (\d+)")

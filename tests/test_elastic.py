@@ -55,7 +55,7 @@ class _Agent:
                     "metrics_out": str(directory / "metrics.json")}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "convshard-elastic",
-               "--rdzv-conf", f"last_call_timeout=3,is_host={int(hosts_store)}", "--max-restarts", "2",
+               "--rdzv-conf", f"last_call_timeout=3,keep_alive_interval=1,is_host={int(hosts_store)}", "--max-restarts", "2",
                "--monitor-interval", "0.1", str(HERE / "elastic_job.py"), json.dumps(settings)]
         self.proc = helpers.start(cmd, env)
         self.lines: list[str] = []
