@@ -186,6 +186,27 @@ def _key(**changes) -> dict:
     return profile.profile_key(**{**args, **changes})
 
 
+def test_a_job_on_fewer_of_the_cached_devices_reuses_their_entries(tmp_path, measured):
+    """A job that lost a host: the cache of the larger job gives the profile
+    of the devices left (each one's own timings), and only when the rest of
+    the key, and each device's threads and host, are the same."""
+    path = tmp_path / "profile.json"
+    saved = {**copy.deepcopy(measured[0]), "key": _key(), "devices": _key()["devices"]}
+    profile.save(path, saved)
+    left = _key(devices=["cpu@1"], threads=[1], hosts=["h"])
+    reused = profile.load(path, left)
+    assert reused["key"] == left and reused["devices"] == ["cpu@1"]
+    assert reused["rest_seconds"] == [saved["rest_seconds"][1]]
+    assert [layer["b"] for layer in reused["layers"]] == [[layer["b"][1]] for layer in saved["layers"]]
+    profile.check(reused, "reused profile")
+    for other in (_key(devices=["cpu@2"], threads=[1], hosts=["h"]),  # a device never measured
+                  _key(devices=["cpu@1"], threads=[2], hosts=["h"]),  # measured with other threads
+                  _key(devices=["cpu@1"], threads=[1], hosts=["g"]),  # on another host
+                  _key(devices=["cpu@1", "cpu@1"], threads=[1, 1], hosts=["h", "h"]),  # one entry, two ranks
+                  _key(devices=["cpu@1"], threads=[1], hosts=["h"], batch_size=64)):
+        assert profile.load(path, other) is None, other
+
+
 def test_cache_is_reused_only_for_the_same_job(tmp_path, measured):
     path = tmp_path / "profile.json"
     assert profile.load(path, _key()) is None  # nothing cached yet

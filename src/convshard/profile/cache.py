@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import ConfigError
+from ..plan.search import restrict
 from .schema import VERSION, Profile, ProfileKey, check
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,43 @@ def read(path: str | os.PathLike) -> Profile | None:
     return check(profile, f"profile {path}")
 
 
+PER_DEVICE_KEY = ("devices", "threads", "hosts")  # the key's fields of one entry per device
+
+
 def load(path: str | os.PathLike, key: ProfileKey) -> Profile | None:
-    """The profile cached at ``path`` (``read``) if it was measured for ``key``, else None."""
+    """The profile cached at ``path`` (``read``) if it was measured for
+    ``key``, or for a job of the same model on more devices, among them
+    every device of ``key`` (the same spec, threads and host): then the
+    profile of those devices alone (``search.restrict``, as the planner
+    prices a subset), so that a job that lost a host measures nothing. Else None."""
     profile = read(path)
-    if profile is None or profile["key"] != key:
+    if profile is None:
         return None
-    log.info("profile: reusing %s", path)
-    return profile
+    if profile["key"] == key:
+        log.info("profile: reusing %s", path)
+        return profile
+    ranks = _ranks_within(profile["key"], key)
+    if ranks is None:
+        return None
+    log.info("profile: reusing %s for %d of its %d devices", path, len(ranks), len(profile["devices"]))
+    return {**restrict(profile, ranks), "key": key}
+
+
+def _ranks_within(cached: ProfileKey, key: ProfileKey) -> list[int] | None:
+    """For each device of ``key``, in order, a distinct rank of ``cached``
+    with the same spec, threads and host; None when ``key`` differs in any
+    other field or some device has no such rank."""
+    if {k: v for k, v in cached.items() if k not in PER_DEVICE_KEY} != \
+            {k: v for k, v in key.items() if k not in PER_DEVICE_KEY}:
+        return None
+    theirs = list(zip(*(cached[k] for k in PER_DEVICE_KEY)))
+    ranks: list[int] = []
+    for device in zip(*(key[k] for k in PER_DEVICE_KEY)):
+        free = [r for r, d in enumerate(theirs) if d == device and r not in ranks]
+        if not free:
+            return None
+        ranks.append(free[0])
+    return ranks
 
 
 def save(path: str | os.PathLike, profile: Profile) -> None:
