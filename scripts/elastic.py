@@ -13,7 +13,9 @@ steps. Four runs, one after the other:
   step ~110. The survivor restarts, resumes from the last checkpoint on its
   own device and finishes. Reported: the steps and seconds since that
   checkpoint at the kill, the restart (kill to training again), the whole
-  run's wall time, and the final weights against the reference's.
+  run's wall time and the time it lost (beyond the reference's, less what
+  the steps after the restart cost more on one host than on two), and the
+  final weights against the reference's.
 - ``join``: the first host alone with ``--strategy auto``; the second joins
   at step ~110. torchrun stops the worker (SIGTERM: it saves the step in
   progress) and restarts the job on both; auto plans anew for two devices.
@@ -143,10 +145,16 @@ def reference(hosts: list[netns.Host], directory: Path) -> dict:
     started = time.monotonic()
     agents = _start(hosts, directory, "reference")
     codes = [a.finish() for a in agents]
-    return {"exit_codes": codes, "wall_seconds": time.monotonic() - started, "plans": _plans(directory, "reference")}
+    return {"exit_codes": codes, "wall_seconds": time.monotonic() - started, "plans": _plans(directory, "reference"),
+            "step_seconds": _step_seconds(directory, "reference")}
 
 
-def lose(hosts: list[netns.Host], directory: Path, weights: dict) -> dict:
+def _step_seconds(directory: Path, name: str) -> float:
+    """The mean step of the run's last stretch, as its metrics give it."""
+    return json.loads((directory / f"{name}.json").read_text())["mean_step_seconds"]
+
+
+def lose(hosts: list[netns.Host], directory: Path, baseline: dict, weights: dict) -> dict:
     started = time.monotonic()
     first, second = _start(hosts, directory, "lose")
     first.wait_for(rf"step {AT}/{STEPS}")
@@ -157,9 +165,13 @@ def lose(hosts: list[netns.Host], directory: Path, weights: dict) -> dict:
              and (m := re.search(r"checkpoint saved to .* at step (\d+)", line))]
     saved_at, saved_step = saves[-1]
     resumed_at, resumed = first.wait_for(r"re-planned at step (\d+)")
-    return {"exit_code": code, "wall_seconds": time.monotonic() - started, "killed_after_step": AT,
+    wall, alone = time.monotonic() - started, _step_seconds(directory, "lose")
+    # the wall time lost: beyond the reference's, less what the steps after the restart cost more on one host
+    slower = (STEPS - int(resumed[1])) * (alone - baseline["step_seconds"])
+    return {"exit_code": code, "wall_seconds": wall, "killed_after_step": AT,
             "last_checkpoint_step": saved_step, "seconds_since_checkpoint_at_kill": killed - saved_at,
-            "resumed_at_step": int(resumed[1]), "restart_seconds": resumed_at - killed,
+            "resumed_at_step": int(resumed[1]), "restart_seconds": resumed_at - killed, "step_seconds": alone,
+            "lost_seconds": wall - baseline["wall_seconds"] - slower,
             "plans": _plans(directory, "lose"), "weights_vs_reference": _difference(directory / "lose", weights)}
 
 
@@ -206,7 +218,9 @@ def main() -> None:
         directory = Path(tmp)
         result["reference"] = reference(hosts, directory)
         weights = torch.load(directory / "reference" / "checkpoint.pt", weights_only=True)["model"]
-        for name, scenario in (("lose", lose), ("join", join), ("sigterm", sigterm)):
+        result["lose"] = lose(hosts, directory, result["reference"], weights)
+        print("lose", json.dumps(result["lose"]), flush=True)
+        for name, scenario in (("join", join), ("sigterm", sigterm)):
             result[name] = scenario(hosts, directory, weights)
             print(name, json.dumps(result[name]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

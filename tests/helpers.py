@@ -136,12 +136,12 @@ def finish_all(procs: Sequence[subprocess.Popen], timeout: float, what: str = "t
     return outputs
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` s."""
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    """Poll ``predicate`` every ``every`` s until true; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 def main_exit_code(argv: list[str]) -> int:

@@ -128,15 +128,16 @@ def _config(**changes) -> TrainConfig:
                           "threads": 1, **changes})
 
 
-def _resolve(config: TrainConfig, profile: dict, seconds: dict[str, float], startup: float = 0.0) -> tuple:
-    """``trials.resolve`` on ``profile`` with trials that take ``seconds[plan name]`` (ALL_CORES: one
-    process on more than one core) after ``startup`` seconds to start, recording what ran."""
+def _resolve(config: TrainConfig, profile: dict, seconds: dict, startup: float = 0.0) -> tuple:
+    """``trials.resolve`` on ``profile`` with trials that take ``seconds[plan]``, or else
+    ``seconds[plan name]`` (ALL_CORES: one process on more than one core), after ``startup``
+    seconds to start, recording what ran."""
     ran = []
 
     def run_trial(job: plan.Plan) -> float:
         name = trials.ALL_CORES if job.threads and job.threads > 1 else job.name
         ran.append(name)
-        return seconds[name]
+        return seconds[job] if job in seconds else seconds[name]
 
     listed = [str(d) for d in config.device_list]
     resolved = trials.resolve(config, load_data(config), job_devices=listed, can_drop=True,
@@ -199,7 +200,8 @@ def test_auto_prints_its_trials_and_why_it_chose(monkeypatch, measured, caplog):
     found = {c.name: c for c in search.candidates(with_bn, threads=1)}
     by_prediction = sorted(("single", "kernel", "layers"), key=lambda n: found[n].prediction.step)
     seconds = {by_prediction[2]: 0.5, trials.ALL_CORES: 0.6, by_prediction[0]: 0.7, by_prediction[1]: 0.8}
-    _resolve(_config(epochs=50), with_bn, {(found[n].plan.name if n in found else n): t for n, t in seconds.items()})
+    # by plan: a per-layer plan whose groups all split kernels is named kernel too
+    _resolve(_config(epochs=50), with_bn, {(found[n].plan if n in found else n): t for n, t in seconds.items()})
     (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy auto tried")]
     lines = table.splitlines()
     assert re.fullmatch(r"--strategy auto tried 4 plans, 6 steps each \(3 timed\), \d+\.\d s in all:", lines[0])

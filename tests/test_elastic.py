@@ -2,23 +2,26 @@
 
 Two torchrun agents on this machine form one elastic job (``--nnodes 1:2``,
 c10d rendezvous on loopback, one worker each, float64 through
-``elastic_job.py``). When one agent dies, torchrun restarts the survivor,
-which resumes from the last checkpoint on the devices still there; when a
-second agent joins, torchrun stops the running worker (a SIGTERM: it saves
-the step in progress) and restarts the job with both. Either way the run
-ends with the weights of an uninterrupted one-device run from the same seed,
-within float64 rounding of the different splits. Then a checkpoint written
-under each kind of plan is resumed under each other kind.
+``elastic_job.py``). When a second agent joins, torchrun stops the running
+worker (a SIGTERM: it saves the step in progress) and restarts the job with
+both; when that agent dies, torchrun restarts the survivor, which resumes
+from the last checkpoint on the device still there. The run ends with the
+weights of an uninterrupted one-device run from the same seed, within
+float64 rounding of the different splits. Then a checkpoint written under
+each kind of plan is resumed under each other kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,10 +40,10 @@ from convshard.run.launch import launch_local
 from convshard.run.local import launch_job, prepare
 
 HERE = Path(__file__).parent
-JOB = {"dataset": "synthetic", "synthetic_shape": [1, 16, 16], "synthetic_size": 16384, "kernels": [4, 8],
+JOB = {"dataset": "synthetic", "synthetic_shape": [1, 16, 16], "synthetic_size": 8192, "kernels": [4, 8],
        "batch_size": 16, "threads": 1, "epochs": 1, "dtype": "float64", "lr": 0.02, "checkpoint_every": 20,
        "log_every": 100}
-STEPS = 16384 // 16
+STEPS = 8192 // 16
 RTOL = 1e-9  # float64: the splits' different rounding, far below any real change
 
 
@@ -63,7 +66,10 @@ class _Agent:
         self._reader.start()
 
     def said(self, text: str) -> bool:
-        return any(text in line for line in list(self.lines))
+        return text in self.text()
+
+    def text(self) -> str:
+        return "".join(list(self.lines))
 
     def finish(self, timeout: float) -> str:
         """Its output once it exited (within ``timeout`` s, or it and its worker are killed and the test fails)."""
@@ -73,7 +79,7 @@ class _Agent:
             self.kill()
             raise AssertionError(f"torchrun still running after {timeout} s:\n{''.join(self.lines)[-3000:]}")
         self._reader.join(10)
-        return "".join(self.lines)
+        return self.text()
 
     def kill(self) -> None:
         """End the agent (its worker dies with it)."""
@@ -97,66 +103,59 @@ def _step_saved(directory: Path) -> int | None:
     return None if saved is None else saved["progress"]["step"]
 
 
-def _finished_alike(directory: Path, tmp: Path) -> dict:
-    """The run's metrics, once its final weights are checked against the reference."""
-    final = checkpoint.load_checkpoint(directory / "checkpoints")
-    assert final["progress"]["step"] == STEPS
-    helpers.assert_same_weights(final["model"], _reference(tmp), rtol=RTOL, atol=1e-12)
-    return json.loads((directory / "metrics.json").read_text())
-
-
-def test_a_job_that_loses_a_host_finishes_on_the_other_with_the_same_model(tmp_path):
-    """Kill one agent and its worker after a checkpoint: the survivor resumes
-    alone at that checkpoint's step and ends with the reference's weights."""
-    port = helpers.free_port()
-    first = _Agent(port, "cpu@0", tmp_path, hosts_store=True)
-    second = _Agent(port, "cpu@1", tmp_path, hosts_store=False)
+@contextlib.contextmanager
+def _paused(worker: int) -> Iterator[None]:
+    """``worker`` stopped (SIGSTOP) inside the block, so that the run cannot go on, or end, meanwhile."""
+    os.kill(worker, signal.SIGSTOP)
     try:
-        helpers.wait_for(lambda: (_step_saved(tmp_path) or 0) > 0, 180, "the first checkpoint")
-        second.kill()  # the host is gone: its agent and its worker
-        out = first.finish(timeout=300)
+        yield
     finally:
-        first.kill()
-        second.kill()
-    assert first.proc.returncode == 0, out[-3000:]
-    metrics = _finished_alike(tmp_path, tmp_path)
-    plans = [(p["step"], p["devices"]) for p in metrics["plans"]]
-    assert len(plans) == 2 and plans[0] == (0, ["cpu@0", "cpu@1"]), plans
-    resumed = plans[1][0]
-    assert plans[1][1] == ["cpu@0"] and 0 < resumed < STEPS, plans
-    assert f"resuming from {tmp_path / 'checkpoints'} at step {resumed}" in out, out[-3000:]
+        os.kill(worker, signal.SIGCONT)
 
 
-def test_a_host_that_joins_is_used_after_the_restart_and_no_step_is_lost(tmp_path):
-    """A second agent joins a running one-worker job: torchrun stops the
-    worker (a SIGTERM: it saves the step in progress) and restarts the job on
-    both, which resumes at that very step by the rendezvous id. The worker
-    is paused while the second agent starts, so that the run cannot end first."""
-    port = helpers.free_port()
+def test_a_host_joins_then_leaves_and_the_run_ends_with_the_one_device_model(tmp_path):
+    """One agent trains alone; a second joins: torchrun stops the worker (a
+    SIGTERM: it saves the step in progress) and restarts the job on both,
+    which resumes at that very step by the rendezvous id. Then the second
+    agent and its worker are killed: the first is restarted alone and resumes
+    from the last checkpoint. The run ends with the one-device run's weights,
+    and its metrics keep the plan of each stretch that reached a checkpoint.
+    The first worker is paused while the membership changes, so that the run
+    cannot move on meanwhile."""
+    port, directory = helpers.free_port(), tmp_path / "checkpoints"
     first = _Agent(port, "cpu@0", tmp_path, hosts_store=True)
     second = None
     try:
-        helpers.wait_for(lambda: (_step_saved(tmp_path) or 0) > 0, 180, "the first checkpoint")
-        worker = helpers.worker_pid(first.proc.pid, 0)
-        os.kill(worker, signal.SIGSTOP)
-        try:
+        helpers.wait_for(lambda: (_step_saved(tmp_path) or 0) > 0, 180, "the first checkpoint", every=0.01)
+        alone_worker = helpers.worker_pid(first.proc.pid, 0)
+        with _paused(alone_worker):
             second = _Agent(port, "cpu@1", tmp_path, hosts_store=False)
             helpers.wait_for(lambda: first.said("new nodes"), 120, "torchrun to see the second agent")
-        finally:
-            os.kill(worker, signal.SIGCONT)
-        outs = [first.finish(timeout=300), second.finish(timeout=60)]
+        helpers.wait_for(lambda: any(a.said("for 2 worker(s)") for a in (first, second)), 120,
+                         "the job on two hosts", every=0.01)
+        joined = int(re.search(r"stopped by SIGTERM at step (\d+)", first.text())[1])
+        helpers.wait_for(lambda: _step_saved(tmp_path) > joined, 120, "a checkpoint of the two hosts", every=0.01)
+        with _paused(helpers.worker_pid(first.proc.pid, 0)):
+            second.kill()  # the host is gone: its agent and its worker
+        out = first.finish(timeout=300)
     finally:
         for agent in (first, second):
             if agent is not None:
                 agent.kill()
-    assert first.proc.returncode == 0 and second.proc.returncode == 0, outs[0][-3000:]
-    metrics = _finished_alike(tmp_path, tmp_path)
-    plans = [(p["step"], p["devices"]) for p in metrics["plans"]]
-    assert len(plans) == 2 and plans[0] == (0, ["cpu@0"]) and plans[1][1] == ["cpu@0", "cpu@1"], plans
-    joined = plans[1][0]
-    assert f"stopped by SIGTERM at step {joined}" in outs[0], outs[0][-3000:]
-    assert f"resuming from {tmp_path / 'checkpoints'} at step {joined}" in outs[0], outs[0][-3000:]
-    assert metrics["world_size"] == 2
+    assert first.proc.returncode == 0, out[-3000:]
+    final = checkpoint.load_checkpoint(directory)
+    assert final["progress"]["step"] == STEPS
+    helpers.assert_same_weights(final["model"], _reference(tmp_path), rtol=RTOL, atol=1e-12)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    plans = [(p["step"], sorted(p["devices"])) for p in metrics["plans"]]
+    assert [devices for _, devices in plans] == [["cpu@0"], ["cpu@0", "cpu@1"], ["cpu@0"]], plans
+    assert plans[1][0] == joined, plans
+    left = plans[2][0]
+    both = out + second.text()
+    assert f"stopped by SIGTERM at step {joined}" in out, out[-3000:]
+    assert f"resuming from {directory} at step {joined}" in both and 0 < joined < left < STEPS, plans
+    assert f"resuming from {directory} at step {left}" in out, out[-3000:]
+    assert metrics["world_size"] == 1
 
 
 # --- a checkpoint of any plan resumes under any other ---------------------------
