@@ -309,6 +309,48 @@ if os.fork() == 0:  # the worker, orphaned while it starts
     assert not marker.exists()
 
 
+LAUNCHER = """
+import multiprocessing as mp, os, sys, time
+from convshard.run import launch
+
+def _after(launcher: int) -> None:  # unpickled in the worker, before it runs: hold it until the launcher died
+    while True:
+        try:
+            state = open(f"/proc/{launcher}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.01)
+
+class LateArgument:
+    def __reduce__(self):
+        return _after, (os.getpid(),)
+
+def work(*args) -> None:
+    open(sys.argv[1] + "/ran", "w").write("ran")
+
+if __name__ == "__main__":
+    p = launch._context().Process(target=launch._entry,
+                                  args=(0, dict(os.environ), work, (LateArgument(),), sys.argv[1], os.getpid()))
+    p.start()
+    open(sys.argv[1] + "/pid", "w").write(str(p.pid))
+    os._exit(0)  # the launcher dies while its worker starts
+"""
+
+
+def test_a_worker_from_the_fork_server_whose_launcher_died_while_it_started_exits(tmp_path: Path) -> None:
+    """The same for a worker of ``launch_local``, whose parent is the fork
+    server: it learns of the launcher's death from multiprocessing's pipe."""
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=JOB_TIMEOUT,
+                   env=helpers.child_env())
+    _wait_for_files([tmp_path / "pid"], timeout=60)
+    _assert_gone([int((tmp_path / "pid").read_text())])
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.fixture
 def job_store(monkeypatch: pytest.MonkeyPatch):
     """A rendezvous store on loopback, named by the environment as torchrun names it."""
