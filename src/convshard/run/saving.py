@@ -12,9 +12,11 @@ A run with ``--checkpoint-dir`` saves (``checkpoint.save_checkpoint``):
   which torchrun counts as a failure and restarts from).
 
 Gathering the unsharded state is a collective, so every rank must save at
-the same step: after each step the ranks agree on a verdict, one MAX
-all-reduce of 0 (train on), 1 (save) or 2 (save and stop). Runs without a
-checkpoint directory skip it, and a SIGTERM ends them as it ends any process.
+the same step: after each step the ranks agree on a verdict, train on, save
+or save and stop, from one sum all-reduce of two flags (a SIGTERM arrived
+here, rank 0's seconds are up), through shared memory where the ranks share
+a host. Runs without a checkpoint directory skip it, and a SIGTERM ends them
+as it ends any process.
 
 At most the work since the last save is lost to a crash: N steps, or T
 seconds plus one step. A SIGTERM loses none.
@@ -35,6 +37,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..errors import TrainingError
 from ..parallel import comm
 from . import checkpoint, join, launch
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GO_ON, SAVE, STOP = 0, 1, 2  # the verdict after a step: the largest any rank asks for
+GO_ON, SAVE, STOP = 0, 1, 2  # the verdict after a step
 STOPPED_EXIT_CODE = 128 + signal.SIGTERM  # the exit code of a process a SIGTERM ended
 
 
@@ -133,14 +137,12 @@ class Schedule:
         """GO_ON, SAVE or STOP after optimizer step ``step`` (1-based), agreed by every rank."""
         if not self.active:
             return GO_ON
-        wish = GO_ON
-        if self.stop is not None and self.stop.requested:
-            wish = STOP
-        elif self.every_steps and step % self.every_steps == 0:
-            wish = SAVE
-        elif self.every_seconds and self.rank == 0 and time.monotonic() - self.last_save >= self.every_seconds:
-            wish = SAVE  # rank 0's clock alone decides, so that every rank's verdict is the same
-        verdict = int(comm.reduce_scalar(float(wish), op="max", group=self.group))
+        asked = self.stop is not None and self.stop.requested
+        # rank 0's clock alone decides, so that every rank's verdict is the same
+        due = bool(self.every_seconds) and self.rank == 0 and time.monotonic() - self.last_save >= self.every_seconds
+        flags = torch.tensor([float(asked), float(due)], dtype=torch.float64, device=comm.rank_device())
+        asked, due = (total > 0 for total in comm.all_reduce_sum_(flags, group=self.group).tolist())
+        verdict = STOP if asked else SAVE if due or (self.every_steps and step % self.every_steps == 0) else GO_ON
         if verdict == STOP:
             self.stopping = True
             if self.rank == 0:
