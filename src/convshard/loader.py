@@ -153,13 +153,19 @@ class Host:
         return len(self.rows)
 
 
+def host_name() -> str:
+    """This process's host in the job: its hostname and torchrun's node
+    (GROUP_RANK), since hosts may share a hostname (network namespaces)."""
+    return f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}"
+
+
 def host_of(rows: Callable[[int], slice], sizes: Sequence[int], *, group: comm.Group, timeout: float) -> Host:
     """This rank's ``Host`` among the ranks of ``group`` (a collective over
-    it): ranks share a host when they share a hostname and torchrun's node
-    (GROUP_RANK). ``sizes``: the global batch sizes the run uses, whose rows
-    every rank of the host learns. Only the host's ranks make its group, so
-    a group of part of the job (a trial) needs nothing from the others."""
-    mine = (socket.gethostname(), os.environ.get("GROUP_RANK", "0"))
+    it): ranks share a host when they share ``host_name``. ``sizes``: the
+    global batch sizes the run uses, whose rows every rank of the host
+    learns. Only the host's ranks make its group, so a group of part of the
+    job (a trial) needs nothing from the others."""
+    mine = host_name()
     rank = dist.get_rank() if dist.is_initialized() else 0
     everyone = comm.gather_objects((mine, rank, {n: (rows(n).start, rows(n).stop) for n in sizes}), group=group)
     members = [(r, table) for host, r, table in everyone if host == mine]
@@ -215,6 +221,7 @@ class TrainBatches:
         self._slots = threading.Semaphore(DEPTH)
         self._horizon = math.inf  # the thread prepares the steps before this many
         self._taken = 0
+        self._positions: dict[int, list[int]] = {}  # _needed's answer by batch size (two sizes at most)
         reader = Reader(dataset.train, seed, "resized-crop" in self.transforms)
         self._steps = list(self._walk(start))
         shares = (self._share(epoch, order) for epoch, order in self._steps)
@@ -236,7 +243,9 @@ class TrainBatches:
 
     def _needed(self, n: int) -> list[int]:
         """Positions in a global batch of n that some rank of this host feeds, in order."""
-        return sorted({p for rows in self.host.rows for p in range(n)[rows(n)]})
+        if n not in self._positions:
+            self._positions[n] = sorted({p for rows in self.host.rows for p in range(n)[rows(n)]})
+        return self._positions[n]
 
     def _share(self, epoch: int, order: torch.Tensor) -> list[tuple[int, int]]:
         """The keys this rank reads for a step: its share of the host's

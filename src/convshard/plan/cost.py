@@ -154,12 +154,10 @@ def with_data(step: Prediction, profile: Mapping, plan: Plan) -> Prediction:
     ranks = {h: [r for r in range(plan.world) if hosts[r] == h] for h in set(hosts)}
     decoded = {h: sum(plan.rows[r] for r in rs) if plan.engine == DDP else plan.batch_size for h, rs in ranks.items()}
     share = [per_image * decoded[hosts[r]] / len(ranks[hosts[r]]) for r in range(plan.world)]
-    on_cpu = [share[r] for r in range(plan.world) if not str(profile["devices"][r]).startswith("cuda")]
-    on_gpu = [share[r] / LOADER_WORKERS for r in range(plan.world) if str(profile["devices"][r]).startswith("cuda")]
-    added = max(on_cpu, default=0.0)
-    total = max([step.step + added, *on_gpu])
-    busy = tuple(b + (share[r] if not str(profile["devices"][r]).startswith("cuda") else 0.0)
-                 for r, b in enumerate(step.busy))
+    gpu = [str(profile["devices"][r]).startswith("cuda") for r in range(plan.world)]
+    added = max((share[r] for r in range(plan.world) if not gpu[r]), default=0.0)
+    total = max([step.step + added, *(share[r] / LOADER_WORKERS for r in range(plan.world) if gpu[r])])
+    busy = tuple(b + (0.0 if gpu[r] else share[r]) for r, b in enumerate(step.busy))
     return replace(step, step=total, busy=busy, data=total - step.step)
 
 

@@ -9,13 +9,12 @@ not the configured batch size.
 from __future__ import annotations
 
 import logging
-import os
 import resource
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .. import loader
 from ..parallel import comm
 from ..plan import Plan
 
@@ -75,7 +74,7 @@ def timeline(clock: StepClock, *, group: comm.Group, decoded: int = 0) -> dict:
     mine = {"step_seconds": list(clock.seconds), "collective_seconds": list(clock.collective),
             "data_seconds": list(clock.data),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-            "host": f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}", "decoded_images": decoded}
+            "host": loader.host_name(), "decoded_images": decoded}
     everyone = comm.gather_objects(mine, group=group)
     first = clock.count - len(mine["step_seconds"]) + 1
     return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
