@@ -19,7 +19,7 @@ from torch import nn
 import convshard
 from convshard.errors import ConfigError
 from convshard.models import build_model
-from convshard.parallel import layouts
+from convshard.parallel import comm, layouts
 from convshard.parallel.shard import shard
 from convshard.plan import BatchSplit, search
 from convshard.profile.nominal import nominal
@@ -129,12 +129,13 @@ def plan_modes(model: nn.Module, plan: str) -> dict[str, str] | None:
 
 
 def side_by_side(factory, shape, shares, opt_name: str, *, rows=None, plan: str = "kernel",
-                 batch: int = 6) -> tuple[dict, nn.Module]:
+                 batch: int = 6, chunks: int = 1) -> tuple[dict, nn.Module]:
     """Train the unsharded reference and the planned model from the same seed
     for STEPS steps, in the default dtype; the worst errors and the model."""
     torch.manual_seed(0)
     reference = factory()
-    model = convshard.shard_model(copy.deepcopy(reference), shares, rows=rows, modes=plan_modes(reference, plan))
+    model = convshard.shard_model(copy.deepcopy(reference), shares, rows=rows, modes=plan_modes(reference, plan),
+                                  chunks=chunks)
     make = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) if opt_name == "sgd" else (
         lambda p: torch.optim.Adam(p, lr=1e-2))
     opt_ref, opt = make(reference.parameters()), make(model.parameters())
@@ -193,6 +194,43 @@ def test_real_cnns_train_like_one_device(world):
     # residual adds tie the convs whose outputs meet: the stem and layer1's conv2,
     # layer2's downsample and conv2 are split alike, under the first one's name.
     assert set(report["resnet/counts"]) == {"conv1", "layer1.conv1", "layer2.conv1", "layer2.downsample.0"}
+
+
+def _chunked_worker(shares: list[float]) -> dict:
+    """Every model under kernel and alternating plans, its gathers into
+    sharded convs in 2, 4 and 8 chunks of rows (batch 6: uneven chunks, and
+    more chunks than rows), float64, against the unsharded reference; and
+    the all-gathers one forward issues with 1 and with 3 chunks."""
+    join_gloo()
+    torch.set_default_dtype(torch.float64)
+    report = {}
+    for model_name, factory in MODELS.items():
+        for plan, chunks in (("kernel", 2), ("alternate", 4), ("kernel", 8)):
+            report[f"{model_name}/{plan}/{chunks}"], _ = side_by_side(factory, SHAPE, shares, "sgd", plan=plan,
+                                                                      chunks=chunks)
+    for chunks in (1, 3):
+        torch.manual_seed(0)
+        model = convshard.shard_model(TinyResNet(), shares, chunks=chunks)
+        with comm.record_wire() as sent:
+            model(torch.randn(6, *SHAPE))
+        report[f"all_gathers/{chunks}"] = sum(1 for s in sent if s.op == "all_gather")
+    return report
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gathers_in_chunks_of_rows_train_like_one_device(world):
+    """A value gathered into sharded convs in chunks of rows (each chunk's
+    transfer overlapping the convs of the chunk before) trains the model
+    one device trains: weights, running statistics, momentum, the eval forward."""
+    for rank, report in enumerate(launch_local(_chunked_worker, world, args=(SHARES[world],), timeout=300)):
+        for key, errors in report.items():
+            if key.startswith("all_gathers/"):
+                continue
+            for what, error in errors.items():
+                assert error < 1e-7, (rank, key, what, error)
+        # TinyResNet's values gathered into convs: the stem's, layer1.conv1's, layer1's output, layer2.conv1's;
+        # in 3 chunks each sends 3 all-gathers instead of 1
+        assert report["all_gathers/3"] - report["all_gathers/1"] == 4 * 2, report
 
 
 def test_residual_block_layouts():

@@ -234,7 +234,7 @@ class GradientSum:
 
     def _reset(self) -> None:
         self.missing = [len(bucket) for bucket in self.buckets]
-        self.pending: list[tuple[torch.Tensor, comm.PendingSum]] = []
+        self.pending: list[tuple[torch.Tensor, comm.Pending]] = []
 
     def _ready(self, p: nn.Parameter) -> None:
         self.missing[self.index[id(p)]] -= 1

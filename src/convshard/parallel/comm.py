@@ -23,7 +23,7 @@ the gathered ``Y = [Y_0, ..., Y_{p-1}]`` along channels has shape (B, C, H, W).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,11 +37,12 @@ from .wire import (barrier, broadcast_object, count_collective_seconds, gather_o
 
 Group = wire.Group
 
-__all__ = ["Group", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven", "barrier", "broadcast_",
+__all__ = ["Group", "Pending", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven", "barrier", "broadcast_",
            "broadcast_object", "channels_to_rows", "conv2d_on_shards", "count_collective_seconds",
            "gather_from_shards", "gather_objects", "rank", "rank_device", "record_wire", "reduce_scalar",
            "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
-           "start_all_reduce_sum", "switch", "world_size"]
+           "start_all_gather_uneven", "start_all_reduce_sum", "start_reduce_scatter_uneven", "switch",
+           "world_size"]
 
 
 def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None:
@@ -64,6 +65,23 @@ def _shared(nbytes: int, group: Group) -> shm.SharedSlots | None:
     return slots if slots is not None and slots.fits(nbytes) else None
 
 
+class Pending:
+    """A collective in flight: ``wait`` waits for its transfer (the wait
+    counts as time in collectives; on CUDA, until the transfer has completed
+    on the device) and returns its result, ``finish()``."""
+
+    def __init__(self, finish: Callable[[], torch.Tensor], work: dist.Work | None = None,
+                 tensors: Sequence[torch.Tensor] = ()) -> None:
+        self._finish, self._work, self._tensors = finish, work, tensors
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            with wire.clocked(self._tensors):
+                self._work.wait()
+            self._work = None
+        return self._finish()
+
+
 # --- 1. raw helpers -------------------------------------------------------
 
 
@@ -77,8 +95,17 @@ def all_gather_uneven(
     Collectives want equal sizes, so each slice is zero-padded to
     ``max(counts)`` for the transfer and the padding dropped afterwards.
     """
+    return start_all_gather_uneven(tensor, counts, dim=dim, group=group).wait()
+
+
+def start_all_gather_uneven(
+    tensor: torch.Tensor, counts: Sequence[int], *, dim: int, group: Group = None
+) -> Pending:
+    """``all_gather_uneven``, started: the transfer runs (on gloo's and
+    NCCL's own threads and streams) until ``wait`` returns the gathered
+    tensor. The shared-memory path is done when this returns."""
     if len(counts) == 1:
-        return tensor
+        return Pending(lambda: tensor)
     given, device = tensor, tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
@@ -87,7 +114,7 @@ def all_gather_uneven(
     if slots is not None:
         out = wire.issue("all_gather", group, [given],
                          lambda: slots.all_gather_uneven(tensor, list(counts), dim))
-        return out.to(device, non_blocking=True)
+        return Pending(lambda: out.to(device, non_blocking=True))
     width = max(counts)
     own = tensor.size(dim)
     if own == width:
@@ -98,9 +125,10 @@ def all_gather_uneven(
         send = tensor.new_zeros(shape)
         send.narrow(dim, 0, own).copy_(tensor)
     received = [torch.empty_like(send) for _ in counts]
-    wire.issue("all_gather", group, [given], lambda: dist.all_gather(received, send, group=group))
-    out = torch.cat([r.narrow(dim, 0, c) for r, c in zip(received, counts)], dim=dim)
-    return out.to(device, non_blocking=True)
+    work = wire.issue("all_gather", group, [given],
+                      lambda: dist.all_gather(received, send, group=group, async_op=True))
+    return Pending(lambda: torch.cat([r.narrow(dim, 0, c) for r, c in zip(received, counts)], dim=dim)
+                   .to(device, non_blocking=True), work, [given])
 
 
 def reduce_scatter_uneven(
@@ -112,8 +140,15 @@ def reduce_scatter_uneven(
     (its partial sum); rank r receives the slice [o_r, o_r + counts[r]) of
     the sum. Each slice is zero-padded to ``max(counts)`` for the transfer.
     """
+    return start_reduce_scatter_uneven(tensor, counts, dim=dim, group=group).wait()
+
+
+def start_reduce_scatter_uneven(
+    tensor: torch.Tensor, counts: Sequence[int], *, dim: int, group: Group = None
+) -> Pending:
+    """``reduce_scatter_uneven``, started: ``wait`` returns this rank's slice of the sum."""
     if len(counts) == 1:
-        return tensor
+        return Pending(lambda: tensor)
     given, device = tensor, tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
@@ -121,7 +156,7 @@ def reduce_scatter_uneven(
     if slots is not None:
         out = wire.issue("reduce_scatter", group, [given],
                          lambda: slots.reduce_scatter_uneven(tensor, list(counts), dim))
-        return out.to(device, non_blocking=True)
+        return Pending(lambda: out.to(device, non_blocking=True))
     width, me = max(counts), rank(group)
     shape = list(tensor.shape)
     shape[dim] = width
@@ -131,9 +166,10 @@ def reduce_scatter_uneven(
         send[s].narrow(dim, 0, c).copy_(tensor.narrow(dim, offset, c))
         offset += c
     out = tensor.new_empty(shape)
-    wire.issue("reduce_scatter", group, [given],
-               lambda: _reduce_scatter(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group))
-    return out.narrow(dim, 0, counts[me]).to(device, non_blocking=True)
+    work = wire.issue("reduce_scatter", group, [given],
+                      lambda: _reduce_scatter(out, send.view(-1, *shape[1:]), op=dist.ReduceOp.SUM, group=group,
+                                              async_op=True))
+    return Pending(lambda: out.narrow(dim, 0, counts[me]).to(device, non_blocking=True), work, [given])
 
 
 def all_to_all_uneven(send: torch.Tensor, sizes: Sequence[Sequence[int]], *, group: Group = None) -> list[torch.Tensor]:
@@ -167,39 +203,27 @@ def all_reduce_sum_(tensor: torch.Tensor, *, group: Group = None, shared: bool =
     return start_all_reduce_sum(tensor, group=group, shared=shared).wait()
 
 
-class PendingSum:
-    """A sum all-reduce in flight (``start_all_reduce_sum``); ``wait`` returns the sum."""
-
-    def __init__(self, tensor: torch.Tensor, work: dist.Work | None, staged: torch.Tensor | None) -> None:
-        self._tensor, self._work, self._staged = tensor, work, staged
-
-    def wait(self) -> torch.Tensor:
-        """The sum, once it has arrived: the wait counts as time in collectives
-        (on CUDA, until the transfer has completed on the device)."""
-        if self._work is not None:
-            with wire.clocked([self._tensor]):
-                self._work.wait()
-        if self._staged is not None:
-            self._tensor.copy_(self._staged)
-        return self._tensor
-
-
-def start_all_reduce_sum(tensor: torch.Tensor, *, group: Group = None, shared: bool = True) -> PendingSum:
+def start_all_reduce_sum(tensor: torch.Tensor, *, group: Group = None, shared: bool = True) -> Pending:
     """Start summing ``tensor`` over the ranks of ``group``, in place, and
     return at once: the caller computes while the transfer runs, then calls
-    ``wait``. Only the wait counts as time in collectives (the shared-memory
-    path, done when it returns, counts in full; ``shared`` False leaves it out)."""
+    ``wait``, which returns ``tensor``. Only the wait counts as time in
+    collectives (the shared-memory path, done when it returns, counts in
+    full; with ``shared`` False the sum goes through the backend even on one host)."""
     if world_size(group) == 1:
-        return PendingSum(tensor, None, None)
+        return Pending(lambda: tensor)
     staged = tensor.cpu() if _needs_host_staging(tensor, group) else None
     target = tensor if staged is None else staged
+
+    def finish() -> torch.Tensor:
+        return tensor if staged is None else tensor.copy_(staged)
+
     slots = _shared(target.numel() * target.element_size(), group) if shared else None
     if slots is not None:
         wire.issue("all_reduce", group, [tensor], lambda: slots.all_reduce_(target))
-        return PendingSum(tensor, None, staged)
+        return Pending(finish)
     work = wire.issue("all_reduce", group, [tensor],
                       lambda: dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group, async_op=True))
-    return PendingSum(tensor, work, staged)
+    return Pending(finish, work, [tensor])
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:

@@ -32,7 +32,9 @@ and once for any other op. Each sharded conv's backward gives a partial
 input gradient dX_r; the convs' gather sums them and hands each rank its
 channels in one reduce-scatter (half the bytes of an all-reduce), and a
 conv whose input was not gathered (the replicated input) all-reduces its
-own (``comm.conv2d_on_shards``).
+own (``comm.conv2d_on_shards``). Last, a channel split's gather and the
+sharded convs reading it become one ``pipeline.GatheredConvs``, which
+moves the value in chunks of rows while the convs compute.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 from ..plan import BatchSplit, KernelSplit
 from .batch import ChannelsToRows, GatherRows, RowSplit, SliceRows, SyncBatchNorm2d
+from .pipeline import overlap_gathers
 from .sharded import (
     ChannelGroup,
     ShardedBatchNorm2d,
@@ -324,7 +327,7 @@ def shard_graph(graph: fx.GraphModule, style_of: Callable[[str, int], KernelSpli
         if isinstance(style, BatchSplit):
             batch.add(root)
         else:
-            channel_groups[root] = ChannelGroup(name, ShardSplit(tuple(style.counts), rank, group))
+            channel_groups[root] = ChannelGroup(name, ShardSplit(tuple(style.counts), rank, group), style.chunks)
     if batch and rows is None:
         raise ConfigError("batch-mode groups need a row split")
 
@@ -348,6 +351,7 @@ def shard_graph(graph: fx.GraphModule, style_of: Callable[[str, int], KernelSpli
         member = ShardedBatchNorm2d if isinstance(module, nn.BatchNorm2d) else ShardedChannelwiseConv2d
         _replace(graph, node.target, member(module, group_of(node)))
     _insert_transitions(graph, result, lambda split: channel_groups[result.groups.find(split.group)], batch, rows)
+    overlap_gathers(graph, (GatherChannels,))
     if batch:
         graph.register_forward_pre_hook(lambda _, args: rows.begin(args[0].size(0)))
     for node in graph.graph.nodes:

@@ -256,6 +256,7 @@ def shard_model(
     rows: Sequence[float] | None = None,
     gradient_dtype: torch.dtype | None = None,
     check_batch: bool = True,
+    chunks: int = 1,
 ) -> nn.Module:
     """Shard every ``nn.Conv2d`` of ``model`` by its kernels; returns the sharded model.
 
@@ -288,6 +289,11 @@ def shard_model(
     when given (``torch.bfloat16`` halves the bytes; the sum is rounded to it).
     Batch mode needs a traced model: an untraceable one is refused.
 
+    ``chunks`` (at least 1): every kernel-mode group's output travels to the
+    sharded convs that read it in this many chunks of rows, each chunk's
+    transfer overlapping the compute of the chunks before it
+    (``convshard.parallel.pipeline``); the result is the same.
+
     This is the library's form of ``shard``, which takes a plan's typed
     styles per group and returns the handle the training engine uses.
 
@@ -307,11 +313,13 @@ def shard_model(
     for name, weights in [("shares", shares), ("rows", row_weights), *(layer_shares or {}).items()]:
         if len(weights) != world:
             raise ConfigError(f"{name} {list(weights)} has {len(weights)} entries for {world} ranks")
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(f"chunks {chunks!r} is not a positive integer")
 
     def style_of(name: str, kernels: int) -> Style:
         if (modes or {}).get(name, "kernel") == "batch":
             return BatchSplit(row_weights)
-        return KernelSplit(split_counts(kernels, (layer_shares or {}).get(name, shares)))
+        return KernelSplit(split_counts(kernels, (layer_shares or {}).get(name, shares)), chunks)
 
     if modes and any(m == "batch" for m in modes.values()) and fuse_channelwise:
         styles: Mapping[str, Style] | Callable[[str, int], Style] = _with_defaults(model, style_of)

@@ -68,13 +68,14 @@ class ChannelGroup:
     split alike: every member of a group holds the same channels.
 
     Mutable: re-splitting a group (``reshard.reshard``) swaps ``split`` for
-    all its members at once. A rank holds w_r = max(c_r, 1) channels of a
+    all its members at once. ``chunks``: the chunks of rows its output
+    travels in to the sharded convs that read it (``convshard.parallel.pipeline``). A rank holds w_r = max(c_r, 1) channels of a
     split activation: with no kernels it carries one placeholder channel,
     so that every channel-wise op can still run there.
     """
 
-    def __init__(self, name: str, split: ShardSplit) -> None:
-        self.name, self.split = name, split
+    def __init__(self, name: str, split: ShardSplit, chunks: int = 1) -> None:
+        self.name, self.split, self.chunks = name, split, chunks
 
     def gather(self, y: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
         """(B, w_r, ...) -> (B, C, ...) on every rank; backward: split (reduce-scatter with ``partial``)."""

@@ -54,8 +54,11 @@ class GroupSplit:
     kernels: int  # K, the group's kernels
     mode: str = KERNEL  # "kernel" | "batch"
     counts: tuple[int, ...] = ()  # kernel mode: c_r per rank, summing to K; batch mode: () (all K on every rank)
+    chunks: int = 1  # kernel mode: chunks of rows its output travels in to the sharded convs reading it
 
     def __post_init__(self) -> None:
+        if not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ConfigError(f"group {self.name!r}: chunks {self.chunks!r} is not a positive integer")
         if self.mode not in (KERNEL, BATCH):
             raise ConfigError(f"group {self.name!r}: mode {self.mode!r} is not kernel or batch")
         if self.mode == KERNEL and (sum(self.counts) != self.kernels or min(self.counts, default=-1) < 0):
@@ -66,9 +69,13 @@ class GroupSplit:
 @dataclass(frozen=True)
 class KernelSplit:
     """A group's style in kernel mode: rank r holds ``counts[r]`` of its K
-    kernels (sum_r c_r = K) and computes their channels for the whole batch."""
+    kernels (sum_r c_r = K) and computes their channels for the whole batch;
+    its output reaches the sharded convs that read it in ``chunks`` chunks
+    of rows, each chunk's transfer overlapping the compute of the one
+    before (``convshard.parallel.pipeline``)."""
 
     counts: tuple[int, ...]
+    chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,8 @@ class Plan:
     def styles(self) -> dict[str, Style]:
         """Every group's style by name, what ``shard`` applies: its kernels
         per rank, or the plan's rows."""
-        return {g.name: KernelSplit(g.counts) if g.mode == KERNEL else BatchSplit(self.rows) for g in self.groups}
+        return {g.name: KernelSplit(g.counts, g.chunks) if g.mode == KERNEL else BatchSplit(self.rows)
+                for g in self.groups}
 
     def rows_of(self, n: int) -> tuple[int, ...]:
         """Rows per rank of a global batch of ``n`` images."""
@@ -167,8 +175,8 @@ class Plan:
         return {"format": FORMAT, "engine": self.engine, "devices": list(self.devices), "threads": self.threads,
                 "batch_size": self.batch_size, "rows": list(self.rows), "precision": self.precision,
                 "memory_format": self.memory_format, "grad_precision": self.grad_precision,
-                "groups": [{"name": g.name, "kernels": g.kernels, "mode": g.mode, "counts": list(g.counts)}
-                           for g in self.groups],
+                "groups": [{"name": g.name, "kernels": g.kernels, "mode": g.mode, "counts": list(g.counts),
+                            **({"chunks": g.chunks} if g.chunks != 1 else {})} for g in self.groups],
                 **({"ranks": list(self.ranks)} if self.ranks is not None else {})}
 
 
@@ -234,8 +242,8 @@ def from_json(saved: object, *, groups: Mapping[str, int], batch_size: int, sour
 def _current(saved: dict) -> Plan:
     if saved["format"] != FORMAT:
         raise ConfigError(f"plan format {saved['format']!r} is not {FORMAT}")
-    groups = tuple(GroupSplit(g["name"], int(g["kernels"]), g["mode"], tuple(int(c) for c in g["counts"]))
-                   for g in saved["groups"])
+    groups = tuple(GroupSplit(g["name"], int(g["kernels"]), g["mode"], tuple(int(c) for c in g["counts"]),
+                              g.get("chunks", 1)) for g in saved["groups"])
     ranks = tuple(int(r) for r in saved["ranks"]) if saved.get("ranks") is not None else None
     devices = tuple(_saved_device(d) for d in saved["devices"])
     return Plan(saved["engine"], devices, groups, tuple(int(r) for r in saved["rows"]),

@@ -235,15 +235,100 @@ def gathered_bytes(profile: Mapping, layer: Mapping, value: Mapping, mode: str, 
 
 
 def value_readers(profile: Mapping, layer: Mapping, value: Mapping, mode: str, counts: Sequence[int],
-                  kernel_readers: bool, batch_readers: bool) -> dict[str, float]:
-    """The collectives that carry ``value`` to conv readers in kernel and batch mode."""
+                  kernel_readers: bool, batch_readers: bool, window: float = 0.0, chunks: int = 1) -> dict[str, float]:
+    """The collectives that carry ``value`` to conv readers in kernel and batch
+    mode: from a kernel-mode producer to kernel-mode readers, what of them
+    ``chunks`` chunks of rows leave exposed beside ``window``, the readers'
+    compute (``exposed``)."""
     comm: dict[str, float] = {}
     if kernel_readers:
-        _add(comm, "all_gather", transfer(profile, "all_gather", gathered_bytes(profile, layer, value, mode, counts)))
-        _add(comm, "reduce_scatter", transfer(profile, "reduce_scatter", value["bytes"]))
+        gather = gathered_bytes(profile, layer, value, mode, counts)
+        if mode == KERNEL and overlaps(profile):
+            forward, backward = exposed(profile, gather, value["bytes"], window, chunks)
+            _add(comm, "all_gather", forward)
+            _add(comm, "reduce_scatter", backward)
+        else:
+            _add(comm, "all_gather", transfer(profile, "all_gather", gather))
+            _add(comm, "reduce_scatter", transfer(profile, "reduce_scatter", value["bytes"]))
     if batch_readers and mode == KERNEL:
         _add(comm, "all_to_all", 2 * transfer(profile, "all_to_all", value["bytes"] / len(profile["devices"])))
     return comm
+
+
+def overlaps(profile: Mapping) -> bool:
+    """Whether the plan's transfers run beside its compute: on gloo between
+    hosts and on NCCL (their own threads and streams), not through shared
+    memory, which moves a transfer's bytes when it starts."""
+    hosts = profile["topology"]["hosts"] if "topology" in profile else profile.get("key", {}).get("hosts")
+    cuda = all(str(d).startswith("cuda") for d in profile["devices"])
+    return len(profile["devices"]) > 1 and (cuda or len(set(hosts or ["one"])) > 1)
+
+
+def exposed(profile: Mapping, gather: float, scatter: float, window: float, chunks: int) -> tuple[float, float]:
+    """Seconds of a chunked gather into kernel-mode convs (``convshard.parallel.pipeline``)
+    that no compute hides: (forward all-gathers, backward reduce-scatters).
+
+    The readers' compute ``window`` is taken as three equal convolutions:
+    forward F, input gradient D, weight gradient V. With k chunks, each
+    chunk's all-gather taking g = t_ag(n / k) and its reduce-scatter
+    r = t_rs(m / k), one after another on the link:
+
+        forward:  max_i (i g + (k - i + 1) F / k) - F              (i = 1..k; chunk i's convs wait for its rows)
+        backward: max(0, max_i (i D / k + (k - i + 1) r) - D - V)  (chunk i's sum starts after its D / k)
+    """
+    k = chunks
+    g, r = transfer(profile, "all_gather", gather / k), transfer(profile, "reduce_scatter", scatter / k)
+    f = d = v = window / 3
+    forward = max(i * g + (k - i + 1) * f / k for i in range(1, k + 1)) - f
+    backward = max(0.0, max(i * d / k + (k - i + 1) * r for i in range(1, k + 1)) - d - v)
+    return forward, backward
+
+
+CHUNKS = (1, 2, 4, 8)  # the chunk counts a plan chooses from (``best_chunks``)
+
+
+def reader_window(profile: Mapping, value: Mapping, modes: Mapping[str, str],
+                  counts: Mapping[str, Sequence[int]], rows: Sequence[int]) -> float:
+    """The compute of ``value``'s kernel-mode readers, each on its slowest rank."""
+    layers = {layer["name"]: layer for layer in profile["layers"]}
+    return sum(max(group_compute(layers[name], KERNEL, counts[name], rows))
+               for name in set(value["convs"]) if modes[name] == KERNEL)
+
+
+def chunk_choices(profile: Mapping, mode: str, batch_size: int) -> list[int]:
+    """The chunk counts worth pricing for a group in ``mode``: more than one
+    only in kernel mode, where transfers overlap, and at most the batch."""
+    return [k for k in CHUNKS if k == 1 or (mode == KERNEL and k <= batch_size and overlaps(profile))]
+
+
+def values_seconds(profile: Mapping, layer: Mapping, mode: str, modes: Mapping[str, str],
+                   counts: Mapping[str, Sequence[int]], rows: Sequence[int], chunks: int,
+                   values: Sequence[Mapping] | None = None) -> float:
+    """Seconds the collectives carrying group ``layer``'s ``values`` (all its
+    outputs by default) to their conv readers take, in ``chunks`` chunks."""
+    total = 0.0
+    for value in layer["outputs"] if values is None else values:
+        readers = {modes[name] for name in value["convs"]}
+        total += sum(value_readers(profile, layer, value, mode, counts[layer["name"]], KERNEL in readers,
+                                   BATCH in readers, reader_window(profile, value, modes, counts, rows),
+                                   chunks).values())
+    return total
+
+
+def with_chunks(profile: Mapping, plan: Plan) -> Plan:
+    """``plan`` with every kernel-mode group's chunks: the fewest whose
+    values leave the least exposed (``values_seconds``)."""
+    if plan.engine == DDP:
+        return plan
+    modes, counts = {g.name: g.mode for g in plan.groups}, {g.name: g.counts for g in plan.groups}
+    layers = {layer["name"]: layer for layer in in_precision(profile, plan.precision)["layers"]}
+
+    def best(g) -> int:
+        return min(chunk_choices(profile, KERNEL, plan.batch_size),
+                   key=lambda k: (values_seconds(profile, layers[g.name], KERNEL, modes, counts, plan.rows, k), k))
+
+    groups = tuple(replace(g, chunks=best(g)) if g.mode == KERNEL else g for g in plan.groups)
+    return replace(plan, groups=groups)
 
 
 def group_update(profile: Mapping, layer: Mapping, mode: str, counts: Sequence[int]) -> float:
@@ -259,6 +344,7 @@ def _sharded(profile: Mapping, plan: Plan) -> Prediction:
     layers = profile["layers"]
     mode = {g.name: g.mode for g in plan.groups}
     counts = {g.name: g.counts for g in plan.groups}
+    chunks = {g.name: g.chunks for g in plan.groups}
     world = plan.world
     collectives: dict[str, float] = {}
     groups: dict[str, float] = {}
@@ -270,7 +356,8 @@ def _sharded(profile: Mapping, plan: Plan) -> Prediction:
         for value in layer["outputs"]:
             readers = {mode[reader] for reader in value["convs"]}
             _merge(comm, value_readers(profile, layer, value, mode[name], counts[name], KERNEL in readers,
-                                       BATCH in readers))
+                                       BATCH in readers, reader_window(profile, value, mode, counts, plan.rows),
+                                       chunks[name]))
         groups[name] = max(compute) + sum(comm.values())
         _merge(collectives, comm)
         busy = [s + c for s, c in zip(busy, compute)]

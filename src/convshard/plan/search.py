@@ -214,10 +214,10 @@ def best_modes(profile: Mapping, counts: Mapping[str, Sequence[int]], rows: Sequ
                 total = spent + own[mode] + (latency if mode == BATCH and not any_batch else 0.0)
                 for producer, j, _, _ in closing[i]:
                     value = layers[producer]["outputs"][j]
-                    readers = {chosen[index[name]] for name in value["convs"]}
-                    total += sum(cost.value_readers(profile, layers[producer], value, chosen[producer],
-                                                    counts[layers[producer]["name"]], KERNEL in readers,
-                                                    BATCH in readers).values())
+                    readers = {name: chosen[index[name]] for name in value["convs"]}
+                    total += min(cost.values_seconds(profile, layers[producer], chosen[producer], readers, counts,
+                                                     rows, k, [value])
+                                 for k in cost.chunk_choices(profile, chosen[producer], profile["batch_size"]))
                 key = (any_batch or mode == BATCH, tuple(chosen[g] for g in active[i]))
                 if key not in nxt or total < nxt[key][0]:
                     nxt[key] = (total, chosen)
@@ -291,8 +291,9 @@ def _priced(profile: Mapping, name: str, job: Plan, grad_precision: str) -> Cand
     """A candidate with its predicted step and peak bytes per rank, computing
     in the precision and memory format the profile was timed in, summing
     gradients in ``grad_precision``."""
-    job = replace(job, precision=profile.get("precision", "32"),
-                  memory_format=profile.get("memory_format", "contiguous"), grad_precision=grad_precision)
+    job = cost.with_chunks(profile, replace(job, precision=profile.get("precision", "32"),
+                                            memory_format=profile.get("memory_format", "contiguous"),
+                                            grad_precision=grad_precision))
     shares, rows = memory.caps(profile)
     caps = {"shares": shares, "rows": rows} if "device_memory" in profile else None
     return Candidate(name, job, cost.predict(profile, job), memory.peak_bytes(profile, job), caps, profile)
