@@ -217,11 +217,14 @@ def _chunked_worker(shares: list[float]) -> dict:
     return report
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_gathers_in_chunks_of_rows_train_like_one_device(world):
+@pytest.mark.parametrize("world, shm", [(2, "0"), (3, "1")])
+def test_gathers_in_chunks_of_rows_train_like_one_device(world, shm, monkeypatch):
     """A value gathered into sharded convs in chunks of rows (each chunk's
     transfer overlapping the convs of the chunk before) trains the model
-    one device trains: weights, running statistics, momentum, the eval forward."""
+    one device trains: weights, running statistics, momentum, the eval
+    forward; through gloo's own transfers (which run beside the compute)
+    and through shared memory."""
+    monkeypatch.setenv("CONVSHARD_SHM", shm)
     for rank, report in enumerate(launch_local(_chunked_worker, world, args=(SHARES[world],), timeout=300)):
         for key, errors in report.items():
             if key.startswith("all_gathers/"):

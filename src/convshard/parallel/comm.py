@@ -45,9 +45,9 @@ __all__ = ["Group", "Pending", "all_gather_uneven", "all_reduce_sum_", "all_to_a
            "world_size"]
 
 
-def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> None:
+def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> dist.Work | None:
     # newer torch names it reduce_scatter_single and deprecates reduce_scatter_tensor
-    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, input, **kwargs)
+    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, input, **kwargs)
 
 
 def _needs_host_staging(tensor: torch.Tensor, group: Group) -> bool:
