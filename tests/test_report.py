@@ -78,10 +78,30 @@ def test_report_command_on_a_real_run(tmp_path, capsys):
     assert [len(t) for t in timeline["step_seconds"]] == [4, 4] and timeline["first_step"] == 1
     assert all(0 <= c <= s for ss, cs in zip(timeline["step_seconds"], timeline["collective_seconds"])
                for s, c in zip(ss, cs))
+    for transfers, steps in zip(timeline["transfers"], timeline["step_seconds"]):
+        assert transfers and {op for op, *_ in transfers} >= {"all_gather"}  # the kernel split's gathers
+        assert all(0 <= start <= end <= steps[-1] and 0 <= blocked <= end - start + 1e-6
+                   for _, start, end, blocked in transfers)
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cpu@0" in printed and "cpu@1" in printed and "transfer ms" in printed and "data ms" in printed
-    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "last step, rank 1:" in printed and "hidden by compute" in printed
+    for name in ("run.png", "run-transfers.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hidden_counts_the_union_of_spans_and_the_blocked_time():
+    """Two collectives in flight together count their union once; what the
+    rank was blocked in them is the part compute did not hide."""
+    metrics = {"timeline": {"transfers": [
+        [["all_gather", 0.000, 0.010, 0.002], ["all_gather", 0.005, 0.020, 0.003], ["all_reduce", 0.030, 0.040,
+                                                                                     0.010]],
+        []]}}
+    first, second = report.hidden(metrics)
+    # in flight: [0, 20] and [30, 40] ms = 30 ms; blocked 2 + 3 + 10 = 15 ms; hidden 1 - 15 / 30
+    assert first["transfers"] == 3 and first["in_flight_ms"] == pytest.approx(30.0)
+    assert first["blocked_ms"] == pytest.approx(15.0) and first["hidden"] == pytest.approx(0.5)
+    assert second == {"rank": 1, "transfers": 0, "in_flight_ms": 0.0, "blocked_ms": 0.0, "hidden": 0.0}
 
 
 def test_report_of_a_missing_file_exits_2(tmp_path, capsys):

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction, d: TrainConfig) -> None:
     """The ``report`` sub-parser."""
     r = sub.add_parser("report", help="where a run's time went per device: a table and a timeline PNG",
                        description="Read a run's --metrics-out JSON; print per device the mean compute, "
-                                   "transfer and wait per step, and draw the last steps as a timeline.")
+                                   "transfer and wait per step, and draw the last steps as a timeline, and "
+                                   "the last step's collectives beside the compute (RUN-transfers.png).")
     r.add_argument("metrics", metavar="RUN.json", help="the metrics JSON of a run")
     r.add_argument("--png", metavar="PATH", help="where to draw the timeline (default: RUN.png beside RUN.json)")
     r.add_argument("--steps", metavar="N", type=positive(int, "--steps"), default=10,
@@ -32,5 +33,8 @@ def _report(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read metrics {metrics_path}: {exc}") from None
     print(report.format_report(metrics))
-    drawn = report.draw_timeline(metrics, png or Path(metrics_path).with_suffix(".png"), steps=steps)
-    print(f"timeline: {drawn}")
+    png = Path(png) if png else Path(metrics_path).with_suffix(".png")
+    print(f"timeline: {report.draw_timeline(metrics, png, steps=steps)}")
+    drawn = report.draw_transfers(metrics, png.with_name(f"{png.stem}-transfers.png"))
+    if drawn is not None:
+        print(f"collectives of the last step: {drawn}")

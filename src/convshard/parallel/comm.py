@@ -23,6 +23,7 @@ the gathered ``Y = [Y_0, ..., Y_{p-1}]`` along channels has shape (B, C, H, W).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,7 +34,8 @@ from torch.autograd.function import once_differentiable
 from ..precision import for_compute
 from . import shm, wire
 from .wire import (barrier, broadcast_object, count_collective_seconds, gather_objects, rank, rank_device,
-                   record_wire, reduce_scalar, seconds_in_collectives, set_rank_device, switch, world_size)
+                   record_wire, reduce_scalar, seconds_in_collectives, set_rank_device, switch, transfers_since,
+                   world_size)
 
 Group = wire.Group
 
@@ -42,7 +44,7 @@ __all__ = ["Group", "Pending", "all_gather_uneven", "all_reduce_sum_", "all_to_a
            "gather_from_shards", "gather_objects", "rank", "rank_device", "record_wire", "reduce_scalar",
            "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
            "start_all_gather_uneven", "start_all_reduce_sum", "start_reduce_scatter_uneven", "switch",
-           "world_size"]
+           "transfers_since", "world_size"]
 
 
 def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, **kwargs) -> dist.Work | None:
@@ -73,11 +75,14 @@ class Pending:
     def __init__(self, finish: Callable[[], torch.Tensor], work: dist.Work | None = None,
                  tensors: Sequence[torch.Tensor] = ()) -> None:
         self._finish, self._work, self._tensors = finish, work, tensors
+        self._entry = wire.last_transfer() if work is not None else None
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
+            t0 = time.perf_counter()
             with wire.clocked(self._tensors):
                 self._work.wait()
+            wire.waited(self._entry, time.perf_counter() - t0)
             self._work = None
         return self._finish()
 

@@ -18,7 +18,12 @@ is issued here, and so, in one place:
 - **timed**: ``seconds_in_collectives`` adds up the wall time spent in
   them. A CUDA collective is timed to its completion, not to its enqueue:
   the stream is drained before the clock starts (the compute queued ahead
-  of it is not communication) and again before it stops.
+  of it is not communication) and again before it stops. A collective
+  started and waited on later (``comm.Pending``) counts its start and its
+  wait, not the compute between them.
+- **logged**: ``transfers_since`` lists the collectives issued since a
+  moment, each with when it started, when its result was there and how
+  long this rank was blocked in it (the rest of its span overlapped compute).
 
 It also holds the job's switches, the environment variables that decide
 whether a collective happens: rank 0's values, sent to every rank when it
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple, TypeVar
@@ -62,6 +68,7 @@ class Sent(NamedTuple):
 
 _state: dict = {"strict": None, "device": None, "switches": None, "seconds": 0.0, "depth": 0}
 _records: list[list[Sent]] = []
+_transfers: deque[list] = deque(maxlen=4096)  # [op, start, blocked seconds, end] per collective, perf_counter
 
 
 def world_size(group: Group = None) -> int:
@@ -178,11 +185,34 @@ def issue(op: str, group: Group, tensors: Sequence[torch.Tensor], send: Callable
         if not tensors:
             record.append(Sent(op, None, 0))
     _state["depth"] += 1
+    entry = [op, time.perf_counter(), 0.0, 0.0]
+    _transfers.append(entry)
     try:
         with clocked(tensors) if timed else nullcontext():
             return send()
     finally:
         _state["depth"] -= 1
+        entry[3] = time.perf_counter()
+        entry[2] = entry[3] - entry[1]
+
+
+def last_transfer() -> list:
+    """The log entry of the collective issued last (``waited`` completes a started one's)."""
+    return _transfers[-1]
+
+
+def waited(entry: list, seconds: float) -> None:
+    """A started collective's result arrived after this rank waited ``seconds`` for it, now."""
+    entry[2] += seconds
+    entry[3] = time.perf_counter()
+
+
+def transfers_since(t0: float) -> list[tuple[str, float, float, float]]:
+    """The collectives issued since ``time.perf_counter()`` was ``t0``, in
+    issue order: (op, start, end, blocked), seconds after ``t0``: from its
+    start to its result (a started one's: to the end of its wait), and how
+    long this rank was blocked in it (its start and its wait)."""
+    return [(op, start - t0, end - t0, blocked) for op, start, blocked, end in _transfers if start >= t0]
 
 
 # --- collectives of objects and scalars -------------------------------------

@@ -39,8 +39,14 @@ class StepClock:
     data: deque = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))  # its seconds waiting for its batch
     waited: float = 0.0  # seconds waiting for batches, over the steps after the warm-up
     all_waited: float = 0.0  # ... over every step
+    transfers: list = field(default_factory=list)  # the last step's collectives (``comm.transfers_since``)
 
-    def add(self, seconds: float, in_collectives: float, images: int, waited: float = 0.0) -> None:
+    def add(self, seconds: float, in_collectives: float, images: int, waited: float = 0.0,
+            started: float | None = None) -> None:
+        """One step of ``seconds``; with ``started`` (its ``time.perf_counter()``
+        at the start) its collectives are kept as the last step's."""
+        if started is not None:
+            self.transfers = comm.transfers_since(started)
         self.count += 1
         self.total += seconds
         self.all_images += images
@@ -69,10 +75,11 @@ class StepClock:
 
 def timeline(clock: StepClock, *, group: comm.Group, decoded: int = 0) -> dict:
     """Every rank's step, in-collective and data-wait seconds of its last
-    steps, its peak resident memory, its host and the training images it
+    steps, its last step's collectives (op, start, end, blocked: seconds from
+    the step's start), its peak resident memory, its host and the training images it
     decoded (a collective)."""
     mine = {"step_seconds": list(clock.seconds), "collective_seconds": list(clock.collective),
-            "data_seconds": list(clock.data),
+            "data_seconds": list(clock.data), "transfers": [list(t) for t in clock.transfers],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "host": loader.host_name(), "decoded_images": decoded}
     everyone = comm.gather_objects(mine, group=group)

@@ -274,7 +274,7 @@ def _train_epoch(run: _Run) -> float:
         loss, mine = _step(run, x, y, n)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
-        run.clock.add(time.perf_counter() - t0, comm.seconds_in_collectives() - in_collectives, n, waited)
+        run.clock.add(time.perf_counter() - t0, comm.seconds_in_collectives() - in_collectives, n, waited, t0)
         loss_sum, seen = loss_sum + loss * mine, seen + mine
         progress["batch"], progress["step"] = b + 1, progress["step"] + 1
         if run.rebalancer is not None:

@@ -18,6 +18,14 @@ last bucket's launch to the last bucket's end (``run.engines.AllReduceClock``).
 ``summarize`` averages these per device; ``draw_timeline`` draws the last
 steps as one bar per device, segments in step order, beside the loss and
 accuracy curves.
+
+Each rank also logs its last step's collectives: when each started, when
+its result was there, and how long the rank was blocked in it
+(``comm.transfers_since``). A transfer started and waited on later (the
+chunked gathers of ``convshard.parallel.pipeline``, the input-gradient
+sums, the batch-mode gradient buckets) travels while the rank computes:
+its span minus its blocked time is hidden. ``hidden`` sums them per rank
+and ``draw_transfers`` draws them, per rank, as bars beside the step.
 """
 
 from __future__ import annotations
@@ -58,6 +66,23 @@ def summarize(metrics: Mapping) -> list[dict]:
     return rows
 
 
+def hidden(metrics: Mapping) -> list[dict]:
+    """Per rank, of its last step's collectives: how many, the milliseconds
+    they were in flight (the union of their spans), those the rank was
+    blocked in them, and the share of the in-flight time that compute hid."""
+    rows = []
+    for rank, transfers in enumerate(metrics.get("timeline", {}).get("transfers") or []):
+        spans = sorted((start, end) for _, start, end, _ in transfers)
+        flight, reach = 0.0, float("-inf")
+        for start, end in spans:  # the union of the spans
+            flight += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        blocked = sum(b for *_, b in transfers)
+        rows.append({"rank": rank, "transfers": len(transfers), "in_flight_ms": 1000 * flight,
+                     "blocked_ms": 1000 * blocked, "hidden": 1 - min(blocked, flight) / flight if flight else 0.0})
+    return rows
+
+
 def format_report(metrics: Mapping) -> str:
     """The summary as a table, with the run's strategy and shares."""
     rows = summarize(metrics)
@@ -74,6 +99,9 @@ def format_report(metrics: Mapping) -> str:
         lines.append("kernels per device: " + ", ".join(f"{k} {v}" for k, v in metrics["shares"].items()))
     for event in metrics.get("rebalances", []):
         lines.append(f"step {event['step']}: rebalanced ({event['reason']}) to {event['new']}")
+    for r in hidden(metrics):
+        lines.append(f"last step, rank {r['rank']}: {r['transfers']} collectives in flight {r['in_flight_ms']:.1f} "
+                     f"ms, blocked {r['blocked_ms']:.1f} ms, {r['hidden']:.0%} hidden by compute")
     return "\n".join(lines)
 
 
@@ -116,6 +144,64 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def draw_transfers(metrics: Mapping, path: str | Path) -> Path | None:
+    """A PNG of the last step per rank: the step as a bar, each collective
+    below it as a bar from its start to its result (lanes so that none
+    overlap, coloured by kind), its blocked part dark on the step's bar, so
+    that what compute hid shows as transfer bars under light step. None
+    when the metrics hold no collectives."""
+    transfers = metrics.get("timeline", {}).get("transfers") or []
+    if not any(transfers):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [ss[-1] for ss in metrics["timeline"]["step_seconds"]]
+    kinds = sorted({op for rank in transfers for op, *_ in rank})
+    colors = dict(zip(kinds, plt.get_cmap("tab10").colors))
+    lanes = [_lanes(rank) for rank in transfers]
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.35 * sum(1 + max(ls, default=0) + 1 for ls in lanes)))
+    y, ticks = 0.0, []
+    for rank, (rank_transfers, rank_lanes) in enumerate(zip(transfers, lanes)):
+        ticks.append((y, f"{rank}: {metrics['devices'][rank]}"))
+        ax.barh(y, 1000 * steps[rank], color="tab:blue", alpha=0.25, height=0.8, label="step" if rank == 0 else None)
+        for (op, start, end, blocked), lane in zip(rank_transfers, rank_lanes):
+            exposed = min(blocked, end - start)  # the end of its span, where the rank waited for it
+            ax.barh(y, 1000 * exposed, left=1000 * (end - exposed), height=0.8, color="black")
+            ax.barh(y + 1 + lane, 1000 * (end - start), left=1000 * start, height=0.8, color=colors[op])
+        y += 2 + max(rank_lanes, default=0) + 1
+    ax.barh(0, 0, color="black", label="blocked")
+    for op in kinds:
+        ax.barh(0, 0, color=colors[op], label=op)
+    ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds from the step's start (the last step)")
+    ax.set_title(f"{metrics['strategy']}: collectives in flight beside the compute, per rank")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(len(kinds) + 2, 6), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _lanes(transfers: Sequence[Sequence]) -> list[int]:
+    """Each transfer's lane: the first whose last span ended before it starts."""
+    ends: list[float] = []
+    out = []
+    for _, start, end, _ in transfers:
+        lane = next((i for i, e in enumerate(ends) if e <= start), len(ends))
+        if lane == len(ends):
+            ends.append(end)
+        else:
+            ends[lane] = end
+        out.append(lane)
+    return out
 
 
 def _draw_curves(metrics: Mapping, loss_ax, accuracy_ax) -> None:
