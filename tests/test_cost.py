@@ -183,3 +183,55 @@ def test_decoding_adds_to_a_cpu_step_once_per_host_and_hides_on_a_gpu():
     gpus = {**profile, "devices": ["cuda:0", "cuda:1"]}
     assert cost.predict(gpus, kernel).data == 0.0  # 8 ms of loader work per rank hides behind the step
     assert cost.predict({**gpus, "decode_seconds": 1.0}, kernel).step == pytest.approx(32 / cost.LOADER_WORKERS)
+
+
+def test_chunked_gathers_expose_what_the_schedule_leaves_uncovered():
+    """``exposed`` by hand, links of 1 byte/s and no latency: a gather and a
+    reduce-scatter of 4 bytes beside readers computing 6 s (F = D = V = 2 s).
+    One chunk: the forward waits 4 s, the backward 4 - V = 2 s. Two chunks
+    (2 s each): the second arrives at 4 s and its convs end at 5 s, 3 s after
+    F; the backward's sums start at 1 s and 2 s and end at 5 s, 1 s after D + V."""
+    profile = {"devices": ["a", "b"], "links": {kind: {"latency": 0.0, "bandwidth": 1.0}
+                                                for kind in ("all_gather", "reduce_scatter")}}
+    assert cost.exposed(profile, 4.0, 4.0, 6.0, 1) == pytest.approx((4.0, 2.0))
+    assert cost.exposed(profile, 4.0, 4.0, 6.0, 2) == pytest.approx((3.0, 1.0))
+    # a latency per chunk: many chunks of a cheap transfer cost more than one
+    profile["links"]["all_gather"]["latency"] = 1.0
+    assert cost.exposed(profile, 0.0, 0.0, 6.0, 8)[0] > cost.exposed(profile, 0.0, 0.0, 6.0, 1)[0]
+
+
+def test_plans_chunk_their_gathers_only_where_transfers_run_beside_compute():
+    """Two hosts on a slow link: the planner chunks the gathers into convs,
+    and predicts less than for one chunk; the same profile on one host
+    (shared memory moves a transfer as it starts) keeps one chunk, priced as before."""
+    profile = make_profile((1.0, 1.0), kernels=(64, 128, 64), a=0.02, per_kernel=2e-4, gather_bytes=100_000,
+                           bandwidth=1e8)
+    job = plan.kernel_split(profile["devices"], search.groups_of(profile), 64)
+    one_host = cost.with_chunks(profile, job)
+    assert {g.chunks for g in one_host.groups} == {1}
+    two_hosts = {**profile, "key": {"hosts": ["h0", "h1"]}}
+    chunked = cost.with_chunks(two_hosts, job)
+    assert max(g.chunks for g in chunked.groups) > 1
+    assert cost.predict(two_hosts, chunked).step < cost.predict(two_hosts, job).step
+    assert cost.predict(two_hosts, job).step <= cost.predict(profile, job).step  # one chunk hides the backward's sums
+    assert plan.from_json(chunked.to_json(), groups=search.groups_of(profile), batch_size=64) == chunked
+
+
+def test_each_extra_chunk_costs_its_readers_one_more_call():
+    """A group measured at 64 rows in 32.8 ms and at 32 rows in 29.52 ms
+    (0.9 of it, not half) has a fixed cost of 26.24 ms per call
+    (t(n) = alpha + beta n); a rank with half its kernels pays half. Where
+    calls cost more than their transfers (6.4 ms a value, or less), the
+    planner keeps one chunk; calls free, it takes more."""
+    profile = make_profile((1.0, 1.0), kernels=(64, 128, 64), a=0.02, per_kernel=2e-4, gather_bytes=10_000,
+                           bandwidth=1e8)
+    job = plan.kernel_split(profile["devices"], search.groups_of(profile), 64)
+    profile["key"] = {"hosts": ["h0", "h1"]}
+    assert max(g.chunks for g in cost.with_chunks(profile, job).groups) > 1  # make_profile: t(n) = beta n
+    for layer in profile["layers"]:
+        whole = 0.02 + 2e-4 * layer["kernels"]
+        layer["batch_rows"], layer["batch_seconds"] = 32, [0.9 * whole, 0.9 * whole]
+    first = profile["layers"][0]
+    assert cost.call_seconds(profile, first, (32, 32)) == pytest.approx(0.02624 / 2)
+    assert cost.call_seconds(profile, first, (64, 0)) == pytest.approx(0.02624)
+    assert {g.chunks for g in cost.with_chunks(profile, job).groups} == {1}

@@ -109,3 +109,14 @@ def test_describe_shows_every_group():
     text = plan.describe(plan.kernel_split(["cpu@0", "cpu@1"], GROUPS, 16, modes={"features.0": "batch"}))
     assert "plan: layers (sharded engine) on cpu@0, cpu@1" in text
     assert "features.0  batch   all 10 on every rank" in text and "features.3  kernel  [7, 7]" in text
+
+
+def test_a_plan_file_with_bad_chunks_is_refused_in_one_line():
+    """A group's chunks must be a positive integer; a plan file written before chunks existed has one."""
+    saved = plan.kernel_split(["cpu@0", "cpu@1"], {"conv": 8}, 4).to_json()
+    assert "chunks" not in saved["groups"][0]
+    assert plan.from_json(saved, groups={"conv": 8}, batch_size=4).groups[0].chunks == 1
+    for bad in (0, "2", 1.5):
+        saved["groups"][0]["chunks"] = bad
+        with pytest.raises(ConfigError, match=f"group 'conv': chunks {bad!r} is not a positive integer"):
+            plan.from_json(saved, groups={"conv": 8}, batch_size=4)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,6 +228,13 @@ def usable_cores() -> set[int]:
     if hasattr(os, "sched_getaffinity"):
         return set(os.sched_getaffinity(0))
     return set(range(os.cpu_count() or 1))
+
+
+def host_name() -> str:
+    """This process's host in the job: its hostname and torchrun's node
+    (GROUP_RANK), since hosts may share a hostname (network namespaces).
+    The loader decodes once per host name, and profiles key devices by it."""
+    return f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}"
 
 
 def sharing(devices: Sequence[str], hosts: Sequence[str]) -> list[list[int]]:

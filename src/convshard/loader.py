@@ -32,7 +32,6 @@ import math
 import multiprocessing
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import augment, data
+from . import augment, data, devices
 from .parallel import comm
 
 DEPTH = 2  # finished batches kept ready ahead of the step
@@ -153,19 +152,13 @@ class Host:
         return len(self.rows)
 
 
-def host_name() -> str:
-    """This process's host in the job: its hostname and torchrun's node
-    (GROUP_RANK), since hosts may share a hostname (network namespaces)."""
-    return f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}"
-
-
 def host_of(rows: Callable[[int], slice], sizes: Sequence[int], *, group: comm.Group, timeout: float) -> Host:
     """This rank's ``Host`` among the ranks of ``group`` (a collective over
-    it): ranks share a host when they share ``host_name``. ``sizes``: the
+    it): ranks share a host when they share ``devices.host_name``. ``sizes``: the
     global batch sizes the run uses, whose rows every rank of the host
     learns. Only the host's ranks make its group, so a group of part of the
     job (a trial) needs nothing from the others."""
-    mine = host_name()
+    mine = devices.host_name()
     rank = dist.get_rank() if dist.is_initialized() else 0
     everyone = comm.gather_objects((mine, rank, {n: (rows(n).start, rows(n).stop) for n in sizes}), group=group)
     members = [(r, table) for host, r, table in everyone if host == mine]

@@ -38,7 +38,9 @@ and the group takes its slowest rank's compute plus its collectives:
 - each value leaving the group (n bytes over the batch), per kind of reader:
 
       from kernel mode: whole    t_ag(n W max_r c_r / K)     (channels padded to the largest share)
-                        kernel   t_ag(...) + t_rs(n)          (input gradients summed back)
+                        kernel   t_ag(...) + t_rs(n)          (input gradients summed back), or, where
+                                 transfers run beside compute (``overlaps``: between hosts, NCCL), what
+                                 its group's chunks leave exposed beside the readers' compute (``exposed``)
                         batch    2 t_a2a(n / W)               (all-to-all each way)
       from batch mode:  whole    t_ag(n)
                         kernel   t_ag(n) + t_rs(n)
@@ -235,18 +237,21 @@ def gathered_bytes(profile: Mapping, layer: Mapping, value: Mapping, mode: str, 
 
 
 def value_readers(profile: Mapping, layer: Mapping, value: Mapping, mode: str, counts: Sequence[int],
-                  kernel_readers: bool, batch_readers: bool, window: float = 0.0, chunks: int = 1) -> dict[str, float]:
+                  kernel_readers: bool, batch_readers: bool, readers: Readers = (0.0, 0.0),
+                  chunks: int = 1) -> dict[str, float]:
     """The collectives that carry ``value`` to conv readers in kernel and batch
     mode: from a kernel-mode producer to kernel-mode readers, what of them
-    ``chunks`` chunks of rows leave exposed beside ``window``, the readers'
-    compute (``exposed``)."""
+    ``chunks`` chunks of rows leave exposed beside the readers' compute
+    (``exposed``), and what the readers' extra calls cost (``chunking``)."""
     comm: dict[str, float] = {}
     if kernel_readers:
         gather = gathered_bytes(profile, layer, value, mode, counts)
         if mode == KERNEL and overlaps(profile):
+            window, per_call = readers
             forward, backward = exposed(profile, gather, value["bytes"], window, chunks)
             _add(comm, "all_gather", forward)
             _add(comm, "reduce_scatter", backward)
+            _add(comm, "chunking", (chunks - 1) * per_call)
         else:
             _add(comm, "all_gather", transfer(profile, "all_gather", gather))
             _add(comm, "reduce_scatter", transfer(profile, "reduce_scatter", value["bytes"]))
@@ -287,12 +292,40 @@ def exposed(profile: Mapping, gather: float, scatter: float, window: float, chun
 CHUNKS = (1, 2, 4, 8)  # the chunk counts a plan chooses from (``best_chunks``)
 
 
+Readers = tuple[float, float]  # a value's kernel-mode readers: their compute, their seconds per extra call
+
+
 def reader_window(profile: Mapping, value: Mapping, modes: Mapping[str, str],
-                  counts: Mapping[str, Sequence[int]], rows: Sequence[int]) -> float:
-    """The compute of ``value``'s kernel-mode readers, each on its slowest rank."""
+                  counts: Mapping[str, Sequence[int]], rows: Sequence[int]) -> Readers:
+    """The compute of ``value``'s kernel-mode readers, each on its slowest
+    rank, and what one more call of them costs (``call_seconds``), summed over them."""
     layers = {layer["name"]: layer for layer in profile["layers"]}
-    return sum(max(group_compute(layers[name], KERNEL, counts[name], rows))
-               for name in set(value["convs"]) if modes[name] == KERNEL)
+    readers = [layers[name] for name in set(value["convs"]) if modes[name] == KERNEL]
+    return (sum(max(group_compute(layer, KERNEL, counts[layer["name"]], rows)) for layer in readers),
+            sum(call_seconds(profile, layer, counts[layer["name"]]) for layer in readers))
+
+
+def call_seconds(profile: Mapping, layer: Mapping, counts: Sequence[int]) -> float:
+    """The fixed cost of one call of kernel-mode group ``layer`` on its
+    slowest rank, what each extra chunk of rows adds.
+
+    A step of the group's K kernels over n rows is taken as t(n) = alpha +
+    beta n; the profile measured it at the batch B (a + b K) and in batch
+    mode at ``batch_rows`` rows (``batch_seconds``), which give alpha. A rank
+    with c of the K kernels pays alpha max(c, 1) / K. Without batch-mode
+    times (an untraced model, one device) a call is priced as the whole
+    step, so that more chunks never pay."""
+    batch = profile["batch_size"]
+    worst = 0.0
+    for r, c in enumerate(counts):
+        whole = layer["a"][r] + layer["b"][r] * layer["kernels"]
+        if "batch_seconds" in layer and layer["batch_rows"] < batch:
+            n, t = layer["batch_rows"], layer["batch_seconds"][r]
+            alpha = max(0.0, whole - (whole - t) / (batch - n) * batch)
+        else:
+            alpha = whole
+        worst = max(worst, alpha * max(c, 1) / layer["kernels"])
+    return worst
 
 
 def chunk_choices(profile: Mapping, mode: str, batch_size: int) -> list[int]:

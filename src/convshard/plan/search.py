@@ -28,8 +28,9 @@ that comes closest, the device it overflows and the bytes.
 ``best_modes`` is exact: a dynamic programme over the groups in graph
 order. ``cost.predict``'s step is a sum of terms of one group's mode
 (compute, inputs, BatchNorms, values read whole, update, its share of the
-gradient sum), terms of a value's scope (its producer's mode and whether
-any of its readers is in kernel or in batch mode), and the gradient sum's
+gradient sum), terms of a value's scope (its producer's mode and its
+readers' modes: which of them compute beside its chunked transfers, at
+the chunk count that leaves least exposed), and the gradient sum's
 latency once if any group is in batch mode. A value's term is added at the
 last group of its scope; readers may come before the producer (tied
 groups span a ResNet stage). The state after deciding groups 0..i is the

@@ -9,7 +9,7 @@ model.
 
 from .cache import describe, format_profile, load, read, save
 from .schema import VERSION, Profile, check
-from .timings import hostname, job_key, measure, model_signature, profile_key
+from .timings import job_key, measure, model_signature, profile_key
 
-__all__ = ["VERSION", "Profile", "check", "describe", "format_profile", "hostname", "job_key", "load", "measure",
+__all__ = ["VERSION", "Profile", "check", "describe", "format_profile", "job_key", "load", "measure",
            "model_signature", "profile_key", "read", "save"]

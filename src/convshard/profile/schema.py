@@ -52,7 +52,7 @@ class _RequiredKey(TypedDict):
 
     devices: Annotated[list[str], _PER_DEVICE]  # each rank's device spec, e.g. "cpu@0", "cuda:1"
     threads: Annotated[list[PositiveSize], _PER_DEVICE]  # each rank's torch intra-op threads
-    hosts: Annotated[list[str], _PER_DEVICE]  # each rank's hostname
+    hosts: Annotated[list[str], _PER_DEVICE]  # each rank's host (``devices.host_name``)
     model: str  # ``model_signature``: hash of the model's class, parameter shapes and dtypes
     input_shape: list[PositiveSize]  # one sample's (C, H, W)
     batch_size: PositiveSize  # rows per step, over all ranks

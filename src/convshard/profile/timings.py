@@ -56,7 +56,6 @@ import copy
 import hashlib
 import json
 import logging
-import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -304,10 +303,6 @@ def _links(device: torch.device, group: comm.Group) -> dict[str, dict[str, float
     return comm.gather_objects(links, group=group)[0]  # every rank plans from the same figures: rank 0's
 
 
-def hostname() -> str:
-    return socket.gethostname()
-
-
 def model_signature(model: nn.Module) -> str:
     """A short hash of the model's class and its parameters' and buffers' shapes
     and dtypes (float64 weights hold twice the bytes and time otherwise)."""
@@ -332,7 +327,7 @@ def job_key(model: nn.Module, *, device_spec: str, input_shape: Sequence[int], b
             precision: str = "32", memory_format: str = "contiguous", optimizer: str = DEFAULT_OPTIMIZER[0],
             momentum: float = DEFAULT_OPTIMIZER[1], group: comm.Group = None) -> ProfileKey:
     """``profile_key`` of the running job (a collective: every rank names its device, threads and host)."""
-    everyone = comm.gather_objects((device_spec, torch.get_num_threads(), hostname()), group=group)
+    everyone = comm.gather_objects((device_spec, torch.get_num_threads(), devices.host_name()), group=group)
     return profile_key(devices=[e[0] for e in everyone], threads=[e[1] for e in everyone],
                        hosts=[e[2] for e in everyone], model=model, input_shape=input_shape, batch_size=batch_size,
                        precision=precision, memory_format=memory_format, optimizer=optimizer, momentum=momentum)

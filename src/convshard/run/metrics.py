@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .. import loader
+from .. import devices
 from ..parallel import comm
 from ..plan import Plan
 
@@ -81,7 +81,7 @@ def timeline(clock: StepClock, *, group: comm.Group, decoded: int = 0) -> dict:
     mine = {"step_seconds": list(clock.seconds), "collective_seconds": list(clock.collective),
             "data_seconds": list(clock.data), "transfers": [list(t) for t in clock.transfers],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-            "host": loader.host_name(), "decoded_images": decoded}
+            "host": devices.host_name(), "decoded_images": decoded}
     everyone = comm.gather_objects(mine, group=group)
     first = clock.count - len(mine["step_seconds"]) + 1
     return {"first_step": first, **{key: [e[key] for e in everyone] for key in mine}}
