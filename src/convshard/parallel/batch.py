@@ -112,7 +112,8 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     Backward: with xhat = (x - mu) / sqrt(var + eps), every rank sums its
     S1_r = sum dy and S2_r = sum dy * xhat per channel (one native pass), one
-    all-reduce gives S1 and S2 over the global batch, and
+    all-reduce gives S1 and S2 over the global batch (k dy, which needs
+    neither, is computed while they travel), and
     dx = k dy + c x + d with k = gamma / sqrt(var + eps),
     c = -k S2 / (m sqrt(var + eps)), d = -k S1 / m - c mu: BatchNorm's own
     kernels compute k dy (its eval-mode backward) and c x + d (its eval-mode
@@ -147,11 +148,12 @@ class _SyncBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + ctx.eps)
         backward = torch.ops.aten.native_batch_norm_backward
         _, s2, s1 = backward(dy, x, gamma, None, None, mean, invstd, True, ctx.eps, [False, True, True])
-        total = comm.all_reduce_sum_(torch.stack([s1, s2]), group=ctx.group) / ctx.total  # (2, C): S1 / m, S2 / m
+        sums = comm.start_all_reduce_sum(torch.stack([s1, s2]), group=ctx.group)  # (2, C): S1, S2
+        dx = backward(dy, x, gamma, mean, var, None, None, False, ctx.eps, [True, False, False])[0]  # k dy
+        total = sums.wait() / ctx.total  # S1 / m, S2 / m: k dy was computed while they travelled
         k = gamma * invstd
         c = -k * invstd * total[1]
         d = -k * total[0] - c * mean
-        dx = backward(dy, x, gamma, mean, var, None, None, False, ctx.eps, [True, False, False])[0]  # k dy
         dx += F.batch_norm(x, torch.zeros_like(mean), torch.ones_like(var) - ctx.eps, c, d, False, 0.0, ctx.eps)
         return dx, (s2 if ctx.affine else None), (s1 if ctx.affine else None), None, None
 
