@@ -6,8 +6,10 @@ next groups each need the whole X = gather(Y), (B, C, H, W), and compute
 Z_j = conv(X, W_j^r) on their own kernels. ``GatheredConvs`` runs that edge
 in k chunks of rows, X = [X_1; ...; X_k]:
 
-- forward: every chunk's all-gather starts at once; chunk i's convs run as
-  soon as its rows have arrived, while chunks i+1..k are still travelling;
+- forward: chunk 1's all-gather starts; once chunk i's rows have arrived,
+  chunk i+1's all-gather starts and chunk i's convs run while it travels
+  (one chunk on the link at a time: chunks sent together would share it
+  and arrive together);
 - backward: chunk by chunk, the partial input gradient
   dX_i^r = sum_j conv_transpose(dZ_j[i], W_j^r) (this rank's kernels only)
   is computed and its reduce-scatter started (rank r receives its channels
@@ -63,11 +65,13 @@ class _GatherConvs(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, edge: _Edge, *params):
         ctx.edge, ctx.width = edge, y.size(1)
         mine = y.narrow(1, 0, edge.counts[edge.rank])
-        pending = [comm.start_all_gather_uneven(rows, edge.counts, dim=1, group=edge.group)
-                   for rows in mine.tensor_split(min(edge.chunks, max(y.size(0), 1)), dim=0)]
+        chunks = mine.tensor_split(min(edge.chunks, max(y.size(0), 1)), dim=0)
+        transfer = comm.start_all_gather_uneven(chunks[0], edge.counts, dim=1, group=edge.group)
         xs, outs = [], [[] for _ in edge.convs]
-        for transfer in pending:
+        for i in range(len(chunks)):
             x = comm._in_format_of(y, transfer.wait())  # (B_i, C, H, W)
+            if i + 1 < len(chunks):  # one chunk on the link at a time, travelling while this one computes
+                transfer = comm.start_all_gather_uneven(chunks[i + 1], edge.counts, dim=1, group=edge.group)
             xs.append(x)
             for j, (stride, padding, dilation, _) in enumerate(edge.convs):
                 outs[j].append(F.conv2d(x, params[2 * j], params[2 * j + 1], stride, padding, dilation))
