@@ -10,7 +10,7 @@ import pytest
 from convshard.cli import main
 from convshard import plan
 from convshard.errors import ConfigError
-from convshard.plan import cluster, cost, memory, search
+from convshard.plan import cluster, memory, ring, search
 
 
 def write_cluster(tmp_path, text):
@@ -79,7 +79,7 @@ def test_a_ring_without_the_slow_host_runs_at_the_fast_links(tmp_path):
     alone_on_a = search.restrict(built, [0, 1])["links"]["all_reduce"]
     within = cluster.DEFAULT_LINKS["within_host"]
     assert alone_on_a == pytest.approx({"latency": 2 * within["latency"], "bandwidth": within["bandwidth"]})
-    three = cost.ring_links(built["topology"], [0, 1, 2])["all_reduce"]
+    three = ring.ring_links(built["topology"], [0, 1, 2])["all_reduce"]
     assert three["bandwidth"] == pytest.approx(12.5e6 * 3 / 4)
 
 

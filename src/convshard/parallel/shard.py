@@ -289,10 +289,8 @@ def shard_model(
     when given (``torch.bfloat16`` halves the bytes; the sum is rounded to it).
     Batch mode needs a traced model: an untraceable one is refused.
 
-    ``chunks`` (at least 1): every kernel-mode group's output travels to the
-    sharded convs that read it in this many chunks of rows, each chunk's
-    transfer overlapping the compute of the chunks before it
-    (``convshard.parallel.pipeline``); the result is the same.
+    ``chunks``: each kernel-mode group's output reaches the sharded convs reading
+    it in this many chunks of rows, overlapping (``convshard.parallel.pipeline``).
 
     This is the library's form of ``shard``, which takes a plan's typed
     styles per group and returns the handle the training engine uses.

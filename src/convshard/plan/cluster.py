@@ -5,7 +5,7 @@ never run on. Each device names a profile that ``convshard profile
 --profile PATH`` wrote on that kind of device (``device`` picks one of the
 devices it measured), optionally scaled by a ``speed`` factor; ``load``
 builds from them the profile the cost model reads (``convshard.profile.schema``),
-with the cluster's topology, under which ``cost.ring_links`` prices every
+with the cluster's topology, under which ``ring.ring_links`` prices every
 collective, and each device's memory, which the search keeps every plan within::
 
     batch_size = 64                     # default: the first device's profile's batch
@@ -32,7 +32,7 @@ instead of its bandwidth and latency: for a link between hosts, one device
 on each of two hosts (``convshard train --profile PATH`` under torchrun
 measures one); within a host, two devices on it (``convshard profile``).
 Its all-gather took t(n) = L + n / BW, which a ring of two hops prices
-alpha + n / (2 beta) (``cost.ring_links``): beta = BW / 2, and the hop's
+alpha + n / (2 beta) (``ring.ring_links``): beta = BW / 2, and the hop's
 latency L is the link's within a host, or half of it on each host's side.
 
 From a device's profile, measured at batch B_p, at the cluster's batch B
@@ -57,7 +57,7 @@ import tomllib
 
 from .. import profile as profiles
 from ..errors import ConfigError
-from . import cost
+from . import ring
 from .memory import DEFAULT_OPTIMIZER, optimizer_of
 
 UNBOUNDED = float(2 ** 63)  # the memory of a device that records none, beside devices that do
@@ -284,7 +284,7 @@ def _profile(devices: list[tuple], batch: int, topology: dict) -> dict:
         "rest_seconds": [m["rest_seconds"][i] * batch / m["batch_size"] / s for _, _, m, i, s, _ in devices],
         "update_seconds_per_byte": [m["update_seconds_per_byte"][i] / s for _, _, m, i, s, _ in devices],
         "param_bytes": base["param_bytes"], "replicated_param_bytes": base["replicated_param_bytes"],
-        "links": cost.ring_links(topology, range(world)), "topology": topology,
+        "links": ring.ring_links(topology, range(world)), "topology": topology,
     }
     for key in ("batchnorm", "precision", "memory_format", "optimizer", "momentum"):  # alike in every profile
         if key in base:

@@ -8,7 +8,7 @@ values entering and leaving it; per rank the replicated rest rest_r and
 the optimizer's seconds per weight byte u_r; per collective x a link
 t_x(n bytes) = latency_x + n / bandwidth_x (nothing is sent at W = 1):
 measured, or for a cluster file (``convshard.plan.cluster``) priced on its
-topology by ``ring_links``, a ring at its slowest hop.
+topology by ``ring.ring_links``, a ring at its slowest hop.
 
 Bytes per element come from the plan: activations and their gradients
 travel in its compute precision (``convshard.precision``: 2 bytes in bf16
@@ -289,7 +289,7 @@ def exposed(profile: Mapping, gather: float, scatter: float, window: float, chun
     return forward, backward
 
 
-CHUNKS = (1, 2, 4, 8)  # the chunk counts a plan chooses from (``best_chunks``)
+CHUNKS = (1, 2, 4, 8)  # the chunk counts a plan chooses from (``with_chunks``)
 
 
 Readers = tuple[float, float]  # a value's kernel-mode readers: their compute, their seconds per extra call
@@ -417,53 +417,6 @@ def _ddp(profile: Mapping, plan: Plan) -> Prediction:
     slowest = max(range(plan.world), key=lambda r: busy[r] + exposed[r])
     return Prediction(busy[slowest] + exposed[slowest], tuple(busy), {n: max(t) for n, t in per_group.items()},
                       {"all_reduce": exposed[slowest]}, gradient_sum=exposed[slowest])
-
-
-RING_STEPS = {  # kind -> (latency steps per W - 1, bytes through the slowest hop per n (W - 1) / W)
-    "all_gather": (1, 1), "reduce_scatter": (1, 1), "all_to_all": (1, 1),
-    "all_reduce": (2, 2), "ddp_all_reduce": (2, 2), "broadcast": (1, None)}
-
-
-def ring_links(topology: Mapping, ranks: Sequence[int]) -> dict[str, dict[str, float]]:
-    """The link of every collective over devices ``ranks`` of a cluster
-    (``convshard.plan.cluster``), as ``transfer`` reads it: t(n) = latency + n / bandwidth.
-
-    The collective runs on a ring in rank order, hop i from ranks[i] to
-    ranks[i+1 mod W]. A hop within host h runs on its link within
-    (``topology["within"][h]``); a hop between hosts h and g crosses both
-    hosts' links to the switch: bandwidth min(beta_h, beta_g), latency
-    alpha_h + alpha_g. The ring moves at its slowest hop: beta = min over
-    hops of the bandwidth, alpha = max over hops of the latency (every step
-    waits for the slowest hop). A reduce-scatter moves at min over hops of
-    rho beta_hop instead, rho the rate a link's profile measured for
-    convshard's reduce-scatter (gloo's, on slices padded to the largest)
-    over its all-gather's (1 for a link given by numbers). With n bytes as the profile counts them
-    (all-gather, reduce-scatter: the whole result; all-reduce, broadcast:
-    the tensor; all-to-all: what each rank sends):
-
-        all-gather, reduce-scatter, all-to-all:  (W-1) alpha + (W-1)/W n / beta
-        all-reduce (also DDP's):               2 (W-1) alpha + 2 (W-1)/W n / beta
-        broadcast (pipelined along the ring):    (W-1) alpha + n / beta
-
-    None of them on one device.
-    """
-    world = len(ranks)
-    if world < 2:
-        return {}
-    hosts, within, between = topology["hosts"], topology["within"], topology["between"]
-    hops = []
-    for i, r in enumerate(ranks):
-        h, g = hosts[r], hosts[ranks[(i + 1) % world]]
-        ends = [within[h]] if h == g else [between[h], between[g]]
-        hops.append((min(end["bandwidth"] for end in ends), sum(end["latency"] for end in ends),
-                     min(end.get("reduce_scatter", 1.0) for end in ends)))
-    beta, alpha = min(b for b, _, _ in hops), max(a for _, a, _ in hops)
-    links = {}
-    for kind, (steps, volume) in RING_STEPS.items():
-        slowest = min(b * rho for b, _, rho in hops) if kind == "reduce_scatter" else beta
-        bandwidth = slowest if volume is None else slowest * world / (volume * (world - 1))
-        links[kind] = {"latency": steps * (world - 1) * alpha, "bandwidth": bandwidth}
-    return links
 
 
 def _add(comm: dict[str, float], kind: str, seconds: float) -> None:

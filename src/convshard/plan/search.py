@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 
 from .. import plan
 from ..errors import ConfigError
-from . import BATCH, KERNEL, Plan, cost, memory, splits
+from . import BATCH, KERNEL, Plan, cost, memory, ring, splits
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Candidate:
 
 def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
     """The profile of the devices ``ranks`` alone: links as measured, or,
-    for a cluster, priced on its topology for these devices (``cost.ring_links``)."""
+    for a cluster, priced on its topology for these devices (``ring.ring_links``)."""
     def pick(values: Sequence) -> list:
         return [values[r] for r in ranks]
 
@@ -85,7 +85,7 @@ def restrict(profile: Mapping, ranks: Sequence[int]) -> dict:
             out[key] = pick(profile[key])
     if "topology" in profile:
         out["topology"] = {**profile["topology"], "hosts": pick(profile["topology"]["hosts"])}
-        out["links"] = cost.ring_links(out["topology"], range(len(ranks)))
+        out["links"] = ring.ring_links(out["topology"], range(len(ranks)))
     return out
 
 

@@ -83,7 +83,7 @@ class HostLink(Link, total=False):
 
 class Topology(TypedDict):
     """Where a cluster's devices sit (``convshard.plan.cluster``): collectives
-    are priced on it (``convshard.plan.cost.ring_links``)."""
+    are priced on it (``convshard.plan.ring.ring_links``)."""
 
     hosts: Annotated[list[Size], _PER_DEVICE]  # each device's host, an index into the lists below
     names: list[str]  # each host's name

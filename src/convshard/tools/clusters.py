@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import ConfigError
-from ..plan import cluster, cost, search
+from ..plan import cluster, ring, search
 from . import netns
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def _given_points(path: Path) -> list[dict]:
     for rate in SCALE_RATES:
         between = [{**link, "bandwidth": RATE_BYTES[rate]} for link in described["topology"]["between"]]
         topology = {**described["topology"], "between": between}
-        relinked = {**described, "topology": topology, "links": cost.ring_links(topology, range(len(speeds)))}
+        relinked = {**described, "topology": topology, "links": ring.ring_links(topology, range(len(speeds)))}
         points.append({"model": f"cluster {path.name}", "axis": "bandwidth", "x": rate,
                        **predicted_speedup(relinked, speeds)})
     for b in SCALE_BATCHES:
