@@ -138,12 +138,7 @@ def draw_timeline(metrics: Mapping, path: str | Path, *, steps: int = 10) -> Pat
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, frameon=False)
     if curves:
         _draw_curves(metrics, fig.add_subplot(grid[:, 1]), fig.add_subplot(grid[:, 2]))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def draw_transfers(metrics: Mapping, path: str | Path) -> Path | None:
@@ -182,6 +177,13 @@ def draw_transfers(metrics: Mapping, path: str | Path) -> Path | None:
     ax.set_xlabel("milliseconds from the step's start (the last step)")
     ax.set_title(f"{metrics['strategy']}: collectives in flight beside the compute, per rank")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(len(kinds) + 2, 6), frameon=False)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` as a PNG (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
