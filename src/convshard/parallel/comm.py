@@ -41,7 +41,8 @@ Group = wire.Group
 
 __all__ = ["Group", "Pending", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven", "barrier", "broadcast_",
            "broadcast_object", "channels_to_rows", "conv2d_on_shards", "count_collective_seconds",
-           "gather_from_shards", "gather_objects", "rank", "rank_device", "record_wire", "reduce_scalar",
+           "gather_from_shards", "gather_objects", "in_format_of", "rank", "rank_device", "record_wire",
+           "reduce_scalar",
            "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
            "start_all_gather_uneven", "start_all_reduce_sum", "start_reduce_scatter_uneven", "switch",
            "transfers_since", "world_size"]
@@ -258,7 +259,7 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
             offset += n
 
 
-def _in_format_of(like: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def in_format_of(like: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` in ``like``'s memory format: a gathered activation stays channels_last when its shards were."""
     if like.dim() == 4 and out.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
             and not like.is_contiguous():
@@ -325,7 +326,7 @@ class _GatherFromShards(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group, partial: bool, dim: int):
         ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(dim)
         ctx.counts, ctx.group, ctx.partial, ctx.dim = counts, group, partial, dim
-        return _in_format_of(y, all_gather_uneven(y.narrow(dim, 0, ctx.count), counts, dim=dim, group=group))
+        return in_format_of(y, all_gather_uneven(y.narrow(dim, 0, ctx.count), counts, dim=dim, group=group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -356,7 +357,7 @@ class _ChannelsToRows(torch.autograd.Function):
         sizes = [[b * c * ctx.inner for b in rows] for c in channels]
         pieces = all_to_all_uneven(send, sizes, group=group)
         shape = y.shape[2:]
-        return _in_format_of(y, torch.cat([piece.view(rows[rank_], c, *shape) for piece, c in zip(pieces, channels)],
+        return in_format_of(y, torch.cat([piece.view(rows[rank_], c, *shape) for piece, c in zip(pieces, channels)],
                                           dim=1))
 
     @staticmethod

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from ..precision import for_compute
 from . import comm
-from .sharded import ChannelGroup, ShardedConv2d, _kernels_or_placeholder
+from .sharded import ChannelGroup, ShardedConv2d, kernels_or_placeholder
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class _GatherConvs(torch.autograd.Function):
         transfer = comm.start_all_gather_uneven(chunks[0], edge.counts, dim=1, group=edge.group)
         xs, outs = [], [[] for _ in edge.convs]
         for i in range(len(chunks)):
-            x = comm._in_format_of(y, transfer.wait())  # (B_i, C, H, W)
+            x = comm.in_format_of(y, transfer.wait())  # (B_i, C, H, W)
             if i + 1 < len(chunks):  # one chunk on the link at a time, travelling while this one computes
                 transfer = comm.start_all_gather_uneven(chunks[i + 1], edge.counts, dim=1, group=edge.group)
             xs.append(x)
@@ -124,7 +124,7 @@ class GatheredConvs(nn.Module):
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = self.channels.split
-        params = [t for conv in self.convs for t in _kernels_or_placeholder(conv.weight, conv.bias)]
+        params = [t for conv in self.convs for t in kernels_or_placeholder(conv.weight, conv.bias)]
         y, *params = for_compute(y, *params)  # under autocast: one dtype forward and backward
         edge = _Edge(split.counts, split.rank, split.group, self.channels.chunks,
                      tuple((conv.stride, conv.padding, conv.dilation, conv.bias is not None) for conv in self.convs))

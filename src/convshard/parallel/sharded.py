@@ -69,9 +69,10 @@ class ChannelGroup:
 
     Mutable: re-splitting a group (``reshard.reshard``) swaps ``split`` for
     all its members at once. ``chunks``: the chunks of rows its output
-    travels in to the sharded convs that read it (``convshard.parallel.pipeline``). A rank holds w_r = max(c_r, 1) channels of a
-    split activation: with no kernels it carries one placeholder channel,
-    so that every channel-wise op can still run there.
+    travels in to the sharded convs that read it
+    (``convshard.parallel.pipeline``). A rank holds w_r = max(c_r, 1)
+    channels of a split activation: with no kernels it carries one
+    placeholder channel, so that every channel-wise op can still run there.
     """
 
     def __init__(self, name: str, split: ShardSplit, chunks: int = 1) -> None:
@@ -156,7 +157,7 @@ class ShardedConv2d(nn.Module):
         # conv2d refuses an empty kernel bank: one zero kernel stands in. It
         # keeps X (and W_r) in the graph, so this rank still joins the backward
         # collectives; the gather leaves its output out.
-        weight, bias = _kernels_or_placeholder(self.weight, self.bias)
+        weight, bias = kernels_or_placeholder(self.weight, self.bias)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(padding, str):  # "same", "valid": explicit sizes
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -228,12 +229,12 @@ class ShardedChannelwiseConv2d(nn.Conv2d):
                 getattr(self, name).copy_(split.take(value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = _kernels_or_placeholder(self.weight, self.bias)  # the placeholder channel's kernel
+        weight, bias = kernels_or_placeholder(self.weight, self.bias)  # the placeholder channel's kernel
         self.groups = weight.size(0)  # the shard's size, which a re-split changes
         return self._conv_forward(x, weight, bias)
 
 
-def _kernels_or_placeholder(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kernels_or_placeholder(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's kernels, or, when it holds none, one zero kernel (and zero
     bias) appended to the empty bank, so that its (empty) parameters stay in
     the autograd graph and its output is a placeholder channel."""

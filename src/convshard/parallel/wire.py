@@ -212,7 +212,12 @@ def transfers_since(t0: float) -> list[tuple[str, float, float, float]]:
     issue order: (op, start, end, blocked), seconds after ``t0``: from its
     start to its result (a started one's: to the end of its wait), and how
     long this rank was blocked in it (its start and its wait)."""
-    return [(op, start - t0, end - t0, blocked) for op, start, blocked, end in _transfers if start >= t0]
+    since = []
+    for op, start, blocked, end in reversed(_transfers):  # in issue order: the newest last; stop at the older
+        if start < t0:
+            break
+        since.append((op, start - t0, end - t0, blocked))
+    return since[::-1]
 
 
 # --- collectives of objects and scalars -------------------------------------

@@ -151,8 +151,7 @@ def with_data(step: Prediction, profile: Mapping, plan: Plan) -> Prediction:
     per_image = profile.get("decode_seconds", 0.0)
     if not per_image:
         return step
-    hosts = profile["topology"]["hosts"] if "topology" in profile else profile.get("key", {}).get("hosts")
-    hosts = hosts or ["one"] * plan.world  # a profile without its key: one host
+    hosts = hosts_of(profile)
     ranks = {h: [r for r in range(plan.world) if hosts[r] == h] for h in set(hosts)}
     decoded = {h: sum(plan.rows[r] for r in rs) if plan.engine == DDP else plan.batch_size for h, rs in ranks.items()}
     share = [per_image * decoded[hosts[r]] / len(ranks[hosts[r]]) for r in range(plan.world)]
@@ -264,9 +263,14 @@ def overlaps(profile: Mapping) -> bool:
     """Whether the plan's transfers run beside its compute: on gloo between
     hosts and on NCCL (their own threads and streams), not through shared
     memory, which moves a transfer's bytes when it starts."""
-    hosts = profile["topology"]["hosts"] if "topology" in profile else profile.get("key", {}).get("hosts")
     cuda = all(str(d).startswith("cuda") for d in profile["devices"])
-    return len(profile["devices"]) > 1 and (cuda or len(set(hosts or ["one"])) > 1)
+    return len(profile["devices"]) > 1 and (cuda or len(set(hosts_of(profile))) > 1)
+
+
+def hosts_of(profile: Mapping) -> list:
+    """Each device's host: a cluster's topology, or the profile's key (one host without either)."""
+    hosts = profile["topology"]["hosts"] if "topology" in profile else profile.get("key", {}).get("hosts")
+    return list(hosts) if hosts else ["one"] * len(profile["devices"])
 
 
 def exposed(profile: Mapping, gather: float, scatter: float, window: float, chunks: int) -> tuple[float, float]:
@@ -339,13 +343,17 @@ def values_seconds(profile: Mapping, layer: Mapping, mode: str, modes: Mapping[s
                    values: Sequence[Mapping] | None = None) -> float:
     """Seconds the collectives carrying group ``layer``'s ``values`` (all its
     outputs by default) to their conv readers take, in ``chunks`` chunks."""
-    total = 0.0
-    for value in layer["outputs"] if values is None else values:
-        readers = {modes[name] for name in value["convs"]}
-        total += sum(value_readers(profile, layer, value, mode, counts[layer["name"]], KERNEL in readers,
-                                   BATCH in readers, reader_window(profile, value, modes, counts, rows),
-                                   chunks).values())
-    return total
+    return sum(sum(value_collectives(profile, layer, value, mode, modes, counts, rows, chunks).values())
+               for value in (layer["outputs"] if values is None else values))
+
+
+def value_collectives(profile: Mapping, layer: Mapping, value: Mapping, mode: str, modes: Mapping[str, str],
+                      counts: Mapping[str, Sequence[int]], rows: Sequence[int], chunks: int) -> dict[str, float]:
+    """``value_readers`` of one of group ``layer``'s values, its readers' modes
+    and compute taken from ``modes`` and ``counts``."""
+    readers = {modes[name] for name in value["convs"]}
+    return value_readers(profile, layer, value, mode, counts[layer["name"]], KERNEL in readers, BATCH in readers,
+                         reader_window(profile, value, modes, counts, rows), chunks)
 
 
 def with_chunks(profile: Mapping, plan: Plan) -> Plan:
@@ -387,10 +395,7 @@ def _sharded(profile: Mapping, plan: Plan) -> Prediction:
         name = layer["name"]
         compute, comm = group_own(profile, layer, mode[name], counts[name], plan.rows)
         for value in layer["outputs"]:
-            readers = {mode[reader] for reader in value["convs"]}
-            _merge(comm, value_readers(profile, layer, value, mode[name], counts[name], KERNEL in readers,
-                                       BATCH in readers, reader_window(profile, value, mode, counts, plan.rows),
-                                       chunks[name]))
+            _merge(comm, value_collectives(profile, layer, value, mode[name], mode, counts, plan.rows, chunks[name]))
         groups[name] = max(compute) + sum(comm.values())
         _merge(collectives, comm)
         busy = [s + c for s, c in zip(busy, compute)]

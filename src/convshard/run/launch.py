@@ -10,7 +10,8 @@ function serves both.
 kernel picks (no race for a "free" port), as torchrun's agent does. Its
 workers start from a fork server that has imported the training loop (and
 torch) once, instead of importing torch afresh in each; each gets the
-launcher's environment, stdout and stderr as they are when the job starts. It then watches the workers: the first one to fail (an
+launcher's environment, stdout and stderr as they are when the job
+starts. It then watches the workers: the first one to fail (an
 exception, a signal, a lost process) stops the job. The others are
 terminated at once, and ``WorkerFailed`` names the failed rank, its device
 and its error. Each worker also dies with the launcher (``PR_SET_PDEATHSIG``
