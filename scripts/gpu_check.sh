@@ -17,7 +17,14 @@
 #    kernel, per-layer and ddp plans across cuda:0,cuda:1 (NCCL), a kernel split
 #    of cpu@0,cuda:0 (gloo), and auto resolved by two torchrun workers on the two
 #    GPUs (profile and trials under NCCL), all with CONVSHARD_STRICT_DEVICES=1:
-#    a collective's tensor off its rank's device fails the run.
+#    a collective's tensor off its rank's device fails the run;
+# 6. on the same two GPUs, the overlapped schedule beside the plain one: the
+#    kernel split of section 5 run again from its plan with every kernel-mode
+#    group's gathers in 1 chunk (plain: each gather waited for at once) and in
+#    4 chunks (each chunk's gather travels while the previous chunk's convs
+#    run; docs/architecture.md, "Transfers beside compute"), in turn, two
+#    rounds, and as planned; per variant the median ms/step and the median
+#    seconds per step rank 0 spent blocked in collectives.
 # Needs a CUDA build of torch in .venv (or PYTHON=/path/to/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,5 +121,35 @@ from pathlib import Path
 for name in ("2gpu-kernel", "2gpu-layers", "2gpu-ddp", "cpu-gpu-kernel", "2gpu-torchrun-auto"):
     m = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
     print(f"{name:18s} {1000 * m['mean_step_seconds']:9.1f} ms/step  devices {m['devices']}  plan {m['strategy']}")
+PY
+
+    echo "== two GPUs: gathers into convs in 1 chunk (plain) and in 4 (overlapped), ResNet-18 kernel split, NCCL"
+    "$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+plan = json.loads((out / "2gpu-kernel.json").read_text())["job_plan"]
+(out / "chunks-planned.json").write_text(json.dumps({"job_plan": plan}))
+for k in (1, 4):
+    groups = [{**g, "chunks": k} if g["mode"] == "kernel" else g for g in plan["groups"]]
+    (out / f"chunks-{k}.json").write_text(json.dumps({"job_plan": {**plan, "groups": groups}}))
+PY
+    for round in 1 2; do
+        for k in 1 4 planned; do
+            "$PYTHON" -m convshard train "${JOB[@]}" --plan "$OUT/chunks-$k.json" --devices cuda:0,cuda:1 --rebalance off \
+                --max-steps 20 --quiet --metrics-out "$OUT/chunks-$k-$round.json"
+        done
+    done
+    "$PYTHON" - "$OUT" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for k in ("1", "4", "planned"):
+    runs = [json.loads((out / f"chunks-{k}-{r}.json").read_text()) for r in (1, 2)]
+    step = statistics.median(1000 * m["mean_step_seconds"] for m in runs)
+    blocked = statistics.median(s for m in runs for s in m["timeline"]["collective_seconds"][0])
+    chunks = sorted({g.get("chunks", 1) for g in runs[0]["job_plan"]["groups"] if g["mode"] == "kernel"})
+    print(f"chunks {k:8s} {step:9.1f} ms/step  rank 0 blocked in collectives {1000 * blocked:7.1f} ms/step  "
+          f"kernel groups' chunks {chunks}")
 PY
 fi
