@@ -22,8 +22,9 @@
 #    kernel split of section 5 run again from its plan with every kernel-mode
 #    group's gathers in 1 chunk (plain: each gather waited for at once) and in
 #    4 chunks (each chunk's gather travels while the previous chunk's convs
-#    run; docs/architecture.md, "Transfers beside compute"), in turn, two
-#    rounds, and as planned; per variant the median ms/step and the median
+#    run; docs/architecture.md, "Transfers beside compute"), and the kernel
+#    split the planner sizes and chunks (--shares auto), in turn, two
+#    rounds; per variant the median ms/step and the median
 #    seconds per step rank 0 spent blocked in collectives.
 # Needs a CUDA build of torch in .venv (or PYTHON=/path/to/python).
 set -euo pipefail
@@ -129,14 +130,18 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 plan = json.loads((out / "2gpu-kernel.json").read_text())["job_plan"]
-(out / "chunks-planned.json").write_text(json.dumps({"job_plan": plan}))
 for k in (1, 4):
     groups = [{**g, "chunks": k} if g["mode"] == "kernel" else g for g in plan["groups"]]
     (out / f"chunks-{k}.json").write_text(json.dumps({"job_plan": {**plan, "groups": groups}}))
 PY
     for round in 1 2; do
         for k in 1 4 planned; do
-            "$PYTHON" -m convshard train "${JOB[@]}" --plan "$OUT/chunks-$k.json" --devices cuda:0,cuda:1 --rebalance off \
+            if [ "$k" = planned ]; then  # the kernel split the planner sizes and chunks from section 5's profile
+                SPLIT=(--strategy kernel --shares auto --profile "$OUT/profile-2gpu.json")
+            else
+                SPLIT=(--plan "$OUT/chunks-$k.json")
+            fi
+            "$PYTHON" -m convshard train "${JOB[@]}" "${SPLIT[@]}" --devices cuda:0,cuda:1 --rebalance off \
                 --max-steps 20 --quiet --metrics-out "$OUT/chunks-$k-$round.json"
         done
     done

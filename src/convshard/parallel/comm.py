@@ -42,8 +42,7 @@ Group = wire.Group
 __all__ = ["Group", "Pending", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven", "barrier", "broadcast_",
            "broadcast_object", "channels_to_rows", "conv2d_on_shards", "count_collective_seconds",
            "gather_from_shards", "gather_objects", "in_format_of", "rank", "rank_device", "record_wire",
-           "reduce_scalar",
-           "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
+           "reduce_scalar", "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
            "start_all_gather_uneven", "start_all_reduce_sum", "start_reduce_scatter_uneven", "switch",
            "transfers_since", "world_size"]
 
