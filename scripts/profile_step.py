@@ -48,18 +48,20 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
     optimizer.step()
 
 
-def _worker(model_name: str, batch: int, strategy: str, rows: int, compute: str, chunks: int) -> str | None:
+def _worker(model_name: str, batch: int, strategy: str, rows: int, compute: str, chunks: int,
+            fmt: str) -> str | None:
     rank, _, _ = init_from_env("gloo", timeout=300)
     os.sched_setaffinity(0, {rank})
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(model_name, (3, 32, 32), 10)
+    model = build_model(model_name, (3, 32, 32), 10).to(memory_format=precision.memory_format(fmt))
     if strategy == "kernel":
         model, part = convshard.shard_model(model, chunks=chunks), slice(0, batch)
     else:
         model, part = nn.parallel.DistributedDataParallel(model), slice(rank * batch // 2, (rank + 1) * batch // 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32)[part], torch.randint(0, 10, (batch,))[part]
+    x = x.contiguous(memory_format=precision.memory_format(fmt))
     for _ in range(2):
         _step(model, optimizer, x, y, compute)
     lines = []
@@ -76,7 +78,7 @@ def _worker(model_name: str, batch: int, strategy: str, rows: int, compute: str,
     if rank:
         return None
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-    return "\n".join([f"{strategy}, {model_name}, batch {batch}, precision {compute}, chunks {chunks}: "
+    return "\n".join([f"{strategy}, {model_name}, batch {batch}, precision {compute}, {fmt}, chunks {chunks}: "
                       f"{seconds:.3f} s/step (profiled)", *lines, table])
 
 
@@ -88,9 +90,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12, help="ops to list")
     parser.add_argument("--precision", choices=precision.PRECISIONS, default="32")
     parser.add_argument("--chunks", type=int, default=1, help="chunks of rows per gather into convs (kernel)")
+    parser.add_argument("--memory-format", choices=precision.MEMORY_FORMATS, default="contiguous")
     args = parser.parse_args()
     print(launch_local(_worker, 2, args=(args.model, args.batch_size, args.strategy, args.rows, args.precision,
-                                         args.chunks), env={"OMP_NUM_THREADS": "1"})[0])
+                                         args.chunks, args.memory_format), env={"OMP_NUM_THREADS": "1"})[0])
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from torch import nn
 import convshard
 from convshard.errors import ConfigError
 from convshard.models import build_model
-from convshard.parallel import comm, layouts
+from convshard.parallel import comm, formats, layouts
 from convshard.parallel.shard import shard
 from convshard.plan import BatchSplit, search
+from convshard.plan.splits import split_counts
 from convshard.profile.nominal import nominal
 from convshard.parallel.sharded import (
     ShardedBatchNorm2d,
@@ -234,6 +235,48 @@ def test_gathers_in_chunks_of_rows_train_like_one_device(world, shm, monkeypatch
         # TinyResNet's values gathered into convs: the stem's, layer1.conv1's, layer1's output, layer2.conv1's;
         # in 3 chunks each sends 3 all-gathers instead of 1
         assert report["all_gathers/3"] - report["all_gathers/1"] == 4 * 2, report
+
+
+def _channels_last_worker(shares: list[float]) -> dict:
+    """Every model in channels_last under kernel (2 chunks), alternating (3
+    chunks) and all-batch plans, float64, against the same model unsharded;
+    the gathered activation's format and its gradient's. resnet18 at 4
+    kernels over shares (0.5, 0.3, 0.2) leaves ranks one channel, whose
+    shard is laid out alike in both formats."""
+    join_gloo()
+    torch.set_default_dtype(torch.float64)
+    report = {}
+    for model_name, factory in MODELS.items():
+        def channels_last(factory=factory) -> nn.Module:
+            return factory().to(memory_format=torch.channels_last)
+        for plan, chunks in (("kernel", 2), ("alternate", 3), ("batch", 1)):
+            report[f"{model_name}/{plan}/{chunks}"], _ = side_by_side(channels_last, SHAPE, shares, "sgd", plan=plan,
+                                                                      chunks=chunks)
+    torch.manual_seed(0)
+    convshard.shard_model(vgg_bn().to(memory_format=torch.channels_last), shares)  # the group's transfers go NHWC
+    counts = tuple(split_counts(8, shares))
+    mine = torch.randn(4, counts[comm.rank()], 6, 6).contiguous(memory_format=torch.channels_last)
+    grads = []  # the gradient as the gather hands it back (a leaf's .grad takes the leaf's strides)
+    mine.requires_grad_().register_hook(grads.append)
+    whole = comm.gather_from_shards(mine, counts, partial=True)
+    (whole * torch.arange(8.0).view(1, 8, 1, 1)).sum().backward()
+    report["formats"] = {"wire": formats.to_wire(mine, 1, None)[2],  # permuted to (B, H, W, C)
+                         "gathered": formats.format_of(whole) == torch.channels_last,
+                         "gradient": formats.format_of(grads[0]) == formats.format_of(mine)}
+    return report
+
+
+@pytest.mark.parametrize("world, shm", [(2, "0"), (3, "1")])
+def test_channels_last_models_train_like_one_device(world, shm, monkeypatch):
+    """A channels_last model's transfers travel in its own layout (no
+    layout changes on the wire) and train the model one device trains, in
+    every plan kind, through gloo's own transfers and shared memory."""
+    monkeypatch.setenv("CONVSHARD_SHM", shm)
+    for rank, report in enumerate(launch_local(_channels_last_worker, world, args=(SHARES[world],), timeout=300)):
+        assert report.pop("formats") == {"wire": True, "gathered": True, "gradient": True}, rank
+        for key, errors in report.items():
+            for what, error in errors.items():
+                assert error < 1e-7, (rank, key, what, error)
 
 
 def test_residual_block_layouts():

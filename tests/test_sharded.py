@@ -317,6 +317,18 @@ def test_ranks_with_different_models_are_refused():
         launch_local(_different_models_worker, 2, timeout=120)
 
 
+def _different_formats_worker() -> None:
+    join_gloo()
+    model = build_model("paper", (1, 28, 28), 10, (4, 6))
+    convshard.shard_model(model.to(memory_format=torch.channels_last) if comm.rank() == 1 else model)
+
+
+def test_ranks_with_models_in_different_memory_formats_are_refused():
+    """The memory format lays out every transfer, so all ranks must share it."""
+    with pytest.raises(WorkerFailed, match="model differs between ranks .*memory format.*channels_last"):
+        launch_local(_different_formats_worker, 2, timeout=120)
+
+
 def test_channelwise_layers_on_the_shard_are_exact_and_optional():
     """Traced (ReLU and pool run on the shard, the conv output gathered after
     them) and unfused (each conv gathers its own output) models compute the

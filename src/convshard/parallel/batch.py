@@ -12,11 +12,13 @@ the whole batch is handled here:
 - ``GradientSum``: the weights' gradients are partial sums over each rank's
   rows; their sum travels, bucketed, while backward goes on;
 - the transitions into and out of ``B`` (``SliceRows``, ``GatherRows``,
-  ``ChannelsToRows``), one autograd Function each (``convshard.parallel.comm``).
+  ``ChannelsToRows``), one autograd Function each (``convshard.parallel.comm``;
+  the all-to-all from channels to rows, ``channels_to_rows``, is here).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ..plan.splits import split_counts
 from . import comm
+from .formats import format_of, from_wire, in_format_of, to_wire
 from .sharded import ChannelGroup, device_of, dtype_of
 
 BUCKET_BYTES = 4 << 20  # a gradient all-reduce starts once this many bytes of gradients are in
@@ -96,7 +99,7 @@ class ChannelsToRows(nn.Module):
         self.channels, self.rows = channels, rows
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return comm.channels_to_rows(y, self.channels.split.counts, self.rows.counts, group=self.rows.group)
+        return channels_to_rows(y, self.channels.split.counts, self.rows.counts, group=self.rows.group)
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -268,3 +271,61 @@ class GradientSum:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for bucket in self.buckets for p in bucket]
+
+
+def channels_to_rows(y: torch.Tensor, channels: tuple[int, ...], rows: tuple[int, ...], *,
+                     group: comm.Group = None) -> torch.Tensor:
+    """From a channel split (B, w_r, ...) to a batch split (b_r, C, ...).
+    Forward and backward: one all-to-all each."""
+    if len(channels) == 1:
+        return y
+    return _ChannelsToRows.apply(y, channels, rows, comm.rank(group), group)
+
+
+class _ChannelsToRows(torch.autograd.Function):
+    """Forward: from a channel split to a batch split, one all-to-all:
+    rank r holds channels [o_r, o_r + c_r) of every row, (B, w_r, H, W), and
+    receives rows [p_r, p_r + b_r) of every channel, (b_r, C, H, W); rank s
+    sends rank t its (b_t, c_s) block. Backward: the all-to-all back, from
+    rows to channels (a placeholder channel gets zeros)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, channels: tuple[int, ...], rows: tuple[int, ...], rank_: int, group: comm.Group):
+        ctx.channels, ctx.rows, ctx.rank, ctx.group, ctx.width = channels, rows, rank_, group, y.size(1)
+        ctx.format = format_of(y)
+        x, dim, permuted = to_wire(y, 1, group)  # the channels' dimension as the group lays it out
+        blocks = x.narrow(dim, 0, channels[rank_]).split(list(rows), dim=0)
+        out = _exchange_blocks(blocks, [[(b, c) for b in rows] for c in channels], dim, x.shape, group)
+        out = torch.cat(out, dim=dim)
+        return in_format_of(y, from_wire(out) if permuted else out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        channels, rows, me = ctx.channels, ctx.rows, ctx.rank
+        g, dim, permuted = to_wire(grad, 1, ctx.group)
+        blocks = g.split(list(channels), dim=dim)
+        mine = torch.cat(_exchange_blocks(blocks, [[(b, c) for c in channels] for b in rows], dim, g.shape,
+                                          ctx.group), dim=0)
+        mine = from_wire(mine) if permuted else mine
+        if ctx.width > channels[me]:
+            mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - channels[me], *mine.shape[2:])], dim=1)
+        return in_format_of(ctx.format, mine), None, None, None, None
+
+
+def _exchange_blocks(blocks: Sequence[torch.Tensor], sizes: Sequence[Sequence[tuple[int, int]]], dim: int,
+                     shape: Sequence[int], group: comm.Group) -> list[torch.Tensor]:
+    """One all-to-all of 4-d blocks: this rank sends ``blocks[t]`` to rank
+    t; ``sizes[s][t]`` = (rows, channels) of rank s's block for rank t, the
+    channels along ``dim`` of ``shape``'s layout. Returns the blocks this
+    rank receives, from ranks 0..p-1."""
+    me = comm.rank(group)
+    send = torch.cat([block.reshape(-1) for block in blocks])
+    inner = math.prod(n for i, n in enumerate(shape) if i not in (0, dim))
+    pieces = comm.all_to_all_uneven(send, [[b * c * inner for b, c in row] for row in sizes], group=group)
+    received = []
+    for piece, row in zip(pieces, sizes):
+        block = list(shape)
+        block[0], block[dim] = row[me]
+        received.append(piece.view(block))
+    return received

@@ -12,8 +12,9 @@ Three layers, read top to bottom:
    ``barrier``, ``set_rank_device``, ...) are re-exported here.
 2. one ``torch.autograd.Function`` per communication pattern, named for its
    forward; the backward is the dual of the forward.
-3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards``,
-   ``slice_to_shard`` and ``channels_to_rows``.
+3. the public wrappers ``conv2d_on_shards``, ``gather_from_shards`` and
+   ``slice_to_shard`` (batch mode's all-to-all from channels to rows is
+   ``convshard.parallel.batch``'s).
 
 Shapes for a conv layer with C kernels split as ``counts = (c_0, ..., c_{p-1})``
 over p ranks: rank r holds the feature maps ``Y_r`` of shape (B, c_r, H, W);
@@ -33,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ..precision import for_compute
 from . import shm, wire
+from .formats import format_of, from_wire, in_format_of, to_wire
 from .wire import (barrier, broadcast_object, count_collective_seconds, gather_objects, rank, rank_device,
                    record_wire, reduce_scalar, seconds_in_collectives, set_rank_device, switch, transfers_since,
                    world_size)
@@ -40,8 +42,8 @@ from .wire import (barrier, broadcast_object, count_collective_seconds, gather_o
 Group = wire.Group
 
 __all__ = ["Group", "Pending", "all_gather_uneven", "all_reduce_sum_", "all_to_all_uneven", "barrier", "broadcast_",
-           "broadcast_object", "channels_to_rows", "conv2d_on_shards", "count_collective_seconds",
-           "gather_from_shards", "gather_objects", "in_format_of", "rank", "rank_device", "record_wire",
+           "broadcast_object", "conv2d_on_shards", "count_collective_seconds",
+           "gather_from_shards", "gather_objects", "rank", "rank_device", "record_wire",
            "reduce_scalar", "reduce_scatter_uneven", "seconds_in_collectives", "set_rank_device", "slice_to_shard",
            "start_all_gather_uneven", "start_all_reduce_sum", "start_reduce_scatter_uneven", "switch",
            "transfers_since", "world_size"]
@@ -86,6 +88,12 @@ class Pending:
             self._work = None
         return self._finish()
 
+    def then(self, after: Callable[[torch.Tensor], torch.Tensor]) -> Pending:
+        """This transfer, its result passed through ``after`` when waited on."""
+        finish = self._finish
+        self._finish = lambda: after(finish())
+        return self
+
 
 # --- 1. raw helpers -------------------------------------------------------
 
@@ -111,6 +119,12 @@ def start_all_gather_uneven(
     tensor. The shared-memory path is done when this returns."""
     if len(counts) == 1:
         return Pending(lambda: tensor)
+    tensor, dim, permuted = to_wire(tensor, dim, group)
+    pending = _start_all_gather(tensor, counts, dim, group)
+    return pending.then(from_wire) if permuted else pending
+
+
+def _start_all_gather(tensor: torch.Tensor, counts: Sequence[int], dim: int, group: Group) -> Pending:
     given, device = tensor, tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
@@ -154,6 +168,12 @@ def start_reduce_scatter_uneven(
     """``reduce_scatter_uneven``, started: ``wait`` returns this rank's slice of the sum."""
     if len(counts) == 1:
         return Pending(lambda: tensor)
+    tensor, dim, permuted = to_wire(tensor, dim, group)
+    pending = _start_reduce_scatter(tensor, counts, dim, group)
+    return pending.then(from_wire) if permuted else pending
+
+
+def _start_reduce_scatter(tensor: torch.Tensor, counts: Sequence[int], dim: int, group: Group) -> Pending:
     given, device = tensor, tensor.device
     if _needs_host_staging(tensor, group):
         tensor = tensor.cpu()
@@ -258,14 +278,6 @@ def broadcast_(tensors: Sequence[torch.Tensor], *, group: Group = None) -> None:
             offset += n
 
 
-def in_format_of(like: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` in ``like``'s memory format: a gathered activation stays channels_last when its shards were."""
-    if like.dim() == 4 and out.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
-            and not like.is_contiguous():
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
 # --- 2. one autograd Function per pattern --------------------------------
 
 
@@ -324,7 +336,7 @@ class _GatherFromShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, counts: tuple[int, ...], rank_: int, group: Group, partial: bool, dim: int):
         ctx.start, ctx.count, ctx.width = sum(counts[:rank_]), counts[rank_], y.size(dim)
-        ctx.counts, ctx.group, ctx.partial, ctx.dim = counts, group, partial, dim
+        ctx.counts, ctx.group, ctx.partial, ctx.dim, ctx.format = counts, group, partial, dim, format_of(y)
         return in_format_of(y, all_gather_uneven(y.narrow(dim, 0, ctx.count), counts, dim=dim, group=group))
 
     @staticmethod
@@ -337,40 +349,7 @@ class _GatherFromShards(torch.autograd.Function):
             shape = list(mine.shape)
             shape[ctx.dim] = ctx.width - ctx.count
             mine = torch.cat([mine, mine.new_zeros(shape)], dim=ctx.dim)
-        return mine.contiguous(), None, None, None, None, None
-
-
-class _ChannelsToRows(torch.autograd.Function):
-    """Forward: from a channel split to a batch split, one all-to-all:
-    rank r holds channels [o_r, o_r + c_r) of every row, (B, w_r, H, W), and
-    receives rows [p_r, p_r + b_r) of every channel, (b_r, C, H, W); rank s
-    sends rank t its (b_t, c_s) block. Backward: the all-to-all back, from
-    rows to channels (a placeholder channel gets zeros)."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, channels: tuple[int, ...], rows: tuple[int, ...], rank_: int, group: Group):
-        ctx.channels, ctx.rows, ctx.rank, ctx.group, ctx.width = channels, rows, rank_, group, y.size(1)
-        ctx.inner = math.prod(y.shape[2:])
-        mine = y.narrow(1, 0, channels[rank_])
-        send = torch.cat([part.reshape(-1) for part in mine.split(list(rows), dim=0)])
-        sizes = [[b * c * ctx.inner for b in rows] for c in channels]
-        pieces = all_to_all_uneven(send, sizes, group=group)
-        shape = y.shape[2:]
-        return in_format_of(y, torch.cat([piece.view(rows[rank_], c, *shape) for piece, c in zip(pieces, channels)],
-                                          dim=1))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        channels, rows, me = ctx.channels, ctx.rows, ctx.rank
-        send = torch.cat([part.reshape(-1) for part in grad.split(list(channels), dim=1)])
-        sizes = [[c * b * ctx.inner for c in channels] for b in rows]
-        pieces = all_to_all_uneven(send, sizes, group=ctx.group)
-        shape = grad.shape[2:]
-        mine = torch.cat([piece.view(b, channels[me], *shape) for piece, b in zip(pieces, rows)], dim=0)
-        if ctx.width > channels[me]:
-            mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - channels[me], *shape)], dim=1)
-        return mine, None, None, None, None
+        return in_format_of(ctx.format, mine), None, None, None, None, None
 
 
 class _SliceToShard(torch.autograd.Function):
@@ -386,7 +365,7 @@ class _SliceToShard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], rank_: int, dim: int, group: Group,
                 placeholder: bool):
-        ctx.counts, ctx.rank, ctx.dim, ctx.group = counts, rank_, dim, group
+        ctx.counts, ctx.rank, ctx.dim, ctx.group, ctx.format = counts, rank_, dim, group, format_of(x)
         count = counts[rank_]
         if count == 0 and placeholder:
             shape = list(x.shape)
@@ -397,7 +376,8 @@ class _SliceToShard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mine = grad.narrow(ctx.dim, 0, ctx.counts[ctx.rank])
-        return all_gather_uneven(mine, ctx.counts, dim=ctx.dim, group=ctx.group), None, None, None, None, None
+        whole = all_gather_uneven(mine, ctx.counts, dim=ctx.dim, group=ctx.group)
+        return in_format_of(ctx.format, whole), None, None, None, None, None
 
 
 # --- 3. public wrappers ---------------------------------------------------
@@ -426,15 +406,6 @@ def gather_from_shards(
     if len(counts) == 1:
         return y
     return _GatherFromShards.apply(y, counts, rank(group), group, partial, dim)
-
-
-def channels_to_rows(y: torch.Tensor, channels: tuple[int, ...], rows: tuple[int, ...], *,
-                     group: Group = None) -> torch.Tensor:
-    """From a channel split (B, w_r, ...) to a batch split (b_r, C, ...).
-    Forward and backward: one all-to-all each."""
-    if len(channels) == 1:
-        return y
-    return _ChannelsToRows.apply(y, channels, rows, rank(group), group)
 
 
 def slice_to_shard(x: torch.Tensor, counts: tuple[int, ...], *, dim: int = 1, group: Group = None,

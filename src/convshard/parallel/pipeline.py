@@ -41,7 +41,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..precision import for_compute
-from . import comm
+from . import comm, formats
 from .sharded import ChannelGroup, ShardedConv2d, kernels_or_placeholder
 
 
@@ -63,13 +63,13 @@ class _GatherConvs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, edge: _Edge, *params):
-        ctx.edge, ctx.width = edge, y.size(1)
+        ctx.edge, ctx.width, ctx.format = edge, y.size(1), formats.format_of(y)
         mine = y.narrow(1, 0, edge.counts[edge.rank])
         chunks = mine.tensor_split(min(edge.chunks, max(y.size(0), 1)), dim=0)
         transfer = comm.start_all_gather_uneven(chunks[0], edge.counts, dim=1, group=edge.group)
         xs, outs = [], [[] for _ in edge.convs]
         for i in range(len(chunks)):
-            x = comm.in_format_of(y, transfer.wait())  # (B_i, C, H, W)
+            x = formats.in_format_of(y, transfer.wait())  # (B_i, C, H, W)
             if i + 1 < len(chunks):  # one chunk on the link at a time, travelling while this one computes
                 transfer = comm.start_all_gather_uneven(chunks[i + 1], edge.counts, dim=1, group=edge.group)
             xs.append(x)
@@ -107,7 +107,7 @@ class _GatherConvs(torch.autograd.Function):
         mine = torch.cat([transfer.wait() for transfer in pending])  # (B, c_r, H, W)
         if ctx.width > mine.size(1):  # a placeholder channel gets zeros
             mine = torch.cat([mine, mine.new_zeros(mine.size(0), ctx.width - mine.size(1), *mine.shape[2:])], dim=1)
-        return mine.contiguous(), None, *params
+        return formats.in_format_of(ctx.format, mine), None, *params
 
 
 class GatheredConvs(nn.Module):

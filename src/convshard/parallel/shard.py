@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 from ..plan import BatchSplit, KernelSplit, Style
 from ..plan.splits import split_counts
-from . import batch, comm, layouts
+from . import batch, comm, formats, layouts
 from .reshard import reshard
 from .sharded import ChannelGroup, ShardedConv2d, ShardSplit, is_channelwise, sharded_state
 
@@ -82,8 +82,10 @@ def conv_sites(model: nn.Module, *, fuse_channelwise: bool = True) -> list[ConvS
 
 
 def _check_same_model(model: nn.Module, group: comm.Group) -> None:
-    """Refuse to shard when ranks hold models of different structure."""
+    """Refuse to shard when ranks hold models of different structure or
+    memory format (which lays out their transfers, ``formats``)."""
     signature = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
+    signature.append(("memory format", str(formats.model_format(model))))
     for r, other in enumerate(comm.gather_objects(signature, group=group)):
         if other != signature:
             mismatch = next(
@@ -170,6 +172,7 @@ def shard(model: nn.Module, styles: Mapping[str, Style] | Callable[[str, int], S
     style_of = styles if callable(styles) else _named(styles)
     if world > 1:
         _check_same_model(model, group)
+        formats.set_wire(group, formats.model_format(model))
         comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
     graph = layouts.trace(model) if traced else None
     rows_of = {s.rows for s in (styles.values() if isinstance(styles, Mapping) else ())
