@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convshard.errors import ConfigError
-from convshard.plan.splits import choose_counts, even, is_per_kernel, part, split_counts
+from convshard.plan.splits import BLOCK_SLACK, choose_counts, even, is_per_kernel, part, sized_kernels, split_counts
 
 
 def _objective(counts, a, b) -> float:
@@ -47,6 +47,27 @@ def test_greedy_matches_brute_force():
         b = [rng.uniform(0.01, 1) for _ in range(3)]
         best = min(_objective(c, a, b) for c in itertools.product(range(total + 1), repeat=3) if sum(c) == total)
         assert math.isclose(_objective(choose_counts(total, a, b), a, b), best, rel_tol=1e-12)
+
+
+def test_sized_kernels_come_in_blocks_where_that_costs_little():
+    # two cores measured 7% apart: 137 and 119 exactly, 136 and 120 in blocks of 8
+    a, b = [0.0, 0.0], [1.0, 1.15]
+    assert choose_counts(256, a, b) == (137, 119)
+    assert sized_kernels(256, a, b) == (136, 120)
+    # three equal ranks: blocks of 4 would make one rank 12% slower, so blocks of 2
+    assert choose_counts(64, [0.0] * 3, [1.0] * 3) == (22, 21, 21)
+    assert sized_kernels(64, [0.0] * 3, [1.0] * 3) == (22, 22, 20)
+    # every split it takes is within the slack of the exact one, sums to the total and keeps the caps
+    rng = random.Random(1)
+    for _ in range(200):
+        total = rng.randint(0, 300)
+        a = [rng.uniform(0, 2) for _ in range(3)]
+        b = [rng.uniform(0.01, 1) for _ in range(3)]
+        caps = [rng.randint(total // 3 + 1, total + 1) for _ in range(3)]
+        counts = sized_kernels(total, a, b, caps=caps)
+        assert sum(counts) == total and all(c <= cap for c, cap in zip(counts, caps))
+        exact = _objective(choose_counts(total, a, b, caps=caps), a, b)
+        assert _objective(counts, a, b) <= exact * (1 + BLOCK_SLACK) + 1e-12
 
 
 def test_bad_input_raises_config_error():

@@ -6,7 +6,7 @@ W where a job's processes are fixed):
 
 - ``single``: the fastest device alone (m = 1);
 - ``kernel``: every group in kernel mode, each group's kernels split by
-  ``splits.choose_counts`` on its fits a + b k (the m devices finish the
+  ``splits.sized_kernels`` on its fits a + b k (the m devices finish the
   group together);
 - ``layers``: the best mix of modes (``best_modes``), kernel counts as
   above, the batch rows sized to the devices (``sized_rows``); only for a
@@ -106,7 +106,7 @@ def scaled(profile: Mapping, factors: Sequence[float]) -> dict:
 
 def resized(profile: Mapping, job: Plan, active: Sequence[int]) -> Plan:
     """``job`` with its modes kept and its split sized to ``profile``'s
-    devices: every kernel-mode group's counts by ``choose_counts`` on its
+    devices: every kernel-mode group's counts by ``sized_kernels`` on its
     fits a + b k, the rows by the batch-mode groups' time per row, each
     within its device's memory (``memory.caps``). Ranks not in ``active``
     get no kernels and no rows; an active rank keeps at least one row. A
@@ -120,7 +120,7 @@ def resized(profile: Mapping, job: Plan, active: Sequence[int]) -> Plan:
             continue
         caps = [max(0, math.floor(shares[r] * g.kernels)) if r in active else 0 for r in range(world)]
         if sum(caps) >= g.kernels:
-            counts[g.name] = splits.choose_counts(g.kernels, layers[g.name]["a"], layers[g.name]["b"], caps=caps)
+            counts[g.name] = splits.sized_kernels(g.kernels, layers[g.name]["a"], layers[g.name]["b"], caps=caps)
     rows = job.rows
     timed = [layers[g.name] for g in job.groups if g.mode == BATCH]
     caps = [row_caps[r] if r in active else 0 for r in range(world)]
@@ -147,7 +147,7 @@ def groups_of(profile: Mapping) -> dict[str, int]:
 
 def sized_counts(profile: Mapping) -> dict[str, tuple[int, ...]] | None:
     """Per group, kernels per device that make the devices finish it together
-    (``choose_counts``), each device's share within its memory
+    (``sized_kernels``), each device's share within its memory
     (``memory.caps``); None when the devices' memory cannot hold a group."""
     shares, _ = memory.caps(profile)
     out = {}
@@ -156,7 +156,7 @@ def sized_counts(profile: Mapping) -> dict[str, tuple[int, ...]] | None:
         caps = [max(0, math.floor(f * k)) for f in shares]
         if sum(caps) < k:
             return None
-        out[layer["name"]] = splits.choose_counts(k, layer["a"], layer["b"], caps=caps)
+        out[layer["name"]] = splits.sized_kernels(k, layer["a"], layer["b"], caps=caps)
     return out
 
 

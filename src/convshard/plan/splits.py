@@ -6,6 +6,7 @@ kernels on 3 are (4, 3, 3).
 
 - ``split_counts(total, shares)``: proportional to weights (largest remainder);
 - ``choose_counts(total, a, b)``: minimising the slowest rank's a_r + b_r c_r;
+  ``sized_kernels``, the same in blocks of kernels where that costs little;
 - ``part(counts, rank)``: rank r's slice [o_r, o_r + c_r), o_r = c_0 + ... + c_{r-1};
 - ``is_per_kernel(value, shape)``: the one rule for optimizer state that is
   split with its parameter's kernels.
@@ -47,16 +48,43 @@ def even(total: int, world: int) -> tuple[int, ...]:
     return split_counts(total, [1.0] * world)
 
 
-def choose_counts(total: int, a: Sequence[float], b: Sequence[float], *,
-                  caps: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Counts per rank, summing to ``total``, that minimise max_r a_r + b_r * max(c_r, 1)
-    subject to c_r <= caps[r] (a device's memory; None: no limit).
+KERNEL_BLOCKS = (8, 4, 2)  # kernels a sized split hands out at a time, largest first (``sized_kernels``)
+BLOCK_SLACK = 0.05  # how much slower (predicted) a split in blocks may be than the exact one
 
-    Greedy: each unit goes to the rank whose cost after taking it is
-    smallest (ties to the lower rank) among those below their cap. This is
-    optimal for a min-max of non-decreasing costs: were a unit given at a
-    cost above the optimum T, every rank would already hold as many units as
-    it can within T and its cap, i.e. at least the total.
+
+def sized_kernels(total: int, a: Sequence[float], b: Sequence[float], *,
+                  caps: Sequence[int] | None = None) -> tuple[int, ...]:
+    """A group's kernels per rank, sized by ``choose_counts`` in the largest
+    block of KERNEL_BLOCKS whose slowest rank is predicted within
+    BLOCK_SLACK of the exact split's (else the exact split). Convolutions
+    with channel counts that are multiples of the vector width run faster
+    (oneDNN's blocked layouts, tensor cores): on one CPU core, bf16,
+    ResNet-18 at batch 16 split 0.6 : 0.4 (counts such as 77 and 51)
+    trains slower than the more uneven 0.625 : 0.375 (multiples of 8)."""
+    exact = choose_counts(total, a, b, caps=caps)
+    worst = _slowest(exact, a, b)
+    for unit in KERNEL_BLOCKS:
+        counts = choose_counts(total, a, b, caps=caps, unit=unit)
+        if _slowest(counts, a, b) <= worst * (1 + BLOCK_SLACK):
+            return counts
+    return exact
+
+
+def _slowest(counts: Sequence[int], a: Sequence[float], b: Sequence[float]) -> float:
+    return max(a[r] + b[r] * max(c, 1) for r, c in enumerate(counts))
+
+
+def choose_counts(total: int, a: Sequence[float], b: Sequence[float], *,
+                  caps: Sequence[int] | None = None, unit: int = 1) -> tuple[int, ...]:
+    """Counts per rank, summing to ``total``, that minimise max_r a_r + b_r * max(c_r, 1)
+    subject to c_r <= caps[r] (a device's memory; None: no limit), handed
+    out in blocks of ``unit`` (the last block, and one that fills a cap, smaller).
+
+    Greedy: each block goes to the rank whose cost after taking it is
+    smallest (ties to the lower rank) among those below their cap. With
+    ``unit`` 1 this is optimal for a min-max of non-decreasing costs: were a
+    unit given at a cost above the optimum T, every rank would already hold
+    as many units as it can within T and its cap, i.e. at least the total.
     """
     if not a or len(a) != len(b):
         raise ConfigError(f"a ({len(a)} entries) and b ({len(b)} entries) must give one cost per rank")
@@ -66,13 +94,17 @@ def choose_counts(total: int, a: Sequence[float], b: Sequence[float], *,
     if sum(max(c, 0) for c in limit) < total:
         raise ConfigError(f"caps {limit} hold fewer than the {total} units to split")
     counts = [0] * len(a)
-    heap = [(a[r] + b[r], r) for r in range(len(a)) if limit[r] > 0]
+
+    def after(r: int) -> float:  # rank r's cost once it takes its next block
+        return a[r] + b[r] * min(counts[r] + unit, limit[r], counts[r] + total - sum(counts))
+
+    heap = [(after(r), r) for r in range(len(a)) if limit[r] > 0]
     heapq.heapify(heap)
-    for _ in range(total):
+    while sum(counts) < total:
         _, r = heapq.heappop(heap)
-        counts[r] += 1
+        counts[r] = min(counts[r] + unit, limit[r], counts[r] + total - sum(counts))
         if counts[r] < limit[r]:
-            heapq.heappush(heap, (a[r] + b[r] * (counts[r] + 1), r))
+            heapq.heappush(heap, (after(r), r))
     return tuple(counts)
 
 

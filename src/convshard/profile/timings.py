@@ -71,7 +71,7 @@ from .. import precision as compute
 from ..parallel import comm
 from ..plan.memory import (DEFAULT_OPTIMIZER, activation_scale, device_memory, held_bytes, peak_held_bytes,
                            reset_peak, state_copies)
-from ..plan.splits import choose_counts
+from ..plan.splits import sized_kernels
 from .schema import VERSION, Profile, ProfileKey, check
 from .segments import Group, cut, layer_fields
 
@@ -187,7 +187,7 @@ def _calibrate(fits: list[tuple[float, float]], groups: list[Group], batch: int,
     me = comm.rank(group)
     for i, layer in enumerate(groups):
         a = [r[i][0] for r in everyone]
-        counts = choose_counts(layer.kernels, a, [r[i][1] for r in everyone])
+        counts = sized_kernels(layer.kernels, a, [r[i][1] for r in everyone])
         k = counts[me]
         shared = sum(counts[r] for r in sharing)
         seconds = _time_group(layer, max(k, 1), batch, device, 1, group, how)
