@@ -55,15 +55,16 @@ BLOCK_SLACK = 0.05  # how much slower (predicted) a split in blocks may be than 
 def sized_kernels(total: int, a: Sequence[float], b: Sequence[float], *,
                   caps: Sequence[int] | None = None) -> tuple[int, ...]:
     """A group's kernels per rank, sized by ``choose_counts`` in the largest
-    block of KERNEL_BLOCKS whose slowest rank is predicted within
-    BLOCK_SLACK of the exact split's (else the exact split). Convolutions
+    block of KERNEL_BLOCKS (of which the group holds 4 per rank at least)
+    whose slowest rank is predicted within BLOCK_SLACK of the exact split's
+    (else the exact split). Convolutions
     with channel counts that are multiples of the vector width run faster
     (oneDNN's blocked layouts, tensor cores): on one CPU core, bf16,
     ResNet-18 at batch 16 split 0.6 : 0.4 (counts such as 77 and 51)
     trains slower than the more uneven 0.625 : 0.375 (multiples of 8)."""
     exact = choose_counts(total, a, b, caps=caps)
     worst = _slowest(exact, a, b)
-    for unit in KERNEL_BLOCKS:
+    for unit in (u for u in KERNEL_BLOCKS if total >= 4 * u * len(a)):  # a few blocks per rank at least
         counts = choose_counts(total, a, b, caps=caps, unit=unit)
         if _slowest(counts, a, b) <= worst * (1 + BLOCK_SLACK):
             return counts
