@@ -2,12 +2,11 @@
 
 A channels_last activation (B, C, H, W) lies in memory as (B, H, W, C).
 Moving it between the two layouts is a strided copy, several times slower
-than a plain one (one core, bf16: gathering the two channel halves of a
-16x128x16x16 activation through shared slots took 436 microseconds with
-the layout changes and 48 without), so the collectives of a channels_last
-model move its 4-d tensors in their own layout: permuted to (B, H, W, C),
-a view, the split dimension mapped there (channels 1 -> 3, rows 0 -> 0),
-and permuted back when they arrive, channels_last again.
+than a plain one (docs/architecture.md has the measured step), so the
+collectives of a channels_last model move its 4-d tensors in their own
+layout: permuted to (B, H, W, C), a view, the split dimension mapped there
+(channels 1 -> 3, rows 0 -> 0), and permuted back when they arrive,
+channels_last again.
 
 Every rank of a group must lay a transfer out alike (its slices are cut
 and padded along one dimension), so the layout is the group's: ``shard``

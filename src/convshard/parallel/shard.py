@@ -81,11 +81,11 @@ def conv_sites(model: nn.Module, *, fuse_channelwise: bool = True) -> list[ConvS
     return sites
 
 
-def _check_same_model(model: nn.Module, group: comm.Group) -> None:
+def _check_same_model(model: nn.Module, fmt: torch.memory_format, group: comm.Group) -> None:
     """Refuse to shard when ranks hold models of different structure or
-    memory format (which lays out their transfers, ``formats``)."""
+    memory format ``fmt`` (which lays out their transfers, ``formats``)."""
     signature = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
-    signature.append(("memory format", str(formats.model_format(model))))
+    signature.append(("memory format", str(fmt)))
     for r, other in enumerate(comm.gather_objects(signature, group=group)):
         if other != signature:
             mismatch = next(
@@ -171,8 +171,9 @@ def shard(model: nn.Module, styles: Mapping[str, Style] | Callable[[str, int], S
     world, me = comm.world_size(group), comm.rank(group)
     style_of = styles if callable(styles) else _named(styles)
     if world > 1:
-        _check_same_model(model, group)
-        formats.set_wire(group, formats.model_format(model))
+        fmt = formats.model_format(model)
+        _check_same_model(model, fmt, group)
+        formats.set_wire(group, fmt)
         comm.broadcast_([*model.parameters(), *model.buffers()], group=group)
     graph = layouts.trace(model) if traced else None
     rows_of = {s.rows for s in (styles.values() if isinstance(styles, Mapping) else ())

@@ -57,11 +57,9 @@ def sized_kernels(total: int, a: Sequence[float], b: Sequence[float], *,
     """A group's kernels per rank, sized by ``choose_counts`` in the largest
     block of KERNEL_BLOCKS (of which the group holds 4 per rank at least)
     whose slowest rank is predicted within BLOCK_SLACK of the exact split's
-    (else the exact split). Convolutions
-    with channel counts that are multiples of the vector width run faster
-    (oneDNN's blocked layouts, tensor cores): on one CPU core, bf16,
-    ResNet-18 at batch 16 split 0.6 : 0.4 (counts such as 77 and 51)
-    trains slower than the more uneven 0.625 : 0.375 (multiples of 8)."""
+    (else the exact split). Convolutions with channel counts that are
+    multiples of the vector width run faster (oneDNN's blocked layouts,
+    tensor cores); docs/heterogeneous.md has the measured case."""
     exact = choose_counts(total, a, b, caps=caps)
     worst = _slowest(exact, a, b)
     for unit in (u for u in KERNEL_BLOCKS if total >= 4 * u * len(a)):  # a few blocks per rank at least
@@ -94,18 +92,16 @@ def choose_counts(total: int, a: Sequence[float], b: Sequence[float], *,
     limit = [total] * len(a) if caps is None else list(caps)
     if sum(max(c, 0) for c in limit) < total:
         raise ConfigError(f"caps {limit} hold fewer than the {total} units to split")
-    counts = [0] * len(a)
-
-    def after(r: int) -> float:  # rank r's cost once it takes its next block
-        return a[r] + b[r] * min(counts[r] + unit, limit[r], counts[r] + total - sum(counts))
-
-    heap = [(after(r), r) for r in range(len(a)) if limit[r] > 0]
+    counts, left = [0] * len(a), total
+    heap = [(a[r] + b[r] * min(unit, limit[r], total), r) for r in range(len(a)) if limit[r] > 0]
     heapq.heapify(heap)
-    while sum(counts) < total:
+    while left:
         _, r = heapq.heappop(heap)
-        counts[r] = min(counts[r] + unit, limit[r], counts[r] + total - sum(counts))
+        taken = min(unit, limit[r] - counts[r], left)  # a block, or less at the cap or the end
+        counts[r] += taken
+        left -= taken
         if counts[r] < limit[r]:
-            heapq.heappush(heap, (after(r), r))
+            heapq.heappush(heap, (a[r] + b[r] * (counts[r] + min(unit, limit[r] - counts[r], left)), r))
     return tuple(counts)
 
 
